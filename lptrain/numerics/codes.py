@@ -1,0 +1,99 @@
+"""Bit codes of the formats: decode tables, encode of on-grid values, FP4 packing.
+
+Codes are the format's own bit patterns (sign | exponent | mantissa), so an FP8 code tensor
+viewed as `torch.float8_e4m3fn` is the same number, and 4-bit codes pack two per byte (element
+2i in the low nibble, 2i+1 in the high nibble, as the OCP MX and NVFP4 layouts do).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from lptrain.numerics.formats import Format, get_format
+
+
+def _decode_one(code: int, fmt: Format) -> float:
+    if fmt.is_int:
+        half = 1 << fmt.mbits
+        return float(code - 2 * half if code >= half else code)
+    m_mask = (1 << fmt.mbits) - 1
+    e_all = (1 << fmt.ebits) - 1
+    sign = -1.0 if fmt.signed and (code >> (fmt.ebits + fmt.mbits)) & 1 else 1.0
+    e = (code >> fmt.mbits) & e_all
+    m = code & m_mask
+    if fmt.nan == "fn" and e == e_all and m == m_mask:
+        return math.nan
+    if fmt.nan == "ieee" and e == e_all:
+        return sign * math.inf if (m == 0 and fmt.has_inf) else math.nan
+    if e == 0 and fmt.subnormals:
+        return sign * math.ldexp(m, fmt.emin - fmt.mbits)
+    return sign * math.ldexp(1.0 + m / (1 << fmt.mbits), e - fmt.bias)
+
+
+@lru_cache(maxsize=None)
+def _table(fmt: Format) -> torch.Tensor:
+    return torch.tensor([_decode_one(c, fmt) for c in range(1 << fmt.bits)], dtype=torch.float32)
+
+
+def decode_table(fmt: str | Format) -> torch.Tensor:
+    """Value of every code 0 .. 2^bits - 1 as float32 (formats of at most 8 bits)."""
+    fmt = get_format(fmt)
+    if fmt.bits > 8:
+        raise ValueError(f"decode tables are for formats of at most 8 bits, {fmt.name} has {fmt.bits}")
+    return _table(fmt)
+
+
+def decode(codes: torch.Tensor, fmt: str | Format) -> torch.Tensor:
+    """float32 values of unsigned code tensors (uint8 / int16 for integer formats)."""
+    fmt = get_format(fmt)
+    if fmt.is_int:
+        return codes.to(torch.float32)
+    return decode_table(fmt).to(codes.device)[codes.long() & ((1 << fmt.bits) - 1)]
+
+
+def encode(values: torch.Tensor, fmt: str | Format) -> torch.Tensor:
+    """Codes (int64) of values already on the grid of `fmt` (the output of round_to_format).
+
+    NaN maps to the format's canonical NaN code; values off the grid are truncated, so round
+    first.
+    """
+    fmt = get_format(fmt)
+    v = values.to(torch.float64)
+    if fmt.is_int:
+        return v.to(torch.int64)
+    sign = torch.signbit(v).long() if fmt.signed else torch.zeros_like(v, dtype=torch.int64)
+    a = v.abs()
+    _, e2 = torch.frexp(a)
+    E = e2.long() - 1
+    normal = a >= fmt.min_normal
+    biased = torch.where(normal, E + fmt.bias, torch.zeros_like(E))
+    q = torch.ldexp(torch.ones_like(a), torch.where(normal, E, torch.full_like(E, fmt.emin)))
+    frac = torch.where(normal, a / q - 1.0, a / q) if fmt.subnormals else a / q - 1.0
+    m = torch.floor(frac * (1 << fmt.mbits)).long()
+    code = (sign << (fmt.ebits + fmt.mbits)) | (biased << fmt.mbits) | m
+    e_all = (1 << fmt.ebits) - 1
+    m_mask = (1 << fmt.mbits) - 1
+    if fmt.has_inf:
+        code = torch.where(torch.isinf(a), (sign << (fmt.ebits + fmt.mbits)) | (e_all << fmt.mbits),
+                           code)
+    if fmt.nan != "none":
+        nan_code = (e_all << fmt.mbits) | (m_mask if fmt.nan == "fn" else 1 << max(fmt.mbits - 1, 0))
+        code = torch.where(torch.isnan(v), torch.full_like(code, nan_code), code)
+    return code
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit codes along the last axis, two per byte (low nibble first)."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"packing 4-bit codes needs an even last axis, got shape {tuple(codes.shape)}")
+    c = codes.to(torch.uint8) & 0xF
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    lo = packed & 0xF
+    hi = packed >> 4
+    return torch.stack((lo, hi), dim=-1).flatten(-2)

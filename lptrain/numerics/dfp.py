@@ -1,0 +1,117 @@
+"""INT16 dynamic fixed point with a shared exponent (Das et al. 2018; algorithms.md §4).
+
+A DFP tensor is T ~= I . 2^E: int16 mantissas I in the symmetric range [-(2^15 - 1), 2^15 - 1]
+and one integer exponent E per tensor (or per slice along an axis). E = floor(log2 max|T|) -
+(P - 2), P = 16, so the largest magnitude maps into [2^14, 2^15): one sign bit, one bit of
+headroom. The GEMM emulation multiplies INT16 x INT16 into INT32 accumulators over chunks of
+`chunk` products, wraps each chunk sum exactly as a 32-bit two's-complement register would,
+converts chunk sums to FP32 (x 2^(Ea + Eb)) and accumulates the chunks in FP32. Overflows are
+detected by computing the chunk sums exactly (float64 is exact for these integer sums) and
+comparing with the wrapped value.
+
+Not pinned down by the paper (§9), so options here: rounding (nearest = RNE default, or
+stochastic), `chunk` (default 32) and `input_shift` (drop low mantissa bits before the GEMM to
+lengthen safe chunks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lptrain.numerics.rounding import check_floating, round_magnitude
+from lptrain.numerics.formats import get_format
+from lptrain.numerics.scaling import exact_floor_log2
+
+INT16_MAX = 2**15 - 1
+_INT32 = 2**32
+
+
+@dataclass
+class DFPTensor:
+    mantissa: torch.Tensor  # int16
+    exponent: torch.Tensor  # int32: scalar, or keepdim-shaped per slice along `axis`
+
+    def dequantize(self) -> torch.Tensor:
+        return torch.ldexp(self.mantissa.to(torch.float32), self.exponent)
+
+
+def dfp_exponent(amax: torch.Tensor, bits: int = 16) -> torch.Tensor:
+    """Shared exponent E = floor(log2 amax) - (bits - 2); 0 for an all-zero tensor."""
+    e = exact_floor_log2(amax.to(torch.float32)) - (bits - 2)
+    return torch.where(amax > 0, e, torch.zeros_like(e)).to(torch.int32)
+
+
+def dfp_quantize(x: torch.Tensor, *, bits: int = 16, rounding: str = "nearest",
+                 axis: int | None = None, generator: torch.Generator | None = None) -> DFPTensor:
+    """Quantize to DFP with one exponent per tensor (axis=None) or per slice along `axis`.
+
+    NaN/Inf inputs have no fixed-point meaning and raise ValueError.
+    """
+    check_floating(x)
+    if bits < 2 or bits > 16:
+        raise ValueError(f"DFP bits must be in 2..16, got {bits}")
+    xf = x.to(torch.float32)
+    if not bool(torch.isfinite(xf).all()):
+        raise ValueError("dfp_quantize: input has NaN or Inf; DFP has no encoding for them")
+    a = xf.abs()
+    amax = a.amax() if axis is None else a.amax(dim=axis, keepdim=True)
+    exp = dfp_exponent(amax, bits)
+    scaled = torch.ldexp(xf, -exp)  # exact: a power-of-two scaling
+    lim = 2 ** (bits - 1) - 1
+    mag = round_magnitude(scaled.abs(), get_format("int16"), rounding, generator)
+    # amax . 2^-E < 2^(bits-1) can still round up to 2^(bits-1): saturate (§4 edge case).
+    mag = torch.clamp(mag, max=lim)
+    mant = torch.copysign(mag, scaled).to(torch.int16)
+    return DFPTensor(mant, exp)
+
+
+@dataclass
+class DFPMatmulResult:
+    out: torch.Tensor  # float32
+    overflows: int  # chunk sums that did not fit in int32 (and wrapped)
+    chunks: int  # number of chunk sums computed
+
+
+def _wrap_int32(s: torch.Tensor) -> torch.Tensor:
+    """Two's-complement 32-bit wrap of exact integer values held in float64."""
+    return torch.remainder(s + 2**31, _INT32) - 2**31
+
+
+def dfp_matmul(a: DFPTensor, b: DFPTensor, *, chunk: int = 32,
+               input_shift: int = 0) -> DFPMatmulResult:
+    """C = A . B^T for A (M, K) and B (N, K) in DFP with per-tensor exponents.
+
+    Chunked INT32 accumulation along K as described in the module docstring. `input_shift`
+    arithmetic-shifts both mantissas right (rounding toward -inf, like a hardware shift) and
+    adds the shift to the exponents.
+    """
+    if a.mantissa.dim() != 2 or b.mantissa.dim() != 2 or a.mantissa.shape[1] != b.mantissa.shape[1]:
+        raise ValueError(f"dfp_matmul needs A (M, K) and B (N, K), got {tuple(a.mantissa.shape)} "
+                         f"and {tuple(b.mantissa.shape)}")
+    if a.exponent.numel() != 1 or b.exponent.numel() != 1:
+        raise ValueError("dfp_matmul needs per-tensor exponents (axis=None)")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    ia = a.mantissa.to(torch.int32) >> input_shift
+    ib = b.mantissa.to(torch.int32) >> input_shift
+    scale_exp = int(a.exponent) + int(b.exponent) + 2 * input_shift
+    k = ia.shape[1]
+    out = torch.zeros(ia.shape[0], ib.shape[0], dtype=torch.float32, device=ia.device)
+    overflows = 0
+    n_chunks = 0
+    fa, fb = ia.to(torch.float64), ib.to(torch.float64)
+    for start in range(0, k, chunk):
+        # float64 sums of <= 2^23 products of magnitude <= 2^30 are exact integers.
+        s = fa[:, start:start + chunk] @ fb[:, start:start + chunk].T
+        wrapped = _wrap_int32(s)
+        overflows += int((wrapped != s).sum())
+        n_chunks += s.numel()
+        out += torch.ldexp(wrapped.to(torch.float32), torch.tensor(scale_exp))
+    return DFPMatmulResult(out, overflows, n_chunks)
+
+
+def fake_quantize_dfp(x: torch.Tensor, *, bits: int = 16, rounding: str = "nearest",
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    return dfp_quantize(x, bits=bits, rounding=rounding, generator=generator).dequantize()

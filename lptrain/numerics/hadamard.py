@@ -1,0 +1,84 @@
+"""Block-diagonal Walsh-Hadamard transform (algorithms.md §3.1-3.3).
+
+`hadamard(x, n)` multiplies each length-n chunk of `dim` by the orthonormal Sylvester matrix
+H_n / sqrt(n) (rows on the right, x -> x . H, H symmetric), with optional random signs applied
+first (D . H, the randomized Hadamard of TE and Tseng et al.). The fast path is the
+O(n log n) butterfly; `hadamard_matrix(n)` is the dense definition it is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lptrain.numerics.rounding import check_floating
+
+
+def _check_n(n: int) -> None:
+    if not isinstance(n, int) or n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard block size must be a power of two, got {n!r}")
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, normalized: bool = True,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Sylvester H_n with H[i, j] = (-1)^popcount(i & j), divided by sqrt(n) if normalized."""
+    _check_n(n)
+    idx = torch.arange(n, device=device)
+    bits = torch.bitwise_and(idx[:, None], idx[None, :])
+    parity = torch.zeros_like(bits)
+    while bool(bits.any()):
+        parity ^= bits & 1
+        bits = bits >> 1
+    h = (1 - 2 * parity).to(dtype)
+    return h / math.sqrt(n) if normalized else h
+
+
+def _butterfly(x: torch.Tensor, n: int) -> torch.Tensor:
+    # x: (..., n). Stage h views the axis as [n/(2h), 2, h] and writes (a + b, a - b).
+    shape = x.shape
+    h = 1
+    while h < n:
+        v = x.reshape(-1, n // (2 * h), 2, h)
+        a, b = v[:, :, 0, :], v[:, :, 1, :]
+        x = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return x.reshape(shape)
+
+
+def hadamard(x: torch.Tensor, block_size: int, dim: int = -1, signs: torch.Tensor | None = None,
+             inverse: bool = False) -> torch.Tensor:
+    """Orthonormal block-diagonal Hadamard of `x` along `dim` (length divisible by block_size).
+
+    With `signs` (a +-1 vector of length block_size) the transform is x -> (x * signs) . H;
+    `inverse=True` undoes it: y -> (y . H) * signs. Without signs it is its own inverse.
+    """
+    check_floating(x)
+    _check_n(block_size)
+    dim = dim % x.dim()
+    length = x.shape[dim]
+    if length % block_size:
+        raise ValueError(
+            f"Hadamard block size {block_size} does not divide dim {dim} of shape {tuple(x.shape)}"
+        )
+    if signs is not None and signs.shape != (block_size,):
+        raise ValueError(f"signs must have shape ({block_size},), got {tuple(signs.shape)}")
+    xt = x.movedim(dim, -1)
+    chunks = xt.reshape(*xt.shape[:-1], length // block_size, block_size)
+    if signs is not None and not inverse:
+        chunks = chunks * signs.to(chunks.dtype)
+    y = _butterfly(chunks, block_size) * (1.0 / math.sqrt(block_size))
+    if signs is not None and inverse:
+        y = y * signs.to(y.dtype)
+    return y.reshape(xt.shape).movedim(-1, dim)
+
+
+def random_signs(n: int, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """A +-1 float32 vector of length n, i.i.d. uniform, from `generator`."""
+    bits = torch.randint(0, 2, (n,), generator=generator, device=device)
+    return (1 - 2 * bits).to(torch.float32)
+
+
+# TE's fixed NVFP4 random-Hadamard sign vector (algorithms.md §3.7).
+TE_NVFP4_SIGNS = (1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1)
