@@ -36,7 +36,7 @@ class Format:
     min_normal: float  # smallest positive normal (integers: 1)
     min_subnormal: float  # smallest positive non-zero value
     has_inf: bool
-    nan: str  # "ieee" (all-ones exponent, mantissa != 0), "fn" (only all-ones code), "none"
+    nan: str  # "ieee" (all-ones exponent: NaN, or Inf if mantissa 0 and has_inf), "fn" (only all-ones code), "none"
     signed: bool = True
     subnormals: bool = True
     has_zero: bool = True
@@ -116,7 +116,10 @@ _NAMED: dict[str, Format] = {
     "ue4m3": _ocp("ue4m3", 4, 3, 448.0, nan="fn", signed=False),
     "ue5m3": Format(
         name="ue5m3", ebits=5, mbits=3, bias=15, max_finite=61440.0,
-        min_normal=2.0**-14, min_subnormal=2.0**-17, has_inf=False, nan="fn", signed=False,
+        # Exponent field 31 is reserved for specials (that is why max is 61440, not 114688):
+        # every code 0xF8..0xFF decodes to NaN ("ieee" policy without Inf), so no code decodes
+        # above max_finite.
+        min_normal=2.0**-14, min_subnormal=2.0**-17, has_inf=False, nan="ieee", signed=False,
     ),
     "int4": _int("int4", 4),
     "int8": _int("int8", 8),

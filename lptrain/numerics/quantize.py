@@ -90,6 +90,8 @@ def _tensor_ref(amax_t: torch.Tensor, spec: QuantSpec, state: ScalingState | Non
 def _delayed(amax: torch.Tensor, spec: QuantSpec, state: ScalingState) -> torch.Tensor:
     """Use the scale from the previous update, then record amax and update (TE, §2.2)."""
     enc = state.scale.clone()
+    if state.frozen:
+        return enc
     h = state.amax_history
     if bool(torch.isfinite(amax)):  # a NaN/Inf amax would freeze a 'max' history for L steps
         h[0] = amax
@@ -167,7 +169,7 @@ def _core(x: torch.Tensor, spec: QuantSpec, state: ScalingState | None,
         enc, dec, gdec = _scales(xg, spec, state, x.dtype)
         y = xg * enc
     q = round_to_format(y, fmt, spec.rounding, "saturate", generator)
-    if state is not None:
+    if state is not None and not state.frozen:
         state.calls += 1
     return _Core(q, dec, gdec, y, xg, xt.shape, signs)
 

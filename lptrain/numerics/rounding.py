@@ -71,11 +71,32 @@ def apply_overflow(r: torch.Tensor, fmt: Format, overflow: str) -> torch.Tensor:
     return torch.where(too_big, torch.full_like(r, special), r)
 
 
+def overflow_threshold(fmt: Format) -> tuple[float, bool]:
+    """(t, inclusive): RNE overflows iff |x| > t (or >= t when inclusive), §1.2 step 8.
+
+    t is the midpoint between max_finite and the next binade step; the tie goes to the even
+    neighbour, i.e. up (overflow) exactly when max_finite has an odd last mantissa bit.
+    """
+    top_quantum = 2.0 ** (fmt.emax - fmt.mbits)
+    return fmt.max_finite + top_quantum / 2, int(fmt.max_finite / top_quantum) % 2 == 1
+
+
 def _fp8_cast(x: torch.Tensor, fmt: Format, overflow: str) -> torch.Tensor:
-    # torch's casts are RNE but non-saturating: clamp first when saturation is asked (§1.2).
+    # torch's casts are RNE, but whether they saturate differs between versions and dtypes
+    # (torch 2.13's float8_e4m3fn cast saturates, Inf included; its e5m2 cast overflows to
+    # Inf). Never rely on it: clamp first (TE's reference does the same, §1.2) and, for
+    # overflow="ieee", write the overflow value back where RNE exceeds max_finite.
+    y = torch.clamp(x, -fmt.max_finite, fmt.max_finite).to(fmt.torch_dtype).to(x.dtype)
     if overflow == "saturate":
-        x = torch.clamp(x, -fmt.max_finite, fmt.max_finite)
-    return x.to(fmt.torch_dtype).to(x.dtype)
+        return y
+    t, inclusive = overflow_threshold(fmt)
+    a = x.abs()
+    over = a >= t if inclusive else a > t
+    if fmt.has_inf:
+        special = torch.copysign(torch.full_like(y, float("inf")), x)
+    else:
+        special = torch.full_like(y, float("nan"))
+    return torch.where(over, special, y)
 
 
 def round_to_format(x: torch.Tensor, fmt: str | Format, rounding: str = "nearest",
@@ -98,6 +119,6 @@ def round_to_format(x: torch.Tensor, fmt: str | Format, rounding: str = "nearest
     if fmt.signed:
         r = torch.copysign(r, w)
     else:
-        neg = torch.signbit(w) & (w != 0)
+        neg = w < 0  # NaN (whatever its sign bit) stays NaN; -0 becomes +0
         r = torch.where(neg, torch.full_like(r, 0.0 if overflow == "saturate" else float("nan")), r)
     return r.to(x.dtype)

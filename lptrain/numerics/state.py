@@ -21,6 +21,19 @@ class ScalingState:
         self.ref = torch.zeros((), dtype=torch.float32, device=device)  # held tensor amax
         self.calls = torch.zeros((), dtype=torch.int64, device=device)
         self.amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # frozen: use `scale` without recording or updating (a backward re-quantization of an
+        # operand whose forward already updated this state).
+        self.frozen = False
+
+    @classmethod
+    def from_buffers(cls, amax_history: torch.Tensor, scale: torch.Tensor, ref: torch.Tensor,
+                     calls: torch.Tensor) -> "ScalingState":
+        """A view on existing tensors (e.g. a module's buffers); updates write through."""
+        self = cls.__new__(cls)
+        self.amax_history, self.scale, self.ref, self.calls = amax_history, scale, ref, calls
+        self.amax_reduce = None
+        self.frozen = False
+        return self
 
     def reduce(self, amax: torch.Tensor) -> torch.Tensor:
         return self.amax_reduce(amax) if self.amax_reduce is not None else amax
