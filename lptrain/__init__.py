@@ -10,8 +10,12 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # Lazy so that `import lptrain.numerics` does not pay for the nn package.
-    if name in ("convert", "unconvert", "recipes"):
+    if name in ("convert", "unconvert"):
         from lptrain import nn
 
         return getattr(nn, name)
+    if name == "recipes":
+        import lptrain.recipes as recipes
+
+        return recipes
     raise AttributeError(f"module 'lptrain' has no attribute {name!r}")

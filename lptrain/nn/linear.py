@@ -110,11 +110,13 @@ class Linear(nn.Linear):
         self.recipe = resolve(recipe)
         self.backend, self.backend_reason = resolve_backend(backend)
         self.seed = int(seed)
-        self.quant_state = nn.ModuleDict({
+        states = {
             f"{g}_{op}": QuantizerState(spec.history_len)
             for g, ops in GEMMS.items() for op in ops
             if _stateful(spec := self.recipe.spec(g, op))
-        })
+        }
+        # Only recipes with stateful scaling get the submodule (keeps print(model) short).
+        self.quant_state = nn.ModuleDict(states) if states else None
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self._generator: torch.Generator | None = None
         self._generator_state: torch.Tensor | None = None
@@ -229,7 +231,7 @@ class Linear(nn.Linear):
 
     def _state(self, gemm: str, op: str) -> ScalingState | None:
         key = f"{gemm}_{op}"
-        if key not in self.quant_state:
+        if self.quant_state is None or key not in self.quant_state:
             return None
         st = self.quant_state[key].view()
         st.amax_reduce = self.amax_reduce
