@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lptrain.numerics.rounding import check_floating, round_magnitude
 from lptrain.numerics.formats import get_format
+from lptrain.numerics.rounding import check_floating, round_magnitude
 from lptrain.numerics.scaling import exact_floor_log2
 
 INT16_MAX = 2**15 - 1

@@ -36,7 +36,9 @@ class Format:
     min_normal: float  # smallest positive normal (integers: 1)
     min_subnormal: float  # smallest positive non-zero value
     has_inf: bool
-    nan: str  # "ieee" (all-ones exponent: NaN, or Inf if mantissa 0 and has_inf), "fn" (only all-ones code), "none"
+    # NaN policy: "ieee" (all-ones exponent: NaN, or Inf if mantissa 0 and has_inf),
+    # "fn" (only the all-ones code), "none"
+    nan: str
     signed: bool = True
     subnormals: bool = True
     has_zero: bool = True

@@ -14,6 +14,15 @@ from lptrain.numerics.rounding import round_to_format
 FLT_MAX = torch.finfo(torch.float32).max
 
 
+def fdiv(num: float, den: torch.Tensor) -> torch.Tensor:
+    """num / den as one correctly rounded FP32 division (what TE's kernels compute).
+
+    Never write `python_float / tensor`: torch evaluates it as `den.reciprocal() * num`, two
+    roundings, which differs in the last bit (e.g. 2688 / 10 -> 268.80002 instead of 268.79999).
+    """
+    return torch.div(torch.full_like(den, num), den)
+
+
 def exact_floor_log2(a: torch.Tensor) -> torch.Tensor:
     """floor(log2 a) for positive finite a, exactly (never via log2, §0)."""
     _, e = torch.frexp(a)
@@ -37,7 +46,7 @@ def current_enc(amax: torch.Tensor, fmt_max: float, input_dtype: torch.dtype,
     amax 0, NaN or Inf -> 1; enc Inf (tiny amax) -> the largest finite value of the input dtype.
     """
     amax = amax.to(torch.float32)
-    enc = fmt_max / amax
+    enc = fdiv(fmt_max, amax)
     big = torch.finfo(input_dtype).max if input_dtype != torch.float64 else FLT_MAX
     enc = torch.where(torch.isinf(enc), torch.full_like(enc, big), enc)
     bad = (amax == 0) | ~torch.isfinite(amax)
@@ -49,7 +58,7 @@ def delayed_enc(history: torch.Tensor, old_enc: torch.Tensor, fmt_max: float, al
                 margin: int) -> torch.Tensor:
     """TE DelayedScaling update (§2.2) from an amax history (slot 0 = the current step)."""
     a = history.max() if algo == "max" else history[0]
-    new = (fmt_max / a) / (2.0**margin)
+    new = fdiv(fmt_max, a) / (2.0**margin)
     new = torch.where(torch.isinf(new), torch.full_like(new, FLT_MAX), new)
     ok = torch.isfinite(a) & (a > 0)
     return torch.where(ok, new, old_enc)
@@ -86,7 +95,7 @@ def std_exponent(std: torch.Tensor, fmt: Format, clip_sigmas: float) -> torch.Te
 def global_enc(ref: torch.Tensor, target: float, fmt_max: float) -> torch.Tensor:
     """Two-level tensor scale (§2.7/§2.8): S_enc = (target . fmt_max) / ref, guarded."""
     ref = ref.to(torch.float32)
-    s = (target * fmt_max) / ref
+    s = fdiv(target * fmt_max, ref)
     s = torch.clamp(s, max=FLT_MAX)
     bad = (ref == 0) | (s == 0) | ~torch.isfinite(ref)
     return torch.where(bad, torch.ones_like(s), s)

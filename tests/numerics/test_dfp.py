@@ -1,0 +1,117 @@
+"""INT16 dynamic fixed point with a shared exponent (algorithms.md §4)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lptrain.numerics import DFPTensor, dfp_matmul, dfp_quantize, fake_quantize_dfp
+
+
+def _g(s):
+    return torch.Generator().manual_seed(s)
+
+
+def test_worked_example():
+    d = dfp_quantize(torch.tensor([0.75, -0.1, 3.2]))
+    assert int(d.exponent) == -13 and d.mantissa.dtype == torch.int16
+    assert d.mantissa.tolist() == [6144, -819, 26214]
+    assert d.dequantize().tolist() == [0.75, -819 * 2.0**-13, 26214 * 2.0**-13]
+    assert torch.allclose(d.dequantize(), torch.tensor([0.75, -0.0999756, 3.1999512]), atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-3, 1.0, 7.0, 1e5, 3e37])
+def test_max_maps_into_range_and_round_trip_bound(scale):
+    x = torch.randn(4096, generator=_g(1)) * scale
+    d = dfp_quantize(x)
+    E = int(d.exponent)
+    m = d.mantissa.to(torch.int64).abs().max().item()
+    assert 2**14 <= x.abs().max().item() * 2.0**-E < 2**15
+    assert 2**14 <= m <= 2**15 - 1
+    err = (d.dequantize().double() - x.double()).abs().max().item()
+    assert err <= 2.0 ** (E - 1)
+    if scale != 1.0:
+        return
+    # per-slice exponents along an axis
+    X = x.reshape(64, 64) * torch.exp2(torch.arange(64.0)).reshape(64, 1) * 2.0**-32
+    ds = dfp_quantize(X, axis=1)
+    assert ds.exponent.shape == (64, 1)
+    amax = X.abs().amax(1, keepdim=True).double()
+    k = amax * torch.exp2(-ds.exponent.double())
+    assert bool(((k >= 2**14) & (k < 2**15)).all())
+    e = (ds.dequantize().double() - X.double()).abs()
+    assert bool((e <= torch.exp2(ds.exponent.double() - 1)).all())
+
+
+def test_zero_saturation_and_stochastic():
+    d = dfp_quantize(torch.zeros(5))
+    assert int(d.exponent) == 0 and d.mantissa.tolist() == [0] * 5
+    # amax . 2^-E in [32767.5, 32768) rounds to 32768: saturates to 32767 (documented)
+    x = torch.tensor([32767.75, -32767.75, 1.0]) * 2.0**-20
+    d = dfp_quantize(x)
+    assert int(d.exponent) == -20 and d.mantissa.tolist() == [32767, -32767, 1]
+    # stochastic: the two neighbours, unbiased, reproducible
+    v = torch.full((100000,), 0.3) * 1.0
+    v[0] = 1.0  # amax 1 -> E = -14, 0.3 * 2^14 = 4915.2
+    d = dfp_quantize(v, rounding="stochastic", generator=_g(0))
+    m = d.mantissa[1:].double()
+    assert set(m.unique().tolist()) == {4915.0, 4916.0}
+    p = float(torch.tensor(0.3) * 2**14) - 4915
+    assert abs((m == 4916).double().mean().item() - p) <= 5 * math.sqrt(p * (1 - p) / m.numel())
+    d2 = dfp_quantize(v, rounding="stochastic", generator=_g(0))
+    assert torch.equal(d.mantissa, d2.mantissa)
+    assert torch.equal(fake_quantize_dfp(v), dfp_quantize(v).dequantize())
+
+
+def test_chunked_gemm_equals_fp64_gemm_of_dequantized_operands():
+    A = torch.randn(16, 256, generator=_g(2)) * 0.01
+    B = torch.randn(24, 256, generator=_g(3)) * 0.01
+    A[:, :2] = 0.05  # keep the amax fixed-ish
+    da, db = dfp_quantize(A, bits=8), dfp_quantize(B, bits=8)  # small mantissas: no overflow
+    for chunk in (1, 16, 32, 256):
+        r = dfp_matmul(da, db, chunk=chunk)
+        assert r.overflows == 0 and r.chunks == 16 * 24 * math.ceil(256 / chunk)
+        want = da.dequantize().double() @ db.dequantize().double().T
+        # FP32 accumulation of ceil(K / chunk) exactly converted chunk sums
+        n = math.ceil(256 / chunk)
+        tol = (n + 1) * 2.0**-24 * (da.dequantize().double().abs() @
+                                    db.dequantize().double().abs().T)
+        assert bool(((r.out.double() - want).abs() <= tol).all())
+    # 16-bit mantissas with a short enough chunk: exact integer chunk sums, no overflow
+    d16a, d16b = dfp_quantize(A), dfp_quantize(B)
+    r = dfp_matmul(d16a, d16b, chunk=2)
+    assert r.overflows == 0
+    want = d16a.dequantize().double() @ d16b.dequantize().double().T
+    tol = 129 * 2.0**-24 * (d16a.dequantize().double().abs() @ d16b.dequantize().double().abs().T)
+    assert bool(((r.out.double() - want).abs() <= tol).all())
+
+
+def test_adversarial_input_overflows_and_wraps_exactly():
+    a = DFPTensor(torch.full((2, 8), 32767, dtype=torch.int16), torch.tensor(-10, dtype=torch.int32))
+    b = DFPTensor(torch.full((3, 8), 32767, dtype=torch.int16), torch.tensor(-12, dtype=torch.int32))
+    b.mantissa[1] = -32767
+    b.mantissa[2, ::2] = -32767  # sums cancel: no overflow in that column
+    r = dfp_matmul(a, b, chunk=4)
+    # chunk sums +-4 . 32767^2 = +-4294705156 overflow int32; column 2 sums to 0
+    assert r.overflows == 2 * 2 * 2 and r.chunks == 2 * 3 * 2
+    s = np.array([4 * 32767**2, -4 * 32767**2, 0], dtype=np.int64)
+    wrapped = s.astype(np.int32)  # numpy: two's-complement wrap
+    assert wrapped.tolist() == [-262140, 262140, 0]
+    want = (2 * wrapped.astype(np.float32)) * np.float32(2.0**-22)
+    assert r.out.tolist() == [want.tolist()] * 2
+    # a long chunk with 16-bit inputs also reports it
+    x = torch.ones(4, 64)
+    r = dfp_matmul(dfp_quantize(x), dfp_quantize(x), chunk=64)
+    assert r.overflows == 16
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="NaN"):
+        dfp_quantize(torch.tensor([1.0, math.nan]))
+    with pytest.raises(TypeError):
+        dfp_quantize(torch.ones(3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="per-tensor"):
+        dfp_matmul(dfp_quantize(torch.ones(2, 4), axis=1), dfp_quantize(torch.ones(2, 4)))
