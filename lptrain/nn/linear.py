@@ -62,8 +62,44 @@ class QuantizerState(nn.Module):
 
         return super()._apply(keep_dtype, recurse)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # A checkpoint without any of our keys (a plain nn.Linear one): start fresh, not fail.
+        if not any(k.startswith(prefix) for k in state_dict):
+            missing_keys[:] = [k for k in missing_keys if not k.startswith(prefix)]
+
     def view(self) -> ScalingState:
         return ScalingState.from_buffers(self.amax_history, self.scale, self.ref, self.calls)
+
+
+# Backward operands that may reuse an earlier GEMM's quantized copy: (gemm, operand, source).
+_REUSABLE = (("grad_input", "weight", "output"), ("grad_weight", "input", "output"),
+             ("grad_weight", "grad_output", "grad_input"))
+
+
+def _axis_free(spec: QuantSpec | None) -> bool:
+    """Quantization that does not depend on the axis it runs along: a transpose of the
+    quantized tensor equals quantizing the transpose (per-tensor or no scaling, RNE, no
+    rotation). Delayed scaling qualifies: a second history fed the same amaxes gives the same
+    scales."""
+    return (spec is not None and spec.scaling in ("none", "tensor", "delayed")
+            and spec.hadamard is None and spec.rounding == "nearest")
+
+
+def _aliases(recipe: Recipe) -> dict[tuple[str, str], str]:
+    """{(gemm, operand): source gemm} where the backward can reuse a quantized copy bit-exactly
+    instead of quantizing again (TE and torchao reuse their FP8 copies the same way)."""
+    if recipe.backward_operands == "reuse":
+        return {}
+    out = {}
+    for gemm, op, src in _REUSABLE:
+        spec = recipe.spec(gemm, op)
+        same_acc = recipe.gemm(gemm).accumulate == recipe.gemm(src).accumulate == "fp32"
+        if same_acc and _axis_free(spec) and spec == recipe.spec(src, op):
+            out[(gemm, op)] = src
+    return out
 
 
 def _lcm(*ns: int) -> int:
@@ -110,10 +146,11 @@ class Linear(nn.Linear):
         self.recipe = resolve(recipe)
         self.backend, self.backend_reason = resolve_backend(backend)
         self.seed = int(seed)
+        self.aliases = _aliases(self.recipe)
         states = {
             f"{g}_{op}": QuantizerState(spec.history_len)
             for g, ops in GEMMS.items() for op in ops
-            if _stateful(spec := self.recipe.spec(g, op))
+            if _stateful(spec := self.recipe.spec(g, op)) and (g, op) not in self.aliases
         }
         # Only recipes with stateful scaling get the submodule (keeps print(model) short).
         self.quant_state = nn.ModuleDict(states) if states else None
@@ -163,6 +200,15 @@ class Linear(nn.Linear):
         # Fixed signs: drawn once from a stable per-(seed, gemm) stream, never from hash().
         g = torch.Generator().manual_seed(_stable_seed(self.seed, gemm))
         return random_signs(n, g)
+
+    def _apply(self, fn, recurse=True):
+        # Sign vectors stay FP32 like the rest of the quantizer state (model.to(bfloat16)).
+        dtypes = {k: b.dtype for k, b in self._buffers.items() if k.startswith("signs_")}
+        out = super()._apply(fn, recurse)
+        for k, dtype in dtypes.items():
+            if self._buffers[k].dtype != dtype:
+                self._buffers[k] = self._buffers[k].to(dtype)
+        return out
 
     # -- generator state (stochastic rounding, per-call signs) -----------------------------
 
@@ -230,7 +276,7 @@ class Linear(nn.Linear):
         return getattr(self, f"signs_{gemm}").to(device)
 
     def _state(self, gemm: str, op: str) -> ScalingState | None:
-        key = f"{gemm}_{op}"
+        key = f"{self.aliases.get((gemm, op), gemm)}_{op}"
         if self.quant_state is None or key not in self.quant_state:
             return None
         st = self.quant_state[key].view()
@@ -252,12 +298,14 @@ class Linear(nn.Linear):
         return xq, extras.get("mask")
 
     def gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, *, want_mask: bool = False,
-             collect: bool = False, signs: torch.Tensor | None = None):
+             collect: bool = False, signs: torch.Tensor | None = None,
+             quantized: tuple[bool, bool] = (False, False)):
         """C = A . B^T for one of the three GEMMs, operands quantized per the recipe.
 
         Returns (C float32, padded fake-quantized operands (qa, qb), masks (ma, mb)). The
         reduction axis is zero-padded to the operands' block/rotation multiple (zeros add
         nothing to the GEMM and do not change amaxes; MX pads short blocks the same way).
+        `quantized` marks operands that are already fake-quantized (a reused copy).
         """
         gr = self.recipe.gemm(gemm)
         op_a, op_b = GEMMS[gemm]
@@ -269,8 +317,10 @@ class Linear(nn.Linear):
         pa, pb = _pad_to(a, ra, k), _pad_to(b, rb, k)
         if signs is None:
             signs = self._signs(gemm, a.device)
-        qa, ma = self._quant(gemm, op_a, pa, gr.a, signs, want_mask, collect)
-        qb, mb = self._quant(gemm, op_b, pb, gr.b, signs, want_mask, collect)
+        spec_a = None if quantized[0] else gr.a
+        spec_b = None if quantized[1] else gr.b
+        qa, ma = self._quant(gemm, op_a, pa, spec_a, signs, want_mask, collect)
+        qb, mb = self._quant(gemm, op_b, pb, spec_b, signs, want_mask, collect)
         c = qa @ qb.T
         m, n = a.shape[0], b.shape[0]
         crop = (lambda t: t[:m] if t is not None else None), (lambda t: t[:n] if t is not None else None)
@@ -321,13 +371,22 @@ class _LinearFunction(torch.autograd.Function):
                                                collect=collect, signs=fwd_signs)
             if bias is not None:
                 y = y + bias.float()
-        reuse = recipe.backward_operands == "reuse"
+        # What backward needs: the high-precision operands, or quantized copies it reuses
+        # ('reuse' mode: the padded, rotated forward values; aliases: the plain copies).
+        k = x2.shape[1]
+        if recipe.backward_operands == "reuse":
+            saved = (None, None, xq, wq)
+        else:
+            x_alias = ("grad_weight", "input") in layer.aliases
+            w_alias = ("grad_input", "weight") in layer.aliases
+            saved = (None if x_alias else x, None if w_alias else weight,
+                     xq[:, :k] if x_alias else None, wq[:, :k] if w_alias else None)
         ctx.layer = layer
         ctx.fwd_signs = fwd_signs
         ctx.shapes = (x.shape, x2.shape)
-        ctx.x_dtype = x.dtype
+        ctx.dtypes = (x.dtype, weight.dtype)
         ctx.collect = collect
-        ctx.save_for_backward(xq if reuse else x, weight, wq if reuse else None, mx, mw)
+        ctx.save_for_backward(*saved, mx, mw)
         ctx.has_bias = bias is not None
         return y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])
 
@@ -335,27 +394,31 @@ class _LinearFunction(torch.autograd.Function):
     def backward(ctx, dy):
         layer: Linear = ctx.layer
         recipe = layer.recipe
-        x_src, weight, wq, mx, mw = ctx.saved_tensors
+        x, weight, xq, wq, mx, mw = ctx.saved_tensors
         x_shape, (t, k) = ctx.shapes
         reuse = recipe.backward_operands == "reuse"
-        w_src = wq if reuse else weight
         with torch.autocast(dy.device.type, enabled=False):
             dy2 = dy.reshape(-1, dy.shape[-1])
-            if not reuse:
-                x_src = x_src.reshape(t, k)
-            dx = dw = None
+            w_b = wq if wq is not None else weight
+            x_b = xq if xq is not None else x.reshape(t, k)
+            dx = dw = dyq = None
             if ctx.needs_input_grad[0]:
-                dx, _, _ = layer.gemm("grad_input", dy2, w_src.T, collect=ctx.collect)
+                dx, (dyq, _), _ = layer.gemm("grad_input", dy2, w_b.T, collect=ctx.collect,
+                                             quantized=(False, wq is not None and not reuse))
                 dx = _fwd_domain_grad(layer, dx, mx, ctx.fwd_signs, reuse, k)
             if ctx.needs_input_grad[1]:
                 if recipe.wgrad_high_precision or not recipe.grad_weight.quantized:
-                    dw = dy2.T.float() @ x_src.float()
+                    dw = dy2.T.float() @ x_b.float()
                 else:
-                    dw, _, _ = layer.gemm("grad_weight", dy2.T, x_src.T, collect=ctx.collect)
+                    dy_alias = dyq is not None and ("grad_weight", "grad_output") in layer.aliases
+                    a = dyq[:, : dy2.shape[1]].T if dy_alias else dy2.T
+                    dw, _, _ = layer.gemm("grad_weight", a, x_b.T, collect=ctx.collect,
+                                          quantized=(dy_alias, xq is not None and not reuse))
                 dw = _fwd_domain_grad(layer, dw, mw, ctx.fwd_signs, reuse, k)
             db = dy2.float().sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        dx = dx.to(ctx.x_dtype).reshape(x_shape) if dx is not None else None
-        dw = dw.to(weight.dtype) if dw is not None else None
+        x_dtype, w_dtype = ctx.dtypes
+        dx = dx.to(x_dtype).reshape(x_shape) if dx is not None else None
+        dw = dw.to(w_dtype) if dw is not None else None
         db = db.to(dy.dtype) if db is not None else None
         return dx, dw, db, None
 

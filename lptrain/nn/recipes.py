@@ -59,7 +59,10 @@ def _fp8_block() -> Recipe:
 def _mx(name: str, fwd_fmt: str, bwd_fmt: str, bwd_rounding: str, text: str) -> Recipe:
     mx = dict(scaling="block", block_size=32, scale_format="e8m0", scale_rounding="floor")
     fwd = QuantSpec(fwd_fmt, **mx)
-    bwd = QuantSpec(bwd_fmt, rounding=bwd_rounding, **mx)
+    # Stochastic rounding is only unbiased if nothing clips; the floor rule lets a block max
+    # reach 2^(emax+1) > max, so SR gradients get a 3/4 pre-scale (Tseng et al. 2025).
+    headroom = 4 / 3 if bwd_rounding == "stochastic" else 1.0
+    bwd = QuantSpec(bwd_fmt, rounding=bwd_rounding, headroom=headroom, **mx)
     return Recipe(name, **_same(fwd, bwd), description=text)
 
 
@@ -143,7 +146,8 @@ _BUILDERS = {
         "E3M2 (more range) for grad_output.")),
     "mxfp4": lambda: _mx("mxfp4", "fp4_e2m1", "fp4_e2m1", "stochastic", (
         "OCP MXFP4: E2M1 elements in 32-blocks with E8M0 scales (floor rule); grad_output "
-        "stochastically rounded, which plain MXFP4 needs to train at all.")),
+        "stochastically rounded after a 3/4 pre-scale (headroom 4/3) so that no element "
+        "clips and the rounding stays unbiased (Tseng et al. 2025).")),
     "nvfp4": _nvfp4,
     "quartet": _quartet,
     "fp4-ue5m3": _fp4_ue5m3,

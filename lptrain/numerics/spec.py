@@ -144,5 +144,8 @@ def _problems(s: QuantSpec):
         yield "amax_refresh > 1 (sample-and-hold) applies to two-level scale formats ue4m3/ue5m3"
     if s.headroom < 1.0:
         yield f"headroom={s.headroom} must be >= 1"
+    if s.headroom != 1.0 and s.two_level:
+        yield (f"headroom={s.headroom} is not defined for two-level scale_format="
+               f"{s.scale_format!r} (use scale_target)")
     if fmt.is_int and s.scale_format in ("ue4m3", "ue5m3"):
         yield f"two-level scale_format={s.scale_format!r} is defined for FP4 elements, not {fmt.name}"

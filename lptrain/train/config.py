@@ -1,0 +1,327 @@
+"""Typed recipe files: YAML is parsed once, here, into frozen dataclasses.
+
+Every problem is raised as `ConfigError(key_path, problem)`; the CLI prints it as one line
+`error: <key.path>: <problem>` and exits 2. Nothing past this module reads raw YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe problem, reported as `<key path>: <problem>`."""
+
+    def __init__(self, path: str, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "tiny"  # a key of model.PRESETS; the fields below override it
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    ffn_dim: int | None = None
+    tie_embeddings: bool | None = None
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    # A named recipe (see `lptrain recipes`) or an inline recipe dict for lptrain.recipes.from_dict.
+    recipe: Union[str, dict] = "fp32"
+    skip: list[str] = field(default_factory=lambda: ["lm_head"])  # fnmatch globs on module names
+    backend: Literal["auto", "emulated", "triton", "te"] = "auto"
+    min_features: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # None: the embedded corpus (the Python standard library's .py sources). Otherwise a local
+    # file, directory or glob of .txt/.jsonl/.json/.parquet files, or a hub dataset name.
+    path: str | None = None
+    text_key: str = "text"
+    tokenizer: str = "byte"  # "byte" or a tokenizers .json file / transformers directory
+    block_size: int = 128
+    val_fraction: float = 0.02
+    cache_dir: str | None = None  # default: ~/.cache/lptrain
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    warmup_steps: int = 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # written explicitly: DeepSpeed's default changed to 1.0 (PR #8068)
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    micro_batch: int = 8
+    grad_accum: int = 1
+    train_batch_size: int | None = None  # optional; checked against micro x accum x world
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    extra: dict = field(default_factory=dict)  # merged into deepspeed.json as is
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval: int = 0  # steps between saves; 0 saves only at the end and on SIGTERM/SIGINT
+    keep_last: int = 2
+    resume: str = "auto"  # auto | none | a checkpoints directory or one tag directory
+    save_final: bool = True
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = "disabled"
+    project: str = "lptrain"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    interval: int = 10  # steps between metrics.jsonl rows and log lines
+    progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a TTY
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    max_steps: int | None = None
+    max_tokens: int | None = None  # alternative to max_steps; the smaller limit wins
+    # Save and exit at this step; the schedule still spans max_steps (job time slices).
+    stop_at_step: int | None = None
+    seed: int = 0
+    eval_interval: int = 0  # 0 disables evaluation during training
+    eval_batches: int = 4
+    name: str | None = None  # default: the recipe file's stem
+    nonfinite_limit: int = 3  # consecutive skipped steps before reloading the last checkpoint
+    max_reloads: int = 2  # reloads before giving up with an error
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- generic typed parsing
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError:
+                continue
+        names = " or ".join(_type_name(a) for a in typing.get_args(tp))
+        raise ConfigError(path, f"expected {names}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(path, f"expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    return _scalar(tp, value, path)
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _scalar(tp: Any, value: Any, path: str) -> Any:
+    if tp is type(None) and value is None:
+        return None
+    # bool is an int subclass in Python; a YAML `true` is never a valid step count.
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads `1e-3` without a dot as a string
+    if tp in (bool, str, dict) and isinstance(value, tp):
+        return value
+    raise ConfigError(path, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(path or "<recipe>", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(where, f"unknown key (known: {', '.join(names)})")
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], f"{path}.{name}" if path else name)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- overrides and checks
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `--set a.b=value`; the value is YAML, so `3`, `1e-3`, `[a, b]` keep types."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError("--set", f"expected KEY=VALUE, got {assignment!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is not a section; cannot set a key in it")
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_positive(cfg: TrainConfig) -> None:
+    for path, value in [
+        ("deepspeed.micro_batch", cfg.deepspeed.micro_batch),
+        ("deepspeed.grad_accum", cfg.deepspeed.grad_accum),
+        ("data.block_size", cfg.data.block_size),
+        ("logging.interval", cfg.logging.interval),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+    ]:
+        if value < 1:
+            raise ConfigError(path, f"must be >= 1, got {value}")
+    for path, value in [
+        ("run.eval_interval", cfg.run.eval_interval),
+        ("checkpoint.interval", cfg.checkpoint.interval),
+        ("optim.warmup_steps", cfg.optim.warmup_steps),
+    ]:
+        if value < 0:
+            raise ConfigError(path, f"must be >= 0, got {value}")
+
+
+def _check(cfg: TrainConfig) -> None:
+    _check_positive(cfg)
+    if cfg.run.max_steps is None and cfg.run.max_tokens is None:
+        raise ConfigError("run.max_steps", "required (or give run.max_tokens)")
+    if cfg.run.max_steps is not None and cfg.run.max_steps < 1:
+        raise ConfigError("run.max_steps", f"must be >= 1, got {cfg.run.max_steps}")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(
+            "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}"
+        )
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError("optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("optim.betas", f"expected two numbers, got {cfg.optim.betas}")
+    _check_files(cfg)
+
+
+def _check_files(cfg: TrainConfig) -> None:
+    tok = cfg.data.tokenizer
+    if tok != "byte" and not Path(tok).exists():
+        raise ConfigError("data.tokenizer", f"no such file or directory: {tok}")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not Path(resume).exists():
+        raise ConfigError("checkpoint.resume", f"no such checkpoint: {resume}")
+    path = cfg.data.path
+    if path is not None and _looks_local(path) and not _local_matches(path):
+        raise ConfigError("data.path", f"no such file or directory: {path}")
+
+
+def _looks_local(path: str) -> bool:
+    # Hub names are `name` or `owner/name`; anything with a suffix, a glob, or a leading
+    # ./ ~ / is a local path.
+    return (
+        path.startswith((".", "/", "~"))
+        or any(c in path for c in "*?[")
+        or Path(path).suffix != ""
+        or Path(path).exists()
+    )
+
+
+def _local_matches(path: str) -> bool:
+    import glob
+
+    return bool(glob.glob(os.path.expanduser(path)))
+
+
+def parse(raw: dict) -> TrainConfig:
+    cfg = _build(TrainConfig, raw, "")
+    _check(cfg)
+    return cfg
+
+
+def load(recipe_path: str | os.PathLike, overrides: list[str] = ()) -> TrainConfig:
+    """Read a recipe file, apply `--set` overrides, validate, and return the typed config."""
+    path = Path(recipe_path)
+    if not path.is_file():
+        raise ConfigError(str(path), "no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(str(path), f"invalid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "the recipe must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    cfg = parse(raw)
+    if cfg.run.name is None:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=path.stem))
+    return cfg
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

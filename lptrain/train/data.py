@@ -1,0 +1,262 @@
+"""Corpus -> tokens -> fixed blocks -> a deterministic, rank-sharded, resumable batch order.
+
+Documents are tokenized once and packed into blocks of `block_size + 1` tokens (inputs and
+shifted targets share a block); the packed array is cached as `.npy` under a key that hashes
+the corpus files, tokenizer and block size. A fixed permutation (independent of the run seed,
+so validation loss compares across seeds) holds out `val_fraction` of the blocks.
+
+Batch order is a pure function of (seed, global sample index): sample g of the run is block
+`perm_{seed, g // N}[g % N]`. A step consumes `micro * accum * world` consecutive sample indices;
+rank r's micro-batch m of step s starts at `s*G + m*micro*world + r*micro`. So the same global
+batch is seen whatever the split between ranks and accumulation, and resuming needs only the
+sample index.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from lptrain.train.config import ConfigError, DataConfig
+
+EOS = 0  # byte tokenizer: id 0 separates documents, bytes are 1..256
+SPLIT_SEED = 0x5EED  # the train/val split depends on the corpus only
+
+
+# ---------------------------------------------------------------- tokenizers
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    name: str
+    vocab_size: int
+    eos: int
+    encode: Callable[[str], list[int] | np.ndarray]
+
+
+def byte_tokenizer() -> Tokenizer:
+    def encode(text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8", "replace"), dtype=np.uint8).astype(np.int32) + 1
+
+    return Tokenizer("byte", 257, EOS, encode)
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    if spec == "byte":
+        return byte_tokenizer()
+    package = "tokenizers" if spec.endswith(".json") else "transformers"
+    try:
+        return _hf_json_tokenizer(spec) if package == "tokenizers" else _hf_auto_tokenizer(spec)
+    except ImportError:
+        raise ConfigError(
+            "data.tokenizer",
+            f"{spec} needs the `{package}` package (pip install {package}), or use tokenizer: byte",
+        ) from None
+
+
+def _hf_json_tokenizer(spec: str) -> Tokenizer:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer.from_file(spec)
+    eos = tok.token_to_id("</s>") or tok.token_to_id("<|endoftext|>") or 0
+    return Tokenizer(spec, tok.get_vocab_size(), eos, lambda t: tok.encode(t).ids)
+
+
+def _hf_auto_tokenizer(spec: str) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec)
+    eos = tok.eos_token_id if tok.eos_token_id is not None else 0
+    return Tokenizer(spec, len(tok), eos, lambda t: tok(t)["input_ids"])
+
+
+# ---------------------------------------------------------------- documents
+
+
+def stdlib_files() -> list[Path]:
+    """The embedded corpus: the standard library's .py files, tests and site-packages excluded."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = [p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts[:-1])]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _stdlib_docs(files: list[Path]) -> Iterator[str]:
+    for p in files:
+        yield p.read_text(encoding="utf-8", errors="replace")
+
+
+def _local_files(path: str) -> list[Path]:
+    p = Path(os.path.expanduser(path))
+    if p.is_dir():
+        return sorted(q for q in p.rglob("*") if q.is_file() and _builder(q) is not None)
+    return sorted(Path(q) for q in glob.glob(str(p)))
+
+
+def _builder(p: Path) -> str | None:
+    suffix = p.suffix.lower()
+    return {
+        ".txt": "text",
+        ".md": "text",
+        ".py": "text",
+        ".jsonl": "json",
+        ".json": "json",
+        ".parquet": "parquet",
+    }.get(suffix)
+
+
+def _hf_docs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path) -> Iterator[str]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    if files is None:  # a hub dataset name
+        try:
+            ds = datasets.load_dataset(cfg.path, split="train", cache_dir=str(cache_dir / "hf"))
+        except ConnectionError:
+            raise ConfigError(
+                "data.path",
+                f"{cfg.path!r} is a hub dataset and there is no "
+                "internet: give local files (.txt/.jsonl/.parquet)",
+            ) from None
+    else:
+        builders = {_builder(f) for f in files}
+        if None in builders or len(builders) != 1:
+            raise ConfigError(
+                "data.path", "files must all be .txt/.md/.py, .jsonl/.json or .parquet"
+            )
+        (builder,) = builders
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        ds = datasets.load_dataset(
+            builder,
+            data_files=[str(f) for f in files],
+            split="train",
+            cache_dir=str(cache_dir / "hf"),
+            **kwargs,
+        )
+    if cfg.text_key not in ds.column_names:
+        raise ConfigError("data.text_key", f"column {cfg.text_key!r} not in {ds.column_names}")
+    for row in ds.select_columns([cfg.text_key]):
+        yield row[cfg.text_key]
+
+
+# ---------------------------------------------------------------- pack and cache
+
+
+def _fingerprint(cfg: DataConfig, tok: Tokenizer, files: list[Path] | None) -> str:
+    h = hashlib.sha256(json.dumps([cfg.path, cfg.text_key, tok.name, cfg.block_size, 1]).encode())
+    for f in files or []:
+        st = f.stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def pack(docs: Iterator[str], tok: Tokenizer, block_size: int) -> np.ndarray:
+    """Concatenate documents (EOS after each) and cut into (n, block_size + 1) blocks."""
+    parts = []
+    for text in docs:
+        parts.append(np.asarray(tok.encode(text), dtype=np.int32))
+        parts.append(np.array([tok.eos], dtype=np.int32))
+    stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    n = len(stream) // (block_size + 1)
+    dtype = np.uint16 if tok.vocab_size <= 65536 else np.int32
+    return stream[: n * (block_size + 1)].reshape(n, block_size + 1).astype(dtype)
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    return Path(cfg.cache_dir or os.path.expanduser("~/.cache/lptrain"))
+
+
+def load_blocks(
+    cfg: DataConfig, tok: Tokenizer, is_rank0: bool, barrier: Callable[[], None]
+) -> np.ndarray:
+    """Packed blocks, tokenized by rank 0 once and read from the cache by everyone."""
+    if cfg.path is None:
+        files = stdlib_files()
+    elif Path(os.path.expanduser(cfg.path)).exists() or any(c in cfg.path for c in "*?["):
+        files = _local_files(cfg.path)
+        if not files:
+            raise ConfigError("data.path", f"no .txt/.jsonl/.parquet files in {cfg.path}")
+    else:
+        files = None
+    root = cache_root(cfg)
+    target = root / f"blocks-{_fingerprint(cfg, tok, files)}.npy"
+    if is_rank0 and not target.exists():
+        docs = _stdlib_docs(files) if cfg.path is None else _hf_docs(cfg, files, root)
+        blocks = pack(docs, tok, cfg.block_size)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
+        np.save(tmp, blocks)
+        os.replace(tmp, target)  # atomic: a concurrent reader never sees half a file
+    barrier()
+    return np.load(target, mmap_mode="r")
+
+
+# ---------------------------------------------------------------- split and order
+
+
+@dataclass(frozen=True)
+class Split:
+    train: np.ndarray  # block indices
+    val: np.ndarray
+
+
+def split(n_blocks: int, val_fraction: float) -> Split:
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n_blocks)
+    n_val = max(1, int(round(n_blocks * val_fraction)))
+    if n_blocks - n_val < 1:
+        raise ConfigError("data.path", f"corpus too small: {n_blocks} blocks")
+    return Split(train=np.sort(perm[n_val:]), val=np.sort(perm[:n_val]))
+
+
+class BatchSource:
+    """Blocks for any (sample index, count): a pure function of the seed, no hidden state."""
+
+    def __init__(self, blocks: np.ndarray, indices: np.ndarray, seed: int):
+        self.blocks, self.indices, self.seed = blocks, indices, seed
+        self._epoch, self._perm = -1, indices
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._epoch, self._perm = epoch, self.indices[rng.permutation(len(self.indices))]
+        return self._perm
+
+    def batch(self, start: int, count: int) -> torch.Tensor:
+        n = len(self.indices)
+        rows = [self._order((start + i) // n)[(start + i) % n] for i in range(count)]
+        return torch.from_numpy(np.stack([self.blocks[r] for r in rows]).astype(np.int64))
+
+
+@dataclass(frozen=True)
+class Layout:
+    micro: int
+    accum: int
+    world: int
+    rank: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.accum * self.world
+
+    def start(self, sample_base: int, micro_index: int) -> int:
+        return sample_base + micro_index * self.micro * self.world + self.rank * self.micro
+
+
+def val_batches(blocks: np.ndarray, s: Split, layout: Layout, n_batches: int) -> list[torch.Tensor]:
+    """A fixed validation set, sharded by rank; the same blocks at every evaluation."""
+    n = len(s.val)
+    out = []
+    for b in range(n_batches):
+        start = b * layout.micro * layout.world + layout.rank * layout.micro
+        rows = [s.val[(start + i) % n] for i in range(layout.micro)]  # wraps if val is small
+        out.append(torch.from_numpy(np.stack([blocks[r] for r in rows]).astype(np.int64)))
+    return out

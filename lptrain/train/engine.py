@@ -1,0 +1,178 @@
+"""Process group, precision conversion, the generated DeepSpeed config and `deepspeed.initialize`.
+
+The order matters and is fixed here: seed -> build model -> convert (quantized Linear swap) ->
+seed quantizers -> amax all-reduce hook -> `deepspeed.initialize`. Anything that edits
+parameters after `initialize` is undone by the optimizer's fp32 master copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lptrain.train.config import ConfigError, TrainConfig
+
+# Launchers (torchrun, deepspeed) set these; a bare `lptrain train` sets them itself, or
+# DeepSpeed falls back to MPI discovery and dies on the missing mpi4py.
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    cuda: bool
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env(local_rank_flag: int | None = None) -> DistInfo:
+    """Fill in the single-process rendezvous variables when no launcher did."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(local_rank_flag or 0)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # Explicit, or `import deepspeed` prints an accelerator warning on stdout.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return DistInfo(
+        int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), cuda
+    )
+
+
+def init_distributed(info: DistInfo) -> None:
+    import deepspeed
+
+    if info.cuda:
+        torch.cuda.set_device(info.local_rank)
+    # DeepSpeed prints op-build notices on stdout; stdout is reserved for the run summary.
+    with contextlib.redirect_stdout(sys.stderr):
+        deepspeed.init_distributed(dist_backend="nccl" if info.cuda else "gloo")
+
+
+def check_batch(cfg: TrainConfig, info: DistInfo) -> None:
+    d = cfg.deepspeed
+    product = d.micro_batch * d.grad_accum * info.world
+    if d.train_batch_size is not None and d.train_batch_size != product:
+        raise ConfigError(
+            "deepspeed.train_batch_size",
+            f"{d.train_batch_size} != micro_batch {d.micro_batch} x grad_accum "
+            f"{d.grad_accum} x world size {info.world} = {product}",
+        )
+    if d.dtype == "fp16" and not info.cuda:
+        raise ConfigError("deepspeed.dtype", "fp16 is not supported on CPU; use bf16 or fp32")
+
+
+# Keys lptrain derives from typed fields; setting them in `extra` would silently disagree.
+_OWNED = {
+    "train_batch_size": "deepspeed.train_batch_size",
+    "train_micro_batch_size_per_gpu": "deepspeed.micro_batch",
+    "gradient_accumulation_steps": "deepspeed.grad_accum",
+    "gradient_clipping": "optim.grad_clip",
+    "optimizer": "optim",
+    "scheduler": "optim (lptrain passes its own schedule)",
+    "bf16": "deepspeed.dtype",
+    "fp16": "deepspeed.dtype",
+    "wandb": "logging.wandb (DeepSpeed's monitor logs only the lr and can kill the run)",
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
+    d, o = cfg.deepspeed, cfg.optim
+    for key in d.extra:
+        if key in _OWNED:
+            raise ConfigError(f"deepspeed.extra.{key}", f"set by lptrain; use {_OWNED[key]}")
+    ds: dict[str, Any] = {
+        "train_batch_size": d.micro_batch * d.grad_accum * world,
+        "train_micro_batch_size_per_gpu": d.micro_batch,
+        "gradient_accumulation_steps": d.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                # torch.optim.AdamW: deterministic on CPU, so resume and stage equality are exact.
+                "torch_adam": True,
+            },
+        },
+        "zero_optimization": {"stage": d.zero_stage},
+        "bf16": {"enabled": d.dtype == "bf16", "check_grad_overflow": True},
+        "fp16": {"enabled": d.dtype == "fp16"},
+        "steps_per_print": 10**9,  # lptrain logs; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, d.extra)
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Warmup (linear from ~0) then cosine/linear decay to lr * min_lr_ratio at total_steps."""
+    o = cfg.optim
+    warm, floor = o.warmup_steps, o.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if o.decay == "constant" or total_steps <= warm:
+            return 1.0
+        t = min(1.0, (step - warm) / max(1, total_steps - warm))
+        shape = 0.5 * (1 + math.cos(math.pi * t)) if o.decay == "cosine" else 1.0 - t
+        return floor + (1.0 - floor) * shape
+
+    return factor
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; norms' gains and scalar quantizer parameters are exempt."""
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def initialize(model: nn.Module, cfg: TrainConfig, ds_config: dict, total_steps: int):
+    import deepspeed
+
+    factor = lr_lambda(cfg, total_steps)
+    with contextlib.redirect_stdout(sys.stderr):
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+        )
+    return engine, scheduler

@@ -1,0 +1,170 @@
+"""Rank-0 metrics: `metrics.jsonl` always, Weights & Biases optionally, and console progress.
+
+DeepSpeed's own monitor is deliberately unused: it logs only the learning rate, against global
+samples as the W&B step (dropping ours), and raises inside `initialize` when W&B has no key.
+W&B problems here are reported once and never stop training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lptrain.train.config import LoggingConfig, WandbConfig
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        hosts = netrc.netrc().hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return any("wandb" in h or h == os.environ.get("WANDB_BASE_URL", "") for h in hosts)
+
+
+def resolve_wandb_mode(cfg: WandbConfig) -> tuple[str, str | None]:
+    """(mode, note): `auto` goes online with credentials, otherwise offline, said once."""
+    if cfg.mode != "auto":
+        return cfg.mode, None
+    if _has_wandb_credentials():
+        return "online", None
+    return "offline", "wandb: no credentials found, logging offline (upload later: wandb sync)"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "nan" if value is None else format(value, spec)  # non-finite values arrive as None
+
+
+class _Wandb:
+    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, say):
+        self.run = None
+        mode, note = resolve_wandb_mode(cfg)
+        if note:
+            say(note)
+        if mode == "disabled":
+            return
+        try:
+            self.run = self._init(cfg, mode, run_dir, config)
+        except Exception as exc:  # noqa: BLE001 - W&B must never kill the job
+            if mode == "online":
+                say(f"wandb: online init failed ({type(exc).__name__}: {exc}); retrying offline")
+                try:
+                    self.run = self._init(cfg, "offline", run_dir, config)
+                except Exception as exc2:  # noqa: BLE001
+                    say(f"wandb: disabled ({type(exc2).__name__}: {exc2})")
+            else:
+                say(f"wandb: disabled ({type(exc).__name__}: {exc})")
+
+    @staticmethod
+    def _init(cfg: WandbConfig, mode: str, run_dir: Path, config: dict):
+        import wandb
+
+        settings = wandb.Settings(init_timeout=30, console="off", silent=True, x_disable_stats=True)
+        return wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name,
+            tags=cfg.tags or None,
+            config=config,
+            dir=str(run_dir),
+            mode=mode,
+            settings=settings,
+            reinit="finish_previous",
+        )
+
+    def log(self, row: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        except Exception:  # noqa: BLE001
+            self.run = None
+
+    def finish(self) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+class Monitor:
+    """Call `log(row)` with step metrics; only rank 0 writes anything."""
+
+    def __init__(
+        self, cfg: LoggingConfig, run_dir: Path, config: dict, total_steps: int, rank: int
+    ):
+        self.enabled = rank == 0
+        self.total = total_steps
+        self.bar = None
+        self.wandb = None
+        if not self.enabled:
+            return
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.wandb = _Wandb(cfg.wandb, run_dir, config, self.say)
+        use_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
+        if use_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+        self.t0 = time.monotonic()
+
+    def say(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def start_at(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in row.items()
+        }
+        self.file.write(json.dumps(row) + "\n")
+        self.wandb.log(row)
+        if "loss" in row:
+            self._progress(row)
+        else:
+            self.say(
+                f"step {row['step']}: "
+                + ", ".join(
+                    f"{k} {v:.4f}" for k, v in row.items() if k != "step" and isinstance(v, float)
+                )
+            )
+
+    def _progress(self, row: dict) -> None:
+        loss, norm = (_fmt(row[k], ".4f") for k in ("loss", "grad_norm"))
+        if self.bar is not None:
+            self.bar.n = row["step"]
+            self.bar.set_postfix_str(f"loss {loss} tok/s {row['tokens_per_s']:.0f}")
+            return
+        elapsed = time.monotonic() - self.t0
+        self.say(
+            f"step {row['step']}/{self.total} loss {loss} lr {row['lr']:.3e} "
+            f"grad_norm {norm} tok/s {row['tokens_per_s']:.0f} "
+            f"elapsed {elapsed:.0f}s"
+        )
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        self.wandb.finish()
