@@ -37,10 +37,12 @@ def cpu_model() -> str:
 
 def time_fwd_bwd(model: nn.Module, x: torch.Tensor, dy: torch.Tensor, repeats: int) -> float:
     """Median seconds of one forward + backward (after one warm-up call)."""
+
     def once():
         x.grad = None
         model.zero_grad(set_to_none=True)
         model(x).backward(dy)
+
     once()
     ts = []
     for _ in range(repeats):
@@ -57,8 +59,7 @@ def torchao_emulated(base: nn.Module) -> nn.Module | None:
             from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except Exception:  # noqa: BLE001 - torchao is optional
         return None
-    return convert_to_float8_training(copy.deepcopy(base),
-                                      config=Float8LinearConfig(emulate=True))
+    return convert_to_float8_training(copy.deepcopy(base), config=Float8LinearConfig(emulate=True))
 
 
 def main() -> None:
@@ -81,7 +82,8 @@ def main() -> None:
         ao = time_fwd_bwd(ao_model, x, dy, args.repeats) if ao_model is not None else float("nan")
         base_times[(t, k, n)] = (ref, ao)
         rows.setdefault("torchao Float8Linear (emulate)", []).append(
-            f"{ao * 1e3:.0f} ms · {ao / ref:.2f}x · 1.00x")
+            f"{ao * 1e3:.0f} ms · {ao / ref:.2f}x · 1.00x"
+        )
         for name in names:
             m = lptrain.convert(copy.deepcopy(base), name)
             s = time_fwd_bwd(m, x, dy, args.repeats)
@@ -89,15 +91,19 @@ def main() -> None:
             print(f"  {(t, k, n)} {name}: {s * 1e3:.1f} ms", flush=True)
 
     print()
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads); "
-          f"torch {torch.__version__}; {datetime.date.today().isoformat()}; median of "
-          f"{args.repeats} fwd+bwd after one warm-up")
+    print(
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads); "
+        f"torch {torch.__version__}; {datetime.date.today().isoformat()}; median of "
+        f"{args.repeats} fwd+bwd after one warm-up"
+    )
     print()
     head = " | ".join(f"({t}, {k}, {n}): time · vs nn.Linear · vs torchao" for t, k, n in shapes)
     print(f"| recipe | {head} |")
     print("|---|" + "---|" * len(shapes))
-    ref_cells = " | ".join(f"{base_times[s][0] * 1e3:.0f} ms · 1.00x · {base_times[s][0] / base_times[s][1]:.2f}x"
-                           for s in shapes)
+    ref_cells = " | ".join(
+        f"{base_times[s][0] * 1e3:.0f} ms · 1.00x · {base_times[s][0] / base_times[s][1]:.2f}x"
+        for s in shapes
+    )
     print(f"| nn.Linear (fp32) | {ref_cells} |")
     for name, cells in rows.items():
         print(f"| {name} | {' | '.join(cells)} |")

@@ -49,8 +49,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1 << 24)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--pychop-n", type=int, default=1 << 20,
-                    help="pychop is slow: time it on this many elements (ns/element is reported)")
+    ap.add_argument(
+        "--pychop-n",
+        type=int,
+        default=1 << 20,
+        help="pychop is slow: time it on this many elements (ns/element is reported)",
+    )
     args = ap.parse_args()
     n = args.n
     g = torch.Generator().manual_seed(0)
@@ -69,11 +73,17 @@ def main() -> None:
     x2 = x.reshape(-1, 4096)
     rows = [
         ("round_to_format fp8_e4m3 nearest", lambda: round_to_format(x, "fp8_e4m3"), (4, 3, 1)),
-        ("round_to_format fp8_e4m3 stochastic",
-         lambda: round_to_format(x, "fp8_e4m3", "stochastic", generator=gen), (4, 3, 5)),
+        (
+            "round_to_format fp8_e4m3 stochastic",
+            lambda: round_to_format(x, "fp8_e4m3", "stochastic", generator=gen),
+            (4, 3, 5),
+        ),
         ("round_to_format fp4_e2m1 nearest", lambda: round_to_format(x, "fp4_e2m1"), (2, 1, 1)),
-        ("round_to_format fp4_e2m1 stochastic",
-         lambda: round_to_format(x, "fp4_e2m1", "stochastic", generator=gen), (2, 1, 5)),
+        (
+            "round_to_format fp4_e2m1 stochastic",
+            lambda: round_to_format(x, "fp4_e2m1", "stochastic", generator=gen),
+            (2, 1, 5),
+        ),
         ("MXFP8 block quantize (fake_quantize)", lambda: fake_quantize(x2, mx8), None),
         ("MXFP4 block quantize (fake_quantize)", lambda: fake_quantize(x2, mx4), None),
         ("NVFP4 quantize (fake_quantize)", lambda: fake_quantize(x2, nv4), None),
@@ -95,7 +105,8 @@ def main() -> None:
         f"Baselines: torch cast `x.to(torch.float8_e4m3fn).float()` = {base_cast:.2f} ns/elem, "
         f"`x.clone()` = {base_clone:.2f} ns/elem.",
         "",
-        "| operation | ns/elem | x torch fp8 cast | x clone | pychop ns/elem | speed-up vs pychop |",
+        "| operation | ns/elem | x torch fp8 cast | x clone "
+        "| pychop ns/elem | speed-up vs pychop |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, fn, chop in rows:
@@ -106,7 +117,9 @@ def main() -> None:
             c = pychop.Chop(exp_bits=e, sig_bits=m, rmode=rmode)
             tp = _median_time(lambda c=c: c(xs), max(1, args.repeats // 2)) / xs.numel() * 1e9
             pc, sp = f"{tp:.1f}", f"{tp / t:.0f}x"
-        lines.append(f"| {name} | {t:.2f} | {t / base_cast:.2f} | {t / base_clone:.2f} | {pc} | {sp} |")
+        lines.append(
+            f"| {name} | {t:.2f} | {t / base_cast:.2f} | {t / base_clone:.2f} | {pc} | {sp} |"
+        )
     print("\n".join(lines))
 
 

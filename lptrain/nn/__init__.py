@@ -16,7 +16,19 @@ from lptrain.nn.linear import Linear
 from lptrain.nn.recipe import GEMMS, GemmRecipe, Recipe, RecipeError
 
 __all__ = [
-    "GEMMS", "GemmRecipe", "Linear", "Recipe", "RecipeError", "collect_stats", "convert",
-    "layer_stats", "load_quantizer_state", "quantized_layers", "quantizer_state", "recipes",
-    "seed_quantizers", "set_amax_reduce", "unconvert",
+    "GEMMS",
+    "GemmRecipe",
+    "Linear",
+    "Recipe",
+    "RecipeError",
+    "collect_stats",
+    "convert",
+    "layer_stats",
+    "load_quantizer_state",
+    "quantized_layers",
+    "quantizer_state",
+    "recipes",
+    "seed_quantizers",
+    "set_amax_reduce",
+    "unconvert",
 ]

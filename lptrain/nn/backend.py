@@ -18,6 +18,9 @@ def resolve_backend(name: str) -> tuple[str, str]:
             f"backend {name!r} is not available in lptrain 0.1: only the emulated backend ships "
             f"(use backend 'auto' or 'emulated'; GPU kernels are planned behind the same recipes)"
         )
-    reason = "auto: emulated (the reference backend; no GPU kernels in this release)" \
-        if name == "auto" else "emulated (requested)"
+    reason = (
+        "auto: emulated (the reference backend; no GPU kernels in this release)"
+        if name == "auto"
+        else "emulated (requested)"
+    )
     return "emulated", reason

@@ -27,8 +27,15 @@ def _layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def convert(model: nn.Module, recipe: str | Recipe | dict, *, skip: Iterable[str] = (),
-            min_features: int = 0, backend: str = "auto", seed: int = 0) -> nn.Module:
+def convert(
+    model: nn.Module,
+    recipe: str | Recipe | dict,
+    *,
+    skip: Iterable[str] = (),
+    min_features: int = 0,
+    backend: str = "auto",
+    seed: int = 0,
+) -> nn.Module:
     """Swap every eligible `nn.Linear` of `model` for `lptrain.nn.Linear`, in place.
 
     recipe: a name (`lptrain.recipes.names()`), a Recipe, an inline dict or a YAML path.
@@ -42,8 +49,10 @@ def convert(model: nn.Module, recipe: str | Recipe | dict, *, skip: Iterable[str
     if not recipe.quantizes:
         return model
     if isinstance(model, nn.Linear) and type(model) is nn.Linear:
-        raise ValueError("convert() swaps children in place; wrap a bare nn.Linear in a module "
-                         "or use lptrain.nn.Linear.from_float(linear, recipe)")
+        raise ValueError(
+            "convert() swaps children in place; wrap a bare nn.Linear in a module "
+            "or use lptrain.nn.Linear.from_float(linear, recipe)"
+        )
     for name, parent, child_name, child in list(_linears(model)):
         if _skipped(name, child, skip, min_features):
             continue
@@ -118,5 +127,6 @@ def collect_stats(model: nn.Module, every: int) -> None:
 
 def layer_stats(model: nn.Module) -> dict[str, dict[str, dict[str, float]]]:
     """The latest statistics of every layer: {layer: {'gemm.operand': {amax, ...}}}."""
-    return {name: dict(layer.last_stats) for name, layer in quantized_layers(model)
-            if layer.last_stats}
+    return {
+        name: dict(layer.last_stats) for name, layer in quantized_layers(model) if layer.last_stats
+    }

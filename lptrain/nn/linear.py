@@ -62,10 +62,12 @@ class QuantizerState(nn.Module):
 
         return super()._apply(keep_dtype, recurse)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         # A checkpoint without any of our keys (a plain nn.Linear one): start fresh, not fail.
         if not any(k.startswith(prefix) for k in state_dict):
             missing_keys[:] = [k for k in missing_keys if not k.startswith(prefix)]
@@ -75,8 +77,11 @@ class QuantizerState(nn.Module):
 
 
 # Backward operands that may reuse an earlier GEMM's quantized copy: (gemm, operand, source).
-_REUSABLE = (("grad_input", "weight", "output"), ("grad_weight", "input", "output"),
-             ("grad_weight", "grad_output", "grad_input"))
+_REUSABLE = (
+    ("grad_input", "weight", "output"),
+    ("grad_weight", "input", "output"),
+    ("grad_weight", "grad_output", "grad_input"),
+)
 
 
 def _axis_free(spec: QuantSpec | None) -> bool:
@@ -84,8 +89,12 @@ def _axis_free(spec: QuantSpec | None) -> bool:
     quantized tensor equals quantizing the transpose (per-tensor or no scaling, RNE, no
     rotation). Delayed scaling qualifies: a second history fed the same amaxes gives the same
     scales."""
-    return (spec is not None and spec.scaling in ("none", "tensor", "delayed")
-            and spec.hadamard is None and spec.rounding == "nearest")
+    return (
+        spec is not None
+        and spec.scaling in ("none", "tensor", "delayed")
+        and spec.hadamard is None
+        and spec.rounding == "nearest"
+    )
 
 
 def _aliases(recipe: Recipe) -> dict[tuple[str, str], str]:
@@ -139,9 +148,18 @@ class Linear(nn.Linear):
     nn.Linear state_dict loads too (quantizer state then starts fresh).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 device=None, dtype=None, *, recipe: str | Recipe | dict = "fp8-current",
-                 backend: str = "auto", seed: int = 0):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        recipe: str | Recipe | dict = "fp8-current",
+        backend: str = "auto",
+        seed: int = 0,
+    ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.recipe = resolve(recipe)
         self.backend, self.backend_reason = resolve_backend(backend)
@@ -149,7 +167,8 @@ class Linear(nn.Linear):
         self.aliases = _aliases(self.recipe)
         states = {
             f"{g}_{op}": QuantizerState(spec.history_len)
-            for g, ops in GEMMS.items() for op in ops
+            for g, ops in GEMMS.items()
+            for op in ops
             if _stateful(spec := self.recipe.spec(g, op)) and (g, op) not in self.aliases
         }
         # Only recipes with stateful scaling get the submodule (keeps print(model) short).
@@ -168,12 +187,19 @@ class Linear(nn.Linear):
     # -- construction ---------------------------------------------------------------------
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, recipe: str | Recipe | dict, *, backend: str = "auto",
-                   seed: int = 0) -> "Linear":
+    def from_float(
+        cls, linear: nn.Linear, recipe: str | Recipe | dict, *, backend: str = "auto", seed: int = 0
+    ) -> "Linear":
         """A Linear sharing `linear`'s parameters (same tensors, device and dtype)."""
         with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                      recipe=recipe, backend=backend, seed=seed)
+            new = cls(
+                linear.in_features,
+                linear.out_features,
+                linear.bias is not None,
+                recipe=recipe,
+                backend=backend,
+                seed=seed,
+            )
         new.weight = linear.weight
         new.bias = linear.bias
         device = linear.weight.device
@@ -227,7 +253,9 @@ class Linear(nn.Linear):
         self._generator_state = None
 
     def get_extra_state(self) -> dict[str, Any]:
-        state = self._generator.get_state() if self._generator is not None else self._generator_state
+        state = (
+            self._generator.get_state() if self._generator is not None else self._generator_state
+        )
         return {"seed": self.seed, "generator": state, "dfp_overflows": self.dfp_overflows}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
@@ -236,13 +264,18 @@ class Linear(nn.Linear):
         self._generator_state = state["generator"]
         self.dfp_overflows = int(state.get("dfp_overflows", 0))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         # A plain nn.Linear checkpoint has no quantizer state: keep ours fresh.
-        quant_keys = [k for k in missing_keys if k.startswith(prefix) and
-                      k[len(prefix):].split(".")[0] in self._quant_key_roots()]
+        quant_keys = [
+            k
+            for k in missing_keys
+            if k.startswith(prefix) and k[len(prefix) :].split(".")[0] in self._quant_key_roots()
+        ]
         for k in quant_keys:
             missing_keys.remove(k)
 
@@ -253,14 +286,16 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"{type(self).__name__}: expected input with last dim "
-                             f"{self.in_features}, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: expected input with last dim "
+                f"{self.in_features}, got shape {tuple(x.shape)}"
+            )
         if not self.recipe.quantizes:
             return F.linear(x, self.weight, self.bias)
         return _LinearFunction.apply(x, self.weight, self.bias, self)
 
     def extra_repr(self) -> str:
-        return (f"{super().extra_repr()}, recipe={self.recipe.name}, backend={self.backend}")
+        return f"{super().extra_repr()}, recipe={self.recipe.name}, backend={self.backend}"
 
     def collect_stats(self, every: int) -> None:
         """Collect per-operand statistics every `every` training steps (0 turns them off)."""
@@ -283,13 +318,27 @@ class Linear(nn.Linear):
         st.amax_reduce = self.amax_reduce
         return st
 
-    def _quant(self, gemm: str, op: str, t: torch.Tensor, spec: QuantSpec | None,
-               signs: torch.Tensor | None, want_mask: bool, collect: bool):
+    def _quant(
+        self,
+        gemm: str,
+        op: str,
+        t: torch.Tensor,
+        spec: QuantSpec | None,
+        signs: torch.Tensor | None,
+        want_mask: bool,
+        collect: bool,
+    ):
         if spec is None:
             return t.float(), None
-        out = fake_quantize(t, spec, state=self._state(gemm, op),
-                            generator=self.generator(t.device), signs=signs,
-                            with_mask=want_mask, with_stats=collect)
+        out = fake_quantize(
+            t,
+            spec,
+            state=self._state(gemm, op),
+            generator=self.generator(t.device),
+            signs=signs,
+            with_mask=want_mask,
+            with_stats=collect,
+        )
         if not (want_mask or collect):
             return out, None
         xq, extras = out
@@ -297,9 +346,17 @@ class Linear(nn.Linear):
             self.last_stats[f"{gemm}.{op}"] = extras["stats"].as_dict()
         return xq, extras.get("mask")
 
-    def gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, *, want_mask: bool = False,
-             collect: bool = False, signs: torch.Tensor | None = None,
-             quantized: tuple[bool, bool] = (False, False)):
+    def gemm(
+        self,
+        gemm: str,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        *,
+        want_mask: bool = False,
+        collect: bool = False,
+        signs: torch.Tensor | None = None,
+        quantized: tuple[bool, bool] = (False, False),
+    ):
         """C = A . B^T for one of the three GEMMs, operands quantized per the recipe.
 
         Returns (C float32, padded fake-quantized operands (qa, qb), masks (ma, mb)). The
@@ -323,7 +380,10 @@ class Linear(nn.Linear):
         qb, mb = self._quant(gemm, op_b, pb, spec_b, signs, want_mask, collect)
         c = qa @ qb.T
         m, n = a.shape[0], b.shape[0]
-        crop = (lambda t: t[:m] if t is not None else None), (lambda t: t[:n] if t is not None else None)
+        crop = (
+            (lambda t: t[:m] if t is not None else None),
+            (lambda t: t[:n] if t is not None else None),
+        )
         return c[:m, :n], (crop[0](qa), crop[1](qb)), (crop[0](ma), crop[1](mb))
 
     def _dfp_gemm(self, gr, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -359,16 +419,20 @@ class _LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, layer: Linear):
         recipe = layer.recipe
         device_type = x.device.type
-        out_dtype = (torch.get_autocast_dtype(device_type)
-                     if torch.is_autocast_enabled(device_type) else x.dtype)
+        out_dtype = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else x.dtype
+        )
         collect = layer._collect_now()
         if layer.training:
             layer.step += 1
         with torch.autocast(device_type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             fwd_signs = layer._signs("output", x.device)
-            y, (xq, wq), (mx, mw) = layer.gemm("output", x2, weight, want_mask=recipe.trust_mask,
-                                               collect=collect, signs=fwd_signs)
+            y, (xq, wq), (mx, mw) = layer.gemm(
+                "output", x2, weight, want_mask=recipe.trust_mask, collect=collect, signs=fwd_signs
+            )
             if bias is not None:
                 y = y + bias.float()
         # What backward needs: the high-precision operands, or quantized copies it reuses
@@ -379,8 +443,12 @@ class _LinearFunction(torch.autograd.Function):
         else:
             x_alias = ("grad_weight", "input") in layer.aliases
             w_alias = ("grad_input", "weight") in layer.aliases
-            saved = (None if x_alias else x, None if w_alias else weight,
-                     xq[:, :k] if x_alias else None, wq[:, :k] if w_alias else None)
+            saved = (
+                None if x_alias else x,
+                None if w_alias else weight,
+                xq[:, :k] if x_alias else None,
+                wq[:, :k] if w_alias else None,
+            )
         ctx.layer = layer
         ctx.fwd_signs = fwd_signs
         ctx.shapes = (x.shape, x2.shape)
@@ -403,8 +471,13 @@ class _LinearFunction(torch.autograd.Function):
             x_b = xq if xq is not None else x.reshape(t, k)
             dx = dw = dyq = None
             if ctx.needs_input_grad[0]:
-                dx, (dyq, _), _ = layer.gemm("grad_input", dy2, w_b.T, collect=ctx.collect,
-                                             quantized=(False, wq is not None and not reuse))
+                dx, (dyq, _), _ = layer.gemm(
+                    "grad_input",
+                    dy2,
+                    w_b.T,
+                    collect=ctx.collect,
+                    quantized=(False, wq is not None and not reuse),
+                )
                 dx = _fwd_domain_grad(layer, dx, mx, ctx.fwd_signs, reuse, k)
             if ctx.needs_input_grad[1]:
                 if recipe.wgrad_high_precision or not recipe.grad_weight.quantized:
@@ -412,8 +485,13 @@ class _LinearFunction(torch.autograd.Function):
                 else:
                     dy_alias = dyq is not None and ("grad_weight", "grad_output") in layer.aliases
                     a = dyq[:, : dy2.shape[1]].T if dy_alias else dy2.T
-                    dw, _, _ = layer.gemm("grad_weight", a, x_b.T, collect=ctx.collect,
-                                          quantized=(dy_alias, xq is not None and not reuse))
+                    dw, _, _ = layer.gemm(
+                        "grad_weight",
+                        a,
+                        x_b.T,
+                        collect=ctx.collect,
+                        quantized=(dy_alias, xq is not None and not reuse),
+                    )
                 dw = _fwd_domain_grad(layer, dw, mw, ctx.fwd_signs, reuse, k)
             db = dy2.float().sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         x_dtype, w_dtype = ctx.dtypes

@@ -95,8 +95,12 @@ class Recipe:
         out: dict[str, Any] = {"name": self.name}
         for g, (a, b) in GEMMS.items():
             gr = self.gemm(g)
-            out[g] = {a: gr.a.to_dict() if gr.a else None, b: gr.b.to_dict() if gr.b else None,
-                      "accumulate": gr.accumulate, "chunk": gr.chunk}
+            out[g] = {
+                a: gr.a.to_dict() if gr.a else None,
+                b: gr.b.to_dict() if gr.b else None,
+                "accumulate": gr.accumulate,
+                "chunk": gr.chunk,
+            }
         for f in fields(self):
             if f.name not in GEMMS and f.name != "name":
                 out[f.name] = getattr(self, f.name)
@@ -120,13 +124,17 @@ def _problems(r: Recipe):
         if gr.accumulate == "int32":
             for op, s in ((a, gr.a), (b, gr.b)):
                 if s is None or not s.fmt.is_int or s.scaling != "tensor" or s.hadamard:
-                    yield (f"{g}.{op}: accumulate='int32' needs an integer format with "
-                           f"scaling='tensor' and no hadamard on both operands")
+                    yield (
+                        f"{g}.{op}: accumulate='int32' needs an integer format with "
+                        f"scaling='tensor' and no hadamard on both operands"
+                    )
         ha = gr.a.hadamard if gr.a else None
         hb = gr.b.hadamard if gr.b else None
         if ha != hb:
-            yield (f"{g}: hadamard differs between {a} ({ha}) and {b} ({hb}); both operands "
-                   f"of a GEMM must share the rotation for it to cancel")
+            yield (
+                f"{g}: hadamard differs between {a} ({ha}) and {b} ({hb}); both operands "
+                f"of a GEMM must share the rotation for it to cancel"
+            )
         sa = gr.a.hadamard_signs if gr.a else False
         sb = gr.b.hadamard_signs if gr.b else False
         if ha and hb and sa != sb:
@@ -196,8 +204,16 @@ def _merge_spec(base: QuantSpec | None, d: Any, path: str) -> QuantSpec | None:
     return _spec_from(merged, path)
 
 
-_TOP = {"name", "base", "description", "backward_operands", "wgrad_high_precision", "trust_mask",
-        "signs", *GEMMS}
+_TOP = {
+    "name",
+    "base",
+    "description",
+    "backward_operands",
+    "wgrad_high_precision",
+    "trust_mask",
+    "signs",
+    *GEMMS,
+}
 
 
 def recipe_from_dict(d: dict[str, Any], base: Recipe | None = None) -> Recipe:
@@ -222,8 +238,14 @@ def recipe_from_dict(d: dict[str, Any], base: Recipe | None = None) -> Recipe:
     kw: dict[str, Any] = {}
     for g in GEMMS:
         kw[g] = _gemm_from(d[g], g, base.gemm(g)) if g in d else base.gemm(g)
-    for key, typ in (("backward_operands", str), ("signs", str), ("description", str),
-                     ("wgrad_high_precision", bool), ("trust_mask", bool), ("name", str)):
+    for key, typ in (
+        ("backward_operands", str),
+        ("signs", str),
+        ("description", str),
+        ("wgrad_high_precision", bool),
+        ("trust_mask", bool),
+        ("name", str),
+    ):
         v = d.get(key, getattr(base, key) if key != "name" else d.get("name", base.name))
         if not isinstance(v, typ):
             raise RecipeError(f"{key}: expected {typ.__name__}, got {v!r}")

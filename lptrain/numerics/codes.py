@@ -42,7 +42,9 @@ def decode_table(fmt: str | Format) -> torch.Tensor:
     """Value of every code 0 .. 2^bits - 1 as float32 (formats of at most 8 bits)."""
     fmt = get_format(fmt)
     if fmt.bits > 8:
-        raise ValueError(f"decode tables are for formats of at most 8 bits, {fmt.name} has {fmt.bits}")
+        raise ValueError(
+            f"decode tables are for formats of at most 8 bits, {fmt.name} has {fmt.bits}"
+        )
     return _table(fmt)
 
 
@@ -77,10 +79,13 @@ def encode(values: torch.Tensor, fmt: str | Format) -> torch.Tensor:
     e_all = (1 << fmt.ebits) - 1
     m_mask = (1 << fmt.mbits) - 1
     if fmt.has_inf:
-        code = torch.where(torch.isinf(a), (sign << (fmt.ebits + fmt.mbits)) | (e_all << fmt.mbits),
-                           code)
+        code = torch.where(
+            torch.isinf(a), (sign << (fmt.ebits + fmt.mbits)) | (e_all << fmt.mbits), code
+        )
     if fmt.nan != "none":
-        nan_code = (e_all << fmt.mbits) | (m_mask if fmt.nan == "fn" else 1 << max(fmt.mbits - 1, 0))
+        nan_code = (e_all << fmt.mbits) | (
+            m_mask if fmt.nan == "fn" else 1 << max(fmt.mbits - 1, 0)
+        )
         code = torch.where(torch.isnan(v), torch.full_like(code, nan_code), code)
     return code
 
@@ -88,7 +93,9 @@ def encode(values: torch.Tensor, fmt: str | Format) -> torch.Tensor:
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """Pack 4-bit codes along the last axis, two per byte (low nibble first)."""
     if codes.shape[-1] % 2:
-        raise ValueError(f"packing 4-bit codes needs an even last axis, got shape {tuple(codes.shape)}")
+        raise ValueError(
+            f"packing 4-bit codes needs an even last axis, got shape {tuple(codes.shape)}"
+        )
     c = codes.to(torch.uint8) & 0xF
     return c[..., 0::2] | (c[..., 1::2] << 4)
 

@@ -43,8 +43,14 @@ def dfp_exponent(amax: torch.Tensor, bits: int = 16) -> torch.Tensor:
     return torch.where(amax > 0, e, torch.zeros_like(e)).to(torch.int32)
 
 
-def dfp_quantize(x: torch.Tensor, *, bits: int = 16, rounding: str = "nearest",
-                 axis: int | None = None, generator: torch.Generator | None = None) -> DFPTensor:
+def dfp_quantize(
+    x: torch.Tensor,
+    *,
+    bits: int = 16,
+    rounding: str = "nearest",
+    axis: int | None = None,
+    generator: torch.Generator | None = None,
+) -> DFPTensor:
     """Quantize to DFP with one exponent per tensor (axis=None) or per slice along `axis`.
 
     NaN/Inf inputs have no fixed-point meaning and raise ValueError.
@@ -79,8 +85,9 @@ def _wrap_int32(s: torch.Tensor) -> torch.Tensor:
     return torch.remainder(s + 2**31, _INT32) - 2**31
 
 
-def dfp_matmul(a: DFPTensor, b: DFPTensor, *, chunk: int = 32,
-               input_shift: int = 0) -> DFPMatmulResult:
+def dfp_matmul(
+    a: DFPTensor, b: DFPTensor, *, chunk: int = 32, input_shift: int = 0
+) -> DFPMatmulResult:
     """C = A . B^T for A (M, K) and B (N, K) in DFP with per-tensor exponents.
 
     Chunked INT32 accumulation along K as described in the module docstring. `input_shift`
@@ -88,8 +95,10 @@ def dfp_matmul(a: DFPTensor, b: DFPTensor, *, chunk: int = 32,
     adds the shift to the exponents.
     """
     if a.mantissa.dim() != 2 or b.mantissa.dim() != 2 or a.mantissa.shape[1] != b.mantissa.shape[1]:
-        raise ValueError(f"dfp_matmul needs A (M, K) and B (N, K), got {tuple(a.mantissa.shape)} "
-                         f"and {tuple(b.mantissa.shape)}")
+        raise ValueError(
+            f"dfp_matmul needs A (M, K) and B (N, K), got {tuple(a.mantissa.shape)} "
+            f"and {tuple(b.mantissa.shape)}"
+        )
     if a.exponent.numel() != 1 or b.exponent.numel() != 1:
         raise ValueError("dfp_matmul needs per-tensor exponents (axis=None)")
     if chunk < 1:
@@ -104,7 +113,7 @@ def dfp_matmul(a: DFPTensor, b: DFPTensor, *, chunk: int = 32,
     fa, fb = ia.to(torch.float64), ib.to(torch.float64)
     for start in range(0, k, chunk):
         # float64 sums of <= 2^23 products of magnitude <= 2^30 are exact integers.
-        s = fa[:, start:start + chunk] @ fb[:, start:start + chunk].T
+        s = fa[:, start : start + chunk] @ fb[:, start : start + chunk].T
         wrapped = _wrap_int32(s)
         overflows += int((wrapped != s).sum())
         n_chunks += s.numel()
@@ -112,6 +121,11 @@ def dfp_matmul(a: DFPTensor, b: DFPTensor, *, chunk: int = 32,
     return DFPMatmulResult(out, overflows, n_chunks)
 
 
-def fake_quantize_dfp(x: torch.Tensor, *, bits: int = 16, rounding: str = "nearest",
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def fake_quantize_dfp(
+    x: torch.Tensor,
+    *,
+    bits: int = 16,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     return dfp_quantize(x, bits=bits, rounding=rounding, generator=generator).dequantize()

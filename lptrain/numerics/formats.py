@@ -63,8 +63,12 @@ class Format:
     @property
     def torch_dtype(self) -> torch.dtype | None:
         """The torch dtype whose codes equal ours, where one exists."""
-        return {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
-                "int8": torch.int8, "int16": torch.int16}.get(self.name)
+        return {
+            "fp8_e4m3": torch.float8_e4m3fn,
+            "fp8_e5m2": torch.float8_e5m2,
+            "int8": torch.int8,
+            "int16": torch.int16,
+        }.get(self.name)
 
     def __str__(self) -> str:
         return self.name
@@ -80,27 +84,48 @@ def _ieee_like(name: str, e: int, m: int) -> Format:
     bias = 2 ** (e - 1) - 1
     top = 2**e - 2 - bias  # all-ones exponent is reserved
     return Format(
-        name=name, ebits=e, mbits=m, bias=bias,
+        name=name,
+        ebits=e,
+        mbits=m,
+        bias=bias,
         max_finite=(2 - 2.0**-m) * 2.0**top,
-        min_normal=2.0 ** (1 - bias), min_subnormal=2.0 ** (1 - bias - m),
-        has_inf=True, nan="ieee",
+        min_normal=2.0 ** (1 - bias),
+        min_subnormal=2.0 ** (1 - bias - m),
+        has_inf=True,
+        nan="ieee",
     )
 
 
-def _ocp(name: str, e: int, m: int, max_finite: float, nan: str = "none",
-         signed: bool = True) -> Format:
+def _ocp(
+    name: str, e: int, m: int, max_finite: float, nan: str = "none", signed: bool = True
+) -> Format:
     bias = 2 ** (e - 1) - 1
     return Format(
-        name=name, ebits=e, mbits=m, bias=bias, max_finite=max_finite,
-        min_normal=2.0 ** (1 - bias), min_subnormal=2.0 ** (1 - bias - m),
-        has_inf=False, nan=nan, signed=signed,
+        name=name,
+        ebits=e,
+        mbits=m,
+        bias=bias,
+        max_finite=max_finite,
+        min_normal=2.0 ** (1 - bias),
+        min_subnormal=2.0 ** (1 - bias - m),
+        has_inf=False,
+        nan=nan,
+        signed=signed,
     )
 
 
 def _int(name: str, bits: int) -> Format:
     return Format(
-        name=name, ebits=0, mbits=bits - 1, bias=0, max_finite=float(2 ** (bits - 1) - 1),
-        min_normal=1.0, min_subnormal=1.0, has_inf=False, nan="none", is_int=True,
+        name=name,
+        ebits=0,
+        mbits=bits - 1,
+        bias=0,
+        max_finite=float(2 ** (bits - 1) - 1),
+        min_normal=1.0,
+        min_subnormal=1.0,
+        has_inf=False,
+        nan="none",
+        is_int=True,
     )
 
 
@@ -111,17 +136,34 @@ _NAMED: dict[str, Format] = {
     "fp6_e2m3": _ocp("fp6_e2m3", 2, 3, 7.5),
     "fp4_e2m1": _ocp("fp4_e2m1", 2, 1, 6.0),
     "e8m0": Format(
-        name="e8m0", ebits=8, mbits=0, bias=127, max_finite=2.0**127,
-        min_normal=2.0**-127, min_subnormal=2.0**-127, has_inf=False, nan="fn",
-        signed=False, subnormals=False, has_zero=False,
+        name="e8m0",
+        ebits=8,
+        mbits=0,
+        bias=127,
+        max_finite=2.0**127,
+        min_normal=2.0**-127,
+        min_subnormal=2.0**-127,
+        has_inf=False,
+        nan="fn",
+        signed=False,
+        subnormals=False,
+        has_zero=False,
     ),
     "ue4m3": _ocp("ue4m3", 4, 3, 448.0, nan="fn", signed=False),
     "ue5m3": Format(
-        name="ue5m3", ebits=5, mbits=3, bias=15, max_finite=61440.0,
+        name="ue5m3",
+        ebits=5,
+        mbits=3,
+        bias=15,
+        max_finite=61440.0,
         # Exponent field 31 is reserved for specials (that is why max is 61440, not 114688):
         # every code 0xF8..0xFF decodes to NaN ("ieee" policy without Inf), so no code decodes
         # above max_finite.
-        min_normal=2.0**-14, min_subnormal=2.0**-17, has_inf=False, nan="ieee", signed=False,
+        min_normal=2.0**-14,
+        min_subnormal=2.0**-17,
+        has_inf=False,
+        nan="ieee",
+        signed=False,
     ),
     "int4": _int("int4", 4),
     "int8": _int("int8", 8),
@@ -144,9 +186,7 @@ def _parse(name: str) -> Format:
         e, m = int(match.group(1)), int(match.group(2))
         if 2 <= e <= 8 and 0 <= m <= 10 and e + m <= 15:
             return _ieee_like(name, e, m)
-        raise ValueError(
-            f"format {name!r}: eXmY needs 2 <= X <= 8, 0 <= Y <= 10 and X + Y <= 15"
-        )
+        raise ValueError(f"format {name!r}: eXmY needs 2 <= X <= 8, 0 <= Y <= 10 and X + Y <= 15")
     known = ", ".join(format_names())
     raise ValueError(f"unknown format {name!r}; known formats: {known}, or any 'eXmY' (e.g. e3m4)")
 

@@ -20,8 +20,12 @@ def _check_n(n: int) -> None:
         raise ValueError(f"Hadamard block size must be a power of two, got {n!r}")
 
 
-def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, normalized: bool = True,
-                    device: torch.device | str | None = None) -> torch.Tensor:
+def hadamard_matrix(
+    n: int,
+    dtype: torch.dtype = torch.float32,
+    normalized: bool = True,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Sylvester H_n with H[i, j] = (-1)^popcount(i & j), divided by sqrt(n) if normalized."""
     _check_n(n)
     idx = torch.arange(n, device=device)
@@ -46,8 +50,13 @@ def _butterfly(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.reshape(shape)
 
 
-def hadamard(x: torch.Tensor, block_size: int, dim: int = -1, signs: torch.Tensor | None = None,
-             inverse: bool = False) -> torch.Tensor:
+def hadamard(
+    x: torch.Tensor,
+    block_size: int,
+    dim: int = -1,
+    signs: torch.Tensor | None = None,
+    inverse: bool = False,
+) -> torch.Tensor:
     """Orthonormal block-diagonal Hadamard of `x` along `dim` (length divisible by block_size).
 
     With `signs` (a +-1 vector of length block_size) the transform is x -> (x * signs) . H;
@@ -73,8 +82,9 @@ def hadamard(x: torch.Tensor, block_size: int, dim: int = -1, signs: torch.Tenso
     return y.reshape(xt.shape).movedim(-1, dim)
 
 
-def random_signs(n: int, generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None) -> torch.Tensor:
+def random_signs(
+    n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
     """A +-1 float32 vector of length n, i.i.d. uniform, from `generator`."""
     bits = torch.randint(0, 2, (n,), generator=generator, device=device)
     return (1 - 2 * bits).to(torch.float32)

@@ -37,9 +37,13 @@ class QuantStats:
     sqnr_db: torch.Tensor  # 10 log10(|x|^2 / |x - x_hat|^2), in the rotated domain
 
     def as_dict(self) -> dict[str, float]:
-        return {"amax": float(self.amax), "scale_mean": float(self.scale.float().mean()),
-                "saturated": float(self.saturated), "underflow": float(self.underflow),
-                "sqnr_db": float(self.sqnr_db)}
+        return {
+            "amax": float(self.amax),
+            "scale_mean": float(self.scale.float().mean()),
+            "saturated": float(self.saturated),
+            "underflow": float(self.underflow),
+            "sqnr_db": float(self.sqnr_db),
+        }
 
 
 @dataclass
@@ -63,12 +67,15 @@ def _group(xt: torch.Tensor, spec: QuantSpec, shape) -> torch.Tensor:
         if xt.shape[-1] % bs:
             raise ValueError(
                 f"block_size {bs} does not divide axis {spec.axis} (length {xt.shape[-1]}) "
-                f"of shape {tuple(shape)}")
+                f"of shape {tuple(shape)}"
+            )
         return xt.reshape(*xt.shape[:-1], xt.shape[-1] // bs, bs)
     r, c = tile
     if xt.dim() < 2 or xt.shape[-2] % r or xt.shape[-1] % c:
-        raise ValueError(f"tile {tile} does not divide the last two dims {tuple(xt.shape[-2:])} "
-                         f"(axis {spec.axis} last) of shape {tuple(shape)}")
+        raise ValueError(
+            f"tile {tile} does not divide the last two dims {tuple(xt.shape[-2:])} "
+            f"(axis {spec.axis} last) of shape {tuple(shape)}"
+        )
     return xt.reshape(*xt.shape[:-2], xt.shape[-2] // r, r, xt.shape[-1] // c, c)
 
 
@@ -102,8 +109,7 @@ def _delayed(amax: torch.Tensor, spec: QuantSpec, state: ScalingState) -> torch.
     return enc
 
 
-def _scales(xg: torch.Tensor, spec: QuantSpec, state: ScalingState | None,
-            in_dtype: torch.dtype):
+def _scales(xg: torch.Tensor, spec: QuantSpec, state: ScalingState | None, in_dtype: torch.dtype):
     """(enc, dec, global_dec) for the grouped tensor, broadcastable to it."""
     fmt: Format = spec.fmt
     dims = _group_dims(spec)
@@ -147,8 +153,13 @@ def _scales(xg: torch.Tensor, spec: QuantSpec, state: ScalingState | None,
     return enc, s_b, 1.0 / s_enc
 
 
-def _core(x: torch.Tensor, spec: QuantSpec, state: ScalingState | None,
-          generator: torch.Generator | None, signs: torch.Tensor | None) -> _Core:
+def _core(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    state: ScalingState | None,
+    generator: torch.Generator | None,
+    signs: torch.Tensor | None,
+) -> _Core:
     check_floating(x)
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
@@ -189,7 +200,8 @@ def _stats(c: _Core, fmt: Format, x_hat_g: torch.Tensor) -> QuantStats:
     if c.gdec is not None:
         scale = scale * c.gdec
     return QuantStats(
-        amax=x.abs().amax(), scale=scale.detach().reshape(-1) if scale.dim() else scale,
+        amax=x.abs().amax(),
+        scale=scale.detach().reshape(-1) if scale.dim() else scale,
         saturated=(c.y.abs() > fmt.max_finite).float().mean(),
         underflow=(nz & (c.q == 0)).sum() / nz.sum().clamp(min=1),
         sqnr_db=sqnr.float(),
@@ -200,9 +212,16 @@ def _restore(t: torch.Tensor, moved_shape, axis: int, ndim: int) -> torch.Tensor
     return t.reshape(moved_shape).movedim(-1, axis % ndim)
 
 
-def fake_quantize(x: torch.Tensor, spec: QuantSpec, *, state: ScalingState | None = None,
-                  generator: torch.Generator | None = None, signs: torch.Tensor | None = None,
-                  with_mask: bool = False, with_stats: bool = False):
+def fake_quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    state: ScalingState | None = None,
+    generator: torch.Generator | None = None,
+    signs: torch.Tensor | None = None,
+    with_mask: bool = False,
+    with_stats: bool = False,
+):
     """Quantize-dequantize `x` per `spec`, in float32 (float64 for float64 inputs).
 
     With a Hadamard the result stays in the rotated domain (the rotation cancels in the GEMM,
@@ -258,7 +277,8 @@ class QuantizedTensor:
         """The fake-quantized tensor, in float32 (float64 for float64 inputs), rotated domain."""
         xh = _dequant(self.values(), self.scales, self.global_scale)
         return _restore(xh, self.moved_shape, self.spec.axis, max(len(self.shape), 1)).reshape(
-            self.shape)
+            self.shape
+        )
 
 
 def _encode_codes(q: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, bool]:
@@ -272,9 +292,15 @@ def _encode_codes(q: torch.Tensor, fmt: Format) -> tuple[torch.Tensor, bool]:
     return codes.to(torch.uint8), False
 
 
-def quantize(x: torch.Tensor, spec: QuantSpec, *, state: ScalingState | None = None,
-             generator: torch.Generator | None = None, signs: torch.Tensor | None = None,
-             with_stats: bool = False) -> QuantizedTensor:
+def quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    state: ScalingState | None = None,
+    generator: torch.Generator | None = None,
+    signs: torch.Tensor | None = None,
+    with_stats: bool = False,
+) -> QuantizedTensor:
     """Quantize `x` per `spec` into codes and scales (see module docstring for the steps).
 
     `state` carries delayed-scaling history / sample-and-hold references between calls;
@@ -285,7 +311,15 @@ def quantize(x: torch.Tensor, spec: QuantSpec, *, state: ScalingState | None = N
     codes, packed = _encode_codes(c.q, spec.fmt)
     stats = _stats(c, spec.fmt, _dequant(c.q, c.dec, c.gdec)) if with_stats else None
     return QuantizedTensor(
-        codes=codes, scales=c.dec, global_scale=c.gdec, spec=spec, shape=x.shape,
-        grouped_shape=c.q.shape, moved_shape=c.moved_shape, packed=packed, signs=c.signs,
-        stats=stats, out_dtype=c.q.dtype,
+        codes=codes,
+        scales=c.dec,
+        global_scale=c.gdec,
+        spec=spec,
+        shape=x.shape,
+        grouped_shape=c.q.shape,
+        moved_shape=c.moved_shape,
+        packed=packed,
+        signs=c.signs,
+        stats=stats,
+        out_dtype=c.q.dtype,
     )

@@ -20,9 +20,7 @@ def check_floating(x: torch.Tensor, what: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point() or x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-        raise TypeError(
-            f"{what} must be a float16/bfloat16/float32/float64 tensor, got {x.dtype}"
-        )
+        raise TypeError(f"{what} must be a float16/bfloat16/float32/float64 tensor, got {x.dtype}")
 
 
 def _check_modes(rounding: str, overflow: str) -> None:
@@ -48,8 +46,9 @@ def uniform_like(t: torch.Tensor, generator: torch.Generator | None) -> torch.Te
     return torch.rand(t.shape, generator=generator, device=t.device, dtype=t.dtype)
 
 
-def round_magnitude(a: torch.Tensor, fmt: Format, rounding: str,
-                    generator: torch.Generator | None) -> torch.Tensor:
+def round_magnitude(
+    a: torch.Tensor, fmt: Format, rounding: str, generator: torch.Generator | None
+) -> torch.Tensor:
     """Round non-negative magnitudes onto the (unbounded above) grid of `fmt`."""
     u = torch.ones_like(a) if fmt.is_int else binade_quantum(a, fmt)
     t = a / u  # exact: u is a power of two
@@ -100,12 +99,19 @@ def _fp8_cast(x: torch.Tensor, fmt: Format, overflow: str) -> torch.Tensor:
 
 
 def _bits_path_ok(x: torch.Tensor, fmt: Format) -> bool:
-    return (x.dtype == torch.float32 and not fmt.is_int and fmt.has_zero and fmt.subnormals
-            and fmt.mbits <= 22 and fmt.emin >= -125)
+    return (
+        x.dtype == torch.float32
+        and not fmt.is_int
+        and fmt.has_zero
+        and fmt.subnormals
+        and fmt.mbits <= 22
+        and fmt.emin >= -125
+    )
 
 
-def _round_fp32_bits(x: torch.Tensor, fmt: Format, rounding: str,
-                     generator: torch.Generator | None) -> torch.Tensor:
+def _round_fp32_bits(
+    x: torch.Tensor, fmt: Format, rounding: str, generator: torch.Generator | None
+) -> torch.Tensor:
     """Round FP32 `x` by integer addition on its bit pattern, then truncation.
 
     Nearest: add 2^(k-1) - 1 plus the lowest kept bit, then clear the k low bits: the
@@ -129,8 +135,9 @@ def _round_fp32_bits(x: torch.Tensor, fmt: Format, rounding: str,
     if rounding == "nearest":
         inc = (b >> k).bitwise_and_(1).add_((1 << (k - 1)) - 1)
     else:
-        inc = torch.randint(0, 1 << k, x.shape, generator=generator, device=x.device,
-                            dtype=torch.int32)
+        inc = torch.randint(
+            0, 1 << k, x.shape, generator=generator, device=x.device, dtype=torch.int32
+        )
     r = inc.add_(b).bitwise_and_(~((1 << k) - 1)).view(torch.float32)
     small = ~(x.abs() >= fmt.min_normal)  # also NaN
     if bool(small.any()):
@@ -140,9 +147,13 @@ def _round_fp32_bits(x: torch.Tensor, fmt: Format, rounding: str,
     return r
 
 
-def round_to_format(x: torch.Tensor, fmt: str | Format, rounding: str = "nearest",
-                    overflow: str = "saturate",
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def round_to_format(
+    x: torch.Tensor,
+    fmt: str | Format,
+    rounding: str = "nearest",
+    overflow: str = "saturate",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Each element of `x` to the nearest (or a stochastic neighbouring) value of `fmt`.
 
     Same shape and dtype as `x`; no scaling. NaN stays NaN, signed zeros are kept, subnormals

@@ -39,8 +39,9 @@ def pow2_floor(v: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(v), exact_floor_log2(v))
 
 
-def current_enc(amax: torch.Tensor, fmt_max: float, input_dtype: torch.dtype,
-                pow2: bool = False) -> torch.Tensor:
+def current_enc(
+    amax: torch.Tensor, fmt_max: float, input_dtype: torch.dtype, pow2: bool = False
+) -> torch.Tensor:
     """TE current scaling (§2.1): enc = fmt_max / amax with the kernel's edge cases.
 
     amax 0, NaN or Inf -> 1; enc Inf (tiny amax) -> the largest finite value of the input dtype.
@@ -54,8 +55,9 @@ def current_enc(amax: torch.Tensor, fmt_max: float, input_dtype: torch.dtype,
     return pow2_floor(enc) if pow2 else enc
 
 
-def delayed_enc(history: torch.Tensor, old_enc: torch.Tensor, fmt_max: float, algo: str,
-                margin: int) -> torch.Tensor:
+def delayed_enc(
+    history: torch.Tensor, old_enc: torch.Tensor, fmt_max: float, algo: str, margin: int
+) -> torch.Tensor:
     """TE DelayedScaling update (§2.2) from an amax history (slot 0 = the current step)."""
     a = history.max() if algo == "max" else history[0]
     new = fdiv(fmt_max, a) / (2.0**margin)
@@ -101,8 +103,9 @@ def global_enc(ref: torch.Tensor, target: float, fmt_max: float) -> torch.Tensor
     return torch.where(bad, torch.ones_like(s), s)
 
 
-def two_level_block_scales(amax: torch.Tensor, s_enc: torch.Tensor, fmt: Format,
-                           scale_format: str) -> tuple[torch.Tensor, torch.Tensor]:
+def two_level_block_scales(
+    amax: torch.Tensor, s_enc: torch.Tensor, fmt: Format, scale_format: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block scale codes s_b (as float32 values) and encode multipliers (§2.7, §2.8).
 
     Keeps the kernel's FP32 operation order: a_b . (S_enc . (1/fmt_max)), then RNE to the scale

@@ -107,9 +107,12 @@ def _problems(s: QuantSpec):
         yield f"format: {e}"
         return
     for name, value, allowed in (
-        ("scaling", s.scaling, SCALINGS), ("scale_format", s.scale_format, SCALE_FORMATS),
-        ("scale_rounding", s.scale_rounding, SCALE_ROUNDINGS), ("rounding", s.rounding, ROUNDINGS),
-        ("amax_algo", s.amax_algo, AMAX_ALGOS), ("scale_from", s.scale_from, SCALE_FROM),
+        ("scaling", s.scaling, SCALINGS),
+        ("scale_format", s.scale_format, SCALE_FORMATS),
+        ("scale_rounding", s.scale_rounding, SCALE_ROUNDINGS),
+        ("rounding", s.rounding, ROUNDINGS),
+        ("amax_algo", s.amax_algo, AMAX_ALGOS),
+        ("scale_from", s.scale_from, SCALE_FROM),
     ):
         if value not in allowed:
             yield f"{name}={value!r} is not one of {allowed}"
@@ -127,7 +130,10 @@ def _problems(s: QuantSpec):
     elif bs is not None:
         yield f"block_size={bs!r} is only used with scaling='block' (scaling={s.scaling!r})"
     if s.scale_format != "fp32" and s.scaling not in ("block", "row"):
-        yield f"scale_format={s.scale_format!r} needs scaling='block' or 'row' (scaling={s.scaling!r})"
+        yield (
+            f"scale_format={s.scale_format!r} needs scaling='block' or 'row' "
+            f"(scaling={s.scaling!r})"
+        )
     if s.pow2_scale and s.scale_format != "fp32":
         yield f"pow2_scale applies to fp32 scales; scale_format={s.scale_format!r} fixes its own"
     if s.scale_from == "std" and (s.scale_format != "e8m0" or s.scaling != "block"):
@@ -145,7 +151,11 @@ def _problems(s: QuantSpec):
     if s.headroom < 1.0:
         yield f"headroom={s.headroom} must be >= 1"
     if s.headroom != 1.0 and s.two_level:
-        yield (f"headroom={s.headroom} is not defined for two-level scale_format="
-               f"{s.scale_format!r} (use scale_target)")
+        yield (
+            f"headroom={s.headroom} is not defined for two-level scale_format="
+            f"{s.scale_format!r} (use scale_target)"
+        )
     if fmt.is_int and s.scale_format in ("ue4m3", "ue5m3"):
-        yield f"two-level scale_format={s.scale_format!r} is defined for FP4 elements, not {fmt.name}"
+        yield (
+            f"two-level scale_format={s.scale_format!r} is defined for FP4 elements, not {fmt.name}"
+        )

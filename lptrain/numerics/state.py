@@ -26,8 +26,9 @@ class ScalingState:
         self.frozen = False
 
     @classmethod
-    def from_buffers(cls, amax_history: torch.Tensor, scale: torch.Tensor, ref: torch.Tensor,
-                     calls: torch.Tensor) -> "ScalingState":
+    def from_buffers(
+        cls, amax_history: torch.Tensor, scale: torch.Tensor, ref: torch.Tensor, calls: torch.Tensor
+    ) -> "ScalingState":
         """A view on existing tensors (e.g. a module's buffers); updates write through."""
         self = cls.__new__(cls)
         self.amax_history, self.scale, self.ref, self.calls = amax_history, scale, ref, calls
@@ -39,16 +40,22 @@ class ScalingState:
         return self.amax_reduce(amax) if self.amax_reduce is not None else amax
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"amax_history": self.amax_history.clone(), "scale": self.scale.clone(),
-                "ref": self.ref.clone(), "calls": self.calls.clone()}
+        return {
+            "amax_history": self.amax_history.clone(),
+            "scale": self.scale.clone(),
+            "ref": self.ref.clone(),
+            "calls": self.calls.clone(),
+        }
 
     def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
         for k in ("amax_history", "scale", "ref", "calls"):
             getattr(self, k).copy_(d[k])
 
     def __repr__(self) -> str:
-        return (f"ScalingState(history_len={self.amax_history.numel()}, "
-                f"scale={float(self.scale):.6g}, calls={int(self.calls)})")
+        return (
+            f"ScalingState(history_len={self.amax_history.numel()}, "
+            f"scale={float(self.scale):.6g}, calls={int(self.calls)})"
+        )
 
 
 # The name the issue uses for the delayed-scaling state object.

@@ -144,8 +144,8 @@ def _hf_docs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path) -> Iter
         )
     if cfg.text_key not in ds.column_names:
         raise ConfigError("data.text_key", f"column {cfg.text_key!r} not in {ds.column_names}")
-    for row in ds.select_columns([cfg.text_key]):
-        yield row[cfg.text_key]
+    for batch in ds.select_columns([cfg.text_key]).iter(batch_size=1000):
+        yield from batch[cfg.text_key]
 
 
 # ---------------------------------------------------------------- pack and cache

@@ -63,9 +63,12 @@ class StopFlag:
 
 
 def _all_reduce(values: list[float], op) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
     return t.tolist()
 
 
@@ -135,6 +138,7 @@ def train_step(s: Session, p: Progress) -> StepResult:
     loss_sum, grad_norm = 0.0, float("nan")
     for m in range(s.layout.accum):
         batch = s.train_src.batch(s.layout.start(p.sample_index, m), s.layout.micro)
+        batch = batch.to(e.device)  # the engine does not move inputs; a no-op on CPU
         loss = e(batch)
         loss_sum += float(loss.detach())
         e.backward(loss)
@@ -156,7 +160,7 @@ def train_step(s: Session, p: Progress) -> StepResult:
 @torch.no_grad()
 def evaluate(s: Session) -> float:
     s.engine.eval()
-    total = sum(float(s.engine(b)) for b in s.val)
+    total = sum(float(s.engine(b.to(s.engine.device))) for b in s.val)
     s.engine.train()
     (total,) = _all_reduce([total], dist.ReduceOp.SUM)
     return total / (len(s.val) * s.layout.world)
@@ -182,6 +186,31 @@ def _reload(s: Session, p: Progress, say) -> Progress:
     return replace(good, sample_index=p.sample_index, skipped=p.skipped, reloads=p.reloads + 1)
 
 
+class Throughput:
+    """Tokens per second since the previous call (all ranks' tokens)."""
+
+    def __init__(self, tokens: int):
+        self.t, self.tokens = time.monotonic(), tokens
+
+    def rate(self, tokens: int) -> float:
+        now = time.monotonic()
+        out = (tokens - self.tokens) / max(now - self.t, 1e-9)
+        self.t, self.tokens = now, tokens
+        return out
+
+
+def _train_row(s: Session, p: Progress, r: StepResult, meter: Throughput) -> dict:
+    return {
+        "step": p.step,
+        "loss": r.loss,
+        "lr": s.engine.get_lr()[0],
+        "grad_norm": r.grad_norm,
+        "tokens_per_s": meter.rate(p.tokens),
+        "tokens": p.tokens,
+        "skipped_steps": p.skipped,
+    }
+
+
 def run(s: Session, monitor: Monitor, say) -> Progress:
     cfg, G = s.cfg, s.layout.global_batch
     p = Progress()
@@ -190,7 +219,7 @@ def run(s: Session, monitor: Monitor, say) -> Progress:
         p = checkpoint.load(s.engine, s.model, *found)
         say(f"resumed from {found[0] / found[1]} at step {p.step}")
     monitor.start_at(p.step)
-    stop, streak, t_last, tok_last = StopFlag(), 0, time.monotonic(), p.tokens
+    stop, streak, meter = StopFlag(), 0, Throughput(p.tokens)
     while p.step < s.total_steps:
         r = train_step(s, p)
         streak = streak + 1 if r.skipped else 0
@@ -202,19 +231,7 @@ def run(s: Session, monitor: Monitor, say) -> Progress:
             skipped=p.skipped + r.skipped,
         )
         if p.step % cfg.logging.interval == 0 or p.step == s.total_steps:
-            now = time.monotonic()
-            monitor.log(
-                {
-                    "step": p.step,
-                    "loss": r.loss,
-                    "lr": s.engine.get_lr()[0],
-                    "grad_norm": r.grad_norm,
-                    "tokens_per_s": (p.tokens - tok_last) / (now - t_last),
-                    "tokens": p.tokens,
-                    "skipped_steps": p.skipped,
-                }
-            )
-            t_last, tok_last = now, p.tokens
+            monitor.log(_train_row(s, p, r, meter))
         if cfg.run.nonfinite_limit and streak >= cfg.run.nonfinite_limit:
             p, streak = _reload(s, p, say), 0
             continue

@@ -48,7 +48,9 @@ def test_sqnr_vs_float64(problem: Problem, name: str):
         problem.run(lin)
     y, dx, dw = problem.run(lin)
     got = (sqnr_db(y, problem.y_ref), sqnr_db(dx, problem.dx_ref), sqnr_db(dw, problem.dw_ref))
-    for gemm, s, lo in zip(("output", "grad_input", "grad_weight"), got, MIN_SQNR[name]):
+    for gemm, s, lo in zip(
+        ("output", "grad_input", "grad_weight"), got, MIN_SQNR[name], strict=True
+    ):
         assert lo <= s <= lo + 8.0, f"{name} {gemm}: SQNR {s:.2f} dB outside [{lo}, {lo + 8}]"
 
 
@@ -65,7 +67,7 @@ def test_unquantized_recipes_are_exactly_nn_linear(name: str):
         y = m(xx)
         y.backward(dy)
         outs.append((y, xx.grad, m.weight.grad, m.bias.grad))
-    for a, b in zip(*outs):
+    for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
 
 
@@ -82,8 +84,7 @@ def test_fp8_current_scale_maps_amax_to_e4m3_max(problem: Problem):
 
 def test_wgrad_high_precision_is_exact_for_grad_weight(problem: Problem):
     r = recipes.get("fp8-current")
-    r = r.replace(name="fp8-hp-wgrad", grad_weight=type(r.grad_weight)(),
-                  wgrad_high_precision=True)
+    r = r.replace(name="fp8-hp-wgrad", grad_weight=type(r.grad_weight)(), wgrad_high_precision=True)
     _, _, dw = problem.run(problem.layer(r))
     assert torch.allclose(dw, (problem.dy.T @ problem.x), rtol=0, atol=0)
 

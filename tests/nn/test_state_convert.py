@@ -7,11 +7,10 @@ import io
 
 import pytest
 import torch
+from conftest import sqnr_db
 from torch import nn
 
 import lptrain
-from conftest import sqnr_db
-
 from lptrain.nn import Linear, RecipeError, recipes, seed_quantizers
 
 
@@ -20,8 +19,14 @@ class Nested(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(16, 64)
         self.blocks = nn.ModuleList(
-            nn.ModuleDict({"attn": nn.Linear(64, 64), "mlp": nn.Sequential(
-                nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))}) for _ in range(2))
+            nn.ModuleDict(
+                {
+                    "attn": nn.Linear(64, 64),
+                    "mlp": nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)),
+                }
+            )
+            for _ in range(2)
+        )
         self.small = nn.Linear(64, 8)
         self.lm_head = nn.Linear(64, 16, bias=False)
 
@@ -75,7 +80,7 @@ def test_state_dict_round_trip_resumes_bit_for_bit(name: str):
     opt2.load_state_dict(ckpt["opt"])
     got = _steps(fresh, opt2, 3, 3)
     assert torch.equal(got, want)
-    for (k, a), (_, b) in zip(m.state_dict().items(), fresh.state_dict().items()):
+    for (k, a), (_, b) in zip(m.state_dict().items(), fresh.state_dict().items(), strict=True):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), k
     if name == "fp8-delayed":
@@ -110,8 +115,11 @@ def test_autocast_bf16(name: str):
 @pytest.mark.parametrize("name", ["fp8-delayed", "fp4-ue5m3", "nvfp4"])
 def test_bf16_model_keeps_fp32_quantizer_state(name: str):
     torch.manual_seed(0)
-    recipe = recipes.from_dict({"base": name, "output": {"input": {"amax_refresh": 4}}}) \
-        if name == "fp4-ue5m3" else name
+    recipe = (
+        recipes.from_dict({"base": name, "output": {"input": {"amax_refresh": 4}}})
+        if name == "fp4-ue5m3"
+        else name
+    )
     m = lptrain.convert(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 32)), recipe)
     m.to(torch.bfloat16)
     lin = m[0]
@@ -156,8 +164,13 @@ def test_convert_skip_by_full_dotted_glob():
 
 
 def test_recipe_from_dict_base_plus_overrides_and_round_trip():
-    r = recipes.from_dict({"base": "nvfp4", "grad_weight": {"grad_output": {"rounding": "nearest"}},
-                           "trust_mask": False})
+    r = recipes.from_dict(
+        {
+            "base": "nvfp4",
+            "grad_weight": {"grad_output": {"rounding": "nearest"}},
+            "trust_mask": False,
+        }
+    )
     base = recipes.get("nvfp4")
     assert r.grad_weight.a.rounding == "nearest"
     assert r.grad_weight.a.hadamard == 16  # other fields kept
@@ -175,16 +188,26 @@ def test_recipe_yaml(tmp_path):
     assert m[0].recipe.name == "mine" and m[0].recipe.output.a.format == "fp8_e5m2"
 
 
-@pytest.mark.parametrize("d, path", [
-    ({"base": "fp8-current", "grad_input": {"grad_output": {"format": "fp9"}}},
-     r"^grad_input\.grad_output\.format"),
-    ({"base": "fp8-current", "grad_input": {"grad_output": {"formatt": "fp8_e5m2"}}},
-     r"^grad_input\.grad_output\.formatt: unknown QuantSpec field"),
-    ({"base": "fp8-current", "grad_weight": {"bias": None}}, r"^grad_weight\.bias: unknown key"),
-    ({"base": "fp8-current", "colour": 1}, r"^colour: unknown recipe key"),
-    ({"base": "fp8-current", "output": {"chunk": "8"}}, r"^output\.chunk: expected an int"),
-    ({"base": "fp8-current", "trust_mask": "yes"}, r"^trust_mask: expected bool"),
-])
+@pytest.mark.parametrize(
+    "d, path",
+    [
+        (
+            {"base": "fp8-current", "grad_input": {"grad_output": {"format": "fp9"}}},
+            r"^grad_input\.grad_output\.format",
+        ),
+        (
+            {"base": "fp8-current", "grad_input": {"grad_output": {"formatt": "fp8_e5m2"}}},
+            r"^grad_input\.grad_output\.formatt: unknown QuantSpec field",
+        ),
+        (
+            {"base": "fp8-current", "grad_weight": {"bias": None}},
+            r"^grad_weight\.bias: unknown key",
+        ),
+        ({"base": "fp8-current", "colour": 1}, r"^colour: unknown recipe key"),
+        ({"base": "fp8-current", "output": {"chunk": "8"}}, r"^output\.chunk: expected an int"),
+        ({"base": "fp8-current", "trust_mask": "yes"}, r"^trust_mask: expected bool"),
+    ],
+)
 def test_recipe_errors_name_the_field_path(d, path):
     with pytest.raises(RecipeError, match=path):
         recipes.from_dict(d)
@@ -211,3 +234,35 @@ def test_unquantized_recipes_leave_the_model_alone():
     m = Nested()
     assert lptrain.convert(m, "fp32") is m
     assert not any(isinstance(mod, Linear) for mod in m.modules())
+
+
+@pytest.mark.parametrize("name", ["fp8-delayed", "fp4-ue5m3-refresh"])
+def test_amax_reduce_reaches_every_stateful_operand(name: str):
+    """Multi-rank exact resume needs every recorded amax MAX-reduced across ranks: a reduce
+    that returns a constant must be what every state of every converted layer recorded."""
+    recipe = (
+        recipes.from_dict({"base": "fp4-ue5m3", "output": {"input": {"amax_refresh": 4}}})
+        if name == "fp4-ue5m3-refresh"
+        else name
+    )
+    m = _build(recipe)
+    calls = []
+
+    def reduce(amax: torch.Tensor) -> torch.Tensor:
+        calls.append(amax)
+        return torch.full_like(amax, 1000.0)
+
+    lptrain.nn.set_amax_reduce(m, reduce)
+    m(torch.randint(0, 16, (4, 8))).square().mean().backward()
+    states = {
+        (layer_name, key): st
+        for layer_name, layer in m.named_modules()
+        if isinstance(layer, Linear) and layer.quant_state is not None
+        for key, st in layer.quant_state.items()
+    }
+    assert states and len(calls) >= len(states)
+    for where, st in states.items():
+        assert int(st.calls) > 0, f"{where}: state never used"
+        recorded = torch.cat([st.amax_history[st.amax_history > 0], st.ref.reshape(1)])
+        recorded = recorded[recorded > 0]
+        assert recorded.numel() > 0 and (recorded == 1000.0).all(), f"{where}: {recorded}"

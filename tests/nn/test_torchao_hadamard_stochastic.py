@@ -12,7 +12,7 @@ from conftest import Problem, sqnr_db
 from torch import nn
 
 import lptrain
-from lptrain.nn import Linear, recipes, seed_quantizers
+from lptrain.nn import recipes, seed_quantizers
 
 
 def _fwd_bwd(model: nn.Module, x: torch.Tensor, dy: torch.Tensor):
@@ -31,7 +31,8 @@ def test_fp8_current_matches_torchao_emulated_float8linear(scale: float):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(512, 384))
     ao = tf8.convert_to_float8_training(
-        copy.deepcopy(base), config=tf8.Float8LinearConfig(emulate=True))
+        copy.deepcopy(base), config=tf8.Float8LinearConfig(emulate=True)
+    )
     assert type(ao[0]).__name__ == "Float8Linear"
     ours = lptrain.convert(copy.deepcopy(base), "fp8-current")
     x = torch.randn(4, 64, 512) * 3 * scale  # 256 tokens, non-unit amaxes
@@ -39,7 +40,7 @@ def test_fp8_current_matches_torchao_emulated_float8linear(scale: float):
     got, want = _fwd_bwd(ours, x, dy), _fwd_bwd(ao, x, dy)
     # Same fake-quantized operands; torchao applies the two scales after its matmul, we before:
     # only FP32 rounding of the accumulation differs (measured ~2e-7 of the norm).
-    for what, a, b in zip(("output", "grad_input", "grad_weight", "bias"), got, want):
+    for what, a, b in zip(("output", "grad_input", "grad_weight", "bias"), got, want, strict=True):
         rel = float((a - b).norm() / b.norm())
         assert rel < 1e-5, f"{what}: relative difference {rel:.2e}"
     # And each one is really FP8 (not FP32): far from the unquantized result.
@@ -75,12 +76,15 @@ def _lossless(recipe, strip: bool, fmt: str = "e5m10"):
 def test_hadamard_cancels_when_quantization_is_near_lossless(problem: Problem, name: str):
     rotated = _lossless(recipes.get(name), strip=False)
     plain = _lossless(recipes.get(name), strip=True)
-    assert any(s is not None and s.hadamard for g in ("output", "grad_input", "grad_weight")
-               for s in (rotated.gemm(g).a, rotated.gemm(g).b))
+    assert any(
+        s is not None and s.hadamard
+        for g in ("output", "grad_input", "grad_weight")
+        for s in (rotated.gemm(g).a, rotated.gemm(g).b)
+    )
     got = problem.run(problem.layer(rotated))
     want = problem.run(problem.layer(plain))
     refs = (problem.y_ref, problem.dx_ref, problem.dw_ref)
-    for what, a, b, r in zip(("output", "grad_input", "grad_weight"), got, want, refs):
+    for what, a, b, r in zip(("output", "grad_input", "grad_weight"), got, want, refs, strict=True):
         # e5m10 alone gives ~60 dB; a rotation that does not cancel gives ~0 dB.
         assert sqnr_db(a, r) > 55, f"{name} {what} rotated: {sqnr_db(a, r):.1f} dB"
         assert sqnr_db(b, r) > 55, f"{name} {what} plain: {sqnr_db(b, r):.1f} dB"
@@ -110,9 +114,12 @@ def test_stochastic_grad_weight_is_unbiased_over_draws(name: str):
     specs = {}
     for g in ("output", "grad_input", "grad_weight"):
         gr = base.gemm(g)
-        keep = [s if s is not None and s.rounding == "stochastic" else
-                (s.replace(format="e5m10", clip_sigmas=1e4) if s is not None else None)
-                for s in (gr.a, gr.b)]
+        keep = [
+            s
+            if s is not None and s.rounding == "stochastic"
+            else (s.replace(format="e5m10", clip_sigmas=1e4) if s is not None else None)
+            for s in (gr.a, gr.b)
+        ]
         specs[g] = gr.__class__(keep[0], keep[1], gr.accumulate, gr.chunk)
     sr = base.replace(name=f"{name}-sr-only", **specs)
     e1 = _mean_wgrad_error(sr, problem, 1)
@@ -121,11 +128,18 @@ def test_stochastic_grad_weight_is_unbiased_over_draws(name: str):
     assert e32 < e1 / 4, f"{name}: mean error {e1:.4f} (1 draw) -> {e32:.4f} (32 draws)"
     # The same recipe with nearest rounding (and fixed Hadamard signs: re-drawn rotations
     # decorrelate even nearest-rounding errors) is biased: averaging does not help.
-    nearest = {g: sr.gemm(g).__class__(*(s.replace(rounding="nearest") if s is not None else None
-                                          for s in (sr.gemm(g).a, sr.gemm(g).b)))
-               for g in ("output", "grad_input", "grad_weight")}
-    rn = sr.replace(name=f"{name}-rn", signs="fixed" if sr.signs == "per_call" else sr.signs,
-                    **nearest)
+    nearest = {
+        g: sr.gemm(g).__class__(
+            *(
+                s.replace(rounding="nearest") if s is not None else None
+                for s in (sr.gemm(g).a, sr.gemm(g).b)
+            )
+        )
+        for g in ("output", "grad_input", "grad_weight")
+    }
+    rn = sr.replace(
+        name=f"{name}-rn", signs="fixed" if sr.signs == "per_call" else sr.signs, **nearest
+    )
     assert _mean_wgrad_error(rn, problem, 8) > e1 / 3
 
 
@@ -136,8 +150,10 @@ def test_mxfp4_without_headroom_is_biased():
     g = base.gemm("grad_weight")
     hp = g.b.replace(format="e5m10")
     ok = base.replace(name="mxfp4-sr", grad_weight=g.__class__(g.a, hp, g.accumulate, g.chunk))
-    clipped = ok.replace(name="mxfp4-sr-clipped", grad_weight=g.__class__(
-        g.a.replace(headroom=1.0), hp, g.accumulate, g.chunk))
+    clipped = ok.replace(
+        name="mxfp4-sr-clipped",
+        grad_weight=g.__class__(g.a.replace(headroom=1.0), hp, g.accumulate, g.chunk),
+    )
     assert _mean_wgrad_error(ok, problem, 32) < _mean_wgrad_error(ok, problem, 1) / 4
     assert _mean_wgrad_error(clipped, problem, 32) > _mean_wgrad_error(clipped, problem, 1) / 4
 
@@ -160,5 +176,9 @@ def test_same_seed_reproduces_bit_for_bit(name: str):
         runs.append(torch.cat(grads))
     assert torch.equal(runs[0], runs[1])
     if recipes.get(name).gemm("grad_weight").b.rounding == "stochastic" or name in (
-            "nvfp4", "quartet", "fp4-ue5m3", "mxfp4"):
+        "nvfp4",
+        "quartet",
+        "fp4-ue5m3",
+        "mxfp4",
+    ):
         assert not torch.equal(runs[0], runs[2]), "a different seed gives different draws"

@@ -19,8 +19,15 @@ ML_DTYPES = {
 }
 # ml_dtypes saturates these (no NaN/Inf code); the others overflow to NaN/Inf.
 ML_SATURATES = {"fp6_e3m2", "fp6_e2m3", "fp4_e2m1"}
-MAXES = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0, "fp6_e3m2": 28.0, "fp6_e2m3": 7.5,
-         "fp4_e2m1": 6.0, "e3m4": 15.5, "e4m3": 240.0}
+MAXES = {
+    "fp8_e4m3": 448.0,
+    "fp8_e5m2": 57344.0,
+    "fp6_e3m2": 28.0,
+    "fp6_e2m3": 7.5,
+    "fp4_e2m1": 6.0,
+    "e3m4": 15.5,
+    "e4m3": 240.0,
+}
 
 
 def ml_round(x: np.ndarray, name: str) -> np.ndarray:
@@ -42,8 +49,8 @@ def assert_bits_equal(got, want) -> None:
     assert g.shape == w.shape, (g.shape, w.shape)
     bad = np.nonzero(g != w)[0] if g.ndim == 1 else np.argwhere(g != w)
     if len(bad):
-        gv = (got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got))
-        wv = (want.detach().cpu().numpy() if isinstance(want, torch.Tensor) else np.asarray(want))
+        gv = got.detach().cpu().numpy() if isinstance(got, torch.Tensor) else np.asarray(got)
+        wv = want.detach().cpu().numpy() if isinstance(want, torch.Tensor) else np.asarray(want)
         i = tuple(bad[0]) if g.ndim > 1 else bad[0]
         pytest.fail(f"{len(bad)} mismatches; first at {i}: got {gv[i]!r}, want {wv[i]!r}")
 

@@ -35,14 +35,19 @@ def test_unknown_format_lists_known_ones():
         get_format("e9m2")
 
 
-@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool,
-                                   torch.float8_e4m3fn, torch.complex64])
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.int32, torch.int64, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.complex64],
+)
 def test_non_floating_tensors_rejected(dtype):
     x = torch.ones(4, 32).to(dtype)
-    for call in (lambda: round_to_format(x, "fp8_e4m3"),
-                 lambda: quantize(x, QuantSpec("fp8_e4m3")),
-                 lambda: fake_quantize(x, QuantSpec("fp4_e2m1", scaling="none")),
-                 lambda: hadamard(x, 32), lambda: dfp_quantize(x)):
+    for call in (
+        lambda: round_to_format(x, "fp8_e4m3"),
+        lambda: quantize(x, QuantSpec("fp8_e4m3")),
+        lambda: fake_quantize(x, QuantSpec("fp4_e2m1", scaling="none")),
+        lambda: hadamard(x, 32),
+        lambda: dfp_quantize(x),
+    ):
         with pytest.raises(TypeError, match="float"):
             call()
     with pytest.raises(TypeError):
@@ -56,34 +61,44 @@ def test_block_size_must_divide_axis():
     with pytest.raises(ValueError, match="does not divide"):
         quantize(torch.ones(48, 64), spec.replace(axis=0))
     with pytest.raises(ValueError, match=r"tile \(16, 16\) does not divide"):
-        quantize(torch.ones(24, 32), QuantSpec("fp4_e2m1", scaling="block", block_size=(16, 16),
-                                               scale_format="ue4m3"))
+        quantize(
+            torch.ones(24, 32),
+            QuantSpec("fp4_e2m1", scaling="block", block_size=(16, 16), scale_format="ue4m3"),
+        )
     with pytest.raises(ValueError, match="does not divide"):
         quantize(torch.ones(4, 48), QuantSpec("fp8_e4m3", hadamard=32, scaling="none"))
 
 
-@pytest.mark.parametrize("kwargs,fields", [
-    (dict(scaling="tensor", block_size=32), ["block_size", "scaling"]),
-    (dict(scaling="block"), ["scaling", "block_size"]),
-    (dict(scaling="block", block_size=0), ["block_size"]),
-    (dict(scaling="block", block_size=(16, 0)), ["block_size"]),
-    (dict(scaling="tensor", scale_format="e8m0"), ["scale_format", "scaling"]),
-    (dict(scaling="block", block_size=32, scale_format="e8m0", pow2_scale=True),
-     ["pow2_scale", "scale_format"]),
-    (dict(hadamard_signs=True), ["hadamard_signs", "hadamard"]),
-    (dict(hadamard=24), ["hadamard"]),
-    (dict(scaling="fancy"), ["scaling"]),
-    (dict(scale_format="bf16"), ["scale_format"]),
-    (dict(rounding="up"), ["rounding"]),
-    (dict(scale_rounding="nearest"), ["scale_rounding"]),
-    (dict(amax_algo="mean"), ["amax_algo"]),
-    (dict(scaling="delayed", history_len=0), ["history_len"]),
-    (dict(amax_refresh=50), ["amax_refresh"]),
-    (dict(format="e8m0"), ["format"]),
-    (dict(format="int8", scaling="block", block_size=16, scale_format="ue4m3"), ["scale_format"]),
-    (dict(scale_from="std"), ["scale_from"]),
-    (dict(headroom=0.5), ["headroom"]),
-])
+@pytest.mark.parametrize(
+    "kwargs,fields",
+    [
+        (dict(scaling="tensor", block_size=32), ["block_size", "scaling"]),
+        (dict(scaling="block"), ["scaling", "block_size"]),
+        (dict(scaling="block", block_size=0), ["block_size"]),
+        (dict(scaling="block", block_size=(16, 0)), ["block_size"]),
+        (dict(scaling="tensor", scale_format="e8m0"), ["scale_format", "scaling"]),
+        (
+            dict(scaling="block", block_size=32, scale_format="e8m0", pow2_scale=True),
+            ["pow2_scale", "scale_format"],
+        ),
+        (dict(hadamard_signs=True), ["hadamard_signs", "hadamard"]),
+        (dict(hadamard=24), ["hadamard"]),
+        (dict(scaling="fancy"), ["scaling"]),
+        (dict(scale_format="bf16"), ["scale_format"]),
+        (dict(rounding="up"), ["rounding"]),
+        (dict(scale_rounding="nearest"), ["scale_rounding"]),
+        (dict(amax_algo="mean"), ["amax_algo"]),
+        (dict(scaling="delayed", history_len=0), ["history_len"]),
+        (dict(amax_refresh=50), ["amax_refresh"]),
+        (dict(format="e8m0"), ["format"]),
+        (
+            dict(format="int8", scaling="block", block_size=16, scale_format="ue4m3"),
+            ["scale_format"],
+        ),
+        (dict(scale_from="std"), ["scale_from"]),
+        (dict(headroom=0.5), ["headroom"]),
+    ],
+)
 def test_inconsistent_spec_names_the_fields(kwargs, fields):
     with pytest.raises(ValueError) as e:
         QuantSpec(**kwargs)

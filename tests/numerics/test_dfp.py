@@ -77,8 +77,9 @@ def test_chunked_gemm_equals_fp64_gemm_of_dequantized_operands():
         want = da.dequantize().double() @ db.dequantize().double().T
         # FP32 accumulation of ceil(K / chunk) exactly converted chunk sums
         n = math.ceil(256 / chunk)
-        tol = (n + 1) * 2.0**-24 * (da.dequantize().double().abs() @
-                                    db.dequantize().double().abs().T)
+        tol = (
+            (n + 1) * 2.0**-24 * (da.dequantize().double().abs() @ db.dequantize().double().abs().T)
+        )
         assert bool(((r.out.double() - want).abs() <= tol).all())
     # 16-bit mantissas with a short enough chunk: exact integer chunk sums, no overflow
     d16a, d16b = dfp_quantize(A), dfp_quantize(B)
@@ -90,8 +91,12 @@ def test_chunked_gemm_equals_fp64_gemm_of_dequantized_operands():
 
 
 def test_adversarial_input_overflows_and_wraps_exactly():
-    a = DFPTensor(torch.full((2, 8), 32767, dtype=torch.int16), torch.tensor(-10, dtype=torch.int32))
-    b = DFPTensor(torch.full((3, 8), 32767, dtype=torch.int16), torch.tensor(-12, dtype=torch.int32))
+    a = DFPTensor(
+        torch.full((2, 8), 32767, dtype=torch.int16), torch.tensor(-10, dtype=torch.int32)
+    )
+    b = DFPTensor(
+        torch.full((3, 8), 32767, dtype=torch.int16), torch.tensor(-12, dtype=torch.int32)
+    )
     b.mantissa[1] = -32767
     b.mantissa[2, ::2] = -32767  # sums cancel: no overflow in that column
     r = dfp_matmul(a, b, chunk=4)

@@ -14,25 +14,48 @@ from lptrain.numerics import decode, decode_table, encode, get_format, round_to_
 
 from .conftest import ML_DTYPES, assert_bits_equal
 
-SMALL_FORMATS = ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "e8m0", "ue4m3",
-                 "ue5m3", "e3m4", "e4m3", "e2m1", "int4", "int8"]
+SMALL_FORMATS = [
+    "fp8_e4m3",
+    "fp8_e5m2",
+    "fp6_e3m2",
+    "fp6_e2m3",
+    "fp4_e2m1",
+    "e8m0",
+    "ue4m3",
+    "ue5m3",
+    "e3m4",
+    "e4m3",
+    "e2m1",
+    "int4",
+    "int8",
+]
 
 
-@pytest.mark.parametrize("name,e,m,bias,mx,mn,ms,inf", [
-    ("fp8_e4m3", 4, 3, 7, 448.0, 2.0**-6, 2.0**-9, False),
-    ("fp8_e5m2", 5, 2, 15, 57344.0, 2.0**-14, 2.0**-16, True),
-    ("fp6_e3m2", 3, 2, 3, 28.0, 0.25, 0.0625, False),
-    ("fp6_e2m3", 2, 3, 1, 7.5, 1.0, 0.125, False),
-    ("fp4_e2m1", 2, 1, 1, 6.0, 1.0, 0.5, False),
-    ("ue5m3", 5, 3, 15, 61440.0, 2.0**-14, 2.0**-17, False),
-    ("ue4m3", 4, 3, 7, 448.0, 2.0**-6, 2.0**-9, False),
-    ("e3m4", 3, 4, 3, 15.5, 0.25, 2.0**-6, True),
-    ("e4m3", 4, 3, 7, 240.0, 2.0**-6, 2.0**-9, True),
-])
+@pytest.mark.parametrize(
+    "name,e,m,bias,mx,mn,ms,inf",
+    [
+        ("fp8_e4m3", 4, 3, 7, 448.0, 2.0**-6, 2.0**-9, False),
+        ("fp8_e5m2", 5, 2, 15, 57344.0, 2.0**-14, 2.0**-16, True),
+        ("fp6_e3m2", 3, 2, 3, 28.0, 0.25, 0.0625, False),
+        ("fp6_e2m3", 2, 3, 1, 7.5, 1.0, 0.125, False),
+        ("fp4_e2m1", 2, 1, 1, 6.0, 1.0, 0.5, False),
+        ("ue5m3", 5, 3, 15, 61440.0, 2.0**-14, 2.0**-17, False),
+        ("ue4m3", 4, 3, 7, 448.0, 2.0**-6, 2.0**-9, False),
+        ("e3m4", 3, 4, 3, 15.5, 0.25, 2.0**-6, True),
+        ("e4m3", 4, 3, 7, 240.0, 2.0**-6, 2.0**-9, True),
+    ],
+)
 def test_format_records(name, e, m, bias, mx, mn, ms, inf):
     f = get_format(name)
     assert (f.ebits, f.mbits, f.bias, f.max_finite, f.min_normal, f.min_subnormal, f.has_inf) == (
-        e, m, bias, mx, mn, ms, inf)
+        e,
+        m,
+        bias,
+        mx,
+        mn,
+        ms,
+        inf,
+    )
     with pytest.raises(dataclasses.FrozenInstanceError):
         f.max_finite = 1.0  # frozen
 
@@ -54,12 +77,47 @@ def _pos_grid(name):
 
 def test_reference_grids():
     assert _pos_grid("fp4_e2m1") == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
-    e2m3 = [i * 0.125 for i in range(16)] + [1 + i * 0.125 for i in range(8)] + \
-        [2 + i * 0.25 for i in range(8)] + [4 + i * 0.5 for i in range(8)]
+    e2m3 = (
+        [i * 0.125 for i in range(16)]
+        + [1 + i * 0.125 for i in range(8)]
+        + [2 + i * 0.25 for i in range(8)]
+        + [4 + i * 0.5 for i in range(8)]
+    )
     assert _pos_grid("fp6_e2m3") == sorted(set(e2m3)) and len(set(e2m3)) == 32
-    assert _pos_grid("fp6_e3m2") == [0, 0.0625, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.4375, 0.5,
-                                     0.625, 0.75, 0.875, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4,
-                                     5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28]
+    assert _pos_grid("fp6_e3m2") == [
+        0,
+        0.0625,
+        0.125,
+        0.1875,
+        0.25,
+        0.3125,
+        0.375,
+        0.4375,
+        0.5,
+        0.625,
+        0.75,
+        0.875,
+        1,
+        1.25,
+        1.5,
+        1.75,
+        2,
+        2.5,
+        3,
+        3.5,
+        4,
+        5,
+        6,
+        7,
+        8,
+        10,
+        12,
+        14,
+        16,
+        20,
+        24,
+        28,
+    ]
     e4m3 = decode_table("fp8_e4m3").numpy()
     pos = [float(v) for v in e4m3[:128] if np.isfinite(v)]
     assert len(pos) == 127 and pos[-3:] == [384.0, 416.0, 448.0]
@@ -110,8 +168,9 @@ def test_every_code_decodes_and_reencodes_to_itself(name):
     # Every finite value is a fixed point of round_to_format (both overflow modes).
     for ov in ("saturate", "ieee"):
         assert_bits_equal(round_to_format(vals[finite], fmt, overflow=ov), vals[finite])
-        assert_bits_equal(round_to_format(vals[finite].double(), fmt, overflow=ov),
-                          vals[finite].double())
+        assert_bits_equal(
+            round_to_format(vals[finite].double(), fmt, overflow=ov), vals[finite].double()
+        )
 
 
 def test_fp8_codes_equal_torch_float8_bits():
@@ -120,10 +179,19 @@ def test_fp8_codes_equal_torch_float8_bits():
         assert_bits_equal(decode(codes, name), codes.view(dt).float())
 
 
-@pytest.mark.parametrize("x,want", [
-    (1.0625, 1.0), (1.1875, 1.25), (2.0**-18, 0.0), (1.5 * 2.0**-18, 2.0**-17),
-    (70000.0, 61440.0), (61440.0, 61440.0), (2.0**-17, 2.0**-17), (0.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "x,want",
+    [
+        (1.0625, 1.0),
+        (1.1875, 1.25),
+        (2.0**-18, 0.0),
+        (1.5 * 2.0**-18, 2.0**-17),
+        (70000.0, 61440.0),
+        (61440.0, 61440.0),
+        (2.0**-17, 2.0**-17),
+        (0.0, 0.0),
+    ],
+)
 def test_ue5m3_reference_values(x, want):
     got = round_to_format(torch.tensor([x], dtype=torch.float32), "ue5m3")
     assert got.item() == want
@@ -134,7 +202,9 @@ def test_eXmY_strings_are_ieee_like():
     assert f.bias == 3 and f.has_inf and f.nan == "ieee"
     f = get_format("e2m1")  # IEEE-like: all-ones exponent reserved, unlike fp4_e2m1
     assert f.max_finite == 3.0
-    assert math.isinf(round_to_format(torch.tensor([4.0]), "e5m10", overflow="ieee").item()) is False
+    assert (
+        math.isinf(round_to_format(torch.tensor([4.0]), "e5m10", overflow="ieee").item()) is False
+    )
     assert round_to_format(torch.tensor([65520.0]), "e5m10", overflow="ieee").item() == math.inf
     # e5m10 is IEEE half: identical to torch's float16 cast on random values.
     x = torch.randn(10000, generator=torch.Generator().manual_seed(0)) * 1000

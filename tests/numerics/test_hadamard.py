@@ -22,8 +22,9 @@ def test_matrix_and_fwht_equal_scipy_per_block(n):
     ref = torch.from_numpy(scipy.linalg.hadamard(n) / math.sqrt(n))
     assert torch.equal(hadamard_matrix(n, dtype=torch.float64), ref)
     H = hadamard_matrix(n, dtype=torch.float64)
-    assert torch.equal(H, H.T) and torch.allclose(H @ H.T, torch.eye(n, dtype=torch.float64),
-                                                 atol=1e-14)
+    assert torch.equal(H, H.T) and torch.allclose(
+        H @ H.T, torch.eye(n, dtype=torch.float64), atol=1e-14
+    )
     x = torch.randn(3, 5 * n, generator=_g(n), dtype=torch.float64)
     y = hadamard(x, n)
     want = (x.reshape(3, 5, n) @ ref).reshape(3, 5 * n)  # every block times H_n / sqrt(n)
@@ -41,9 +42,13 @@ def test_involution_and_norm(n):
     y = hadamard(x, n)
     assert torch.allclose(hadamard(y, n), x, rtol=0, atol=1e-12)
     assert torch.allclose(y.norm(dim=1), x.norm(dim=1), rtol=1e-14)
-    assert torch.allclose(y.reshape(8, 4, n).norm(dim=2), x.reshape(8, 4, n).norm(dim=2),
-                          rtol=1e-14)  # per block
-    s = random_signs(n, _g(3), )
+    assert torch.allclose(
+        y.reshape(8, 4, n).norm(dim=2), x.reshape(8, 4, n).norm(dim=2), rtol=1e-14
+    )  # per block
+    s = random_signs(
+        n,
+        _g(3),
+    )
     ys = hadamard(x, n, signs=s)
     assert torch.allclose(hadamard(ys, n, signs=s, inverse=True), x, rtol=0, atol=1e-12)
     assert torch.allclose(ys.norm(dim=1), x.norm(dim=1), rtol=1e-14)
@@ -73,7 +78,7 @@ def test_gemm_identity(n, kind):
     else:  # M = H . D (Quartet): signs after
         Xm, Wm = hadamard(X, n) * s.repeat(2), hadamard(W, n) * s.repeat(2)
     got = Xm @ Wm.T
-    want = (X.double() @ W.double().T)
+    want = X.double() @ W.double().T
     ref = X @ W.T
     err = (got.double() - want).abs().max().item()
     scale = (X.double().abs() @ W.double().abs().T).max().item()

@@ -16,18 +16,22 @@ EMAX = {"fp8_e4m3": 8, "fp8_e5m2": 15, "fp6_e3m2": 4, "fp6_e2m3": 2, "fp4_e2m1":
 
 
 def mx(fmt, rounding="floor", bs=32, **kw):
-    return QuantSpec(fmt, scaling="block", block_size=bs, scale_format="e8m0",
-                     scale_rounding=rounding, **kw)
+    return QuantSpec(
+        fmt, scaling="block", block_size=bs, scale_format="e8m0", scale_rounding=rounding, **kw
+    )
 
 
 def _pad(v, n=32):
     return torch.tensor(list(v) + [0.0] * (n - len(v)), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("rounding,X,P", [
-    ("floor", 0.5, [0.0, -0.5, 2.0, 6.0]),
-    ("ceil", 1.0, [0.0, -0.0, 1.0, 4.0]),
-])
+@pytest.mark.parametrize(
+    "rounding,X,P",
+    [
+        ("floor", 0.5, [0.0, -0.5, 2.0, 6.0]),
+        ("ceil", 1.0, [0.0, -0.0, 1.0, 4.0]),
+    ],
+)
 def test_mx_e2m1_worked_example(rounding, X, P):
     x = _pad([0.1, -0.25, 1.0, 3.7])
     qt = quantize(x, mx("fp4_e2m1", rounding))
@@ -51,10 +55,10 @@ def _mx_reference(x: np.ndarray, fmt: str, rounding: str, bs: int = 32) -> np.nd
     """Independent OCP MX reference: math.frexp exponents, ml_dtypes element rounding."""
     out = np.empty_like(x)
     for b in range(0, x.size, bs):
-        v = x[b:b + bs].astype(np.float32)
+        v = x[b : b + bs].astype(np.float32)
         a = float(np.max(np.abs(v)))
         if not math.isfinite(a):
-            out[b:b + bs] = np.nan
+            out[b : b + bs] = np.nan
             continue
         if a == 0:
             e = -127
@@ -66,12 +70,12 @@ def _mx_reference(x: np.ndarray, fmt: str, rounding: str, bs: int = 32) -> np.nd
             e = k - 1 if m == 0.5 else k
         e = max(e, -127)
         if e > 127:
-            out[b:b + bs] = np.nan
+            out[b : b + bs] = np.nan
             continue
         X = 2.0**e
         y = (v.astype(np.float64) / X).astype(np.float32)  # exact (power of two)
         p = ml_round(np.clip(y, -MAXES[fmt], MAXES[fmt]), fmt)
-        out[b:b + bs] = (p.astype(np.float64) * X).astype(np.float32)
+        out[b : b + bs] = (p.astype(np.float64) * X).astype(np.float32)
     return out
 
 
@@ -171,21 +175,21 @@ def _nvfp4_reference(x: np.ndarray, rows_tile=None) -> np.ndarray:
     r, c = rows_tile or (1, 16)
     for i in range(0, x.shape[0], r):
         for j in range(0, x.shape[1], c):
-            blk = x[i:i + r, j:j + c]
+            blk = x[i : i + r, j : j + c]
             a = F(np.max(np.abs(blk)))
-            s_b = ml_round(np.array([min(a * (s_enc * F(1.0 / 6.0)), F(448.0))], F),
-                           "fp8_e4m3")[0]
+            s_b = ml_round(np.array([min(a * (s_enc * F(1.0 / 6.0)), F(448.0))], F), "fp8_e4m3")[0]
             enc = F(1.0) / (s_b * s_dec) if s_b > 0 else F(np.inf)
             enc = min(enc, F(np.finfo(np.float32).max))
             q = ml_round(np.clip((blk * enc).astype(F), -6, 6), "fp4_e2m1")
-            out[i:i + r, j:j + c] = (q * s_b) * s_dec
+            out[i : i + r, j : j + c] = (q * s_b) * s_dec
     return out
 
 
 def test_nvfp4_equals_reference_and_error_bound():
     rng = np.random.default_rng(1)
-    x = (rng.standard_normal((32, 64)) * np.exp2(rng.integers(-8, 8, (32, 4)).repeat(16, 1))
-         ).astype(np.float32)
+    x = (
+        rng.standard_normal((32, 64)) * np.exp2(rng.integers(-8, 8, (32, 4)).repeat(16, 1))
+    ).astype(np.float32)
     x[3] = 0.0
     got = fake_quantize(torch.from_numpy(x), NVFP4)
     want = _nvfp4_reference(x)

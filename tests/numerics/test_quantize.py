@@ -21,18 +21,38 @@ SPECS = {
     "tensor_int16": QuantSpec("int16", scaling="tensor", pow2_scale=True),
     "block_fp32_e4m3": QuantSpec("fp8_e4m3", scaling="block", block_size=32),
     "mxfp8": QuantSpec("fp8_e4m3", scaling="block", block_size=32, scale_format="e8m0"),
-    "mxfp6_ceil": QuantSpec("fp6_e3m2", scaling="block", block_size=32, scale_format="e8m0",
-                            scale_rounding="ceil"),
+    "mxfp6_ceil": QuantSpec(
+        "fp6_e3m2", scaling="block", block_size=32, scale_format="e8m0", scale_rounding="ceil"
+    ),
     "mxfp4": QuantSpec("fp4_e2m1", scaling="block", block_size=32, scale_format="e8m0"),
-    "mxfp4_sr_had": QuantSpec("fp4_e2m1", scaling="block", block_size=32, scale_format="e8m0",
-                              rounding="stochastic", hadamard=32, hadamard_signs=True),
+    "mxfp4_sr_had": QuantSpec(
+        "fp4_e2m1",
+        scaling="block",
+        block_size=32,
+        scale_format="e8m0",
+        rounding="stochastic",
+        hadamard=32,
+        hadamard_signs=True,
+    ),
     "nvfp4": QuantSpec("fp4_e2m1", scaling="block", block_size=16, scale_format="ue4m3"),
     "nvfp4_2d": QuantSpec("fp4_e2m1", scaling="block", block_size=(16, 16), scale_format="ue4m3"),
-    "nvfp4_axis0_sr": QuantSpec("fp4_e2m1", scaling="block", block_size=16, scale_format="ue4m3",
-                                axis=0, rounding="stochastic"),
+    "nvfp4_axis0_sr": QuantSpec(
+        "fp4_e2m1",
+        scaling="block",
+        block_size=16,
+        scale_format="ue4m3",
+        axis=0,
+        rounding="stochastic",
+    ),
     "ue5m3": QuantSpec("fp4_e2m1", scaling="block", block_size=16, scale_format="ue5m3"),
-    "quartet_std": QuantSpec("fp4_e2m1", scaling="block", block_size=32, scale_format="e8m0",
-                             scale_from="std", hadamard=32),
+    "quartet_std": QuantSpec(
+        "fp4_e2m1",
+        scaling="block",
+        block_size=32,
+        scale_format="e8m0",
+        scale_from="std",
+        hadamard=32,
+    ),
 }
 
 
@@ -54,8 +74,12 @@ def test_dequantize_equals_fake_quantize_bit_for_bit(name, dtype):
         kw["state"] = ScalingState(history_len=4)
     st2 = ScalingState(history_len=4) if "state" in kw else None
     qt = quantize(x, spec, generator=torch.Generator().manual_seed(3), **kw)
-    fq = fake_quantize(x, spec, generator=torch.Generator().manual_seed(3),
-                       **({"state": st2} if st2 is not None else {}))
+    fq = fake_quantize(
+        x,
+        spec,
+        generator=torch.Generator().manual_seed(3),
+        **({"state": st2} if st2 is not None else {}),
+    )
     d = qt.dequantize()
     assert d.shape == x.shape and d.dtype == fq.dtype
     if spec.fmt.is_int:  # integer codes have no -0
@@ -63,8 +87,9 @@ def test_dequantize_equals_fake_quantize_bit_for_bit(name, dtype):
     else:
         assert_bits_equal(d, fq)
     if spec.scaling == "delayed":  # second step uses the updated scale: still identical
-        assert_bits_equal(quantize(x, spec, state=kw["state"]).dequantize(),
-                          fake_quantize(x, spec, state=st2))
+        assert_bits_equal(
+            quantize(x, spec, state=kw["state"]).dequantize(), fake_quantize(x, spec, state=st2)
+        )
 
 
 def test_code_storage():
@@ -93,8 +118,7 @@ def test_code_storage():
 
 def test_stats():
     x = torch.tensor([[1.0, 2.0, 0.0009, 500.0]])
-    _, ex = fake_quantize(x, QuantSpec("fp8_e4m3", scaling="none"), with_stats=True,
-                          with_mask=True)
+    _, ex = fake_quantize(x, QuantSpec("fp8_e4m3", scaling="none"), with_stats=True, with_mask=True)
     st = ex["stats"]
     assert st.amax.item() == 500.0 and st.saturated.item() == 0.25
     assert st.underflow.item() == 0.25  # 0.0009 < 2^-10 -> 0
@@ -103,8 +127,11 @@ def test_stats():
     yh = torch.tensor([1.0, 2.0, 0.0, 448.0])
     want = 10 * math.log10((y.double() ** 2).sum().item() / ((y - yh).double() ** 2).sum().item())
     assert st.sqnr_db.item() == pytest.approx(want, rel=1e-6)
-    q = quantize(torch.randn(256, generator=torch.Generator().manual_seed(0)),
-                 QuantSpec("fp8_e4m3"), with_stats=True)
+    q = quantize(
+        torch.randn(256, generator=torch.Generator().manual_seed(0)),
+        QuantSpec("fp8_e4m3"),
+        with_stats=True,
+    )
     assert 28 < q.stats.sqnr_db.item() < 40 and q.stats.saturated.item() == 0.0
 
 

@@ -35,16 +35,27 @@ def _probe_values(name) -> np.ndarray:
     top = mx + (mx - g[-2]) / 2  # the overflow threshold (a tie above max)
     over = np.array([mx, top, 2 * mx, 4 * mx, 1e30, np.float32(3.0e38)])
     over32 = over.astype(np.float32)
-    near = [np.nextafter(v, np.float32(np.inf)) for v in np.concatenate([mids32, over32])] + \
-           [np.nextafter(v, np.float32(0)) for v in np.concatenate([mids32, over32])]
+    near = [np.nextafter(v, np.float32(np.inf)) for v in np.concatenate([mids32, over32])] + [
+        np.nextafter(v, np.float32(0)) for v in np.concatenate([mids32, over32])
+    ]
     rng = np.random.default_rng(hash(name) % 2**32)
     sub = rng.uniform(0, fmt.min_normal * 1.25, 20000)
     lo, hi = math.log2(fmt.min_subnormal / 8), math.log2(mx * 1.2)
     rnd = np.exp2(rng.uniform(lo, hi, 10**6))
-    pos = np.concatenate([g.astype(np.float32), mids32, np.array(near, np.float32), over32,
-                          sub.astype(np.float32), rnd.astype(np.float32),
-                          np.array([0.0, fmt.min_subnormal / 2, fmt.min_subnormal * 0.75,
-                                    np.float32(1e-45)], np.float32)])
+    pos = np.concatenate(
+        [
+            g.astype(np.float32),
+            mids32,
+            np.array(near, np.float32),
+            over32,
+            sub.astype(np.float32),
+            rnd.astype(np.float32),
+            np.array(
+                [0.0, fmt.min_subnormal / 2, fmt.min_subnormal * 0.75, np.float32(1e-45)],
+                np.float32,
+            ),
+        ]
+    )
     return np.concatenate([pos, -pos]).astype(np.float32)
 
 
@@ -80,9 +91,10 @@ def test_nearest_equals_ml_dtypes_bit_for_bit(probe):
 @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "fp6_e3m2"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_match_float32_path(name, dtype):
-    x = (torch.randn(50000, generator=torch.Generator().manual_seed(5)) *
-         torch.exp2(torch.randint(-12, 12, (50000,), generator=torch.Generator().manual_seed(6)))
-         ).to(dtype)
+    x = (
+        torch.randn(50000, generator=torch.Generator().manual_seed(5))
+        * torch.exp2(torch.randint(-12, 12, (50000,), generator=torch.Generator().manual_seed(6)))
+    ).to(dtype)
     got = round_to_format(x, name)
     assert got.dtype == dtype
     want = round_to_format(x.float(), name)
@@ -94,8 +106,13 @@ def test_e8m0_equals_ml_dtypes_in_range():
     # ml_dtypes' e8m0 cast rounds to the nearest power of two (ties up), as our grid RNE does.
     rng = np.random.default_rng(3)
     x = np.exp2(rng.uniform(-120, 120, 100000)).astype(np.float32)
-    x = np.concatenate([x, np.exp2(np.arange(-120, 121)).astype(np.float32) * 1.5,
-                        np.exp2(np.arange(-120, 121)).astype(np.float32)])
+    x = np.concatenate(
+        [
+            x,
+            np.exp2(np.arange(-120, 121)).astype(np.float32) * 1.5,
+            np.exp2(np.arange(-120, 121)).astype(np.float32),
+        ]
+    )
     want = x.astype(ml_dtypes.float8_e8m0fnu).astype(np.float32)
     assert_bits_equal(round_to_format(torch.from_numpy(x), "e8m0"), want)
 
@@ -103,27 +120,51 @@ def test_e8m0_equals_ml_dtypes_in_range():
 F32 = torch.float32
 
 
-@pytest.mark.parametrize("name,x,want", [
-    ("fp8_e4m3", 464.0, 448.0), ("fp8_e4m3", 300.0, 288.0), ("fp8_e4m3", 2.0**-10, 0.0),
-    ("fp8_e4m3", 1.5 * 2.0**-10, 2.0**-9), ("fp8_e5m2", 61439.9, 57344.0),
-    ("fp8_e5m2", 1.5 * 2.0**-17, 2.0**-16),
-    ("fp4_e2m1", 0.25, 0.0), ("fp4_e2m1", 0.75, 1.0), ("fp4_e2m1", 1.25, 1.0),
-    ("fp4_e2m1", 1.75, 2.0), ("fp4_e2m1", 2.5, 2.0), ("fp4_e2m1", 3.5, 4.0),
-    ("fp4_e2m1", 5.0, 4.0), ("fp4_e2m1", 5.01, 6.0), ("fp4_e2m1", 0.2500001, 0.5),
-    ("fp4_e2m1", 6.9, 6.0), ("fp4_e2m1", 7.0, 6.0),
-    ("fp6_e2m3", 7.75, 7.5), ("fp6_e2m3", 0.0625, 0.0), ("fp6_e2m3", 0.1875, 0.25),
-    ("fp6_e3m2", 30.0, 28.0), ("fp6_e3m2", 0.03125, 0.0), ("fp6_e3m2", 0.09375, 0.125),
-])
+@pytest.mark.parametrize(
+    "name,x,want",
+    [
+        ("fp8_e4m3", 464.0, 448.0),
+        ("fp8_e4m3", 300.0, 288.0),
+        ("fp8_e4m3", 2.0**-10, 0.0),
+        ("fp8_e4m3", 1.5 * 2.0**-10, 2.0**-9),
+        ("fp8_e5m2", 61439.9, 57344.0),
+        ("fp8_e5m2", 1.5 * 2.0**-17, 2.0**-16),
+        ("fp4_e2m1", 0.25, 0.0),
+        ("fp4_e2m1", 0.75, 1.0),
+        ("fp4_e2m1", 1.25, 1.0),
+        ("fp4_e2m1", 1.75, 2.0),
+        ("fp4_e2m1", 2.5, 2.0),
+        ("fp4_e2m1", 3.5, 4.0),
+        ("fp4_e2m1", 5.0, 4.0),
+        ("fp4_e2m1", 5.01, 6.0),
+        ("fp4_e2m1", 0.2500001, 0.5),
+        ("fp4_e2m1", 6.9, 6.0),
+        ("fp4_e2m1", 7.0, 6.0),
+        ("fp6_e2m3", 7.75, 7.5),
+        ("fp6_e2m3", 0.0625, 0.0),
+        ("fp6_e2m3", 0.1875, 0.25),
+        ("fp6_e3m2", 30.0, 28.0),
+        ("fp6_e3m2", 0.03125, 0.0),
+        ("fp6_e3m2", 0.09375, 0.125),
+    ],
+)
 def test_reference_table(name, x, want):
     got = round_to_format(torch.tensor([x, -x], dtype=F32), name)
     assert got.tolist() == [want, -want]
     assert_bits_equal(got, torch.tensor([want, -want], dtype=F32))  # -0 stays -0
 
 
-@pytest.mark.parametrize("name,x,ieee", [
-    ("fp8_e4m3", 464.01, "nan"), ("fp8_e5m2", 61440.0, "inf"), ("fp8_e5m2", 65504.0, "inf"),
-    ("fp4_e2m1", 7.0, "nan"), ("fp6_e2m3", 7.75, "nan"), ("fp6_e3m2", 30.0, "nan"),
-])
+@pytest.mark.parametrize(
+    "name,x,ieee",
+    [
+        ("fp8_e4m3", 464.01, "nan"),
+        ("fp8_e5m2", 61440.0, "inf"),
+        ("fp8_e5m2", 65504.0, "inf"),
+        ("fp4_e2m1", 7.0, "nan"),
+        ("fp6_e2m3", 7.75, "nan"),
+        ("fp6_e3m2", 30.0, "nan"),
+    ],
+)
 def test_overflow_thresholds(name, x, ieee):
     mx = get_format(name).max_finite
     t = torch.tensor([x, -x], dtype=F32)
@@ -135,8 +176,9 @@ def test_overflow_thresholds(name, x, ieee):
         assert got.tolist() == [math.inf, -math.inf]
 
 
-@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1",
-                                  "ue4m3", "ue5m3", "e3m4"])
+@pytest.mark.parametrize(
+    "name", ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "ue4m3", "ue5m3", "e3m4"]
+)
 def test_specials(name):
     fmt = get_format(name)
     x = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, -1e-30, 1e-30])
@@ -145,8 +187,9 @@ def test_specials(name):
         ieee = round_to_format(x.to(dt), name, overflow="ieee").float()
         assert math.isnan(sat[0]) and math.isnan(ieee[0])
         if fmt.signed:
-            assert_bits_equal(sat[1:], torch.tensor([fmt.max_finite, -fmt.max_finite, 0.0, -0.0,
-                                                     -0.0, 0.0]))
+            assert_bits_equal(
+                sat[1:], torch.tensor([fmt.max_finite, -fmt.max_finite, 0.0, -0.0, -0.0, 0.0])
+            )
             if fmt.has_inf:
                 assert ieee[1:3].tolist() == [math.inf, -math.inf]
             else:
@@ -167,19 +210,22 @@ def test_integer_formats():
 
 # -- properties: idempotent, monotone, odd, within half a quantum, even at ties ----------------
 
+
 def _quantum(a: np.ndarray, name: str) -> np.ndarray:
     fmt = get_format(name)
     e = np.frexp(a)[1] - 1
     return np.exp2(np.maximum(e, fmt.emin) - fmt.mbits)
 
 
-@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1",
-                                  "ue5m3", "e3m4"])
+@pytest.mark.parametrize(
+    "name", ["fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1", "ue5m3", "e3m4"]
+)
 def test_rne_properties(name):
     fmt = get_format(name)
     rng = np.random.default_rng(11)
-    a = np.sort(np.exp2(rng.uniform(math.log2(fmt.min_subnormal) - 3,
-                                    math.log2(fmt.max_finite), 200000))).astype(np.float32)
+    a = np.sort(
+        np.exp2(rng.uniform(math.log2(fmt.min_subnormal) - 3, math.log2(fmt.max_finite), 200000))
+    ).astype(np.float32)
     x = torch.from_numpy(a)
     q = round_to_format(x, name)
     assert torch.equal(round_to_format(q, name), q)  # idempotent

@@ -31,7 +31,9 @@ def test_current_scaling_maps_amax_to_fmt_max(fmt, fmax):
     y = fake_quantize(x, QuantSpec(fmt, scaling="tensor"))
     qt = quantize(x, QuantSpec(fmt, scaling="tensor"))
     assert abs(qt.values().reshape(-1)[i].item()) == fmax  # the amax element lands on +-max
-    assert y[i].item() == np.float32(qt.values().reshape(-1)[i].item()) * np.float32((1.0 / enc).item())
+    assert y[i].item() == np.float32(qt.values().reshape(-1)[i].item()) * np.float32(
+        (1.0 / enc).item()
+    )
 
 
 def test_current_scaling_edge_cases():
@@ -112,8 +114,8 @@ def test_delayed_scaling_worked_example(algo, margin):
         assert hist == [[float(v) for v in h] for h in HIST_MAX]
     else:
         assert hist == [[0.0, 0.0, a] for a in AMAXES][:1] + [
-            [0.0, AMAXES[i - 1], AMAXES[i]] for i in range(1, 2)] + [
-            [0.0, AMAXES[i - 1], AMAXES[i]] for i in range(2, 6)]
+            [0.0, AMAXES[i - 1], AMAXES[i]] for i in range(1, 2)
+        ] + [[0.0, AMAXES[i - 1], AMAXES[i]] for i in range(2, 6)]
 
 
 def test_delayed_scaling_edge_cases():
@@ -139,7 +141,8 @@ def test_delayed_scaling_edge_cases():
     cont_b, hist_b, _ = _run_delayed("max", 0, AMAXES[3:], state=st_b)
     assert cont_a == cont_b and hist_a == hist_b
     assert cont_a == [float(np.float32(448.0) / np.float32(20.0))] * 2 + [
-        float(np.float32(448.0) / np.float32(5.0))]
+        float(np.float32(448.0) / np.float32(5.0))
+    ]
     with pytest.raises(ValueError, match="ScalingState"):
         quantize(torch.ones(3), QuantSpec("fp8_e4m3", scaling="delayed"))
 
@@ -153,10 +156,14 @@ def test_delayed_quantizes_with_the_old_scale():
 
 # -- row scaling (§2.3) -------------------------------------------------------------------------
 
+
 def test_row_scaling_factorization_identity():
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(8, 64, generator=g, dtype=torch.float64) * torch.rand(8, 1, generator=g,
-                                                                          dtype=torch.float64) * 9
+    X = (
+        torch.randn(8, 64, generator=g, dtype=torch.float64)
+        * torch.rand(8, 1, generator=g, dtype=torch.float64)
+        * 9
+    )
     W = torch.randn(5, 64, generator=g, dtype=torch.float64)
     X[3] = 0.0  # zero row: enc 1
     for pow2 in (True, False):
@@ -173,13 +180,16 @@ def test_row_scaling_factorization_identity():
     # every row has the same amax -> identical to per-tensor scaling
     Y = torch.randn(6, 32, generator=g)
     Y = Y / Y.abs().amax(1, keepdim=True) * 2.5
-    assert_bits_equal(fake_quantize(Y, QuantSpec("fp8_e4m3", scaling="row")),
-                      fake_quantize(Y, QuantSpec("fp8_e4m3", scaling="tensor")))
+    assert_bits_equal(
+        fake_quantize(Y, QuantSpec("fp8_e4m3", scaling="row")),
+        fake_quantize(Y, QuantSpec("fp8_e4m3", scaling="tensor")),
+    )
     # axis=0: one scale per column
     q0 = quantize(X, QuantSpec("fp8_e4m3", scaling="row", axis=0))
     assert q0.scales.numel() == 64
-    assert_bits_equal(q0.dequantize(), fake_quantize(X.T.contiguous(),
-                                                     QuantSpec("fp8_e4m3", scaling="row")).T)
+    assert_bits_equal(
+        q0.dequantize(), fake_quantize(X.T.contiguous(), QuantSpec("fp8_e4m3", scaling="row")).T
+    )
 
 
 def test_scales_are_single_fp32_divisions():
@@ -190,6 +200,7 @@ def test_scales_are_single_fp32_divisions():
         want = np.float32(fmax) / a
         assert_bits_equal(current_enc(at, fmax, torch.float32), want)
     from lptrain.numerics.scaling import delayed_enc, global_enc
+
     assert_bits_equal(global_enc(at, 448.0, 6.0), np.float32(2688.0) / a)
     assert global_enc(torch.tensor(10.0), 448.0, 6.0).item() == np.float32(2688.0) / np.float32(10)
     for v in a[:200]:

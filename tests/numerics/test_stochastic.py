@@ -33,8 +33,9 @@ def _gen(seed):
 def test_outputs_are_neighbours_and_grid_points_fixed(name):
     fmt = get_format(name)
     rng = np.random.default_rng(7)
-    a = np.exp2(rng.uniform(math.log2(fmt.min_subnormal) - 4, math.log2(fmt.max_finite),
-                            100000)).astype(np.float32)
+    a = np.exp2(
+        rng.uniform(math.log2(fmt.min_subnormal) - 4, math.log2(fmt.max_finite), 100000)
+    ).astype(np.float32)
     s = np.where(rng.random(a.size) < 0.5, -1, 1).astype(np.float32)
     x = torch.from_numpy(a * s)
     r = round_to_format(x, name, rounding="stochastic", generator=_gen(1)).numpy()
@@ -52,17 +53,20 @@ def test_outputs_are_neighbours_and_grid_points_fixed(name):
         assert_bits_equal(round_to_format(g, name, rounding="stochastic", generator=_gen(seed)), g)
 
 
-@pytest.mark.parametrize("name,x,lo,hi,p", [
-    ("fp4_e2m1", 0.3, 0.0, 0.5, 0.6),  # §1.4 reference probabilities
-    ("fp4_e2m1", 5.0, 4.0, 6.0, 0.5),
-    ("fp8_e4m3", 2.0**-11, 0.0, 2.0**-9, 0.25),
-    ("fp8_e4m3", 300.0, 288.0, 320.0, 0.375),
-    ("fp8_e4m3", 15.75, 15.0, 16.0, 0.75),  # the carry crosses into the next binade
-    ("fp8_e4m3", -0.0146484375, -0.015625, -0.013671875, 0.5),  # top subnormal -> min normal
-    ("fp8_e5m2", 1.1 * 2.0**-17, 0.0, 2.0**-16, 0.55),
-    ("fp6_e3m2", 27.0, 24.0, 28.0, 0.75),
-    ("fp6_e2m3", -0.2, -0.25, -0.125, 0.6),  # P(lo = -0.25): SR is odd-symmetric
-])
+@pytest.mark.parametrize(
+    "name,x,lo,hi,p",
+    [
+        ("fp4_e2m1", 0.3, 0.0, 0.5, 0.6),  # §1.4 reference probabilities
+        ("fp4_e2m1", 5.0, 4.0, 6.0, 0.5),
+        ("fp8_e4m3", 2.0**-11, 0.0, 2.0**-9, 0.25),
+        ("fp8_e4m3", 300.0, 288.0, 320.0, 0.375),
+        ("fp8_e4m3", 15.75, 15.0, 16.0, 0.75),  # the carry crosses into the next binade
+        ("fp8_e4m3", -0.0146484375, -0.015625, -0.013671875, 0.5),  # top subnormal -> min normal
+        ("fp8_e5m2", 1.1 * 2.0**-17, 0.0, 2.0**-16, 0.55),
+        ("fp6_e3m2", 27.0, 24.0, 28.0, 0.75),
+        ("fp6_e2m3", -0.2, -0.25, -0.125, 0.6),  # P(lo = -0.25): SR is odd-symmetric
+    ],
+)
 def test_monte_carlo_mean_and_probability(name, x, lo, hi, p):
     n = 100_000
     xs = torch.full((n,), x, dtype=torch.float32)
@@ -113,7 +117,9 @@ def test_odd_symmetry_and_specials():
     assert math.isnan(r[0])
     assert_bits_equal(r[1:6], torch.tensor([448.0, -448.0, -0.0, 0.0, 448.0]))
     assert r[6].item() == 0.0 and torch.signbit(r[6])  # -tiny -> -0 (w.p. 1 - 1e-30/2^-9)
-    r = round_to_format(s[:3], "fp8_e5m2", rounding="stochastic", overflow="ieee", generator=_gen(1))
+    r = round_to_format(
+        s[:3], "fp8_e5m2", rounding="stochastic", overflow="ieee", generator=_gen(1)
+    )
     assert math.isnan(r[0]) and r[1:].tolist() == [math.inf, -math.inf]
 
 
@@ -132,8 +138,9 @@ def test_implementations_A_and_B_agree_in_distribution():
     rng = np.random.default_rng(0)
     for x in (1.3, 37.7, 0.0213):
         b = _sr_bits_qpytorch(np.full(n, x, np.float32), 3, rng)
-        a = round_to_format(torch.full((n,), x), "fp8_e4m3", rounding="stochastic",
-                            generator=_gen(17)).numpy()
+        a = round_to_format(
+            torch.full((n,), x), "fp8_e4m3", rounding="stochastic", generator=_gen(17)
+        ).numpy()
         assert set(np.unique(a)) == set(np.unique(b))
         hi = a.max()
         pa, pb = np.mean(a == hi), np.mean(b == hi)

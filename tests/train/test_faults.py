@@ -1,0 +1,145 @@
+"""Non-finite steps are skipped and counted; a run of them reloads the last good checkpoint;
+SIGTERM saves and exits cleanly; W&B never stops a run."""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from .conftest import FAST, REPO, TINY, clean_env, metrics, sets
+
+# Poison the training loss (not eval) on chosen forward calls, then run the real CLI.
+POISON = textwrap.dedent("""
+    import sys, torch
+    from lptrain.train import model
+    bad, calls, forward = set(map(int, sys.argv[1].split(","))), [0], model.Decoder.forward
+    def poisoned(self, tokens):
+        loss = forward(self, tokens)
+        if self.training:
+            calls[0] += 1
+            if calls[0] in bad:
+                return loss * float("nan")
+        return loss
+    model.Decoder.forward = poisoned
+    from lptrain.train.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def _poisoned_run(tmp_path, data_cache, bad: str, *overrides: str):
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-c",
+        POISON,
+        bad,
+        "train",
+        str(TINY / "tiny-fp32.yaml"),
+        "--run-dir",
+        str(run_dir),
+        *sets(*FAST, f"data.cache_dir={data_cache}", *overrides),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=240
+    )
+    return proc, run_dir
+
+
+# Stage 0 fp32: lptrain's own check (DeepSpeed has none there). ZeRO fp32 and bf16: DeepSpeed's
+# overflow check (`bf16.check_grad_overflow`, written explicitly) skips; lptrain counts.
+@pytest.mark.parametrize("dtype,stage", [("fp32", 0), ("fp32", 1), ("bf16", 2)])
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, data_cache, dtype, stage):
+    proc, run_dir = _poisoned_run(
+        tmp_path,
+        data_cache,
+        "3",
+        "run.max_steps=5",
+        f"deepspeed.zero_stage={stage}",
+        f"deepspeed.dtype={dtype}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    assert rows[2]["loss"] is None and rows[2]["skipped_steps"] == 1  # NaN is written as null
+    assert all(math.isfinite(r["loss"]) for i, r in enumerate(rows) if i != 2)
+    assert rows[-1]["skipped_steps"] == 1
+    # The skipped update left the weights finite and training went on.
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_a_run_of_nonfinite_steps_reloads_the_last_checkpoint(tmp_path, data_cache):
+    proc, run_dir = _poisoned_run(
+        tmp_path,
+        data_cache,
+        "5,6",
+        "run.max_steps=6",
+        "checkpoint.interval=2",
+        "run.nonfinite_limit=2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "non-finite: reloaded step00000004" in proc.stderr
+    steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6, 5, 6]  # steps 5-6 redone from the step-4 checkpoint
+    assert [r["loss"] for r in metrics(run_dir) if "loss" in r][-1] is not None
+
+
+def test_nonfinite_without_checkpoint_is_an_error(tmp_path, data_cache):
+    proc, _ = _poisoned_run(tmp_path, data_cache, "1,2", "run.max_steps=4", "run.nonfinite_limit=2")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: 2 consecutive non-finite steps at step 2 and no checkpoint to reload"
+    )
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_cache):
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "lptrain",
+        "train",
+        str(TINY / "tiny-fp32.yaml"),
+        "--run-dir",
+        str(run_dir),
+        *sets(*FAST, f"data.cache_dir={data_cache}", "run.max_steps=100000"),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (run_dir / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped at step" in err and "run directory:" in out
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    last = [r["step"] for r in metrics(run_dir) if "loss" in r][-1]
+    assert tag == f"step{last:08d}"
+    assert (run_dir / "checkpoints" / tag / "lptrain_rank0.pt").is_file()
+
+
+def test_wandb_auto_without_credentials_goes_offline(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = cli(
+        "tiny-fp32.yaml",
+        "run.max_steps=2",
+        "logging.wandb.mode=auto",
+        run_dir=run_dir,
+        env_extra={"HOME": str(tmp_path), "WANDB_SILENT": "true"},
+    )
+    assert "wandb: no credentials found, logging offline" in proc.stderr
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_wandb_disabled_writes_nothing(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    cli("tiny-fp32.yaml", "run.max_steps=1", "logging.wandb.mode=disabled", run_dir=run_dir)
+    assert not (run_dir / "wandb").exists()
