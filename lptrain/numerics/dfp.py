@@ -114,11 +114,26 @@ def dfp_matmul(
     for start in range(0, k, chunk):
         # float64 sums of <= 2^23 products of magnitude <= 2^30 are exact integers.
         s = fa[:, start : start + chunk] @ fb[:, start : start + chunk].T
-        wrapped = _wrap_int32(s)
-        overflows += int((wrapped != s).sum())
         n_chunks += s.numel()
-        out += torch.ldexp(wrapped.to(torch.float32), torch.tensor(scale_exp))
+        lo, hi = torch.aminmax(s)  # one cheap pass; wrapping is rare and costs four
+        if lo < -(2**31) or hi >= 2**31:
+            wrapped = _wrap_int32(s)
+            overflows += int((wrapped != s).sum())
+            s = wrapped
+        _accumulate(out, s.to(torch.float32), scale_exp)
     return DFPMatmulResult(out, overflows, n_chunks)
+
+
+def _accumulate(out: torch.Tensor, chunk_sum: torch.Tensor, exp: int) -> None:
+    """out += ldexp(chunk_sum, exp) in float32, one rounding per element.
+
+    When 2^exp is a normal float32, chunk_sum * 2^exp is the exact product rounded once, the
+    same value as ldexp (also under a fused multiply-add), and add_ with alpha does it in one
+    pass instead of three."""
+    if -126 <= exp <= 127:
+        out.add_(chunk_sum, alpha=2.0**exp)
+    else:
+        out += torch.ldexp(chunk_sum, torch.tensor(exp, device=out.device))
 
 
 def fake_quantize_dfp(

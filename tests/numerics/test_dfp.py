@@ -120,3 +120,36 @@ def test_bad_input():
         dfp_quantize(torch.ones(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="per-tensor"):
         dfp_matmul(dfp_quantize(torch.ones(2, 4), axis=1), dfp_quantize(torch.ones(2, 4)))
+
+
+def _reference_dfp_matmul(a: DFPTensor, b: DFPTensor, chunk: int) -> tuple[torch.Tensor, int]:
+    """The definition, slowly: int64 chunk sums, int32 wrap, ldexp to float32, summed in order."""
+    ia, ib = a.mantissa.to(torch.int64), b.mantissa.to(torch.int64)
+    exp = torch.tensor(int(a.exponent) + int(b.exponent))
+    out = torch.zeros(ia.shape[0], ib.shape[0])
+    overflows = 0
+    for start in range(0, ia.shape[1], chunk):
+        s = ia[:, start : start + chunk] @ ib[:, start : start + chunk].T
+        wrapped = ((s + 2**31) % 2**32) - 2**31
+        overflows += int((wrapped != s).sum())
+        out = out + torch.ldexp(wrapped.to(torch.float32), exp)
+    return out, overflows
+
+
+# 2^e with e = -28: the usual unit-scale case; -140 and -150: not a normal float32 (subnormal
+# and underflowing results); 80: large but finite (the fast path's upper range).
+@pytest.mark.parametrize("exp_a,exp_b", [(-14, -14), (-70, -70), (-75, -75), (40, 40)])
+def test_chunked_gemm_is_bitwise_the_definition(exp_a, exp_b):
+    g = _g(7)
+    ma = torch.randint(-32767, 32768, (24, 96), generator=g, dtype=torch.int16)
+    mb = torch.randint(-32767, 32768, (16, 96), generator=g, dtype=torch.int16)
+    mb[3] = 32767  # with a row of ma at its max: chunk sums past 2^31 wrap
+    ma[5] = 32767
+    a = DFPTensor(ma, torch.tensor(exp_a, dtype=torch.int32))
+    b = DFPTensor(mb, torch.tensor(exp_b, dtype=torch.int32))
+    for chunk in (1, 8, 32, 96):
+        res = dfp_matmul(a, b, chunk=chunk)
+        want, overflows = _reference_dfp_matmul(a, b, chunk)
+        assert torch.equal(res.out.view(torch.int32), want.view(torch.int32)), chunk
+        assert res.overflows == overflows
+    assert overflows > 0
