@@ -86,15 +86,15 @@ _REUSABLE = (
 
 def _axis_free(spec: QuantSpec | None) -> bool:
     """Quantization that does not depend on the axis it runs along: a transpose of the
-    quantized tensor equals quantizing the transpose (per-tensor or no scaling, RNE, no
-    rotation). Delayed scaling qualifies: a second history fed the same amaxes gives the same
-    scales."""
-    return (
-        spec is not None
-        and spec.scaling in ("none", "tensor", "delayed")
-        and spec.hadamard is None
-        and spec.rounding == "nearest"
-    )
+    quantized tensor equals quantizing the transpose (RNE, no rotation, and scales that see
+    the same elements either way). Per-tensor scaling qualifies (delayed too: a second history
+    fed the same amaxes gives the same scales), and so do square tiles such as fp8-block's
+    128x128 or nvfp4's 16x16 weight tiles: a transposed tile holds the same elements, and
+    both roles pad rows and reduction axis to the same tile multiple."""
+    if spec is None or spec.hadamard is not None or spec.rounding != "nearest":
+        return False
+    square_tile = spec.tile is not None and spec.tile[0] == spec.tile[1]
+    return spec.scaling in ("none", "tensor", "delayed") or square_tile
 
 
 def _aliases(recipe: Recipe) -> dict[tuple[str, str], str]:

@@ -206,3 +206,24 @@ def test_scales_are_single_fp32_divisions():
     for v in a[:200]:
         got = delayed_enc(torch.tensor([v, 0.0]), torch.tensor(1.0), 448.0, "max", 1)
         assert got.item() == (np.float32(448.0) / v) / np.float32(2.0)
+
+
+def test_abs_max_in_memory_order_equals_torch_amax():
+    """abs_max reduces permuted views in memory order (speed); the values must be amax's."""
+    import itertools
+
+    from lptrain.numerics.quantize import abs_max
+
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    x[3, 5] = float("nan")
+    views = (x, x.T, x.T.reshape(48, 4, 16), x.reshape(4, 16, 48).permute(2, 0, 1))
+    for v in views:
+        torch.testing.assert_close(abs_max(v), v.abs().amax(), rtol=0, atol=0, equal_nan=True)
+        clean = v.nan_to_num()
+        assert torch.equal(abs_max(clean), clean.abs().amax())
+        for r in range(1, v.dim() + 1):
+            for dims in itertools.combinations(range(-v.dim(), 0), r):
+                want = v.abs().amax(dim=dims, keepdim=True)
+                got = abs_max(v, dims)
+                assert got.shape == want.shape, (v.shape, dims)
+                torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
