@@ -10,29 +10,18 @@ import argparse
 import copy
 import datetime
 import os
-import platform
 import statistics
 import time
 import warnings
 
 import torch
+from machine import cpu_model
 from torch import nn
 
 import lptrain
 from lptrain.nn import recipes
 
 SHAPES = ((2048, 1024, 1024), (4096, 2048, 2048))  # (tokens, in, out)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def time_fwd_bwd(model: nn.Module, x: torch.Tensor, dy: torch.Tensor, repeats: int) -> float:

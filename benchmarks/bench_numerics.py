@@ -15,24 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import time
 
 import torch
+from machine import cpu_model
 
 from lptrain.numerics import QuantSpec, dfp_quantize, fake_quantize, hadamard, round_to_format
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -99,7 +88,7 @@ def main() -> None:
 
     xs = x[: args.pychop_n].clone()
     lines = [
-        f"Machine: {_cpu_model()}, {os.cpu_count()} cores (torch threads "
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores (torch threads "
         f"{torch.get_num_threads()}); torch {torch.__version__}; "
         f"{datetime.date.today().isoformat()}; n = {n} fp32 elements, median of {args.repeats}.",
         f"Baselines: torch cast `x.to(torch.float8_e4m3fn).float()` = {base_cast:.2f} ns/elem, "

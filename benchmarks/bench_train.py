@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["fp32", "bf16", "fp8", "nvfp4", "quartet", "int16-dfp"]
@@ -67,22 +67,12 @@ def run_one(name: str, steps: int, workdir: Path) -> dict:
     }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def table(results: dict[str, dict], steps: int, repeats: int) -> str:
     base = results["fp32"]
     lines = [
         f"### Tiny recipes on CPU ({datetime.date.today().isoformat()})",
         "",
-        f"Machine: {_cpu_name()}, {os.cpu_count()} cores, "
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; {steps} steps of "
         "16 x 128 tokens on the embedded corpus; median tokens/s over steps 6+, best of "
         f"{repeats} interleaved runs.",
