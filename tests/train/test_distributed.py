@@ -12,11 +12,13 @@ the amax reduction itself (without it, step 2 differed by 3.2e-4 instead of 1.4e
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 
 import pytest
 
-from .conftest import free_port, train_losses
+from .conftest import FAST, REPO, TINY, clean_env, free_port, sets, train_losses
 
 STEPS = 6
 REL_TOL = 1e-5
@@ -82,3 +84,23 @@ def test_two_ranks_match_one(cli, tmp_path, recipe, stage):
     for x, y, tol in zip(a, b, tols, strict=True):
         assert abs(x - y) <= tol * abs(x), (a, b)
     assert b[-1] < b[0]
+
+
+@pytest.mark.slow
+def test_cpu_multiprocess_launch_script(tmp_path, data_cache):
+    """The README's CPU data-parallel command, as written (torchrun from the environment)."""
+    run_dir = tmp_path / "run"
+    env = clean_env(PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
+    overrides = [*FAST, f"data.cache_dir={data_cache}", "run.max_steps=3"]
+    proc = subprocess.run(
+        ["bash", "launch/cpu_multiprocess.sh", "2", str(TINY / "tiny-fp32.yaml")]
+        + ["--run-dir", str(run_dir), *sets(*overrides, "deepspeed.zero_stage=2")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(train_losses(run_dir)) == 3
+    assert proc.stdout.count("run directory:") == 1
