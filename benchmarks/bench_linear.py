@@ -19,9 +19,11 @@ from machine import cpu_model
 from torch import nn
 
 import lptrain
+import lptrain.nn
 from lptrain.nn import recipes
 
 SHAPES = ((2048, 1024, 1024), (4096, 2048, 2048))  # (tokens, in, out)
+STATS_RECIPE = "fp8-current"
 
 
 def time_fwd_bwd(model: nn.Module, x: torch.Tensor, dy: torch.Tensor, repeats: int) -> float:
@@ -78,6 +80,13 @@ def main() -> None:
             s = time_fwd_bwd(m, x, dy, args.repeats)
             rows.setdefault(name, []).append(f"{s * 1e3:.0f} ms · {s / ref:.2f}x · {s / ao:.2f}x")
             print(f"  {(t, k, n)} {name}: {s * 1e3:.1f} ms", flush=True)
+        # The cost of statistics (amax, scale, saturation, underflow, SQNR per operand per
+        # GEMM) collected on every step, the most expensive setting.
+        m = lptrain.convert(copy.deepcopy(base), STATS_RECIPE)
+        lptrain.nn.collect_stats(m, every=1)
+        s = time_fwd_bwd(m, x, dy, args.repeats)
+        label = f"{STATS_RECIPE} + stats every step"
+        rows.setdefault(label, []).append(f"{s * 1e3:.0f} ms · {s / ref:.2f}x · {s / ao:.2f}x")
 
     print()
     print(
