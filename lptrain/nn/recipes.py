@@ -159,8 +159,7 @@ def _quartet() -> Recipe:
 
 def _fp4_ue5m3() -> Recipe:
     ue = dict(scaling="block", scale_format="ue5m3", hadamard=16, hadamard_signs=True)
-    act = QuantSpec("fp4_e2m1", block_size=16, **ue)
-    w = QuantSpec("fp4_e2m1", block_size=16, **ue)
+    act = w = QuantSpec("fp4_e2m1", block_size=16, **ue)
     grad = QuantSpec("fp4_e2m1", block_size=16, rounding="stochastic", **ue)
     gemms = {
         "output": GemmRecipe(act, w),

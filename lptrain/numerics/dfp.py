@@ -22,7 +22,7 @@ import torch
 
 from lptrain.numerics.formats import get_format
 from lptrain.numerics.rounding import check_floating, round_magnitude
-from lptrain.numerics.scaling import exact_floor_log2
+from lptrain.numerics.scaling import abs_max, exact_floor_log2
 
 INT16_MAX = 2**15 - 1
 _INT32 = 2**32
@@ -61,8 +61,7 @@ def dfp_quantize(
     xf = x.to(torch.float32)
     if not bool(torch.isfinite(xf).all()):
         raise ValueError("dfp_quantize: input has NaN or Inf; DFP has no encoding for them")
-    a = xf.abs()
-    amax = a.amax() if axis is None else a.amax(dim=axis, keepdim=True)
+    amax = abs_max(xf, None if axis is None else (axis,))
     exp = dfp_exponent(amax, bits)
     scaled = torch.ldexp(xf, -exp)  # exact: a power-of-two scaling
     lim = 2 ** (bits - 1) - 1

@@ -79,22 +79,6 @@ def _group(xt: torch.Tensor, spec: QuantSpec, shape) -> torch.Tensor:
     return xt.reshape(*xt.shape[:-2], xt.shape[-2] // r, r, xt.shape[-1] // c, c)
 
 
-def abs_max(t: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tensor:
-    """max |t| over `dims` (keepdim), or over everything (a 0-d tensor) when dims is None.
-
-    Reduced with the dimensions put in memory order first. The backward operands are
-    transposed views, and torch's CPU reduction over a permuted view is up to 30x slower than
-    over the same memory presented contiguously; a max is exact, so the order changes nothing.
-    """
-    a = t.abs()
-    order = sorted(range(a.dim()), key=lambda d: -a.stride(d))
-    if dims is None:
-        return a.permute(order).amax()
-    pos = [order.index(d % a.dim()) for d in dims]
-    out = a.permute(order).amax(dim=pos, keepdim=True)
-    return out.permute([order.index(d) for d in range(a.dim())])
-
-
 def _group_dims(spec: QuantSpec) -> tuple[int, ...]:
     if spec.scaling == "block" and spec.tile is not None:
         return (-3, -1)
@@ -130,7 +114,7 @@ def _scales(xg: torch.Tensor, spec: QuantSpec, state: ScalingState | None, in_dt
     fmt: Format = spec.fmt
     dims = _group_dims(spec)
     if spec.scaling in ("tensor", "delayed"):
-        amax = abs_max(xg)
+        amax = S.abs_max(xg)
         if state is not None:
             amax = state.reduce(amax)
         if spec.scaling == "delayed":
@@ -144,7 +128,7 @@ def _scales(xg: torch.Tensor, spec: QuantSpec, state: ScalingState | None, in_dt
     if spec.scale_from == "std":
         stat = xg.to(torch.float32).std(dim=dims, keepdim=True, correction=0)
     else:
-        stat = abs_max(xg, dims)
+        stat = S.abs_max(xg, dims)
     if spec.scale_format == "fp32":
         enc = S.current_enc(stat, fmt.max_finite, in_dtype, spec.pow2_scale) / spec.headroom
         return enc, 1.0 / enc, None
@@ -159,7 +143,7 @@ def _scales(xg: torch.Tensor, spec: QuantSpec, state: ScalingState | None, in_dt
             enc, dec = enc / spec.headroom, dec * spec.headroom
         return enc, dec, None
     # Two-level (NVFP4 / UE5M3): FP32 tensor scale x low-precision block scales.
-    amax_t = abs_max(xg)
+    amax_t = S.abs_max(xg)
     if state is not None:
         amax_t = state.reduce(amax_t)
     ref = _tensor_ref(amax_t, spec, state)
@@ -218,7 +202,7 @@ def _stats(c: _Core, fmt: Format, x_hat_g: torch.Tensor) -> QuantStats:
     if c.gdec is not None:
         scale = scale * c.gdec
     return QuantStats(
-        amax=abs_max(x),
+        amax=S.abs_max(x),
         scale=scale.detach().reshape(-1) if scale.dim() else scale,
         saturated=(c.y.abs() > fmt.max_finite).float().mean(),
         underflow=(nz & (c.q == 0)).sum() / nz.sum().clamp(min=1),

@@ -89,12 +89,10 @@ def cmd_recipes() -> int:
     print("recipe files:")
     for path in sorted(RECIPES_DIR.rglob("*.yaml")):
         print(f"  {path.relative_to(RECIPES_DIR.parent)}")
-    from lptrain.train import precision
+    from lptrain.nn import recipes
 
-    lpnn = precision._nn()
-    names = lpnn.recipes.names() if lpnn is not None else list(precision.HIGH_PRECISION)
     print("precision recipes (precision.recipe):")
-    for name in names:
+    for name in recipes.names():
         print(f"  {name}")
     return 0
 

@@ -253,11 +253,6 @@ def run(s: Session, monitor: Monitor, say) -> Progress:
 
 def describe_config(cfg: TrainConfig) -> dict:
     d = dataclasses.asdict(cfg)
-    resolved = (
-        precision.recipe_dict(cfg.precision)
-        if not precision.is_high_precision(cfg.precision)
-        else None
-    )
-    if resolved is not None:
-        d["precision_resolved"] = resolved
+    if not precision.is_high_precision(cfg.precision):
+        d["precision_resolved"] = precision.recipe_dict(cfg.precision)
     return d

@@ -212,7 +212,7 @@ def test_abs_max_in_memory_order_equals_torch_amax():
     """abs_max reduces permuted views in memory order (speed); the values must be amax's."""
     import itertools
 
-    from lptrain.numerics.quantize import abs_max
+    from lptrain.numerics.scaling import abs_max
 
     x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
     x[3, 5] = float("nan")
