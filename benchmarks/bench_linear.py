@@ -20,7 +20,7 @@ from torch import nn
 
 import lptrain
 import lptrain.nn
-from lptrain.nn import recipes
+from lptrain import recipes
 
 SHAPES = ((2048, 1024, 1024), (4096, 2048, 2048))  # (tokens, in, out)
 STATS_RECIPE = "fp8-current"

@@ -1,7 +1,11 @@
-"""lptrain.nn: the drop-in low-precision Linear, named recipes and model conversion."""
+"""lptrain.nn: the drop-in low-precision Linear, its backends and model conversion.
 
-from lptrain.nn import recipes
+Recipes (types, named catalog, dict/YAML form) are public as `lptrain.recipes`.
+"""
+
 from lptrain.nn.convert import (
+    ConversionSummary,
+    Conv1D,
     collect_stats,
     convert,
     layer_stats,
@@ -17,6 +21,8 @@ from lptrain.nn.recipe import GEMMS, GemmRecipe, Recipe, RecipeError
 
 __all__ = [
     "GEMMS",
+    "ConversionSummary",
+    "Conv1D",
     "GemmRecipe",
     "Linear",
     "Recipe",
@@ -27,7 +33,6 @@ __all__ = [
     "load_quantizer_state",
     "quantized_layers",
     "quantizer_state",
-    "recipes",
     "seed_quantizers",
     "set_amax_reduce",
     "unconvert",

@@ -1,30 +1,100 @@
-"""Module swap: `convert(model, recipe)` replaces eligible nn.Linear in place (before DeepSpeed
-or any wrapper); `unconvert` restores plain nn.Linear with the same parameters."""
+"""Module swap: `convert(model, recipe)` replaces eligible linear layers in place (before
+DeepSpeed or any wrapper); `unconvert` restores plain layers with the same parameters.
+
+Eligible: `nn.Linear` (exactly, not other frameworks' subclasses), `transformers`' GPT-2
+`Conv1D` (a linear layer with a transposed weight) and already converted layers, which get the
+new recipe with fresh quantizer state ("re-recipe"). The backend is resolved once per model
+and, with what was converted and skipped and why, logged as one summary.
+"""
 
 from __future__ import annotations
 
 import fnmatch
-import zlib
-from typing import Iterable, Iterator
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
+from lptrain.nn.backends import resolve as resolve_backend
+from lptrain.nn.call import stable_seed
 from lptrain.nn.linear import Linear
 from lptrain.nn.recipe import Recipe
-from lptrain.nn.recipes import resolve
+from lptrain.nn.resolve import resolve
+
+log = logging.getLogger("lptrain")
 
 
-def _skipped(name: str, linear: nn.Linear, skip: Iterable[str], min_features: int) -> bool:
+class Conv1D(Linear):
+    """`transformers`' GPT-2 Conv1D (y = x W + b, W of shape (in, out)) with a recipe.
+
+    The weight keeps Conv1D's layout and name, so Hugging Face checkpoints load unchanged; the
+    forward hands W^T to the same three GEMMs as Linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kw):
+        super().__init__(in_features, out_features, bias, **kw)
+        self.weight = nn.Parameter(self.weight.detach().t().contiguous())
+
+    @classmethod
+    def from_float(cls, conv: nn.Module, recipe, *, backend="auto", seed=None) -> "Conv1D":
+        in_f, out_f = conv.weight.shape
+        new = cls(in_f, out_f, conv.bias is not None, device="meta", recipe=recipe,
+                  backend=backend, seed=seed)  # fmt: skip
+        new.weight, new.bias = conv.weight, conv.bias
+        new.init_quantizer_state(int(new.seed) if seed is None else seed, conv.weight.device)
+        new.train(conv.training)
+        return new
+
+    def weight_nk(self) -> torch.Tensor:
+        return self.weight.t()
+
+
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    t = type(m)
+    return t.__name__ == "Conv1D" and t.__module__.startswith("transformers") and hasattr(m, "nf")
+
+
+@dataclass
+class ConversionSummary:
+    recipe: str
+    backend: str
+    reason: str
+    converted: list[str] = field(default_factory=list)
+    re_recipe: list[tuple[str, str]] = field(default_factory=list)  # (layer, old recipe)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (layer, why)
+    unmatched_skips: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        parts = [
+            f"convert: {len(self.converted)} layers to {self.recipe} "
+            f"(backend {self.backend}: {self.reason})"
+        ]
+        if self.re_recipe:
+            olds = sorted({old for _, old in self.re_recipe})
+            parts.append(
+                f"{len(self.re_recipe)} re-recipe'd from {', '.join(olds)} (quantizer state reset)"
+            )
+        if self.skipped:
+            shown = ", ".join(f"{n} ({why})" for n, why in self.skipped[:8])
+            more = f" and {len(self.skipped) - 8} more" if len(self.skipped) > 8 else ""
+            parts.append(f"skipped {len(self.skipped)}: {shown}{more}")
+        return "; ".join(parts)
+
+
+def _skip_reason(name: str, layer: nn.Module, skip: Iterable[str], min_features: int, hits):
     leaf = name.rsplit(".", 1)[-1]
-    if any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(leaf, p) for p in skip):
-        return True
-    return min(linear.in_features, linear.out_features) < min_features
-
-
-def _layer_seed(seed: int, name: str) -> int:
-    # Stable across processes (never hash(), which is salted per process).
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+    for p in skip:
+        if fnmatch.fnmatch(name, p) or fnmatch.fnmatch(leaf, p):
+            hits.add(p)
+            return f"skip {p!r}"
+    w = layer.weight
+    smaller = min(getattr(w, "ds_shape", w.shape))
+    if smaller < min_features:
+        return f"min_features {min_features} > {smaller}"
+    return None
 
 
 def convert(
@@ -35,38 +105,67 @@ def convert(
     min_features: int = 0,
     backend: str = "auto",
     seed: int = 0,
+    log_fn: Callable[[str], None] | None = None,
 ) -> nn.Module:
-    """Swap every eligible `nn.Linear` of `model` for `lptrain.nn.Linear`, in place.
+    """Swap every eligible linear layer of `model` for its lptrain version, in place.
 
     recipe: a name (`lptrain.recipes.names()`), a Recipe, an inline dict or a YAML path.
     skip: module-name globs (matched against the full dotted name and its last part, e.g.
-    'lm_head'); min_features: skip layers whose smaller dimension is below this. Parameters,
-    devices and dtypes are kept (the same tensors). Recipes that quantize nothing (fp32,
-    bf16) leave the model unchanged. Returns the model.
+    'lm_head'); a pattern that matches nothing is warned about. min_features: skip layers
+    whose smaller dimension is below this. Parameters, devices and dtypes are kept (the same
+    tensors). Each layer's random stream is seeded from (seed, its name). Recipes that
+    quantize nothing (fp32, bf16) leave plain layers alone. The summary goes to `log_fn`
+    (default: the `lptrain` logger at INFO). Returns the model.
     """
     recipe = resolve(recipe)
-    skip = tuple(skip) if not isinstance(skip, str) else (skip,)
-    if not recipe.quantizes:
-        return model
-    if isinstance(model, nn.Linear) and type(model) is nn.Linear:
+    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    if type(model) is nn.Linear:
         raise ValueError(
             "convert() swaps children in place; wrap a bare nn.Linear in a module "
             "or use lptrain.nn.Linear.from_float(linear, recipe)"
         )
-    for name, parent, child_name, child in list(_linears(model)):
-        if _skipped(name, child, skip, min_features):
+    resolved = resolve_backend(backend, recipe)
+    summary = ConversionSummary(recipe.name, resolved[0].name, resolved[1])
+    hits: set[str] = set()
+    for name, parent, child_name, child in list(_candidates(model)):
+        why = _skip_reason(name, child, skip, min_features, hits)
+        if why:
+            summary.skipped.append((name, why))
             continue
-        new = Linear.from_float(child, recipe, backend=backend, seed=_layer_seed(seed, name))
-        new.train(child.training)
+        if isinstance(child, Linear):
+            if child.recipe == recipe:
+                continue
+            summary.re_recipe.append((name, child.recipe.name))
+            new = type(child).from_float(child, recipe, backend=resolved, seed=int(child.seed))
+        elif not recipe.quantizes:
+            continue
+        else:
+            cls = Conv1D if _is_hf_conv1d(child) else Linear
+            new = cls.from_float(child, recipe, backend=resolved, seed=stable_seed(seed, name))
+        summary.converted.append(name)
         setattr(parent, child_name, new)
+    summary.unmatched_skips = [p for p in skip if p not in hits]
+    if summary.unmatched_skips:
+        warnings.warn(
+            f"lptrain.convert: skip patterns matched no layer: {summary.unmatched_skips}",
+            stacklevel=2,
+        )
+    if summary.converted:
+        (log_fn or log.info)(summary.text())
     return model
 
 
 def unconvert(model: nn.Module) -> nn.Module:
-    """Replace every lptrain Linear by a plain nn.Linear holding the same parameters."""
+    """Replace every lptrain layer by its plain version holding the same parameters."""
     for _, parent, child_name, child in list(_modules_of(model, Linear)):
-        with torch.device("meta"):
-            plain = nn.Linear(child.in_features, child.out_features, child.bias is not None)
+        if isinstance(child, Conv1D):
+            from transformers.pytorch_utils import Conv1D as HFConv1D
+
+            with torch.device("meta"):
+                plain = HFConv1D(child.out_features, child.in_features)
+        else:
+            with torch.device("meta"):
+                plain = nn.Linear(child.in_features, child.out_features, child.bias is not None)
         plain.weight = child.weight
         plain.bias = child.bias
         plain.train(child.training)
@@ -74,18 +173,20 @@ def unconvert(model: nn.Module) -> nn.Module:
     return model
 
 
-def _modules_of(model: nn.Module, cls) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+def _modules_of(model: nn.Module, match) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
+    test = match if callable(match) and not isinstance(match, type) else None
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
-            if isinstance(child, cls):
+            if (test(child) if test else isinstance(child, match)):
                 full = f"{parent_name}.{child_name}" if parent_name else child_name
                 yield full, parent, child_name, child
 
 
-def _linears(model: nn.Module):
-    for item in _modules_of(model, nn.Linear):
-        if type(item[3]) is nn.Linear:  # not subclasses (ours, or other frameworks' layers)
-            yield item
+def _candidates(model: nn.Module):
+    # Exactly nn.Linear (not other frameworks' subclasses), HF Conv1D, or ours (re-recipe).
+    return _modules_of(
+        model, lambda m: type(m) is nn.Linear or isinstance(m, Linear) or _is_hf_conv1d(m)
+    )
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, Linear]]:
@@ -95,20 +196,29 @@ def quantized_layers(model: nn.Module) -> Iterator[tuple[str, Linear]]:
 
 
 def seed_quantizers(model: nn.Module, seed: int, rank: int = 0) -> None:
-    """Seed every layer's stochastic-rounding generator from (seed, rank, layer name)."""
+    """Seed every layer's random stream from (seed, rank, layer name)."""
     for name, layer in quantized_layers(model):
-        layer.reseed(_layer_seed(seed * 65_537 + rank, name))
+        layer.reseed(stable_seed(seed * 65_537 + rank, name))
 
 
 def set_amax_reduce(model: nn.Module, fn) -> None:
     """fn(amax) -> amax reduced (MAX) over the data-parallel group, for stateful scaling."""
     for _, layer in quantized_layers(model):
-        layer.amax_reduce = fn
+        if layer.quant_state is not None:
+            for state in layer.quant_state.values():
+                state.amax_reduce = fn
+
+
+_PER_RANK = ("seed", "int32_overflows")
 
 
 def quantizer_state(model: nn.Module) -> dict:
-    """Per-rank state not (reliably) in the rank-0 module state_dict: generator states."""
-    return {name: layer.get_extra_state() for name, layer in quantized_layers(model)}
+    """Per-rank state that the rank-0 module state_dict does not carry: each layer's seed
+    (ranks draw different random numbers) and its overflow counter."""
+    return {
+        name: {k: getattr(layer, k).clone() for k in _PER_RANK}
+        for name, layer in quantized_layers(model)
+    }
 
 
 def load_quantizer_state(model: nn.Module, state: dict) -> None:
@@ -117,7 +227,9 @@ def load_quantizer_state(model: nn.Module, state: dict) -> None:
     if missing:
         raise ValueError(f"quantizer state lacks layers: {sorted(missing)[:5]}")
     for name, layer in layers.items():
-        layer.set_extra_state(state[name])
+        for k in _PER_RANK:
+            if k in state[name]:
+                getattr(layer, k).copy_(torch.as_tensor(state[name][k]))
 
 
 def collect_stats(model: nn.Module, every: int) -> None:

@@ -17,12 +17,11 @@ from lptrain.numerics.hadamard import TE_NVFP4_SIGNS, hadamard, hadamard_matrix,
 from lptrain.numerics.quantize import QuantizedTensor, QuantStats, fake_quantize, quantize
 from lptrain.numerics.rounding import round_to_format
 from lptrain.numerics.spec import QuantSpec
-from lptrain.numerics.state import DelayedScalingState, ScalingState
+from lptrain.numerics.state import ScalingState
 
 __all__ = [
     "DFPMatmulResult",
     "DFPTensor",
-    "DelayedScalingState",
     "Format",
     "QuantSpec",
     "QuantStats",

@@ -85,19 +85,23 @@ def _group_dims(spec: QuantSpec) -> tuple[int, ...]:
     return (-1,)
 
 
-def _tensor_ref(amax_t: torch.Tensor, spec: QuantSpec, state: ScalingState | None) -> torch.Tensor:
+def _tensor_ref(
+    amax_t: torch.Tensor, spec: QuantSpec, state: ScalingState | None, update: bool
+) -> torch.Tensor:
     """Two-level tensor reference: current amax, or sample-and-hold every amax_refresh calls."""
     if spec.amax_refresh == 1 or state is None:
         return amax_t
     refresh = (state.calls % spec.amax_refresh == 0) | (state.ref == 0)
-    state.ref.copy_(torch.where(refresh, amax_t, state.ref))
-    return state.ref.clone()
+    ref = torch.where(refresh, amax_t, state.ref)
+    if update:
+        state.ref.copy_(ref)
+    return ref
 
 
-def _delayed(amax: torch.Tensor, spec: QuantSpec, state: ScalingState) -> torch.Tensor:
+def _delayed(amax: torch.Tensor, spec: QuantSpec, state: ScalingState, update: bool):
     """Use the scale from the previous update, then record amax and update (TE, §2.2)."""
     enc = state.scale.clone()
-    if state.frozen:
+    if not update:
         return enc
     h = state.amax_history
     if bool(torch.isfinite(amax)):  # a NaN/Inf amax would freeze a 'max' history for L steps
@@ -109,18 +113,24 @@ def _delayed(amax: torch.Tensor, spec: QuantSpec, state: ScalingState) -> torch.
     return enc
 
 
-def _scales(xg: torch.Tensor, spec: QuantSpec, state: ScalingState | None, in_dtype: torch.dtype):
+def _scales(
+    xg: torch.Tensor,
+    spec: QuantSpec,
+    state: ScalingState | None,
+    update: bool,
+    in_dtype: torch.dtype,
+):
     """(enc, dec, global_dec) for the grouped tensor, broadcastable to it."""
     fmt: Format = spec.fmt
     dims = _group_dims(spec)
     if spec.scaling in ("tensor", "delayed"):
         amax = S.abs_max(xg)
-        if state is not None:
+        if state is not None and update:
             amax = state.reduce(amax)
         if spec.scaling == "delayed":
             if state is None:
                 raise ValueError("scaling='delayed' needs a ScalingState (state=...)")
-            enc = _delayed(amax, spec, state)
+            enc = _delayed(amax, spec, state, update)
         else:
             enc = S.current_enc(amax, fmt.max_finite, in_dtype, spec.pow2_scale)
         enc = enc / spec.headroom
@@ -144,9 +154,9 @@ def _scales(xg: torch.Tensor, spec: QuantSpec, state: ScalingState | None, in_dt
         return enc, dec, None
     # Two-level (NVFP4 / UE5M3): FP32 tensor scale x low-precision block scales.
     amax_t = S.abs_max(xg)
-    if state is not None:
+    if state is not None and update:
         amax_t = state.reduce(amax_t)
-    ref = _tensor_ref(amax_t, spec, state)
+    ref = _tensor_ref(amax_t, spec, state, update)
     target = spec.scale_target if spec.scale_target is not None else 448.0
     s_enc = S.global_enc(ref, target, fmt.max_finite)
     s_b, enc = S.two_level_block_scales(stat, s_enc, fmt, spec.scale_format)
@@ -157,6 +167,7 @@ def _core(
     x: torch.Tensor,
     spec: QuantSpec,
     state: ScalingState | None,
+    update: bool,
     generator: torch.Generator | None,
     signs: torch.Tensor | None,
 ) -> _Core:
@@ -177,10 +188,10 @@ def _core(
         enc = dec = gdec = None
         y = xg
     else:
-        enc, dec, gdec = _scales(xg, spec, state, x.dtype)
+        enc, dec, gdec = _scales(xg, spec, state, update, x.dtype)
         y = xg * enc
     q = round_to_format(y, fmt, spec.rounding, "saturate", generator)
-    if state is not None and not state.frozen:
+    if state is not None and update:
         state.calls += 1
     return _Core(q, dec, gdec, y, xg, xt.shape, signs)
 
@@ -219,6 +230,7 @@ def fake_quantize(
     spec: QuantSpec,
     *,
     state: ScalingState | None = None,
+    update: bool = True,
     generator: torch.Generator | None = None,
     signs: torch.Tensor | None = None,
     with_mask: bool = False,
@@ -229,8 +241,10 @@ def fake_quantize(
     With a Hadamard the result stays in the rotated domain (the rotation cancels in the GEMM,
     §3.2). Returns the tensor, or (tensor, extras) where extras has 'mask' (|x . enc| below the
     format max: the trust mask of QuEST/Quartet), 'stats' (QuantStats) and 'signs'.
+    `state` carries delayed-scaling history / sample-and-hold references between calls;
+    `update=False` uses it without recording anything (evaluation, recomputed forwards).
     """
-    c = _core(x, spec, state, generator, signs)
+    c = _core(x, spec, state, update, generator, signs)
     xh = _dequant(c.q, c.dec, c.gdec)
     out = _restore(xh, c.moved_shape, spec.axis, max(x.dim(), 1)).reshape(x.shape)
     if not (with_mask or with_stats):
@@ -299,17 +313,18 @@ def quantize(
     spec: QuantSpec,
     *,
     state: ScalingState | None = None,
+    update: bool = True,
     generator: torch.Generator | None = None,
     signs: torch.Tensor | None = None,
     with_stats: bool = False,
 ) -> QuantizedTensor:
     """Quantize `x` per `spec` into codes and scales (see module docstring for the steps).
 
-    `state` carries delayed-scaling history / sample-and-hold references between calls;
-    `generator` drives stochastic rounding and random Hadamard signs; `signs` forces a sign
-    vector (both operands of a GEMM must share it).
+    `state` carries delayed-scaling history / sample-and-hold references between calls
+    (`update=False`: use it, record nothing); `generator` drives stochastic rounding and random
+    Hadamard signs; `signs` forces a sign vector (both operands of a GEMM must share it).
     """
-    c = _core(x, spec, state, generator, signs)
+    c = _core(x, spec, state, update, generator, signs)
     codes, packed = _encode_codes(c.q, spec.fmt)
     stats = _stats(c, spec.fmt, _dequant(c.q, c.dec, c.gdec)) if with_stats else None
     return QuantizedTensor(

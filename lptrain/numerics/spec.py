@@ -5,7 +5,7 @@ Validated once at construction; inconsistent combinations raise ValueError namin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from lptrain.numerics.formats import Format, get_format
@@ -59,7 +59,6 @@ class QuantSpec:
     scale_from: str = "amax"
     clip_sigmas: float = E2M1_GAUSSIAN_CLIP
     headroom: float = 1.0
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, list):
@@ -85,8 +84,6 @@ class QuantSpec:
     def to_dict(self) -> dict[str, Any]:
         out = {}
         for f in fields(self):
-            if f.name == "extra":
-                continue
             v = getattr(self, f.name)
             if isinstance(v, Format):
                 v = v.name

@@ -1,10 +1,15 @@
-"""Explicit quantizer state that must survive a checkpoint.
+"""`ScalingState`: the quantizer state that must survive a checkpoint, as module buffers.
 
-`ScalingState` holds TE delayed-scaling history (§2.2) and the UE5M3 sample-and-hold tensor
-reference (§2.8). Tensors are FP32 (also when a model is bf16) and can be registered as module
-buffers; `state_dict()` / `load_state_dict()` round-trip them. `amax_reduce` (not saved) lets a
-trainer all-reduce (MAX) new amaxes over the data-parallel group, as TE does, so every rank
-holds the same history.
+TE delayed scaling (algorithms.md §2.2) keeps an amax history and the scale (enc) the next call
+uses; UE5M3 sample-and-hold (§2.8) keeps the held tensor reference `ref`, refreshed on a
+schedule counted by `calls`. One class holds all four tensors. It is an `nn.Module` so that a
+layer registers it as a submodule: the buffers travel in `state_dict()`, safetensors and
+DeepSpeed checkpoints, and they stay FP32 when the model is cast to bf16 (TE does the same).
+
+`amax_reduce` (a plain attribute, not saved) lets a trainer MAX-reduce each new amax over the
+data-parallel group, as TE does, so that every rank holds the same state. Whether a call
+*updates* the state is the caller's choice (`fake_quantize(..., update=False)`): evaluation
+forwards and recomputed forwards use it without changing it.
 """
 
 from __future__ import annotations
@@ -12,51 +17,48 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch import nn
+
+_FIELDS = ("amax_history", "scale", "ref", "calls")
 
 
-class ScalingState:
+class ScalingState(nn.Module):
     def __init__(self, history_len: int = 1024, device: torch.device | str | None = None):
-        self.amax_history = torch.zeros(history_len, dtype=torch.float32, device=device)
-        self.scale = torch.ones((), dtype=torch.float32, device=device)  # enc, TE's "scale"
-        self.ref = torch.zeros((), dtype=torch.float32, device=device)  # held tensor amax
-        self.calls = torch.zeros((), dtype=torch.int64, device=device)
+        super().__init__()
+        f32 = dict(dtype=torch.float32, device=device)
+        self.register_buffer("amax_history", torch.zeros(history_len, **f32))
+        self.register_buffer("scale", torch.ones((), **f32))  # enc, TE's "scale"
+        self.register_buffer("ref", torch.zeros((), **f32))  # held tensor amax
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64, device=device))
         self.amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-        # frozen: use `scale` without recording or updating (a backward re-quantization of an
-        # operand whose forward already updated this state).
-        self.frozen = False
-
-    @classmethod
-    def from_buffers(
-        cls, amax_history: torch.Tensor, scale: torch.Tensor, ref: torch.Tensor, calls: torch.Tensor
-    ) -> "ScalingState":
-        """A view on existing tensors (e.g. a module's buffers); updates write through."""
-        self = cls.__new__(cls)
-        self.amax_history, self.scale, self.ref, self.calls = amax_history, scale, ref, calls
-        self.amax_reduce = None
-        self.frozen = False
-        return self
 
     def reduce(self, amax: torch.Tensor) -> torch.Tensor:
         return self.amax_reduce(amax) if self.amax_reduce is not None else amax
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            "amax_history": self.amax_history.clone(),
-            "scale": self.scale.clone(),
-            "ref": self.ref.clone(),
-            "calls": self.calls.clone(),
-        }
+    def snapshot(self) -> "ScalingState":
+        """A detached copy: what a later replay of this call (a recomputed forward) must see."""
+        copy = ScalingState(0, device=self.scale.device)
+        for name in _FIELDS:
+            setattr(copy, name, getattr(self, name).detach().clone())
+        return copy
 
-    def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
-        for k in ("amax_history", "scale", "ref", "calls"):
-            getattr(self, k).copy_(d[k])
+    def _apply(self, fn, recurse=True):
+        # Move between devices, never change dtype: model.to(torch.bfloat16) keeps FP32 state.
+        def keep_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(out.device)
 
-    def __repr__(self) -> str:
-        return (
-            f"ScalingState(history_len={self.amax_history.numel()}, "
-            f"scale={float(self.scale):.6g}, calls={int(self.calls)})"
+        return super()._apply(keep_dtype, recurse)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        # A checkpoint without any of our keys (a plain nn.Linear one): start fresh, not fail.
+        if not any(k.startswith(prefix) for k in state_dict):
+            missing_keys[:] = [k for k in missing_keys if not k.startswith(prefix)]
 
-
-# The name the issue uses for the delayed-scaling state object.
-DelayedScalingState = ScalingState
+    def extra_repr(self) -> str:
+        return f"history_len={self.amax_history.numel()}"

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lptrain.train import precision
+import lptrain.nn as lpnn
 
 FORMAT = 1
 _TAG = re.compile(r"^step(\d+)$")
@@ -76,7 +76,7 @@ def save(
     _barrier()
     side = {
         "rng": _rng_state(),
-        "quantizer": precision.quantizer_state(model),
+        "quantizer": lpnn.quantizer_state(model),
         "progress": asdict(progress),
         "format": FORMAT,
     }
@@ -134,6 +134,7 @@ def load(engine, model: nn.Module, ckpt_dir: Path, tag: str) -> Progress:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     side = torch.load(ckpt_dir / tag / f"lptrain_rank{rank}.pt", weights_only=False)
     _set_rng_state(side["rng"])
-    precision.load_quantizer_state(model, side["quantizer"])
+    if side["quantizer"]:
+        lpnn.load_quantizer_state(model, side["quantizer"])
     fields = {k: v for k, v in client["lptrain"].items() if k in Progress.__dataclass_fields__}
     return Progress(**fields)

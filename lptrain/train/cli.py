@@ -11,11 +11,11 @@ import argparse
 import json
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 from lptrain.train.config import ConfigError
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
 EPILOG = """examples:
   lptrain train recipes/pretrain/tiny-fp8.yaml
@@ -85,11 +85,21 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+def recipe_files() -> list[tuple[str, Path]]:
+    """(name, path) of the shipped recipe files: `recipes/` of a checkout, installed as the
+    package data `lptrain.recipe_files`, so this works from a wheel too."""
+    root = resources.files("lptrain.recipe_files")
+    with resources.as_file(root) as base:
+        return sorted(
+            (f"recipes/{p.relative_to(base).as_posix()}", p) for p in Path(base).rglob("*.yaml")
+        )
+
+
 def cmd_recipes() -> int:
     print("recipe files:")
-    for path in sorted(RECIPES_DIR.rglob("*.yaml")):
-        print(f"  {path.relative_to(RECIPES_DIR.parent)}")
-    from lptrain.nn import recipes
+    for name, _ in recipe_files():
+        print(f"  {name}")
+    from lptrain import recipes
 
     print("precision recipes (precision.recipe):")
     for name in recipes.names():
@@ -113,15 +123,16 @@ def _agree(value: str) -> str:
 
 def _prepare(args):
     """Everything that can fail on user input, before any heavy work."""
-    from lptrain.train import config, engine, model, precision
+    from lptrain.train import config, converters, data, engine, model
 
     cfg = config.load(args.recipe, args.overrides)
-    model.model_args(cfg.model, vocab_size=257, max_seq_len=cfg.data.block_size)
+    tok = data.load_tokenizer(cfg.data.tokenizer)
+    model.model_args(cfg.model, vocab_size=tok.vocab_size, max_seq_len=cfg.data.block_size)
     info = engine.dist_env(args.local_rank)
     engine.check_batch(cfg, info)
     ds_config = engine.deepspeed_config(cfg, info.world)
-    recipe = precision.resolve(cfg.precision)
-    return cfg, info, ds_config, recipe
+    convs = converters.build(cfg)
+    return cfg, info, ds_config, convs, tok
 
 
 def _write_run_files(run_dir: Path, cfg, ds_config: dict) -> None:
@@ -133,7 +144,7 @@ def _write_run_files(run_dir: Path, cfg, ds_config: dict) -> None:
 
 
 def cmd_train(args) -> int:
-    cfg, info, ds_config, recipe = _prepare(args)
+    cfg, info, ds_config, convs, tok = _prepare(args)
     from lptrain.train import engine, trainer
     from lptrain.train.monitor import Monitor
 
@@ -146,7 +157,7 @@ def cmd_train(args) -> int:
         if info.rank == 0:
             print(msg, file=sys.stderr, flush=True)
 
-    s = trainer.setup(cfg, ds_config, recipe, info, run_dir, say)
+    s = trainer.setup(cfg, ds_config, convs, tok, info, run_dir, say)
     monitor = Monitor(cfg.logging, run_dir, trainer.describe_config(cfg), s.total_steps, info.rank)
     try:
         p = trainer.run(s, monitor, monitor.say)

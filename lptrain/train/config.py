@@ -40,6 +40,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    # Activation checkpointing of every decoder block (torch.utils.checkpoint, non-reentrant):
+    # the forward is recomputed in backward, bit for bit, quantizer state updated once.
+    checkpointing: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""Process group, precision conversion, the generated DeepSpeed config and `deepspeed.initialize`.
+"""Everything DeepSpeed: process group, the generated config, `deepspeed.initialize`, and the
+engine's step bookkeeping (gradient norm, skipped updates) that other modules must not touch.
 
-The order matters and is fixed here: seed -> build model -> convert (quantized Linear swap) ->
-seed quantizers -> amax all-reduce hook -> `deepspeed.initialize`. Anything that edits
-parameters after `initialize` is undone by the optimizer's fp32 master copy.
+The order is fixed by the trainer: seed -> build model -> converters (train/converters.py) ->
+`initialize`. Anything that edits parameters after `initialize` is undone by the optimizer's
+fp32 master copy.
 """
 
 from __future__ import annotations
@@ -176,3 +177,59 @@ def initialize(model: nn.Module, cfg: TrainConfig, ds_config: dict, total_steps:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
     return engine, scheduler
+
+
+# ---------------------------------------------------------------- step bookkeeping
+
+
+def manual_nonfinite_check(cfg: TrainConfig) -> bool:
+    """Stage 0 fp32 has no overflow check in DeepSpeed (ZeRO and bf16 have one): lptrain must
+    compute the gradient norm and skip non-finite updates itself."""
+    return cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.dtype == "fp32"
+
+
+def _grad_norm(model: nn.Module) -> float:
+    norms = [
+        torch.linalg.vector_norm(p.grad.float()) for p in model.parameters() if p.grad is not None
+    ]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def _skip_update(engine) -> None:
+    """Drop the grads and do the engine's bookkeeping, as ZeRO and bf16 do on a non-finite norm:
+    no optimizer or scheduler step, the micro-step counter still advances (it decides the
+    accumulation boundary) and the skip is counted in `engine.skipped_steps`."""
+    engine.zero_grad()
+    engine.micro_steps += 1
+    engine.skipped_steps += 1
+
+
+def micro_step(engine, manual_check: bool) -> float | None:
+    """`engine.step()` after one micro-batch's backward. At the accumulation boundary returns
+    the global gradient norm (non-finite: the update was skipped); elsewhere None."""
+    boundary = engine.is_gradient_accumulation_boundary()
+    if boundary and manual_check:
+        norm = _grad_norm(engine.module)
+        if not math.isfinite(norm):
+            _skip_update(engine)
+            return norm
+        engine.step()
+        return norm
+    engine.step()
+    if not boundary:
+        return None
+    raw = engine.get_global_grad_norm()  # None, a float or a 0-d tensor, by mode
+    return float(raw) if raw is not None else float("nan")
+
+
+def all_reduce(values: list[float], op) -> list[float]:
+    """Reduce a few floats over all ranks (a no-op in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    # NCCL reduces only CUDA tensors; gloo only CPU ones.
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()

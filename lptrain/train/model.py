@@ -7,13 +7,13 @@ norms and embeddings stay in high precision. Module names follow Llama (`attn.wq
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lptrain.train.config import ConfigError, ModelConfig
 
@@ -32,6 +32,7 @@ class ModelArgs:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    checkpointing: bool = False
 
 
 # Widths are multiples of 32 (128 from "tiny" up) so every block-scaled format (MX: 32,
@@ -76,6 +77,7 @@ def model_args(cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> ModelArgs
         rope_theta=cfg.rope_theta,
         norm_eps=cfg.norm_eps,
         init_std=cfg.init_std,
+        checkpointing=cfg.checkpointing,
         **values,
     )
 
@@ -185,8 +187,12 @@ class Decoder(nn.Module):
         T = idx.shape[1]
         cos, sin = self.rope_cos[:T].float(), self.rope_sin[:T].float()
         x = self.embed(idx)  # (B, T, C)
+        recompute = self.args.checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            if recompute:  # keep only the block inputs; recompute the rest in backward
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -207,7 +213,3 @@ def count_params(model: nn.Module) -> int:
             seen.add(id(p))
             total += getattr(p, "ds_numel", p.numel())
     return total
-
-
-def describe(a: ModelArgs) -> str:
-    return ", ".join(f"{f.name}={getattr(a, f.name)}" for f in dataclasses.fields(a))

@@ -1,4 +1,8 @@
-"""The training loop: build, resume, step, evaluate, checkpoint, stop on a signal."""
+"""The training loop: build, resume, step, evaluate, checkpoint, stop on a signal.
+
+`run` is handed the step function (`train_step` by default; converters may wrap it, e.g. a
+multi-precision step); it never reaches into DeepSpeed (engine.py owns that).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,12 @@ import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 
-from lptrain.train import checkpoint, data, precision
+from lptrain.train import checkpoint, converters, data
 from lptrain.train import engine as eng
 from lptrain.train.checkpoint import Progress
 from lptrain.train.config import TrainConfig, to_yaml
@@ -46,6 +51,8 @@ class Session:
     ckpt_dir: Path
     config_hash: str
     manual_nonfinite_check: bool  # stage 0 fp32: DeepSpeed does not skip non-finite steps
+    converters: list
+    step_fn: Callable[["Session", Progress], "StepResult"]
 
 
 class StopFlag:
@@ -62,16 +69,6 @@ class StopFlag:
         self.raised = True
 
 
-def _all_reduce(values: list[float], op) -> list[float]:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return values
-    # NCCL reduces only CUDA tensors; gloo only CPU ones.
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=op)
-    return t.tolist()
-
-
 def total_steps(cfg: TrainConfig, layout: data.Layout) -> int:
     limits = [cfg.run.max_steps] if cfg.run.max_steps is not None else []
     if cfg.run.max_tokens is not None:
@@ -80,16 +77,21 @@ def total_steps(cfg: TrainConfig, layout: data.Layout) -> int:
 
 
 def setup(
-    cfg: TrainConfig, ds_config: dict, recipe, info: eng.DistInfo, run_dir: Path, say
+    cfg: TrainConfig,
+    ds_config: dict,
+    convs: list,
+    tok: data.Tokenizer,
+    info: eng.DistInfo,
+    run_dir: Path,
+    say,
 ) -> Session:
     layout = data.Layout(cfg.deepspeed.micro_batch, cfg.deepspeed.grad_accum, info.world, info.rank)
-    tok = data.load_tokenizer(cfg.data.tokenizer)
     blocks = data.load_blocks(cfg.data, tok, info.rank == 0, dist.barrier)
     split = data.split(len(blocks), cfg.data.val_fraction)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, tok.vocab_size, cfg.data.block_size)
-    model = precision.convert(model, cfg.precision, recipe, cfg.run.seed, info.rank)
-    precision.set_amax_reduce(model, cfg.precision, info.world)
+    ctx = converters.ConvertContext(cfg.run.seed, info.rank, info.world, say)
+    model = converters.apply(model, convs, ctx)
     say(
         f"model: {count_params(model) / 1e6:.2f}M parameters, precision {cfg.precision.recipe!r}, "
         f"{len(split.train)} train / {len(split.val)} val blocks of {cfg.data.block_size} tokens"
@@ -98,7 +100,6 @@ def setup(
     engine, _ = eng.initialize(model, cfg, ds_config, steps)
     # Dropout and stochastic rounding draw from per-rank streams from here on.
     torch.manual_seed(cfg.run.seed * 1000003 + info.rank)
-    stage0_fp32 = cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.dtype == "fp32"
     return Session(
         cfg=cfg,
         engine=engine,
@@ -109,31 +110,14 @@ def setup(
         total_steps=steps,
         ckpt_dir=run_dir / "checkpoints",
         config_hash=hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16],
-        manual_nonfinite_check=stage0_fp32,
+        manual_nonfinite_check=eng.manual_nonfinite_check(cfg),
+        converters=convs,
+        step_fn=converters.wrap_step(train_step, convs),
     )
 
 
-def _grad_norm(s: Session) -> float:
-    """Stage 0 fp32: DeepSpeed reports no norm there, so compute it from the reduced grads."""
-    norms = [
-        torch.linalg.vector_norm(p.grad.float()) for p in s.model.parameters() if p.grad is not None
-    ]
-    return float(torch.linalg.vector_norm(torch.stack(norms)))
-
-
-def _skip_update(engine) -> None:
-    """Stage 0 fp32 has no overflow check: drop the grads and do the engine's bookkeeping.
-
-    Mirrors what ZeRO and bf16 do on a non-finite norm: no optimizer or scheduler step, the
-    micro-step counter still advances (it decides the accumulation boundary) and the skip is
-    counted in `engine.skipped_steps`.
-    """
-    engine.zero_grad()
-    engine.micro_steps += 1
-    engine.skipped_steps += 1
-
-
 def train_step(s: Session, p: Progress) -> StepResult:
+    """One optimizer step: `accum` micro-batches of forward and backward, then the update."""
     e = s.engine
     loss_sum, grad_norm = 0.0, float("nan")
     for m in range(s.layout.accum):
@@ -142,16 +126,10 @@ def train_step(s: Session, p: Progress) -> StepResult:
         loss = e(batch)
         loss_sum += float(loss.detach())
         e.backward(loss)
-        if e.is_gradient_accumulation_boundary() and s.manual_nonfinite_check:
-            grad_norm = _grad_norm(s)
-            if not math.isfinite(grad_norm):
-                _skip_update(e)
-                continue
-        e.step()
-    if not s.manual_nonfinite_check:
-        raw = e.get_global_grad_norm()
-        grad_norm = float(raw) if raw is not None else float("nan")
-    (loss_total,) = _all_reduce([loss_sum], dist.ReduceOp.SUM)
+        norm = eng.micro_step(e, s.manual_nonfinite_check)
+        if norm is not None:
+            grad_norm = norm
+    (loss_total,) = eng.all_reduce([loss_sum], dist.ReduceOp.SUM)
     mean_loss = loss_total / (s.layout.accum * s.layout.world)
     skipped = not (math.isfinite(mean_loss) and math.isfinite(grad_norm))
     return StepResult(mean_loss, grad_norm, skipped)
@@ -162,7 +140,7 @@ def evaluate(s: Session) -> float:
     s.engine.eval()
     total = sum(float(s.engine(b.to(s.engine.device))) for b in s.val)
     s.engine.train()
-    (total,) = _all_reduce([total], dist.ReduceOp.SUM)
+    (total,) = eng.all_reduce([total], dist.ReduceOp.SUM)
     return total / (len(s.val) * s.layout.world)
 
 
@@ -221,7 +199,7 @@ def run(s: Session, monitor: Monitor, say) -> Progress:
     monitor.start_at(p.step)
     stop, streak, meter = StopFlag(), 0, Throughput(p.tokens)
     while p.step < s.total_steps:
-        r = train_step(s, p)
+        r = s.step_fn(s, p)
         streak = streak + 1 if r.skipped else 0
         p = replace(
             p,
@@ -230,6 +208,7 @@ def run(s: Session, monitor: Monitor, say) -> Progress:
             tokens=p.tokens + G * cfg.data.block_size,
             skipped=p.skipped + r.skipped,
         )
+        converters.after_step(s.model, s.converters, p.step)
         if p.step % cfg.logging.interval == 0 or p.step == s.total_steps:
             monitor.log(_train_row(s, p, r, meter))
         if cfg.run.nonfinite_limit and streak >= cfg.run.nonfinite_limit:
@@ -239,7 +218,7 @@ def run(s: Session, monitor: Monitor, say) -> Progress:
             p.step % cfg.run.eval_interval == 0 or p.step == s.total_steps
         ):
             monitor.log({"step": p.step, "val_loss": evaluate(s)})
-        (stopping,) = _all_reduce([float(stop.raised)], dist.ReduceOp.MAX)
+        (stopping,) = eng.all_reduce([float(stop.raised)], dist.ReduceOp.MAX)
         stopping = stopping or p.step == cfg.run.stop_at_step
         periodic = cfg.checkpoint.interval and p.step % cfg.checkpoint.interval == 0
         final = p.step == s.total_steps and cfg.checkpoint.save_final
@@ -253,6 +232,7 @@ def run(s: Session, monitor: Monitor, say) -> Progress:
 
 def describe_config(cfg: TrainConfig) -> dict:
     d = dataclasses.asdict(cfg)
-    if not precision.is_high_precision(cfg.precision):
-        d["precision_resolved"] = precision.recipe_dict(cfg.precision)
+    resolved = converters.recipe_dict(cfg)
+    if resolved is not None:
+        d["precision_resolved"] = resolved
     return d

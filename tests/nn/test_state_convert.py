@@ -7,11 +7,12 @@ import io
 
 import pytest
 import torch
-from conftest import sqnr_db
+from lptrain.testing import sqnr_db
 from torch import nn
 
 import lptrain
-from lptrain.nn import Linear, RecipeError, recipes, seed_quantizers
+from lptrain import recipes
+from lptrain.nn import Linear, RecipeError, seed_quantizers
 
 
 class Nested(nn.Module):

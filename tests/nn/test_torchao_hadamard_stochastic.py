@@ -8,11 +8,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import Problem, sqnr_db
+from lptrain.testing import Problem, sqnr_db
 from torch import nn
 
 import lptrain
-from lptrain.nn import recipes, seed_quantizers
+from lptrain import recipes
+from lptrain.nn import seed_quantizers
 
 
 def _fwd_bwd(model: nn.Module, x: torch.Tensor, dy: torch.Tensor):

@@ -9,9 +9,9 @@ trains but trains worse fails here. benchmarks/bench_recipes_loss.py prints the 
 from __future__ import annotations
 
 import pytest
-import tinylm
 
-from lptrain.nn import recipes
+from lptrain import recipes
+from lptrain.testing import tinylm
 
 STEPS, BATCH = 300, 16
 

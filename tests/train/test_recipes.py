@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lptrain.train import engine, model, precision
+from lptrain.train import converters, engine, model
 from lptrain.train.config import load
 
 from .conftest import REPO
@@ -38,7 +38,7 @@ def test_recipe_parses_and_builds_deepspeed_config(path: Path):
     assert "wandb" not in ds and "scheduler" not in ds
     args = model.model_args(cfg.model, vocab_size=257, max_seq_len=cfg.data.block_size)
     assert args.dim % 32 == 0 and args.ffn_dim % 32 == 0
-    precision.resolve(cfg.precision)
+    converters.resolve_recipe(cfg.precision)
     if path.name.startswith("gpu-"):
         assert cfg.deepspeed.zero_stage in (2, 3) and cfg.deepspeed.dtype == "bf16"
     else:

@@ -1,4 +1,4 @@
-"""Named precision recipes (`lptrain.recipes.get(name)`, `names()`), each documented in prose.
+"""The named precision recipes (`lptrain.recipes.get(name)`, `names()`), each documented in prose.
 
 Every recipe is plain data built from `QuantSpec`s; the layer never branches on a recipe name.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lptrain.nn.recipe import GemmRecipe, Recipe, RecipeError, recipe_from_dict
+from lptrain.nn.recipe import GemmRecipe, Recipe
 from lptrain.numerics import QuantSpec
 
 E4M3, E5M2 = "fp8_e4m3", "fp8_e5m2"
@@ -273,30 +273,3 @@ def get(name: str | Recipe) -> Recipe:
     if name not in _CACHE:
         _CACHE[name] = _BUILDERS[name]()
     return _CACHE[name]
-
-
-def from_dict(d: dict[str, Any]) -> Recipe:
-    return recipe_from_dict(d)
-
-
-def load(path: str) -> Recipe:
-    """A recipe from a YAML file (the dict form; `base: <name>` to start from a named one)."""
-    import yaml
-
-    with open(path) as f:
-        d = yaml.safe_load(f)
-    return recipe_from_dict(d)
-
-
-def resolve(recipe: str | Recipe | dict[str, Any]) -> Recipe:
-    """A name, a Recipe, a dict (inline recipe) or a path to a .yaml file."""
-    if isinstance(recipe, Recipe):
-        return recipe
-    if isinstance(recipe, dict):
-        return recipe_from_dict(recipe)
-    if isinstance(recipe, str) and recipe.endswith((".yaml", ".yml")):
-        return load(recipe)
-    return get(recipe)
-
-
-__all__ = ["GemmRecipe", "Recipe", "RecipeError", "from_dict", "get", "load", "names", "resolve"]

@@ -1,0 +1,122 @@
+"""The emulated backend: fake-quantize both operands (lptrain.numerics, FP32 math), multiply in
+FP32. Pure PyTorch on any device; the reference every other backend must match bit for bit.
+
+INT32-accumulating GEMMs (`accumulate: int32`, the int16-dfp recipe) run the chunked INT16 x
+INT16 -> INT32 emulation of numerics/dfp.py instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from lptrain.nn.backends import Backend, GemmResult
+from lptrain.nn.recipe import GEMMS
+from lptrain.numerics import QuantSpec, dfp_matmul, dfp_quantize, fake_quantize
+
+if TYPE_CHECKING:
+    from lptrain.nn.call import CallContext
+    from lptrain.nn.recipe import GemmRecipe, Recipe
+
+
+def _lcm(*ns: int) -> int:
+    out = 1
+    for n in ns:
+        out = out * n // math.gcd(out, n)
+    return out
+
+
+def granularity(spec: QuantSpec | None) -> tuple[int, int]:
+    """(row multiple, reduction multiple) an operand needs for its blocks and rotation."""
+    if spec is None:
+        return 1, 1
+    red = spec.hadamard or 1
+    rows = 1
+    if spec.scaling == "block":
+        if spec.tile is not None:
+            rows, cols = spec.tile
+            red = _lcm(red, cols)
+        else:
+            red = _lcm(red, spec.block_size)
+    return rows, red
+
+
+def pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    pr = (-t.shape[0]) % rows
+    pc = (-t.shape[1]) % cols
+    return F.pad(t, (0, pc, 0, pr)) if pr or pc else t
+
+
+class EmulatedBackend(Backend):
+    name = "emulated"
+
+    def supports(self, recipe: "Recipe") -> str | None:
+        return None  # the definition: every recipe
+
+    def quantize(self, call, gemm, operand, t, spec, *, generator, signs, want_mask=False):
+        if spec is None:
+            return t if t.dtype == torch.float64 else t.float(), None
+        state, update = call.state(gemm, operand)
+        out = fake_quantize(
+            t,
+            spec,
+            state=state,
+            update=update,
+            generator=generator,
+            signs=signs,
+            with_mask=want_mask,
+            with_stats=call.collect,
+        )
+        if not (want_mask or call.collect):
+            return out, None
+        xq, extras = out
+        if call.collect:
+            call.record(gemm, operand, extras["stats"])
+        return xq, extras.get("mask")
+
+    def gemm(
+        self,
+        call: "CallContext",
+        gemm: str,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        *,
+        generator: torch.Generator,
+        signs: torch.Tensor | None,
+        want_mask: bool = False,
+        quantized: tuple[bool, bool] = (False, False),
+    ) -> GemmResult:
+        """The reduction axis is zero-padded to the operands' block/rotation multiple (zeros add
+        nothing to the GEMM and do not change amaxes; MX pads short blocks the same way)."""
+        gr = call.recipe.gemm(gemm)
+        if gr.accumulate == "int32":
+            return GemmResult(self._dfp_gemm(call, gemm, gr, a, b, generator), None, None, None, None)
+        op_a, op_b = GEMMS[gemm]
+        ra, ka = granularity(gr.a)
+        rb, kb = granularity(gr.b)
+        k = _lcm(ka, kb)
+        pa, pb = pad_to(a, ra, k), pad_to(b, rb, k)
+        spec_a = None if quantized[0] else gr.a
+        spec_b = None if quantized[1] else gr.b
+        kw = dict(generator=generator, signs=signs, want_mask=want_mask)
+        qa, ma = self.quantize(call, gemm, op_a, pa, spec_a, **kw)
+        qb, mb = self.quantize(call, gemm, op_b, pb, spec_b, **kw)
+        if qa.dtype != qb.dtype:  # a float64 layer: keep float64 through reused copies
+            qa, qb = qa.double(), qb.double()
+        c = qa @ qb.T
+        m, n = a.shape[0], b.shape[0]
+        crop_a = (lambda t: t[:m] if t is not None else None)
+        crop_b = (lambda t: t[:n] if t is not None else None)
+        return GemmResult(c[:m, :n], crop_a(qa), crop_b(qb), crop_a(ma), crop_b(mb))
+
+    def _dfp_gemm(
+        self, call: "CallContext", gemm: str, gr: "GemmRecipe", a, b, generator
+    ) -> torch.Tensor:
+        da = dfp_quantize(a, bits=gr.a.fmt.bits, rounding=gr.a.rounding, generator=generator)
+        db = dfp_quantize(b, bits=gr.b.fmt.bits, rounding=gr.b.rounding, generator=generator)
+        res = dfp_matmul(da, db, chunk=gr.chunk)
+        call.count_overflows(gemm, res.overflows)
+        return res.out
