@@ -1,4 +1,4 @@
-"""Final loss of the small transformer (tests/nn/tinylm.py: 2 layers, d=64, 4 heads, seq 32,
+"""Final loss of the small transformer (lptrain/testing/tinylm.py: 2 layers, d=64, 4 heads, seq 32,
 vocab 64, noisy successor-chain task) per recipe, and its ratio to FP32. Prints a markdown table.
 
     python benchmarks/bench_recipes_loss.py [--steps 300] [--recipes fp32,fp8-current]
@@ -9,16 +9,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "nn"))
-import tinylm  # noqa: E402
-
-from lptrain.nn import recipes  # noqa: E402
+from lptrain import recipes
+from lptrain.testing import tinylm
 
 
 def main() -> None:

@@ -4,8 +4,8 @@ Recipes (types, named catalog, dict/YAML form) are public as `lptrain.recipes`.
 """
 
 from lptrain.nn.convert import (
-    ConversionSummary,
     Conv1D,
+    ConversionSummary,
     collect_stats,
     convert,
     layer_stats,

@@ -177,7 +177,7 @@ def _modules_of(model: nn.Module, match) -> Iterator[tuple[str, nn.Module, str, 
     test = match if callable(match) and not isinstance(match, type) else None
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
-            if (test(child) if test else isinstance(child, match)):
+            if test(child) if test else isinstance(child, match):
                 full = f"{parent_name}.{child_name}" if parent_name else child_name
                 yield full, parent, child_name, child
 

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lptrain.nn.backends import Backend, resolve as resolve_backend
+from lptrain.nn.backends import Backend
+from lptrain.nn.backends import resolve as resolve_backend
 from lptrain.nn.call import CallContext, CallLedger, call_key, stable_seed
 from lptrain.nn.function import LinearFunction
 from lptrain.nn.recipe import GEMMS, Recipe

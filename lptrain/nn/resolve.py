@@ -16,7 +16,6 @@ from lptrain.nn.recipe import GEMMS, GemmRecipe, Recipe, RecipeError
 from lptrain.numerics import QuantSpec
 
 
-
 def _spec_from(d: Any, path: str) -> QuantSpec | None:
     if d is None:
         return None

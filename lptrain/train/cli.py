@@ -16,7 +16,6 @@ from pathlib import Path
 
 from lptrain.train.config import ConfigError
 
-
 EPILOG = """examples:
   lptrain train recipes/pretrain/tiny-fp8.yaml
   lptrain train recipes/pretrain/tiny-fp32.yaml --set run.max_steps=50 --set optim.lr=3e-3

@@ -143,3 +143,18 @@ def test_hadamard_spec_shared_signs_cancel_in_gemm():
     wq = fake_quantize(W, spec, signs=ex["signs"])
     err = (xq @ wq.T - X @ W.T).norm() / (X @ W.T).norm()
     assert err < 0.05
+
+
+def test_block_size_must_divide_axis():
+    spec = QuantSpec("fp4_e2m1", scaling="block", block_size=32, scale_format="e8m0")
+    with pytest.raises(ValueError, match=r"block_size 32 does not divide axis -1 \(length 48\)"):
+        quantize(torch.ones(4, 48), spec)
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize(torch.ones(48, 64), spec.replace(axis=0))
+    with pytest.raises(ValueError, match=r"tile \(16, 16\) does not divide"):
+        quantize(
+            torch.ones(24, 32),
+            QuantSpec("fp4_e2m1", scaling="block", block_size=(16, 16), scale_format="ue4m3"),
+        )
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize(torch.ones(4, 48), QuantSpec("fp8_e4m3", hadamard=32, scaling="none"))

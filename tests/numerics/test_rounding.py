@@ -11,7 +11,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lptrain.numerics import decode_table, encode, get_format, round_to_format
+from lptrain.numerics import (
+    QuantSpec,
+    decode_table,
+    dfp_quantize,
+    encode,
+    fake_quantize,
+    get_format,
+    hadamard,
+    quantize,
+    round_to_format,
+)
 
 from .conftest import MAXES, ML_DTYPES, ML_SATURATES, assert_bits_equal, ml_round
 
@@ -258,3 +268,22 @@ def test_bad_modes():
         round_to_format(torch.zeros(2), "fp8_e4m3", rounding="up")
     with pytest.raises(ValueError, match="overflow"):
         round_to_format(torch.zeros(2), "fp8_e4m3", overflow="wrap")
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.int32, torch.int64, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.complex64],
+)
+def test_non_floating_tensors_rejected(dtype):
+    x = torch.ones(4, 32).to(dtype)
+    for call in (
+        lambda: round_to_format(x, "fp8_e4m3"),
+        lambda: quantize(x, QuantSpec("fp8_e4m3")),
+        lambda: fake_quantize(x, QuantSpec("fp4_e2m1", scaling="none")),
+        lambda: hadamard(x, 32),
+        lambda: dfp_quantize(x),
+    ):
+        with pytest.raises(TypeError, match="float"):
+            call()
+    with pytest.raises(TypeError):
+        round_to_format([1.0, 2.0], "fp8_e4m3")

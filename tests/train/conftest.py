@@ -13,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "recipes" / "pretrain"
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))  # every shipped recipe file
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 # A nano model for a few steps: seconds per run, and the loss still falls clearly.

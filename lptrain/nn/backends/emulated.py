@@ -50,6 +50,10 @@ def pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return F.pad(t, (0, pc, 0, pr)) if pr or pc else t
 
 
+def _rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return t[:n] if t is not None else None  # crop the row padding
+
+
 class EmulatedBackend(Backend):
     name = "emulated"
 
@@ -93,7 +97,9 @@ class EmulatedBackend(Backend):
         nothing to the GEMM and do not change amaxes; MX pads short blocks the same way)."""
         gr = call.recipe.gemm(gemm)
         if gr.accumulate == "int32":
-            return GemmResult(self._dfp_gemm(call, gemm, gr, a, b, generator), None, None, None, None)
+            return GemmResult(
+                self._dfp_gemm(call, gemm, gr, a, b, generator), None, None, None, None
+            )
         op_a, op_b = GEMMS[gemm]
         ra, ka = granularity(gr.a)
         rb, kb = granularity(gr.b)
@@ -108,9 +114,7 @@ class EmulatedBackend(Backend):
             qa, qb = qa.double(), qb.double()
         c = qa @ qb.T
         m, n = a.shape[0], b.shape[0]
-        crop_a = (lambda t: t[:m] if t is not None else None)
-        crop_b = (lambda t: t[:n] if t is not None else None)
-        return GemmResult(c[:m, :n], crop_a(qa), crop_b(qb), crop_a(ma), crop_b(mb))
+        return GemmResult(c[:m, :n], _rows(qa, m), _rows(qb, n), _rows(ma, m), _rows(mb, n))
 
     def _dfp_gemm(
         self, call: "CallContext", gemm: str, gr: "GemmRecipe", a, b, generator

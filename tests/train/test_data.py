@@ -1,16 +1,14 @@
-"""Small pure pieces: data order, packing through `datasets`, lr schedule, model, overrides."""
+"""Corpus, packing, split and batch order (train/data.py)."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
-import pytest
 import torch
 
-from lptrain.train import data, engine
-from lptrain.train.config import ConfigError, DataConfig, ModelConfig, TrainConfig, parse
-from lptrain.train.model import build_model
+from lptrain.train import data
+from lptrain.train.config import DataConfig
 
 
 def _samples(layout: data.Layout, src: data.BatchSource, step: int) -> list[tuple]:
@@ -68,43 +66,3 @@ def test_embedded_corpus_is_the_stdlib_in_sorted_order():
     assert len(files) > 500 and all(f.suffix == ".py" for f in files)
     assert not any("site-packages" in f.parts or "test" in f.parts for f in files)
     assert files == sorted(files, key=lambda p: p.as_posix())
-
-
-def test_lr_schedule_warmup_then_cosine_to_floor():
-    cfg = parse(
-        {"run": {"max_steps": 100}, "optim": {"lr": 1.0, "warmup_steps": 9, "min_lr_ratio": 0.1}}
-    )
-    f = engine.lr_lambda(cfg, 100)
-    assert [round(f(s), 6) for s in (0, 4, 8)] == [0.1, 0.5, 0.9]
-    assert f(9) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
-    assert f(50) > f(60) > f(90)
-    lin = engine.lr_lambda(parse({"run": {"max_steps": 10}, "optim": {"decay": "linear"}}), 10)
-    assert lin(5) == pytest.approx(0.1 + 0.9 * 0.5)
-
-
-def test_model_linears_are_plain_and_loss_is_near_uniform_at_init():
-    torch.manual_seed(0)
-    m = build_model(ModelConfig(preset="nano"), 257, 16)
-    kinds = {type(mod) for name, mod in m.named_modules() if name.endswith(("wq", "w1", "lm_head"))}
-    assert kinds == {torch.nn.Linear}
-    loss = m(torch.randint(0, 257, (2, 17)))
-    assert abs(loss.item() - np.log(320)) < 0.2  # vocab padded to 320
-    untied = build_model(ModelConfig(preset="nano", tie_embeddings=False), 257, 16)
-    assert untied.lm_head.weight is not untied.embed.weight
-    assert m.lm_head.weight is m.embed.weight
-
-
-def test_causal_attention_ignores_the_future():
-    torch.manual_seed(0)
-    m = build_model(ModelConfig(preset="nano"), 257, 16).eval()
-    x = torch.randint(0, 257, (1, 16))
-    y = x.clone()
-    y[0, 10:] = (y[0, 10:] + 1) % 257
-    assert torch.allclose(m.logits(x)[0, :10], m.logits(y)[0, :10], atol=1e-6)
-
-
-def test_defaults_parse_and_types_are_strict():
-    cfg = parse({"run": {"max_steps": 1}, "optim": {"lr": "1e-3"}})
-    assert isinstance(cfg, TrainConfig) and cfg.optim.lr == 1e-3
-    with pytest.raises(ConfigError, match=r"^deepspeed.micro_batch: must be >= 1"):
-        parse({"run": {"max_steps": 1}, "deepspeed": {"micro_batch": 0}})

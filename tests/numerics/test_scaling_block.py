@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lptrain.numerics import QuantSpec, ScalingState, fake_quantize, quantize
+from lptrain.numerics import QuantSpec, ScalingState, fake_quantize, quantize, round_to_format
 
 from .conftest import MAXES, assert_bits_equal, ml_round
 
@@ -276,3 +276,34 @@ def test_ue5m3_headroom():
         qt = quantize(x, spec, state=st)
         assert qt.scales.max().item() == 61440.0  # 61376 rounds up to max; 61824 clamps
         assert (qt.dequantize().max().item() < rho * 0.999) == sat
+
+
+def test_nan_only_blocks_documented_results():
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    x[1, :32] = math.nan
+    # MX (OCP): a NaN block has a NaN scale and decodes to NaN; other blocks are untouched.
+    mx = QuantSpec("fp4_e2m1", scaling="block", block_size=32, scale_format="e8m0")
+    y = fake_quantize(x, mx)
+    clean = fake_quantize(torch.nan_to_num(x, nan=0.0), mx)
+    assert bool(torch.isnan(y[1, :32]).all())
+    keep = torch.ones_like(x, dtype=torch.bool)
+    keep[1, :32] = False
+    assert torch.equal(y[keep], clean[keep])
+    # FP32 block scales: amax NaN -> enc 1 (TE "no action possible"): NaNs propagate only there
+    fb = QuantSpec("fp8_e4m3", scaling="block", block_size=32)
+    y = fake_quantize(x, fb)
+    assert bool(torch.isnan(y[1, :32]).all()) and bool(torch.isfinite(y[keep]).all())
+    assert torch.equal(y[keep], fake_quantize(torch.nan_to_num(x, nan=0.0), fb)[keep])
+    # NVFP4: the NaN block is NaN; the tensor amax is NaN -> S_enc = 1; other blocks finite
+    nv = QuantSpec("fp4_e2m1", scaling="block", block_size=16, scale_format="ue4m3")
+    qt = quantize(x, nv)
+    assert qt.global_scale.item() == 1.0
+    y = qt.dequantize()
+    assert bool(torch.isnan(y[1, :32]).all()) and bool(torch.isfinite(y[keep]).all())
+    # per-tensor: enc 1, NaN stays NaN
+    y = fake_quantize(x, QuantSpec("fp8_e4m3"))
+    assert bool(torch.isnan(y[1, :32]).all())
+    # element rounding: NaN stays NaN for every format and mode
+    for name in ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp4_e2m1", "ue5m3", "e3m4", "int8"):
+        for mode in ("nearest", "stochastic"):
+            assert math.isnan(round_to_format(torch.tensor([math.nan]), name, mode).item())

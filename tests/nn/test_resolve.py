@@ -1,0 +1,69 @@
+"""Named recipes, the dict/YAML form and name lookup (nn/catalog.py, nn/resolve.py)."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+import lptrain
+from lptrain import recipes
+from lptrain.nn import RecipeError
+
+
+def test_recipe_from_dict_base_plus_overrides_and_round_trip():
+    r = recipes.from_dict(
+        {
+            "base": "nvfp4",
+            "grad_weight": {"grad_output": {"rounding": "nearest"}},
+            "trust_mask": False,
+        }
+    )
+    base = recipes.get("nvfp4")
+    assert r.grad_weight.a.rounding == "nearest"
+    assert r.grad_weight.a.hadamard == 16  # other fields kept
+    assert r.output == base.output and r.grad_input == base.grad_input
+    again = recipes.from_dict(r.to_dict())
+    assert again == r
+    for name in recipes.names():
+        assert recipes.from_dict(recipes.get(name).to_dict()) == recipes.get(name)
+
+
+def test_recipe_yaml(tmp_path):
+    p = tmp_path / "my.yaml"
+    p.write_text("base: fp8-current\nname: mine\noutput:\n  input:\n    format: fp8_e5m2\n")
+    m = lptrain.convert(nn.Sequential(nn.Linear(32, 32)), str(p))
+    assert m[0].recipe.name == "mine" and m[0].recipe.output.a.format == "fp8_e5m2"
+
+
+@pytest.mark.parametrize(
+    "d, path",
+    [
+        (
+            {"base": "fp8-current", "grad_input": {"grad_output": {"format": "fp9"}}},
+            r"^grad_input\.grad_output\.format",
+        ),
+        (
+            {"base": "fp8-current", "grad_input": {"grad_output": {"formatt": "fp8_e5m2"}}},
+            r"^grad_input\.grad_output\.formatt: unknown QuantSpec field",
+        ),
+        (
+            {"base": "fp8-current", "grad_weight": {"bias": None}},
+            r"^grad_weight\.bias: unknown key",
+        ),
+        ({"base": "fp8-current", "colour": 1}, r"^colour: unknown recipe key"),
+        ({"base": "fp8-current", "output": {"chunk": "8"}}, r"^output\.chunk: expected an int"),
+        ({"base": "fp8-current", "trust_mask": "yes"}, r"^trust_mask: expected bool"),
+    ],
+)
+def test_recipe_errors_name_the_field_path(d, path):
+    with pytest.raises(RecipeError, match=path):
+        recipes.from_dict(d)
+
+
+def test_unknown_recipe_lists_known_ones():
+    with pytest.raises(ValueError, match=r"unknown recipe 'fp7'.*fp8-current.*nvfp4"):
+        recipes.get("fp7")
+    with pytest.raises(RecipeError, match=r"^base: unknown recipe 'fp7'"):
+        recipes.from_dict({"base": "fp7"})
+    with pytest.raises(ValueError, match="known recipes"):
+        lptrain.convert(nn.Sequential(nn.Linear(8, 8)), "fp7")

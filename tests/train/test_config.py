@@ -1,0 +1,23 @@
+"""Typed recipe files (train/config.py): every shipped recipe parses; types are strict."""
+
+from __future__ import annotations
+
+import pytest
+
+from lptrain.train.config import ConfigError, TrainConfig, parse
+
+from .conftest import RECIPES
+
+
+def test_required_recipes_exist():
+    names = {p.name for p in RECIPES}
+    tiny = {f"tiny-{x}.yaml" for x in ("fp32", "bf16", "fp8", "nvfp4", "quartet", "int16-dfp")}
+    assert tiny <= names
+    assert {n.split("-")[1] for n in names if n.startswith("gpu-")} == {"125m", "1b", "7b"}
+
+
+def test_defaults_parse_and_types_are_strict():
+    cfg = parse({"run": {"max_steps": 1}, "optim": {"lr": "1e-3"}})
+    assert isinstance(cfg, TrainConfig) and cfg.optim.lr == 1e-3
+    with pytest.raises(ConfigError, match=r"^deepspeed.micro_batch: must be >= 1"):
+        parse({"run": {"max_steps": 1}, "deepspeed": {"micro_batch": 0}})
