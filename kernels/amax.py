@@ -32,9 +32,11 @@ class Amax:
 
 
 @triton.jit
-def _amax_kernel(x_ptr, R, C, stride_r, stride_c, signs_ptr, tile_ptr, row_ptr, col_ptr,
-                 BR: tl.constexpr, BC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-                 HAD_LOG2N: tl.constexpr, HAD_SCALE: tl.constexpr, SIGNS: tl.constexpr):  # fmt: skip
+def _amax_kernel(
+    x_ptr, R, C, stride_r, stride_c, signs_ptr, tile_ptr, row_ptr, col_ptr,
+    BR: tl.constexpr, BC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+    HAD_LOG2N: tl.constexpr, HAD_SCALE: tl.constexpr, SIGNS: tl.constexpr,
+):  # fmt: skip
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_r * BR + tl.arange(0, BR)

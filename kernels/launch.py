@@ -24,7 +24,6 @@ from lptrain.kernels.quantize import (
 from lptrain.numerics import get_format
 from lptrain.numerics.formats import Format
 
-
 TENSOR_MODE, ROW_MODE = TENSOR, ROW
 BLOCK_MODES = {"fp32": BLOCK_FP32, "e8m0": BLOCK_E8M0, "ue4m3": BLOCK_2LVL, "ue5m3": BLOCK_2LVL}
 GIVEN_MODE = BLOCK_GIVEN
