@@ -21,6 +21,12 @@ from lptrain.numerics import QuantSpec
 from lptrain.numerics import scaling as S
 
 
+def _seed(spec: QuantSpec, seed: int | None) -> int | None:
+    if spec.rounding == "stochastic" and seed is None:
+        raise ValueError("stochastic rounding needs a seed")
+    return seed if spec.rounding == "stochastic" else None
+
+
 def current_scales(amax: torch.Tensor, bad: torch.Tensor, spec: QuantSpec, in_dtype):
     """(enc, dec) of tensor / row current scaling from finite amaxes: the reference's
     `current_enc(...) / headroom` and `1 / enc`; groups holding a NaN/Inf get NaN scales
@@ -45,7 +51,10 @@ def quantize_tensorwise(
 ) -> KernelResult:
     """Quantize a 2-D operand with one scale. `enc` given (delayed scaling: the scale from the
     previous update, already divided by the headroom) skips the amax pass and records the
-    amax in the cast pass instead (`result.amax`). `transpose` also writes codes.T."""
+    amax in the cast pass instead (`result.amax`). `transpose` also writes codes.T (8-bit and
+    wider codes; packed FP4 has no transposed copy)."""
+    if transpose and spec.fmt.bits == 4:
+        raise ValueError("a transposed copy of packed 4-bit codes is not supported")
     if enc is None:
         a = amax_2d(x)
         enc, dec = current_scales(a.tensor, a.tensor_bad, spec, x.dtype)
@@ -56,7 +65,7 @@ def quantize_tensorwise(
         amax = None
     out = launch(
         x, spec.fmt, TENSOR_MODE, enc=enc.reshape(1), dec=dec.reshape(1), codes=codes,
-        transpose=transpose, dense=dense, seed=seed, amax=amax is None,
+        transpose=transpose, dense=dense, seed=_seed(spec, seed), amax=amax is None,
     )  # fmt: skip
     out.scales = dec
     if amax is not None:
@@ -83,7 +92,8 @@ def quantize_rowwise(
         col_enc, col_dec = current_scales(a.cols, a.cols_bad, spec, x.dtype)
     out = launch(
         x, spec.fmt, ROW_MODE, enc=enc.reshape(-1), dec=dec.reshape(-1),
-        col_enc=col_enc.reshape(-1) if colwise else None, codes=codes, dense=dense, seed=seed,
+        col_enc=col_enc.reshape(-1) if colwise else None, codes=codes, dense=dense,
+        seed=_seed(spec, seed),
     )  # fmt: skip
     out.scales = dec
     if colwise:
