@@ -33,10 +33,23 @@ class Amax:
 
 @triton.jit
 def _amax_kernel(
-    x_ptr, R, C, stride_r, stride_c, signs_ptr, tile_ptr, row_ptr, col_ptr,
-    BR: tl.constexpr, BC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
-    HAD_LOG2N: tl.constexpr, HAD_SCALE: tl.constexpr, SIGNS: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    R,
+    C,
+    stride_r,
+    stride_c,
+    signs_ptr,
+    tile_ptr,
+    row_ptr,
+    col_ptr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    HAD_LOG2N: tl.constexpr,
+    HAD_SCALE: tl.constexpr,
+    SIGNS: tl.constexpr,
+):
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_r * BR + tl.arange(0, BR)
@@ -84,10 +97,14 @@ def amax_2d(
     if x.numel() == 0:
         z = torch.zeros((), device=dev)
         no = torch.zeros((), dtype=torch.bool, device=dev)
-        return Amax(z, no, torch.zeros(R, 1, device=dev) if rows else None,
-                    torch.zeros(R, 1, dtype=torch.bool, device=dev) if rows else None,
-                    torch.zeros(1, C, device=dev) if cols else None,
-                    torch.zeros(1, C, dtype=torch.bool, device=dev) if cols else None)  # fmt: skip
+        return Amax(
+            z,
+            no,
+            torch.zeros(R, 1, device=dev) if rows else None,
+            torch.zeros(R, 1, dtype=torch.bool, device=dev) if rows else None,
+            torch.zeros(1, C, device=dev) if cols else None,
+            torch.zeros(1, C, dtype=torch.bool, device=dev) if cols else None,
+        )
     br, bc = block
     if hadamard:
         bc = max(bc, hadamard)
@@ -97,10 +114,23 @@ def amax_2d(
     col_p = torch.empty(2, grid[0], C, device=dev) if cols else tile
     log2n = int(math.log2(hadamard)) if hadamard else 0
     _amax_kernel[grid](
-        x, R, C, x.stride(0), x.stride(1), signs if signs is not None else tile,
-        tile, row_p, col_p, BR=br, BC=bc, ROWS=rows, COLS=cols, HAD_LOG2N=log2n,
-        HAD_SCALE=1.0 / math.sqrt(hadamard) if hadamard else 1.0, SIGNS=signs is not None,
-    )  # fmt: skip
+        x,
+        R,
+        C,
+        x.stride(0),
+        x.stride(1),
+        signs if signs is not None else tile,
+        tile,
+        row_p,
+        col_p,
+        BR=br,
+        BC=bc,
+        ROWS=rows,
+        COLS=cols,
+        HAD_LOG2N=log2n,
+        HAD_SCALE=1.0 / math.sqrt(hadamard) if hadamard else 1.0,
+        SIGNS=signs is not None,
+    )
     t = tile.amax(0)
     out = Amax(t[0], t[1] > 0)
     if rows:

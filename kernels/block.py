@@ -31,8 +31,9 @@ def two_level_params(ref: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     order (global_enc, then `s_enc * (1 / fmt_max)` and `1 / s_enc`)."""
     target = spec.scale_target if spec.scale_target is not None else 448.0
     s_enc = S.global_enc(ref, target, spec.fmt.max_finite)
-    per_unit = s_enc * torch.tensor(1.0 / spec.fmt.max_finite, dtype=torch.float32,
-                                    device=s_enc.device)  # fmt: skip
+    per_unit = s_enc * torch.tensor(
+        1.0 / spec.fmt.max_finite, dtype=torch.float32, device=s_enc.device
+    )
     return torch.stack([per_unit, 1.0 / s_enc]).reshape(2)
 
 
@@ -92,14 +93,29 @@ def quantize_block(
         params = two_level_params(tensor_ref, spec)
         sfmt = get_format(spec.scale_format)
         out = launch(
-            x, fmt, mode, enc=params, dense_global=dense_global, S_MBITS=sfmt.mbits,
-            S_EMIN=sfmt.emin, S_MAXF=float(sfmt.max_finite), S_MIN_NORMAL=float(sfmt.min_normal),
-            ZERO_GUARD=spec.scale_format == "ue5m3", **kw,
-        )  # fmt: skip
+            x,
+            fmt,
+            mode,
+            enc=params,
+            dense_global=dense_global,
+            S_MBITS=sfmt.mbits,
+            S_EMIN=sfmt.emin,
+            S_MAXF=float(sfmt.max_finite),
+            S_MIN_NORMAL=float(sfmt.min_normal),
+            ZERO_GUARD=spec.scale_format == "ue5m3",
+            **kw,
+        )
         out.global_scale = params[1]
         return out
     in_max = torch.finfo(x.dtype).max if x.dtype != torch.float64 else FLT_MAX
     return launch(
-        x, fmt, mode, POW2=spec.pow2_scale, HEADROOM=float(spec.headroom), IN_MAX=float(in_max),
-        E8M0_CEIL=spec.scale_rounding == "ceil", EMAX_ELEM=fmt.emax, **kw,
-    )  # fmt: skip
+        x,
+        fmt,
+        mode,
+        POW2=spec.pow2_scale,
+        HEADROOM=float(spec.headroom),
+        IN_MAX=float(in_max),
+        E8M0_CEIL=spec.scale_rounding == "ceil",
+        EMAX_ELEM=fmt.emax,
+        **kw,
+    )

@@ -48,6 +48,7 @@ def quantize_tensorwise(
     codes: bool = True,
     dense: torch.dtype | None = None,
     seed: int | None = None,
+    mask: bool = False,
 ) -> KernelResult:
     """Quantize a 2-D operand with one scale. `enc` given (delayed scaling: the scale from the
     previous update, already divided by the headroom) skips the amax pass and records the
@@ -64,9 +65,18 @@ def quantize_tensorwise(
         dec = 1.0 / enc
         amax = None
     out = launch(
-        x, spec.fmt, TENSOR_MODE, enc=enc.reshape(1), dec=dec.reshape(1), codes=codes,
-        transpose=transpose, dense=dense, seed=_seed(spec, seed), amax=amax is None,
-    )  # fmt: skip
+        x,
+        spec.fmt,
+        TENSOR_MODE,
+        enc=enc.reshape(1),
+        dec=dec.reshape(1),
+        codes=codes,
+        transpose=transpose,
+        dense=dense,
+        seed=_seed(spec, seed),
+        amax=amax is None,
+        mask=mask,
+    )
     out.scales = dec
     if amax is not None:
         out.amax = amax
@@ -81,6 +91,7 @@ def quantize_rowwise(
     codes: bool = True,
     dense: torch.dtype | None = None,
     seed: int | None = None,
+    mask: bool = False,
 ) -> KernelResult:
     """One scale per row (reference: QuantSpec(scaling='row') along the last axis); `colwise`
     also writes the operand quantized with one scale per column, transposed: (C, R) codes with
@@ -91,10 +102,17 @@ def quantize_rowwise(
     if colwise:
         col_enc, col_dec = current_scales(a.cols, a.cols_bad, spec, x.dtype)
     out = launch(
-        x, spec.fmt, ROW_MODE, enc=enc.reshape(-1), dec=dec.reshape(-1),
-        col_enc=col_enc.reshape(-1) if colwise else None, codes=codes, dense=dense,
+        x,
+        spec.fmt,
+        ROW_MODE,
+        enc=enc.reshape(-1),
+        dec=dec.reshape(-1),
+        col_enc=col_enc.reshape(-1) if colwise else None,
+        codes=codes,
+        dense=dense,
         seed=_seed(spec, seed),
-    )  # fmt: skip
+        mask=mask,
+    )
     out.scales = dec
     if colwise:
         out.scales_t = col_dec.reshape(-1, 1)

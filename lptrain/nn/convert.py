@@ -124,21 +124,24 @@ def convert(
             "convert() swaps children in place; wrap a bare nn.Linear in a module "
             "or use lptrain.nn.Linear.from_float(linear, recipe)"
         )
-    resolved = resolve_backend(backend, recipe)
+    resolved = resolve_backend(backend, recipe, _device_of(model), whole_layers=True)
     summary = ConversionSummary(recipe.name, resolved[0].name, resolved[1])
+    make_layer = getattr(resolved[0], "make_layer", None)  # backend 'te': TE's own Linear
     hits: set[str] = set()
     for name, parent, child_name, child in list(_candidates(model)):
         why = _skip_reason(name, child, skip, min_features, hits)
         if why:
             summary.skipped.append((name, why))
             continue
-        if isinstance(child, Linear):
+        if isinstance(child, Linear) and make_layer is None:
             if child.recipe == recipe:
                 continue
             summary.re_recipe.append((name, child.recipe.name))
             new = type(child).from_float(child, recipe, backend=resolved, seed=int(child.seed))
         elif not recipe.quantizes:
             continue
+        elif make_layer is not None:
+            new = make_layer(child, transposed=isinstance(child, Conv1D) or _is_hf_conv1d(child))
         else:
             cls = Conv1D if _is_hf_conv1d(child) else Linear
             new = cls.from_float(child, recipe, backend=resolved, seed=stable_seed(seed, name))
@@ -153,6 +156,12 @@ def convert(
     if summary.converted:
         (log_fn or log.info)(summary.text())
     return model
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    """Where the model's parameters live (None: no parameters, or still on 'meta')."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None and p.device.type != "meta" else None
 
 
 def unconvert(model: nn.Module) -> nn.Module:

@@ -67,7 +67,7 @@ class Linear(nn.Linear):
         if isinstance(backend, tuple):  # resolved once per model by convert()
             self.backend, self.backend_reason = backend
         else:
-            self.backend, self.backend_reason = resolve_backend(backend, self.recipe)
+            self.backend, self.backend_reason = resolve_backend(backend, self.recipe, device)
         self.stats_interval = 0
         self.last_stats: dict[str, dict[str, float]] = {}
         self._ledger = CallLedger()

@@ -85,7 +85,24 @@ class PrecisionConverter:
         lpnn.seed_quantizers(model, ctx.seed, ctx.rank)
         if ctx.world > 1:
             lpnn.set_amax_reduce(model, _reduce_max)
+        # Quantized weights may be kept across gradient-accumulation micro-batches: the loop
+        # calls after_step after every optimizer step, which drops them.
+        for backend in _backends(model):
+            if hasattr(backend, "cache_weights"):
+                backend.cache_weights = True
         return model
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        for backend in _backends(model):
+            backend.after_step()
+
+
+def _backends(model: nn.Module) -> list:
+    """The distinct backends of the model's lptrain layers (one per conversion)."""
+    out = {}
+    for _, layer in lpnn.quantized_layers(model):
+        out.setdefault(id(layer.backend), layer.backend)
+    return list(out.values())
 
 
 def _reduce_max(t: torch.Tensor) -> torch.Tensor:

@@ -160,6 +160,7 @@ def _reload(s: Session, p: Progress, say) -> Progress:
             f"{s.cfg.run.nonfinite_limit} consecutive non-finite steps at step {p.step} and {why}"
         )
     good = checkpoint.load(s.engine, s.model, *found)
+    converters.after_step(s.model, s.converters, good.step)  # weights changed: drop derived copies
     say(f"non-finite: reloaded {found[1]} (reload {p.reloads + 1}); skipping the bad batches")
     return replace(good, sample_index=p.sample_index, skipped=p.skipped, reloads=p.reloads + 1)
 

@@ -1,17 +1,77 @@
-"""Backend resolution (nn/backends/__init__.py): one choice per model, clear refusals."""
+"""Backend resolution (nn/backends/__init__.py): one choice per model, the reason logged,
+clear refusals naming what to do."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
+import torch
 from torch import nn
 
 import lptrain
+from lptrain import recipes
 from lptrain.nn import Linear
+from lptrain.nn.backends import resolve
 
 
-@pytest.mark.parametrize("backend", ["te", "triton"])
-def test_unavailable_backends_error_clearly(backend: str):
-    with pytest.raises(ValueError, match=rf"backend '{backend}' is not available.*emulated"):
-        lptrain.convert(nn.Sequential(nn.Linear(8, 8)), "fp8-current", backend=backend)
+def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         Linear(8, 8, backend="cuda")
+
+
+def test_auto_without_a_gpu_is_the_emulated_backend_and_says_why(caplog):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: auto may pick triton")
+    backend, why = resolve("auto", recipes.get("fp8-current"), "cpu")
+    assert backend.name == "emulated" and why == "auto: emulated (triton: no CUDA device)"
+    with caplog.at_level(logging.INFO, logger="lptrain"):
+        lptrain.convert(nn.Sequential(nn.Linear(16, 16)), "fp8-current")
+    assert "backend emulated: auto: emulated (triton: no CUDA device)" in caplog.text
+    assert (
+        resolve("auto", recipes.get("fp32"))[1] == "auto: emulated (the recipe quantizes nothing)"
+    )
+
+
+def test_triton_on_a_cpu_needs_the_interpreter(monkeypatch):
+    triton = pytest.importorskip("triton")
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    with pytest.raises(ValueError, match=r"'triton' is not available: .*CUDA.*TRITON_INTERPRET"):
+        resolve("triton", recipes.get("fp8-current"), "cpu")
+
+
+def test_te_needs_whole_layers_and_transformer_engine():
+    with pytest.raises(ValueError, match=r"swaps whole layers.*lptrain.convert\(model"):
+        Linear(16, 16, backend="te")
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"TransformerEngine is not installed.*lptrain\[te\]"):
+            lptrain.convert(nn.Sequential(nn.Linear(16, 16)), "fp8-current", backend="te")
+
+
+def test_a_backend_that_fails_its_self_test_is_refused(monkeypatch):
+    pytest.importorskip("triton")
+    from lptrain.kernels import quantize as kq
+    from lptrain.nn.backends import selftest
+
+    selftest._DONE.clear()
+    real = kq.quantize_kernel
+    # A kernel that drops the tensor scale (the kind of silent error a new GPU can produce).
+    monkeypatch.setattr("lptrain.kernels.launch.quantize_kernel", _ScaleDropping(real))
+    try:
+        with pytest.raises(ValueError, match=r"cannot run recipe 'fp8-current': output: .*differ"):
+            resolve("triton", recipes.get("fp8-current"), "cpu")
+    finally:
+        selftest._DONE.clear()
+
+
+class _ScaleDropping:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        def launch(x, R, C, sr, sc, enc, dec, *rest, **kw):
+            return self.kernel[grid](x, R, C, sr, sc, torch.ones_like(enc), dec, *rest, **kw)
+
+        return launch
