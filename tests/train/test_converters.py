@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -69,3 +71,26 @@ def test_hooks_run_in_order():
 def test_bad_inline_recipe_names_the_path():
     with pytest.raises(ConfigError, match=r"^precision.recipe: output.input.format"):
         converters.build(_cfg(recipe={"base": "fp8-current", "output": {"input": {"format": "x"}}}))
+
+
+def test_precision_converter_lets_backends_cache_weights_until_each_optimizer_step(monkeypatch):
+    class Caching:  # a backend that keeps quantized weights (as the triton backend does)
+        name = "caching"
+        cache_weights = False
+        cleared = 0
+
+        def supports(self, recipe):
+            return None
+
+        def after_step(self):
+            self.cleared += 1
+
+    backend = Caching()
+    module = sys.modules["lptrain.nn.convert"]  # the package re-exports a function of that name
+    monkeypatch.setattr(module, "resolve_backend", lambda *a, **k: (backend, "test"))
+    (conv,) = converters.build(_cfg(recipe="fp8-current", skip=[]))
+    ctx = converters.ConvertContext(0, 0, 1, lambda s: None)
+    model = converters.apply(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)), [conv], ctx)
+    assert model[0].backend is model[1].backend is backend and backend.cache_weights
+    converters.after_step(model, [conv], 1)
+    assert backend.cleared == 1  # once per model, not per layer

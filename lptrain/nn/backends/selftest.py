@@ -53,7 +53,7 @@ def _signs(spec: QuantSpec, device) -> torch.Tensor | None:
 def _check_spec(backend, spec: QuantSpec, device, seed: int) -> str | None:
     from lptrain.kernels.reference import fake_quantize_with_bits, philox_bits
 
-    x = _operand(256, 256, seed, device)
+    x = _operand(128, 128, seed, device)
     signs = _signs(spec, device)
     state = kw = None
     if spec.scaling == "delayed" or spec.amax_refresh > 1:  # a fresh state on each side
@@ -87,7 +87,7 @@ def _check_gemm(backend, sa: QuantSpec, sb: QuantSpec, device) -> str | None:
     sa, sb = (s.replace(rounding="nearest") for s in (sa, sb))
     if "delayed" in (sa.scaling, sb.scaling):
         sa, sb = (s.replace(scaling="tensor") if s.scaling == "delayed" else s for s in (sa, sb))
-    a, b = _operand(256, 256, 1, device, wild=False), _operand(128, 256, 2, device, wild=False)
+    a, b = _operand(128, 128, 1, device, wild=False), _operand(128, 128, 2, device, wild=False)
     signs = _signs(sa, device)
     qa, _ = backend.quantize_operand(a, sa, signs=signs)
     qb, _ = backend.quantize_operand(b, sb, signs=signs)

@@ -4,6 +4,9 @@ clear refusals naming what to do."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -75,3 +78,25 @@ class _ScaleDropping:
             return self.kernel[grid](x, R, C, sr, sc, torch.ones_like(enc), dec, *rest, **kw)
 
         return launch
+
+
+@pytest.mark.parametrize("name", ["fp8-delayed", "nvfp4", "int16-dfp"])
+def test_the_triton_backend_passes_its_self_test_here(name: str):
+    pytest.importorskip("triton")
+    from lptrain.nn.backends.selftest import self_test
+    from lptrain.nn.backends.triton import TritonBackend
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert self_test(TritonBackend(), recipes.get(name), device) is None
+
+
+def test_importing_lptrain_never_imports_triton_or_te():
+    code = (
+        "import sys, lptrain, lptrain.nn, lptrain.recipes, lptrain.train.trainer; "
+        "lptrain.nn.Linear(8, 8, recipe='fp8-current'); "
+        "print(sorted(m for m in ('triton', 'transformer_engine') if m in sys.modules))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
