@@ -173,18 +173,38 @@ def encode_grid(
 
 
 @triton.jit
+def _stage(x, BR: tl.constexpr, BC: tl.constexpr, H: tl.constexpr):
+    """One butterfly stage: view the axis as [BC/(2H), 2, H], write (a + b, a - b)."""
+    v = tl.permute(tl.reshape(x, (BR, BC // (2 * H), 2, H)), (0, 1, 3, 2))
+    lo, hi = tl.split(v)
+    return tl.reshape(tl.permute(tl.join(lo + hi, lo - hi), (0, 1, 3, 2)), (BR, BC))
+
+
+@triton.jit
 def hadamard_rows(x, signs_ptr, BR: tl.constexpr, BC: tl.constexpr, LOG2N: tl.constexpr,
                   SCALE: tl.constexpr, SIGNS: tl.constexpr):  # fmt: skip
-    """Orthonormal block Hadamard of size 2^LOG2N along the last axis of a [BR, BC] tile (BC a
-    multiple of the size): the twin of lptrain.numerics.hadamard (signs first, then the
-    butterfly stages in the same add/subtract order, then the FP32 constant SCALE = 1/sqrt(n)).
-    Stage h views the axis as [BC/(2h), 2, h] and writes (a + b, a - b), like `_butterfly`."""
+    """Orthonormal block Hadamard of size 2^LOG2N (up to 256) along the last axis of a [BR, BC]
+    tile (BC a multiple of the size): the twin of lptrain.numerics.hadamard (signs first, then
+    the butterfly stages h = 1, 2, 4, ... in the same add/subtract order as `_butterfly`, then
+    the FP32 constant SCALE = 1/sqrt(n)). The stages are spelled out: a stage's width must be a
+    compile-time constant, which a loop counter is not."""
     if SIGNS:  # one sign per position within a rotation block (a vector of length 2^LOG2N)
         sg = tl.load(signs_ptr + (tl.arange(0, BC) % (1 << LOG2N)))
         x = x * sg[None, :]
-    for s in tl.static_range(LOG2N):
-        h: tl.constexpr = 1 << s
-        v = tl.permute(tl.reshape(x, (BR, BC // (2 * h), 2, h)), (0, 1, 3, 2))
-        lo, hi = tl.split(v)
-        x = tl.reshape(tl.permute(tl.join(lo + hi, lo - hi), (0, 1, 3, 2)), (BR, BC))
+    if LOG2N > 0:
+        x = _stage(x, BR, BC, 1)
+    if LOG2N > 1:
+        x = _stage(x, BR, BC, 2)
+    if LOG2N > 2:
+        x = _stage(x, BR, BC, 4)
+    if LOG2N > 3:
+        x = _stage(x, BR, BC, 8)
+    if LOG2N > 4:
+        x = _stage(x, BR, BC, 16)
+    if LOG2N > 5:
+        x = _stage(x, BR, BC, 32)
+    if LOG2N > 6:
+        x = _stage(x, BR, BC, 64)
+    if LOG2N > 7:
+        x = _stage(x, BR, BC, 128)
     return x * SCALE

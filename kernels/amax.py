@@ -130,6 +130,7 @@ def amax_2d(
         HAD_LOG2N=log2n,
         HAD_SCALE=1.0 / math.sqrt(hadamard) if hadamard else 1.0,
         SIGNS=signs is not None,
+        enable_fp_fusion=False,
     )
     t = tile.amax(0)
     out = Amax(t[0], t[1] > 0)

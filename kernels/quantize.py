@@ -30,7 +30,7 @@ from lptrain.kernels._core import encode_grid, exp2i, hadamard_rows, is_finite, 
 from lptrain.kernels._core import round_grid as _round
 
 TENSOR, ROW, BLOCK_FP32, BLOCK_E8M0, BLOCK_2LVL, BLOCK_GIVEN = range(6)
-FLT_MAX = 3.4028234663852886e38
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # a constexpr: jit code may read it
 
 
 @triton.jit
