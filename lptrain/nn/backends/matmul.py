@@ -32,10 +32,14 @@ U = 2.0**-24
 
 def fp8_gemm_ok(a: Operand, b: Operand) -> bool:
     """Whether the pair goes to the FP8 GEMM: FP8 codes with tensor/row scales, not E5M2 x E5M2
-    (cuBLAS has no such kernel), no two-level scale."""
+    (cuBLAS has no such kernel), no two-level scale, a device with FP8 tensor cores (sm_89+;
+    torch emulates `_scaled_mm` on CPUs)."""
     if not (a.is_fp8 and b.is_fp8) or a.gscale is not None or b.gscale is not None:
         return False
-    return not (a.values.dtype == b.values.dtype == torch.float8_e5m2)
+    if a.values.dtype == b.values.dtype == torch.float8_e5m2:
+        return False
+    dev = a.values.device
+    return dev.type != "cuda" or torch.cuda.get_device_capability(dev) >= (8, 9)
 
 
 def _pad16(t: torch.Tensor) -> torch.Tensor:
@@ -77,10 +81,17 @@ def _dense(op: Operand) -> torch.Tensor:
     return op.values.to(torch.bfloat16) if op.is_fp8 else op.values
 
 
+_BF16_FP32_OUT = [True]  # torch.mm(..., out_dtype=float32) works here (until it does not)
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (M, K) . b (N, K)^T with FP32 accumulation and output."""
-    if a.is_cuda and a.dtype == b.dtype == torch.bfloat16:
-        return torch.mm(a, b.t(), out_dtype=torch.float32)
+    """a (M, K) . b (N, K)^T with FP32 accumulation and output: BF16 tensor cores with an FP32
+    output on a GPU (exact products, FP32 sums), else an FP32 GEMM of the same values."""
+    if a.is_cuda and a.dtype == b.dtype == torch.bfloat16 and _BF16_FP32_OUT[0]:
+        try:
+            return torch.mm(a, b.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without the mm.dtype CUDA kernel
+            _BF16_FP32_OUT[0] = False
     return a.to(torch.float32) @ b.to(torch.float32).t()
 
 
