@@ -28,7 +28,8 @@ class Operand:
     values: torch.Tensor  # (R, C): FP8 codes, dense values (BF16/FP32) or DFP int16 mantissas
     scale: torch.Tensor | None = None  # decode scale left out of `values`: 0-d or (R, 1)
     gscale: torch.Tensor | None = None  # two-level tensor decode scale S_dec (0-d)
-    values_t: torch.Tensor | None = None  # (C, R): the transposed copy (tensorwise only)
+    values_t: torch.Tensor | None = None  # (C, R): the transposed copy's codes
+    scale_t: torch.Tensor | None = None  # its (C, 1) scales when it has its own (rowwise)
     exponent: torch.Tensor | None = None  # DFP shared exponent: values are int mantissas
 
     @property
@@ -53,9 +54,13 @@ class Operand:
         return v * self.gscale if self.gscale is not None else v
 
     def t(self) -> "Operand | None":
-        """The transposed operand, or None when a transpose would need new scales (rowwise)."""
+        """The transposed operand, or None when it would need new scales (rowwise scaling
+        without the column-wise copy). Rowwise with its copy: the copy, quantized row-wise."""
         if self.rowwise:
-            return None
+            if self.values_t is None:
+                return None
+            return replace(self, values=self.values_t, scale=self.scale_t,
+                           values_t=self.values, scale_t=self.scale)  # fmt: skip
         if self.values_t is not None:
             return replace(self, values=self.values_t, values_t=self.values)
         return replace(self, values=self.values.t())
@@ -66,14 +71,17 @@ class Operand:
         if (start, end) == (0, n):
             return self
         vt = self.values_t
-        scale = self.scale
+        scale, scale_t = self.scale, self.scale_t
         if self.rowwise and dim == 0:
             scale = scale[start:end]
+        if scale_t is not None and dim == 1:
+            scale_t = scale_t[start:end]
         return replace(
             self,
             values=self.values.narrow(dim, start, end - start),
             scale=scale,
             values_t=vt.narrow(1 - dim, start, end - start) if vt is not None else None,
+            scale_t=scale_t,
         )
 
 

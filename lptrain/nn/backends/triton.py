@@ -90,6 +90,27 @@ def bf16_exact(spec: QuantSpec) -> bool:
     return elem + scale <= 8
 
 
+def _colwise(call) -> bool:
+    """Whether the grad_input GEMM should also write dY quantized column-wise (one pass over dY
+    for both backward GEMMs): rowwise FP8 round-to-nearest with the same spec in grad_weight."""
+    r = call.recipe
+    spec = r.spec("grad_input", "grad_output")
+    return (
+        spec is not None
+        and spec.scaling == "row"
+        and spec.rounding == "nearest"
+        and spec.hadamard is None
+        and r.grad_weight.quantized
+        and not r.wgrad_high_precision
+        and r.spec("grad_weight", "grad_output") == spec
+        and r.grad_input.accumulate == r.grad_weight.accumulate == "fp32"
+    )
+
+
+def _signature(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
 def _kernels_run_on(device: torch.device) -> bool:
     """CUDA, or the CPU under Triton's interpreter; elsewhere (a model moved after conversion)
     the reference runs instead."""
@@ -105,6 +126,7 @@ class TritonBackend(Backend):
         self.reference = EmulatedBackend()
         self.cache_weights = False
         self._cache: dict = {}
+        self._colwise: dict = {}  # id(call) -> (signature of dY^T, its column-wise Operand)
 
     def supports(self, recipe) -> str | None:
         return recipe_problem(recipe)
@@ -165,7 +187,14 @@ class TritonBackend(Backend):
                 ops.append(operand_of(pad_to(t, rows, k)))
                 masks.append(None)
                 continue
+            if gemm == "grad_weight" and name == "grad_output":
+                stashed = self._take_colwise(call, t)
+                if stashed is not None:  # written by the grad_input GEMM's pass over dY
+                    ops.append(stashed)
+                    masks.append(None)
+                    continue
             want_t = any(src == gemm and op == name for (_, op), src in call.aliases.items())
+            want_t = want_t or (gemm == "grad_input" and name == "grad_output" and _colwise(call))
             o, m = self._quantize(
                 call,
                 gemm,
@@ -210,6 +239,10 @@ class TritonBackend(Backend):
             want_mask=want_mask,
             want_t=want_t,
         )
+        if want_t and spec.scaling == "row" and op.values_t is not None:
+            # dY's column-wise copy: this call's grad_weight GEMM takes it instead of dY^T
+            self._colwise[id(call)] = (_signature(t.T), op.t())
+            weakref.finalize(call, self._colwise.pop, id(call), None)
         if key is not None:
             base = t._base if t._base is not None else t
             self._cache[key] = (weakref.ref(base), op, mask)
@@ -253,7 +286,7 @@ class TritonBackend(Backend):
             enc = state.scale.clone() / spec.headroom
         kw = dict(codes=fp8, dense=None if fp8 else torch.float32, seed=seed, mask=want_mask)
         if spec.scaling == "row":
-            r = fp8_k.quantize_rowwise(t, spec, **kw)
+            r = fp8_k.quantize_rowwise(t, spec, colwise=want_t and fp8, **kw)
         else:
             r = fp8_k.quantize_tensorwise(t, spec, enc=enc, transpose=want_t and fp8, **kw)
         if spec.scaling == "delayed":
@@ -264,7 +297,12 @@ class TritonBackend(Backend):
         if not fp8:
             return Operand(values=r.dense), r.mask
         codes_t = r.codes_t.view(fmt.torch_dtype) if r.codes_t is not None else None
-        op = Operand(values=r.codes.view(fmt.torch_dtype), scale=r.scales, values_t=codes_t)
+        op = Operand(
+            values=r.codes.view(fmt.torch_dtype),
+            scale=r.scales,
+            values_t=codes_t,
+            scale_t=r.scales_t,
+        )
         return op, r.mask
 
     def _block(self, t, spec, state, update, signs, seed, want_mask):
@@ -299,6 +337,13 @@ class TritonBackend(Backend):
         res = dfp_matmul(ops[0], ops[1], chunk=gr.chunk)
         call.count_overflows(gemm, res.overflows)
         return res.out
+
+    def _take_colwise(self, call, t) -> Operand | None:
+        """The column-wise copy of dY that this call's grad_input GEMM wrote, if `t` is dY^T."""
+        entry = self._colwise.pop(id(call), None)
+        if entry is not None and entry[0] == _signature(t):
+            return entry[1]
+        return None
 
     def _cache_key(self, call, gemm, operand, t, spec, state, want_mask, want_t):
         """A key for a weight's quantized copy, or None when it must not be cached."""

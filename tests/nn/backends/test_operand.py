@@ -62,3 +62,15 @@ def test_plain_tensors_become_exact_operands():
     x = torch.randn(3, 4, dtype=torch.bfloat16)
     assert operand_of(x).values.dtype == torch.float32
     assert operand_of(x.double()).values.dtype == torch.float64
+
+
+def test_rowwise_with_its_column_wise_copy_transposes_to_the_copy():
+    op = _fp8_op(rowwise=True)
+    g = torch.Generator().manual_seed(1)
+    codes_t = (torch.randn(10, 6, generator=g) * 20).to(torch.float8_e4m3fn)
+    op = Operand(op.values, op.scale, values_t=codes_t, scale_t=torch.rand(10, 1, generator=g))
+    t = QuantizedOperand(op).T
+    assert isinstance(t, QuantizedOperand) and torch.equal(t + 0, codes_t.float() * op.scale_t)
+    assert torch.equal(t.T + 0, QuantizedOperand(op) + 0)
+    s = t[:, :4]  # a column slice of the copy keeps every column scale it uses
+    assert torch.equal(s + 0, (t + 0)[:, :4])

@@ -164,3 +164,21 @@ def test_statistics_float64_and_empty_batches():
     assert y.dtype == dx.dtype == dw.dtype == torch.float64
     y, dx, dw = _run(_layer("nvfp4", (_backend(), "test"), w), x[:0], dy[:0])
     assert y.shape == (0, N) and dx.shape == (0, K) and not dw.any()
+
+
+def test_rowwise_dy_is_read_once_for_both_backward_gemms():
+    x, w, dy = _data()
+    backend = _backend()
+    calls = []
+    real = backend.quantize_operand
+    backend.quantize_operand = lambda t, spec, **kw: (
+        calls.append(kw["want_t"]) or real(t, spec, **kw)
+    )
+    lin = _layer("fp8-rowwise", (backend, "test"), w)
+    got = _run(lin, x, dy)
+    # X, W (fprop); dY with its column-wise copy, W^T (dgrad); X^T (wgrad): dY^T is not requantized
+    assert calls == [False, False, True, False, False]
+    emu = _run(_layer("fp8-rowwise", "emulated", w), x, dy)
+    lim = 4 * (2 * T + 16) * U * (dy.double().T.norm(dim=1)[:, None] * x.double().norm(dim=0))
+    assert bool(((got[2].double() - emu[2].double()).abs() <= lim).all())
+    assert not backend._colwise  # consumed
