@@ -32,7 +32,8 @@ TINY = ["fp32", "bf16", "fp8", "nvfp4", "quartet", "int16-dfp"]
 WARMUP_ROWS = 5
 
 
-def run_one(name: str, steps: int, workdir: Path) -> dict:
+def run_one(name: str, steps: int, workdir: Path, repo: Path = REPO) -> dict:
+    """Train tiny-<name> with the lptrain of `repo` (a checkout) in a child process."""
     run_dir = workdir / name
     overrides = [
         f"run.max_steps={steps}",
@@ -49,11 +50,14 @@ def run_one(name: str, steps: int, workdir: Path) -> dict:
         "-m",
         "lptrain",
         "train",
-        str(REPO / f"recipes/pretrain/tiny-{name}.yaml"),
+        str(repo / f"recipes/pretrain/tiny-{name}.yaml"),
         "--run-dir",
         str(run_dir),
     ] + [a for kv in overrides for a in ("--set", kv)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen(
+        cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     err = proc.stderr.read().decode()
     if os.waitstatus_to_exitcode(status) != 0:

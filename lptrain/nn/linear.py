@@ -171,7 +171,9 @@ class Linear(nn.Linear):
                 f"{self.in_features}, got shape {tuple(x.shape)}"
             )
         w = self.weight_nk()
-        if not self.recipe.quantizes:
+        # No quantization, or no tokens (an empty micro-batch or MoE expert): plain math gives
+        # the empty output and zero weight gradients, and no quantizer state is touched.
+        if not self.recipe.quantizes or x.numel() == 0:
             return F.linear(x, w, self.bias)
         return LinearFunction.apply(x, w, self.bias, self._begin_call())
 

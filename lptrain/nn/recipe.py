@@ -26,6 +26,7 @@ GEMMS: dict[str, tuple[str, str]] = {
 BACKWARD_OPERANDS = ("requantize", "reuse")
 SIGN_MODES = ("fixed", "per_call", "te_nvfp4")
 ACCUMULATE = ("fp32", "int32")
+INT32_OVERFLOWS = ("recompute", "wrap")
 
 
 class RecipeError(ValueError):
@@ -38,12 +39,15 @@ class GemmRecipe:
 
     accumulate='int32' runs the GEMM as INT16 dynamic fixed point (both operands integer
     formats with per-tensor scaling) with INT32 accumulation over `chunk` products (§4).
+    overflow: 'recompute' (default: a chunk sum that does not fit INT32 is detected and
+    recomputed exactly, so the default cannot wrap) or 'wrap' (the bare register, for studies).
     """
 
     a: QuantSpec | None = None
     b: QuantSpec | None = None
     accumulate: str = "fp32"
     chunk: int = 32
+    overflow: str = "recompute"
 
     @property
     def quantized(self) -> bool:
@@ -111,6 +115,7 @@ class Recipe:
                 b: gr.b.to_dict() if gr.b else None,
                 "accumulate": gr.accumulate,
                 "chunk": gr.chunk,
+                "overflow": gr.overflow,
             }
         for f in fields(self):
             if f.name not in GEMMS and f.name != "name":
@@ -132,6 +137,10 @@ def _problems(r: Recipe):
             yield f"{g}.accumulate: {gr.accumulate!r} is not one of {ACCUMULATE}"
         if gr.chunk < 1:
             yield f"{g}.chunk: must be >= 1, got {gr.chunk}"
+        if gr.overflow not in INT32_OVERFLOWS:
+            yield f"{g}.overflow: {gr.overflow!r} is not one of {INT32_OVERFLOWS}"
+        if gr.accumulate != "int32" and (gr.chunk != 32 or gr.overflow != "recompute"):
+            yield f"{g}: chunk and overflow apply to accumulate='int32' only"
         if gr.accumulate == "int32":
             for op, s in ((a, gr.a), (b, gr.b)):
                 if s is None or not s.fmt.is_int or s.scaling != "tensor" or s.hadamard:

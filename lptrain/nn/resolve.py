@@ -14,6 +14,7 @@ from typing import Any
 from lptrain.nn.catalog import get
 from lptrain.nn.recipe import GEMMS, GemmRecipe, Recipe, RecipeError
 from lptrain.numerics import QuantSpec
+from lptrain.numerics.spec import SpecError
 
 
 def _spec_from(d: Any, path: str) -> QuantSpec | None:
@@ -23,7 +24,7 @@ def _spec_from(d: Any, path: str) -> QuantSpec | None:
         return d
     if not isinstance(d, dict):
         raise RecipeError(f"{path}: expected a mapping of QuantSpec fields or null, got {d!r}")
-    known = {f.name for f in fields(QuantSpec)} - {"extra"}
+    known = {f.name for f in fields(QuantSpec)}
     for k in d:
         if k not in known:
             raise RecipeError(f"{path}.{k}: unknown QuantSpec field; known: {sorted(known)}")
@@ -32,16 +33,8 @@ def _spec_from(d: Any, path: str) -> QuantSpec | None:
         kw["block_size"] = tuple(kw["block_size"])
     try:
         return QuantSpec(**kw)
-    except (TypeError, ValueError) as e:
-        field = _field_in(str(e), known)
-        raise RecipeError(f"{path}{'.' + field if field else ''}: {e}") from None
-
-
-def _field_in(message: str, known: set[str]) -> str | None:
-    # QuantSpec messages start with the offending field name ("QuantSpec: format: ...").
-    body = message.removeprefix("QuantSpec: ")
-    head = body.split("=")[0].split(":")[0].split(" ")[0]
-    return head if head in known else None
+    except SpecError as e:
+        raise RecipeError(f"{path}.{e.field}: {e.problem}") from None
 
 
 def _gemm_from(d: Any, gemm: str, base: GemmRecipe) -> GemmRecipe:
@@ -49,8 +42,10 @@ def _gemm_from(d: Any, gemm: str, base: GemmRecipe) -> GemmRecipe:
     if d is None:
         return GemmRecipe()
     if not isinstance(d, dict):
-        raise RecipeError(f"{gemm}: expected a mapping with keys {a}, {b}, accumulate, chunk")
-    allowed = {a, b, "accumulate", "chunk"}
+        raise RecipeError(
+            f"{gemm}: expected a mapping with keys {a}, {b}, accumulate, chunk, overflow"
+        )
+    allowed = {a, b, "accumulate", "chunk", "overflow"}
     for k in d:
         if k not in allowed:
             raise RecipeError(f"{gemm}.{k}: unknown key; expected one of {sorted(allowed)}")
@@ -60,7 +55,11 @@ def _gemm_from(d: Any, gemm: str, base: GemmRecipe) -> GemmRecipe:
     chunk = d.get("chunk", base.chunk)
     if not isinstance(chunk, int) or isinstance(chunk, bool):
         raise RecipeError(f"{gemm}.chunk: expected an int, got {chunk!r}")
-    return GemmRecipe(spec_a, spec_b, acc, chunk)
+    overflow = d.get("overflow", base.overflow)
+    for key, v in (("accumulate", acc), ("overflow", overflow)):
+        if not isinstance(v, str):
+            raise RecipeError(f"{gemm}.{key}: expected a string, got {v!r}")
+    return GemmRecipe(spec_a, spec_b, acc, chunk, overflow)
 
 
 def _merge_spec(base: QuantSpec | None, d: Any, path: str) -> QuantSpec | None:

@@ -14,10 +14,11 @@ from lptrain.numerics.dfp import (
 )
 from lptrain.numerics.formats import Format, format_names, get_format
 from lptrain.numerics.hadamard import TE_NVFP4_SIGNS, hadamard, hadamard_matrix, random_signs
-from lptrain.numerics.quantize import QuantizedTensor, QuantStats, fake_quantize, quantize
+from lptrain.numerics.quantize import QuantizedTensor, fake_quantize, quantize
 from lptrain.numerics.rounding import round_to_format
-from lptrain.numerics.spec import QuantSpec
+from lptrain.numerics.spec import QuantSpec, SpecError
 from lptrain.numerics.state import ScalingState
+from lptrain.numerics.stats import QuantStats
 
 __all__ = [
     "DFPMatmulResult",
@@ -27,6 +28,7 @@ __all__ = [
     "QuantStats",
     "QuantizedTensor",
     "ScalingState",
+    "SpecError",
     "TE_NVFP4_SIGNS",
     "decode",
     "decode_table",

@@ -10,8 +10,11 @@ detected by computing the chunk sums exactly (float64 is exact for these integer
 comparing with the wrapped value.
 
 Not pinned down by the paper (§9), so options here: rounding (nearest = RNE default, or
-stochastic), `chunk` (default 32) and `input_shift` (drop low mantissa bits before the GEMM to
-lengthen safe chunks).
+stochastic), `chunk` (default 32), `input_shift` (drop low mantissa bits before the GEMM to
+lengthen safe chunks) and `overflow`: 'wrap' is the bare INT32 register (two's-complement
+wrap-around, the hazard); 'recompute' detects a chunk sum that does not fit INT32 and
+recomputes that chunk exactly, as a kernel does with the saturating VP4DPWSSDS plus a 64-bit
+redo of the flagged lanes: every chunk sum is then exact. Both count the overflowed sums.
 """
 
 from __future__ import annotations
@@ -84,15 +87,25 @@ def _wrap_int32(s: torch.Tensor) -> torch.Tensor:
     return torch.remainder(s + 2**31, _INT32) - 2**31
 
 
+OVERFLOWS = ("wrap", "recompute")
+
+
 def dfp_matmul(
-    a: DFPTensor, b: DFPTensor, *, chunk: int = 32, input_shift: int = 0
+    a: DFPTensor,
+    b: DFPTensor,
+    *,
+    chunk: int = 32,
+    input_shift: int = 0,
+    overflow: str = "wrap",
 ) -> DFPMatmulResult:
     """C = A . B^T for A (M, K) and B (N, K) in DFP with per-tensor exponents.
 
     Chunked INT32 accumulation along K as described in the module docstring. `input_shift`
     arithmetic-shifts both mantissas right (rounding toward -inf, like a hardware shift) and
-    adds the shift to the exponents.
+    adds the shift to the exponents. `overflow`: 'wrap' (the register) or 'recompute' (exact).
     """
+    if overflow not in OVERFLOWS:
+        raise ValueError(f"overflow must be one of {OVERFLOWS}, got {overflow!r}")
     if a.mantissa.dim() != 2 or b.mantissa.dim() != 2 or a.mantissa.shape[1] != b.mantissa.shape[1]:
         raise ValueError(
             f"dfp_matmul needs A (M, K) and B (N, K), got {tuple(a.mantissa.shape)} "
@@ -114,11 +127,12 @@ def dfp_matmul(
         # float64 sums of <= 2^23 products of magnitude <= 2^30 are exact integers.
         s = fa[:, start : start + chunk] @ fb[:, start : start + chunk].T
         n_chunks += s.numel()
-        lo, hi = torch.aminmax(s)  # one cheap pass; wrapping is rare and costs four
+        lo, hi = torch.aminmax(s)  # one cheap pass; overflow is rare and costs four
         if lo < -(2**31) or hi >= 2**31:
             wrapped = _wrap_int32(s)
             overflows += int((wrapped != s).sum())
-            s = wrapped
+            if overflow == "wrap":
+                s = wrapped
         _accumulate(out, s.to(torch.float32), scale_exp)
     return DFPMatmulResult(out, overflows, n_chunks)
 

@@ -9,6 +9,13 @@ One path for every spec (style principle 4):
   5. dequantize as `q . dec` (two-level: `(q . s_b) . S_dec`).
 `fake_quantize` returns step 5 directly (what the emulated GEMMs consume); `quantize` also
 encodes the codes. A test pins `quantize(...).dequantize() == fake_quantize(...)` bit for bit.
+
+Non-finite inputs come out non-finite (algorithms.md §2.1): their scales follow the
+reference rules (scaling.py), and saturating rounding no longer turns +-Inf into +-max: a
+non-finite element becomes the format's own special value where it has one (E5M2: +-Inf and
+NaN; E4M3FN: NaN); in formats without specials (FP6, FP4, integers) its whole scale group
+decodes to NaN (the OCP MX rule). Either way it reaches the GEMM output rows and columns it
+touches, as in FP32. Empty tensors quantize to empty tensors and leave any state untouched.
 """
 
 from __future__ import annotations
@@ -17,33 +24,14 @@ from dataclasses import dataclass
 
 import torch
 
-from lptrain.numerics import scaling as S
 from lptrain.numerics.codes import decode, encode, pack_nibbles, unpack_nibbles
 from lptrain.numerics.formats import Format
 from lptrain.numerics.hadamard import hadamard, random_signs
 from lptrain.numerics.rounding import check_floating, round_to_format, work_dtype
+from lptrain.numerics.scaling import spec_scales
 from lptrain.numerics.spec import QuantSpec
 from lptrain.numerics.state import ScalingState
-
-
-@dataclass
-class QuantStats:
-    """Per-call statistics (algorithms.md §8.3), as 0-dim tensors (no host sync)."""
-
-    amax: torch.Tensor
-    scale: torch.Tensor  # dec: one per group (scalar for tensor scaling)
-    saturated: torch.Tensor  # fraction of elements with |x . enc| > max finite
-    underflow: torch.Tensor  # fraction of non-zero inputs that quantize to zero
-    sqnr_db: torch.Tensor  # 10 log10(|x|^2 / |x - x_hat|^2), in the rotated domain
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "amax": float(self.amax),
-            "scale_mean": float(self.scale.float().mean()),
-            "saturated": float(self.saturated),
-            "underflow": float(self.underflow),
-            "sqnr_db": float(self.sqnr_db),
-        }
+from lptrain.numerics.stats import QuantStats, compute_stats
 
 
 @dataclass
@@ -79,90 +67,6 @@ def _group(xt: torch.Tensor, spec: QuantSpec, shape) -> torch.Tensor:
     return xt.reshape(*xt.shape[:-2], xt.shape[-2] // r, r, xt.shape[-1] // c, c)
 
 
-def _group_dims(spec: QuantSpec) -> tuple[int, ...]:
-    if spec.scaling == "block" and spec.tile is not None:
-        return (-3, -1)
-    return (-1,)
-
-
-def _tensor_ref(
-    amax_t: torch.Tensor, spec: QuantSpec, state: ScalingState | None, update: bool
-) -> torch.Tensor:
-    """Two-level tensor reference: current amax, or sample-and-hold every amax_refresh calls."""
-    if spec.amax_refresh == 1 or state is None:
-        return amax_t
-    refresh = (state.calls % spec.amax_refresh == 0) | (state.ref == 0)
-    ref = torch.where(refresh, amax_t, state.ref)
-    if update:
-        state.ref.copy_(ref)
-    return ref
-
-
-def _delayed(amax: torch.Tensor, spec: QuantSpec, state: ScalingState, update: bool):
-    """Use the scale from the previous update, then record amax and update (TE, §2.2)."""
-    enc = state.scale.clone()
-    if not update:
-        return enc
-    h = state.amax_history
-    if bool(torch.isfinite(amax)):  # a NaN/Inf amax would freeze a 'max' history for L steps
-        h[0] = amax
-    new = S.delayed_enc(h, state.scale, spec.fmt.max_finite, spec.amax_algo, spec.margin)
-    state.scale.copy_(new)
-    state.amax_history.copy_(torch.roll(h, -1))
-    state.amax_history[0] = 0.0
-    return enc
-
-
-def _scales(
-    xg: torch.Tensor,
-    spec: QuantSpec,
-    state: ScalingState | None,
-    update: bool,
-    in_dtype: torch.dtype,
-):
-    """(enc, dec, global_dec) for the grouped tensor, broadcastable to it."""
-    fmt: Format = spec.fmt
-    dims = _group_dims(spec)
-    if spec.scaling in ("tensor", "delayed"):
-        amax = S.abs_max(xg)
-        if state is not None and update:
-            amax = state.reduce(amax)
-        if spec.scaling == "delayed":
-            if state is None:
-                raise ValueError("scaling='delayed' needs a ScalingState (state=...)")
-            enc = _delayed(amax, spec, state, update)
-        else:
-            enc = S.current_enc(amax, fmt.max_finite, in_dtype, spec.pow2_scale)
-        enc = enc / spec.headroom
-        return enc, 1.0 / enc, None
-    if spec.scale_from == "std":
-        stat = xg.to(torch.float32).std(dim=dims, keepdim=True, correction=0)
-    else:
-        stat = S.abs_max(xg, dims)
-    if spec.scale_format == "fp32":
-        enc = S.current_enc(stat, fmt.max_finite, in_dtype, spec.pow2_scale) / spec.headroom
-        return enc, 1.0 / enc, None
-    if spec.scale_format == "e8m0":
-        if spec.scale_from == "std":
-            exp = S.std_exponent(stat, fmt, spec.clip_sigmas)
-        else:
-            exp = S.e8m0_exponent(stat, fmt, spec.scale_rounding)
-        dec = torch.exp2(exp)
-        enc = torch.exp2(-exp)
-        if spec.headroom != 1.0:
-            enc, dec = enc / spec.headroom, dec * spec.headroom
-        return enc, dec, None
-    # Two-level (NVFP4 / UE5M3): FP32 tensor scale x low-precision block scales.
-    amax_t = S.abs_max(xg)
-    if state is not None and update:
-        amax_t = state.reduce(amax_t)
-    ref = _tensor_ref(amax_t, spec, state, update)
-    target = spec.scale_target if spec.scale_target is not None else 448.0
-    s_enc = S.global_enc(ref, target, fmt.max_finite)
-    s_b, enc = S.two_level_block_scales(stat, s_enc, fmt, spec.scale_format)
-    return enc, s_b, 1.0 / s_enc
-
-
 def _core(
     x: torch.Tensor,
     spec: QuantSpec,
@@ -184,41 +88,38 @@ def _core(
         xt = hadamard(xt, spec.hadamard, dim=-1, signs=signs)
     xg = _group(xt, spec, x.shape)
     fmt = spec.fmt
-    if spec.scaling == "none":
-        enc = dec = gdec = None
+    if spec.scaling == "none" or xg.numel() == 0:
+        dec = gdec = None
         y = xg
+        bad = None if xg.numel() == 0 or bool(torch.isfinite(xg).all()) else ~torch.isfinite(xg)
     else:
-        enc, dec, gdec = _scales(xg, spec, state, update, x.dtype)
-        y = xg * enc
+        sc = spec_scales(xg, spec, state, update, x.dtype)
+        dec, gdec, bad = sc.dec, sc.gdec, sc.bad
+        y = xg * sc.enc
     q = round_to_format(y, fmt, spec.rounding, "saturate", generator)
-    if state is not None and update:
+    if bad is not None:
+        q, dec = _nonfinite(xg, y, q, dec, bad, fmt)
+    if state is not None and update and xg.numel():
         state.calls += 1
     return _Core(q, dec, gdec, y, xg, xt.shape, signs)
+
+
+def _nonfinite(xg, y, q, dec, bad, fmt: Format):
+    """Saturating rounding made +-Inf finite; give non-finite elements back their meaning."""
+    special = ~torch.isfinite(xg)
+    if fmt.has_inf:  # E5M2: +-Inf and NaN have codes of their own
+        return torch.where(special, y, q), dec
+    if fmt.nan != "none":  # E4M3FN: NaN only
+        return torch.where(special, torch.full_like(q, float("nan")), q), dec
+    # No specials (FP6, FP4, integers): the group's scale becomes NaN (OCP MX).
+    q = torch.where(special, torch.zeros_like(q), q)
+    base = dec if dec is not None else torch.ones((), dtype=q.dtype, device=q.device)
+    return q, torch.where(bad, torch.full_like(base, float("nan")), base)
 
 
 def _dequant(q: torch.Tensor, dec, gdec) -> torch.Tensor:
     out = q if dec is None else q * dec
     return out if gdec is None else out * gdec
-
-
-def _stats(c: _Core, fmt: Format, x_hat_g: torch.Tensor) -> QuantStats:
-    x = c.xg
-    nz = x != 0
-    # Norms in the working precision (torch sums in cascade: relative error ~1e-6, i.e.
-    # ~1e-5 dB) instead of float64 copies: statistics must stay cheap enough for training.
-    err = torch.linalg.vector_norm(x - x_hat_g).double().square()
-    sig = torch.linalg.vector_norm(x).double().square()
-    sqnr = 10 * torch.log10(sig / err) if float(err) > 0 else torch.tensor(float("inf"))
-    scale = c.dec if c.dec is not None else torch.ones(())
-    if c.gdec is not None:
-        scale = scale * c.gdec
-    return QuantStats(
-        amax=S.abs_max(x),
-        scale=scale.detach().reshape(-1) if scale.dim() else scale,
-        saturated=(c.y.abs() > fmt.max_finite).float().mean(),
-        underflow=(nz & (c.q == 0)).sum() / nz.sum().clamp(min=1),
-        sqnr_db=sqnr.float(),
-    )
 
 
 def _restore(t: torch.Tensor, moved_shape, axis: int, ndim: int) -> torch.Tensor:
@@ -254,7 +155,7 @@ def fake_quantize(
         m = c.y.abs() < spec.fmt.max_finite
         extras["mask"] = _restore(m, c.moved_shape, spec.axis, max(x.dim(), 1)).reshape(x.shape)
     if with_stats:
-        extras["stats"] = _stats(c, spec.fmt, xh)
+        extras["stats"] = compute_stats(c.xg, c.y, c.q, xh, c.dec, c.gdec, spec)
     return out, extras
 
 
@@ -326,7 +227,8 @@ def quantize(
     """
     c = _core(x, spec, state, update, generator, signs)
     codes, packed = _encode_codes(c.q, spec.fmt)
-    stats = _stats(c, spec.fmt, _dequant(c.q, c.dec, c.gdec)) if with_stats else None
+    xh = _dequant(c.q, c.dec, c.gdec)
+    stats = compute_stats(c.xg, c.y, c.q, xh, c.dec, c.gdec, spec) if with_stats else None
     return QuantizedTensor(
         codes=codes,
         scales=c.dec,

@@ -1,15 +1,23 @@
 """Scale computation (algorithms.md §2): enc multiplies before rounding, dec after.
 
-Every function here maps an amax (a scalar, one per row, or one per block) to scales; the
-grouping itself lives in quantize.py. All math is FP32 with exact exponents (frexp).
+The functions at the top map an amax (a scalar, one per row, or one per block) to scales, all
+FP32 with exact exponents (frexp). `spec_scales` at the bottom picks them for a QuantSpec and a
+grouped tensor (the grouping itself lives in quantize.py), with the state rules of delayed
+scaling and sample-and-hold. Non-finite amaxes follow the references (current scaling: enc 1;
+delayed: the scale stays and the amax is not recorded; E8M0: a NaN block; two-level: S_enc 1)
+and the groups holding them are reported, so quantize.py can make their elements non-finite.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lptrain.numerics.formats import Format, get_format
-from lptrain.numerics.rounding import round_to_format
+from lptrain.numerics.rounding import binade_quantum, round_to_format
+from lptrain.numerics.spec import QuantSpec
+from lptrain.numerics.state import ScalingState
 
 FLT_MAX = torch.finfo(torch.float32).max
 
@@ -120,19 +128,138 @@ def global_enc(ref: torch.Tensor, target: float, fmt_max: float) -> torch.Tensor
 
 
 def two_level_block_scales(
-    amax: torch.Tensor, s_enc: torch.Tensor, fmt: Format, scale_format: str
+    amax: torch.Tensor,
+    s_enc: torch.Tensor,
+    fmt: Format,
+    scale_format: str,
+    rounding: str = "nearest",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-block scale codes s_b (as float32 values) and encode multipliers (§2.7, §2.8).
 
     Keeps the kernel's FP32 operation order: a_b . (S_enc . (1/fmt_max)), then RNE to the scale
-    format; enc_b = min(1 / (s_b . S_dec), FLT_MAX).
+    format (TE; a block max clips when RNE rounds the scale down) or, with rounding='ceil', up
+    to the next scale value (the block max never clips, at up to one scale step of
+    resolution); enc_b = min(1 / (s_b . S_dec), FLT_MAX).
     """
     sfmt = get_format(scale_format)
     s_dec = 1.0 / s_enc
     per_unit = s_enc * torch.tensor(1.0 / fmt.max_finite, dtype=torch.float32)
     u = amax.to(torch.float32) * per_unit
-    s_b = round_to_format(torch.clamp(u, max=sfmt.max_finite), sfmt)
+    u = torch.clamp(u, max=sfmt.max_finite)
+    s_b = round_to_format(u, sfmt)
+    if rounding == "ceil":
+        up = torch.clamp(s_b + binade_quantum(s_b, sfmt), max=sfmt.max_finite)
+        s_b = torch.where(s_b < u, up, s_b)
     if scale_format == "ue5m3":  # zero-scale guard of the UE5M3 recipe
         s_b = torch.where(s_b == 0, torch.ones_like(s_b), s_b)
     enc = torch.clamp(1.0 / (s_b * s_dec), max=FLT_MAX)
     return s_b, enc
+
+
+# ---------------------------------------------------------------- scales for a QuantSpec
+
+
+@dataclass
+class Scales:
+    enc: torch.Tensor  # multiplies before rounding, broadcastable to the grouped tensor
+    dec: torch.Tensor  # per group; two-level: the block scale s_b
+    gdec: torch.Tensor | None  # two-level S_dec
+    bad: torch.Tensor | None  # groups holding a non-finite element (None: none do)
+
+
+def _nonfinite_groups(stat: torch.Tensor) -> torch.Tensor | None:
+    """Groups whose amax (or std) is NaN/Inf, i.e. that hold a non-finite element; None if
+    none do (one reduction over the groups, not over the elements)."""
+    return None if bool(torch.isfinite(stat).all()) else ~torch.isfinite(stat)
+
+
+def group_dims(spec: QuantSpec) -> tuple[int, ...]:
+    if spec.scaling == "block" and spec.tile is not None:
+        return (-3, -1)
+    return (-1,)
+
+
+def _tensor_ref(amax_t, spec: QuantSpec, state: ScalingState | None, update: bool):
+    """Two-level tensor reference: current amax, or sample-and-hold every amax_refresh calls."""
+    if spec.amax_refresh == 1 or state is None:
+        return amax_t
+    refresh = (state.calls % spec.amax_refresh == 0) | (state.ref == 0)
+    ref = torch.where(refresh, amax_t, state.ref)
+    if update:  # a non-finite amax is used once, never held (it would spoil D calls)
+        state.ref.copy_(torch.where(torch.isfinite(ref), ref, state.ref))
+    return ref
+
+
+def _delayed(amax, spec: QuantSpec, state: ScalingState, update: bool) -> torch.Tensor:
+    """Use the scale from the previous update, then record amax and update (TE, §2.2).
+
+    delayed_init='current': while the history holds no amax yet, use the scale the update
+    would compute from this call's amax (current scaling) instead of TE's initial 1."""
+    h = state.amax_history
+    enc = state.scale.clone()
+    fmt_max = spec.fmt.max_finite
+    if spec.delayed_init == "current" and not bool((h > 0).any()):
+        enc = delayed_enc(amax.reshape(1), enc, fmt_max, "most_recent", spec.margin)
+    if not update:
+        return enc
+    if bool(torch.isfinite(amax)):  # a NaN/Inf amax would freeze a 'max' history for L steps
+        h[0] = amax
+    new = delayed_enc(h, state.scale, fmt_max, spec.amax_algo, spec.margin)
+    state.scale.copy_(new)
+    state.amax_history.copy_(torch.roll(h, -1))
+    state.amax_history[0] = 0.0
+    return enc
+
+
+def spec_scales(
+    xg: torch.Tensor,
+    spec: QuantSpec,
+    state: ScalingState | None,
+    update: bool,
+    in_dtype: torch.dtype,
+) -> Scales:
+    """Scales for the grouped tensor per `spec` (scaling != 'none'); may update `state`."""
+    fmt: Format = spec.fmt
+    dims = group_dims(spec)
+    if spec.scaling in ("tensor", "delayed"):
+        amax = abs_max(xg)
+        bad = _nonfinite_groups(amax)
+        if state is not None and update:
+            amax = state.reduce(amax)
+        if spec.scaling == "delayed":
+            if state is None:
+                raise ValueError("scaling='delayed' needs a ScalingState (state=...)")
+            enc = _delayed(amax, spec, state, update)
+        else:
+            enc = current_enc(amax, fmt.max_finite, in_dtype, spec.pow2_scale)
+        enc = enc / spec.headroom
+        return Scales(enc, 1.0 / enc, None, bad)
+    if spec.scale_from == "std":
+        stat = xg.to(torch.float32).std(dim=dims, keepdim=True, correction=0)
+    else:
+        stat = abs_max(xg, dims)
+    bad = _nonfinite_groups(stat)
+    if spec.scale_format == "fp32":
+        enc = current_enc(stat, fmt.max_finite, in_dtype, spec.pow2_scale) / spec.headroom
+        return Scales(enc, 1.0 / enc, None, bad)
+    if spec.scale_format == "e8m0":
+        if spec.scale_from == "std":
+            exp = std_exponent(stat, fmt, spec.clip_sigmas)
+        else:
+            exp = e8m0_exponent(stat, fmt, spec.block_scale_rounding)
+        dec = torch.exp2(exp)
+        enc = torch.exp2(-exp)
+        if spec.headroom != 1.0:
+            enc, dec = enc / spec.headroom, dec * spec.headroom
+        return Scales(enc, dec, None, bad)
+    # Two-level (NVFP4 / UE5M3): FP32 tensor scale x low-precision block scales.
+    amax_t = abs_max(stat)  # max of the finite block maxima = the finite tensor amax
+    if state is not None and update:
+        amax_t = state.reduce(amax_t)
+    ref = _tensor_ref(amax_t, spec, state, update)
+    target = spec.scale_target if spec.scale_target is not None else 448.0
+    s_enc = global_enc(ref, target, fmt.max_finite)
+    s_b, enc = two_level_block_scales(
+        stat, s_enc, fmt, spec.scale_format, spec.block_scale_rounding
+    )
+    return Scales(enc, s_b, 1.0 / s_enc, bad)

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 import lptrain
+import lptrain.nn as lpnn
 from lptrain import recipes
 from lptrain.nn import Linear
+from lptrain.testing import sqnr_db
 
 from .conftest import Nested, _build
 
@@ -74,3 +76,86 @@ def test_amax_reduce_reaches_every_stateful_operand(name: str):
         recorded = torch.cat([st.amax_history[st.amax_history > 0], st.ref.reshape(1)])
         recorded = recorded[recorded > 0]
         assert recorded.numel() > 0 and (recorded == 1000.0).all(), f"{where}: {recorded}"
+
+
+def test_second_convert_re_recipes_and_summary_says_so(caplog):
+    m = lptrain.convert(Nested(), "fp8-delayed", skip=("lm_head",))
+    old = m.blocks[0]["attn"]
+    with caplog.at_level("INFO", logger="lptrain"):
+        lptrain.convert(m, "nvfp4", skip=("lm_head", "small"), min_features=16)
+    new = m.blocks[0]["attn"]
+    assert (
+        new.recipe.name == "nvfp4" and new.weight is old.weight and int(new.seed) == int(old.seed)
+    )
+    assert new.quant_state is None  # fresh state for the new recipe (nvfp4 keeps no history)
+    text = caplog.text
+    assert "convert: 6 layers to nvfp4" in text and "re-recipe'd from fp8-delayed" in text
+    assert "lm_head (skip 'lm_head')" in text and "small (skip 'small')" in text
+
+
+def test_skip_pattern_matching_nothing_is_reported():
+    with pytest.warns(UserWarning, match=r"skip patterns matched no layer: \['lm_haed'\]"):
+        lptrain.convert(Nested(), "fp8-current", skip=("lm_haed",))
+
+
+def test_min_features_reason_in_summary(caplog):
+    with caplog.at_level("INFO", logger="lptrain"):
+        lptrain.convert(Nested(), "fp8-current", min_features=16)
+    assert "small (min_features 16 > 8)" in caplog.text
+
+
+def _gpt2(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=97, n_positions=32)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def test_gpt2_conv1d_layers_are_converted_and_unconverted():
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+
+    ref = _gpt2()
+    m = lptrain.convert(_gpt2(), "fp8-current")
+    convs = [n for n, mod in m.named_modules() if isinstance(mod, lpnn.Conv1D)]
+    assert len(convs) == 8  # c_attn, c_proj, mlp.c_fc, mlp.c_proj per block
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    want, got = ref(idx).logits, m(idx).logits
+    assert 15 < sqnr_db(got, want) < 60  # FP8-quantized, not garbage and not pass-through
+    m.train()
+    m(idx, labels=idx).loss.backward()
+    assert m.transformer.h[0].attn.c_attn.weight.grad.shape == (64, 192)  # Conv1D layout
+    lptrain.unconvert(m)
+    assert all(
+        type(mod) is HFConv1D for n, mod in m.named_modules() if n.endswith(("c_attn", "c_fc"))
+    )
+    assert torch.equal(m.eval()(idx).logits, want)
+
+
+def test_converted_hf_model_saves_and_loads_with_save_pretrained(tmp_path):
+    """Quantizer state is tensors only: save_pretrained (safetensors) works and a reload continues
+    with the same next loss (issue 9)."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=97, max_position_embeddings=64,
+    )  # fmt: skip
+    model = lptrain.convert(transformers.LlamaForCausalLM(cfg), "fp8-delayed", skip=("lm_head",))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 97, (2, 16), generator=g) for _ in range(4)]
+    for b in batches[:3]:
+        opt.zero_grad()
+        model(b, labels=b).loss.backward()
+        opt.step()
+    model.save_pretrained(tmp_path)  # safetensors by default
+    want = model(batches[3], labels=batches[3]).loss
+
+    fresh = lptrain.convert(transformers.LlamaForCausalLM(cfg), "fp8-delayed", skip=("lm_head",))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert any(k.endswith("quant_state.output_input.amax_history") for k in state)
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing)  # tied to the embeddings
+    assert torch.equal(fresh(batches[3], labels=batches[3]).loss, want)

@@ -191,3 +191,72 @@ def test_bf16_model_keeps_fp32_quantizer_state(name: str):
     assert x.grad.dtype == torch.bfloat16
     if name == "fp8-delayed":
         assert lin.quant_state["output_input"].amax_history.max() > 0
+
+
+QUANTIZING = sorted(n for n in recipes.names() if recipes.get(n).quantizes)
+
+
+@pytest.mark.parametrize("name", QUANTIZING)
+def test_nonfinite_inputs_come_out_nonfinite(name: str):
+    """An Inf in grad_output (or in the weight) must reach dX and dW (or the output) in every
+    recipe, so that loss scalers and the trainer's skip-step see the overflow (issue 9)."""
+    torch.manual_seed(0)
+    lin = Linear(64, 64, recipe=name, seed=1)
+    x = torch.randn(64, 64, requires_grad=True)
+    y = lin(x)
+    dy = torch.randn_like(y) * 1e-3
+    dy[3, 5] = float("inf")
+    y.backward(dy)
+    # as in nn.Linear: row 3 of dX and row 5 of dW (or the rotation/block holding them)
+    assert (~torch.isfinite(x.grad[3])).all() and (~torch.isfinite(lin.weight.grad[5])).all()
+    with torch.no_grad():
+        lin.weight[7, 9] = float("inf")
+    y = lin(torch.randn(16, 64))
+    assert (~torch.isfinite(y[:, 7])).all()
+    if name == "fp8-delayed":  # a non-finite amax never enters a history
+        for st in lin.quant_state.values():
+            assert torch.isfinite(st.amax_history).all() and torch.isfinite(st.scale).all()
+
+
+@pytest.mark.parametrize("name", QUANTIZING)
+def test_empty_inputs_give_empty_outputs_and_leave_state_alone(name: str):
+    lin = Linear(64, 32, recipe=name, seed=1)
+    before = {k: v.clone() for k, v in lin.state_dict().items()}
+    x = torch.empty(0, 64, requires_grad=True)
+    y = lin(x)
+    y.sum().backward()
+    assert y.shape == (0, 32) and x.grad.shape == (0, 64)
+    assert torch.equal(lin.weight.grad, torch.zeros_like(lin.weight))
+    assert all(torch.equal(v, before[k]) for k, v in lin.state_dict().items())
+
+
+@pytest.mark.parametrize("name", QUANTIZING)
+def test_float64_layers_run_backward_in_float64(name: str):
+    lin = Linear(64, 32, recipe=name, seed=1, dtype=torch.float64)
+    x = torch.randn(8, 64, dtype=torch.float64, requires_grad=True)
+    for _ in range(2):  # the second call exercises reused copies and filled histories
+        lin(x).sum().backward()
+    assert x.grad.dtype == lin.weight.grad.dtype == torch.float64
+    assert torch.isfinite(lin.weight.grad).all()
+
+
+def test_int16_dfp_never_wraps_by_default():
+    """2 random tokens and all-ones inputs overflow INT32 chunk sums of 32 products; the default
+    recomputes those chunks exactly (issue 9: 59% error and sign flips before)."""
+    torch.manual_seed(0)
+    lin = Linear(64, 32, recipe="int16-dfp", seed=0)
+    lin.collect_stats(1)
+    x = torch.randn(2, 64)
+    ref = x.double() @ lin.weight.double().T + lin.bias.double()
+    assert sqnr_db(lin(x), ref) > 75
+    with torch.no_grad():
+        lin.weight.fill_(0.01)
+        lin.bias.zero_()
+    y = lin(torch.ones(4, 64))
+    assert torch.allclose(y, torch.full_like(y, 0.64), rtol=1e-4)
+    assert int(lin.int32_overflows) > 0  # detected and counted...
+    assert lin.last_stats["output.accumulator"]["int32_overflows"] > 0  # ...and in the stats
+    assert lin.last_stats["output.input"]["sqnr_db"] > 80
+    wrap = recipes.from_dict({"base": "int16-dfp", "output": {"overflow": "wrap"}})
+    lw = Linear.from_float(lin, wrap)
+    assert lw(torch.ones(4, 64))[0, 0] < 0  # the bare register wraps: still available

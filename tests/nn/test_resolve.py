@@ -67,3 +67,30 @@ def test_unknown_recipe_lists_known_ones():
         recipes.from_dict({"base": "fp7"})
     with pytest.raises(ValueError, match="known recipes"):
         lptrain.convert(nn.Sequential(nn.Linear(8, 8)), "fp7")
+
+
+@pytest.mark.parametrize(
+    "d, message",
+    [
+        (
+            {"base": "fp8-delayed", "output": {"input": {"history_len": "16"}}},
+            "output.input.history_len: expected int, got str '16'",
+        ),
+        (
+            {"base": "mxfp8", "output": {"input": {"scale_target": 448}}},
+            "output.input.scale_target: applies to two-level scale formats ue4m3/ue5m3 only",
+        ),
+        (
+            {"base": "fp8-current", "output": {"chunk": 8}},
+            "output: chunk and overflow apply to accumulate='int32' only",
+        ),
+        (
+            {"base": "int16-dfp", "grad_weight": {"overflow": "saturate"}},
+            "grad_weight.overflow: 'saturate' is not one of ('recompute', 'wrap')",
+        ),
+    ],
+)
+def test_yaml_type_and_meaning_errors_name_the_field(d, message):
+    with pytest.raises(RecipeError) as e:
+        recipes.from_dict(d)
+    assert str(e.value).startswith(message), str(e.value)

@@ -153,3 +153,24 @@ def test_chunked_gemm_is_bitwise_the_definition(exp_a, exp_b):
         assert torch.equal(res.out.view(torch.int32), want.view(torch.int32)), chunk
         assert res.overflows == overflows
     assert overflows > 0
+
+
+def test_overflow_recompute_gives_the_exact_chunk_sums():
+    """overflow='recompute' (the recipe default): flagged chunks are redone exactly, so the
+    result equals the float64 GEMM of the DFP operands rounded per chunk, and still counts."""
+    a = DFPTensor(
+        torch.full((2, 8), 32767, dtype=torch.int16), torch.tensor(-10, dtype=torch.int32)
+    )
+    b = DFPTensor(
+        torch.full((3, 8), 32767, dtype=torch.int16), torch.tensor(-12, dtype=torch.int32)
+    )
+    b.mantissa[1] = -32767
+    r = dfp_matmul(a, b, chunk=4, overflow="recompute")
+    assert r.overflows == 2 * 3 * 2  # every chunk sum is +-4 . 32767^2
+    # each exact chunk sum +-4 . 32767^2 is rounded once to float32, the two chunks add in FP32
+    c = float(np.float32(4 * 32767**2)) * 2 * 2.0**-22
+    assert r.out.tolist() == [[c, -c, c]] * 2
+    exact = a.dequantize().double() @ b.dequantize().double().T
+    assert torch.allclose(r.out.double(), exact, rtol=2**-24)
+    with pytest.raises(ValueError, match="overflow must be one of"):
+        dfp_matmul(a, b, overflow="saturate")

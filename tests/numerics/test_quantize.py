@@ -158,3 +158,77 @@ def test_block_size_must_divide_axis():
         )
     with pytest.raises(ValueError, match="does not divide"):
         quantize(torch.ones(4, 48), QuantSpec("fp8_e4m3", hadamard=32, scaling="none"))
+
+
+SPECS_FOR_EDGES = {
+    "fp8-tensor": QuantSpec("fp8_e4m3"),
+    "e5m2-tensor": QuantSpec("fp8_e5m2"),
+    "e5m2-delayed": QuantSpec("fp8_e5m2", scaling="delayed", history_len=4),
+    "fp8-row": QuantSpec("fp8_e4m3", scaling="row"),
+    "mxfp4": QuantSpec("fp4_e2m1", scaling="block", block_size=32, scale_format="e8m0"),
+    "nvfp4": QuantSpec("fp4_e2m1", scaling="block", block_size=16, scale_format="ue4m3"),
+    "nvfp4-tile": QuantSpec("fp4_e2m1", scaling="block", block_size=(16, 16), scale_format="ue4m3"),
+    "ue5m3-hold": QuantSpec(
+        "fp4_e2m1", scaling="block", block_size=16, scale_format="ue5m3", amax_refresh=4
+    ),
+    "int8-tensor": QuantSpec("int8"),
+    "rht-sr": QuantSpec(
+        "fp4_e2m1",
+        scaling="block",
+        block_size=32,
+        scale_format="e8m0",
+        rounding="stochastic",
+        hadamard=32,
+        hadamard_signs=True,
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPECS_FOR_EDGES))
+def test_empty_tensors_quantize_to_empty_and_leave_state_alone(name: str):
+    spec = SPECS_FOR_EDGES[name]
+    state = (
+        ScalingState(history_len=4) if spec.scaling == "delayed" or spec.amax_refresh > 1 else None
+    )
+    before = {k: v.clone() for k, v in state.state_dict().items()} if state else {}
+    x = torch.empty(0, 32)
+    out, extras = fake_quantize(x, spec, state=state, with_stats=True, with_mask=True)
+    assert out.shape == (0, 32) and extras["mask"].shape == (0, 32)
+    assert quantize(x, spec, state=state).dequantize().shape == (0, 32)
+    if state is not None:
+        assert all(torch.equal(v, before[k]) for k, v in state.state_dict().items())
+
+
+@pytest.mark.parametrize("name", sorted(SPECS_FOR_EDGES))
+def test_nonfinite_elements_stay_nonfinite(name: str):
+    """Saturating rounding must not make +-Inf finite (issue 9). E5M2 keeps +-Inf and NaN, E4M3
+    gives NaN, formats without specials make the element's whole group NaN (OCP MX); the rest of
+    the tensor stays finite except where the reference scale rule spoils it."""
+    spec = SPECS_FOR_EDGES[name]
+    g = torch.Generator().manual_seed(0)
+    for bad in (float("inf"), -float("inf"), float("nan")):
+        state = (
+            ScalingState(history_len=4)
+            if spec.scaling == "delayed" or spec.amax_refresh > 1
+            else None
+        )
+        x = torch.randn(32, 64, generator=g)
+        x[5, 7] = bad
+        out = fake_quantize(x, spec, state=state, generator=torch.Generator().manual_seed(1))
+        if spec.hadamard is None:
+            assert not torch.isfinite(out[5, 7])
+        else:  # the rotation spreads it over its 32-block
+            assert not torch.isfinite(out[5, :32]).any() or not torch.isfinite(out[5]).all()
+        if spec.format == "fp8_e5m2" and bad != bad:  # NaN
+            assert torch.isnan(out[5, 7])
+        elif spec.format == "fp8_e5m2":
+            assert out[5, 7] == bad
+        assert torch.isfinite(out[20]).all() or spec.scaling in ("tensor", "delayed")
+        if state is not None:
+            assert torch.isfinite(state.amax_history).all() and torch.isfinite(state.ref)
+        # codes hold the same thing
+        qt = quantize(x, spec, state=None if state is None else ScalingState(history_len=4),
+                      generator=torch.Generator().manual_seed(1))  # fmt: skip
+        ref = fake_quantize(x, spec, state=None if state is None else ScalingState(history_len=4),
+                            generator=torch.Generator().manual_seed(1))  # fmt: skip
+        assert_bits_equal(qt.dequantize(), ref)

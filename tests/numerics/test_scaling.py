@@ -46,10 +46,9 @@ def test_current_scaling_edge_cases():
         assert qt.scales.item() == 1.0
         y = qt.dequantize()
         assert y[[0, 1, 3]].tolist() == [1.0, -2.0, 0.5]
-        if math.isnan(bad):
-            assert math.isnan(y[2])  # NaN propagates
-        else:
-            assert y[2].item() == 448.0  # Inf: saturating cast (TE's satfinite) -> max
+        # Non-finite in, non-finite out (issue 9): TE's satfinite cast would make Inf 448;
+        # E4M3FN has no Inf code, so it becomes NaN (E5M2 keeps +-Inf).
+        assert math.isnan(y[2])
     assert current_enc(torch.tensor(0.0), 448.0, torch.float32).item() == 1.0
     assert current_enc(torch.tensor(math.inf), 448.0, torch.float32).item() == 1.0
     assert current_enc(torch.tensor(math.nan), 448.0, torch.float32).item() == 1.0
@@ -227,3 +226,21 @@ def test_abs_max_in_memory_order_equals_torch_amax():
                 got = abs_max(v, dims)
                 assert got.shape == want.shape, (v.shape, dims)
                 torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_delayed_init_current_uses_current_scaling_until_the_history_has_data():
+    """delayed_init='current' (algorithms.md §2.2 pitfall): the first call is scaled by its own
+    amax instead of 1 (no E5M2 underflow of tiny gradients); from then on TE's rule."""
+    spec = QuantSpec("fp8_e5m2", scaling="delayed", history_len=3, delayed_init="current")
+    te = spec.replace(delayed_init="one")
+    x = torch.full((16,), 1e-6)
+    x[0] = 3e-6
+    st, st_te = ScalingState(3), ScalingState(3)
+    first = fake_quantize(x, spec, state=st)
+    assert torch.equal(first, fake_quantize(x, QuantSpec("fp8_e5m2"))) and first.abs().min() > 0
+    assert (fake_quantize(x, te, state=st_te) == 0).float().mean() > 0.9  # TE: underflow
+    for _ in range(3):  # afterwards both follow the history
+        assert torch.equal(fake_quantize(x, spec, state=st), fake_quantize(x, te, state=st_te))
+    zero_st = ScalingState(3)  # an all-zero first call keeps scale 1, like TE
+    fake_quantize(torch.zeros(4), spec, state=zero_st)
+    assert float(zero_st.scale) == 1.0

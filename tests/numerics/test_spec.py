@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lptrain.numerics import QuantSpec
+from lptrain.numerics import QuantSpec, SpecError
 
 
 @pytest.mark.parametrize(
@@ -43,3 +43,43 @@ def test_inconsistent_spec_names_the_fields(kwargs, fields):
         QuantSpec(**kwargs)
     for f in fields:
         assert f in str(e.value), (f, str(e.value))
+
+
+@pytest.mark.parametrize(
+    "kwargs, start",
+    [
+        (dict(history_len="16", scaling="delayed"), "history_len: expected int, got str '16'"),
+        (dict(pow2_scale=1), "pow2_scale: expected bool, got int 1"),
+        (dict(hadamard=True), "hadamard: expected int or null, got bool True"),
+        (dict(history_len=16), "history_len: applies to scaling='delayed' only"),
+        (dict(margin=1), "margin: applies to scaling='delayed' only"),
+        (dict(delayed_init="current"), "delayed_init: applies to scaling='delayed' only"),
+        (
+            dict(scaling="block", block_size=32, scale_format="e8m0", scale_target=448.0),
+            "scale_target: applies to two-level scale formats",
+        ),
+        (dict(clip_sigmas=3.0), "clip_sigmas: applies to scale_from='std' only"),
+        (
+            dict(scale_rounding="ceil"),
+            "scale_rounding: 'ceil' means nothing for scale_format='fp32'",
+        ),
+        (
+            dict(scaling="block", block_size=16, scale_format="ue4m3", scale_rounding="floor"),
+            "scale_rounding: 'floor' is not one of ('nearest', 'ceil')",
+        ),
+        (dict(scaling="none", headroom=2.0), "headroom: scaling='none' has no scale"),
+        (dict(scaling="delayed", pow2_scale=True), "pow2_scale: applies to fp32 current scales"),
+    ],
+)
+def test_types_and_meaningless_fields_are_refused_with_the_field_name(kwargs, start):
+    with pytest.raises(SpecError) as e:
+        QuantSpec(**kwargs)
+    assert str(e.value).startswith(start), str(e.value)
+    assert e.value.field == start.split(":")[0]
+
+
+def test_format_defaults_for_block_scale_rounding():
+    mx = QuantSpec("fp4_e2m1", scaling="block", block_size=32, scale_format="e8m0")
+    nv = QuantSpec("fp4_e2m1", scaling="block", block_size=16, scale_format="ue4m3")
+    assert mx.block_scale_rounding == "floor" and nv.block_scale_rounding == "nearest"
+    assert QuantSpec("fp8_e4m3").block_scale_rounding is None

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from .conftest import FAST, REPO, TINY, clean_env, metrics, sets
+from .conftest import FAST, REPO, TINY, clean_env, metrics, sets, train_losses
 
 # Poison the training loss (not eval) on chosen forward calls, then run the real CLI.
 POISON = textwrap.dedent("""
@@ -123,3 +123,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_cache):
     last = [r["step"] for r in metrics(run_dir) if "loss" in r][-1]
     assert tag == f"step{last:08d}"
     assert (run_dir / "checkpoints" / tag / "lptrain_rank0.pt").is_file()
+
+
+def test_evaluation_does_not_change_training(cli, tmp_path):
+    """Evaluation runs the model in eval mode: delayed-scaling state is used, never updated, so
+    the training losses are bit for bit the same with and without it (issue 9)."""
+    runs = {}
+    for interval in (0, 2):
+        run_dir = tmp_path / f"eval{interval}"
+        cli("tiny-fp8.yaml", "run.max_steps=6", f"run.eval_interval={interval}", run_dir=run_dir)
+        runs[interval] = [float(x).hex() for x in train_losses(run_dir)]
+    assert runs[0] == runs[2] and len(runs[0]) == 6

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from lptrain.nn.backends import Backend, GemmResult
 from lptrain.nn.recipe import GEMMS
-from lptrain.numerics import QuantSpec, dfp_matmul, dfp_quantize, fake_quantize
+from lptrain.numerics import DFPTensor, QuantSpec, dfp_matmul, dfp_quantize, fake_quantize
+from lptrain.numerics.stats import compute_stats
 
 if TYPE_CHECKING:
     from lptrain.nn.call import CallContext
@@ -119,8 +120,37 @@ class EmulatedBackend(Backend):
     def _dfp_gemm(
         self, call: "CallContext", gemm: str, gr: "GemmRecipe", a, b, generator
     ) -> torch.Tensor:
-        da = dfp_quantize(a, bits=gr.a.fmt.bits, rounding=gr.a.rounding, generator=generator)
-        db = dfp_quantize(b, bits=gr.b.fmt.bits, rounding=gr.b.rounding, generator=generator)
-        res = dfp_matmul(da, db, chunk=gr.chunk)
+        """DFP operands (one exponent per tensor, from the finite elements), INT32 chunks.
+
+        DFP has no code for NaN/Inf: the GEMM runs on the finite values and the outputs whose
+        reduction touches a non-finite element are NaN, the rows and columns FP32 would spoil.
+        """
+        bad_a, bad_b = ~torch.isfinite(a).all(-1), ~torch.isfinite(b).all(-1)
+        spoiled = bool(bad_a.any()) or bool(bad_b.any())
+        if spoiled:
+            a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
+            b = torch.where(torch.isfinite(b), b, torch.zeros_like(b))
+        op_a, op_b = GEMMS[gemm]
+        da = self._dfp(call, gemm, op_a, a, gr.a, generator)
+        db = self._dfp(call, gemm, op_b, b, gr.b, generator)
+        res = dfp_matmul(da, db, chunk=gr.chunk, overflow=gr.overflow)
         call.count_overflows(gemm, res.overflows)
-        return res.out
+        if call.collect:
+            call.stats[f"{gemm}.accumulator"] = {
+                "int32_overflows": float(res.overflows),
+                "chunk_sums": float(res.chunks),
+            }
+        out = res.out
+        if spoiled:
+            nan = torch.full_like(out, float("nan"))
+            out = torch.where(bad_a[:, None] | bad_b[None, :], nan, out)
+        return out
+
+    @staticmethod
+    def _dfp(call: "CallContext", gemm: str, op: str, t, spec, generator) -> DFPTensor:
+        d = dfp_quantize(t, bits=spec.fmt.bits, rounding=spec.rounding, generator=generator)
+        if call.collect:
+            scaled = torch.ldexp(t.float(), -d.exponent)
+            m = d.mantissa.float()
+            call.record(gemm, op, compute_stats(t, scaled, m, d.dequantize(), None, None, spec))
+        return d
