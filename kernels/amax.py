@@ -1,9 +1,10 @@
-"""Amax reductions over a 2-D operand: reference lptrain.numerics.scaling.abs_max (over the
-tensor, each row, each column), taken over the finite elements only (algorithms.md §2.1 as
-finalized in issue 9: a NaN or Inf never feeds a scale), plus whether each group held a
-non-finite element (formats without special values decode such a group to NaN).
+"""Amax reductions over a 2-D operand: reference lptrain.numerics.scaling.abs_max over the
+tensor, each row, each column, with its non-finite rule: the max is NaN when the group holds a
+NaN, else +Inf when it holds an Inf, else the max of |x| (the scale functions then apply the
+references' rules for non-finite amaxes); `*_bad` says whether a group holds either.
 
-One read of the operand; each program reduces a [BR, BC] tile to partial maxima that torch
+One read of the operand; each program reduces a [BR, BC] tile to partial maxima (the finite
+max and a non-finite code, 0 finite / 1 Inf / 2 NaN, whose max is the group's) that torch
 finishes (a max is exact, so the order of the partials changes nothing). An optional block
 Hadamard rotates the tile first: two-level (NVFP4/UE5M3) scales take the tensor amax of the
 rotated operand.
@@ -23,7 +24,7 @@ from lptrain.kernels._core import hadamard_rows, is_finite
 
 @dataclass
 class Amax:
-    tensor: torch.Tensor  # 0-d float32
+    tensor: torch.Tensor  # 0-d float32, abs_max's value (NaN/Inf when the tensor holds one)
     tensor_bad: torch.Tensor  # 0-d bool: some element is NaN/Inf
     rows: torch.Tensor | None = None  # (R, 1)
     rows_bad: torch.Tensor | None = None
@@ -62,8 +63,8 @@ def _amax_kernel(
         x = hadamard_rows(x, signs_ptr, BR, BC, HAD_LOG2N, HAD_SCALE, SIGNS)
     fin = is_finite(x)
     a = tl.where(fin, tl.abs(x), 0.0)
-    bad = tl.where(fin, 0.0, 1.0)
-    # per tile: (amax, any non-finite) as two floats
+    bad = tl.where(fin, 0.0, tl.where(x != x, 2.0, 1.0))  # 1: Inf, 2: NaN
+    # per tile: (finite amax, non-finite code) as two floats
     n_c = tl.num_programs(1)
     tile = pid_r * n_c + pid_c
     tl.store(tile_ptr + 2 * tile, tl.max(tl.max(a, axis=1), axis=0))
@@ -88,7 +89,7 @@ def amax_2d(
     signs: torch.Tensor | None = None,
     block: tuple[int, int] = (32, 64),
 ) -> Amax:
-    """Finite amax of a 2-D tensor (any strides) over the tensor and, optionally, each row and
+    """abs_max of a 2-D tensor (any strides) over the tensor and, optionally, each row and
     each column; `hadamard` rotates along the last axis first (its length a multiple of it)."""
     if x.dim() != 2:
         raise ValueError(f"amax_2d needs a 2-D tensor, got shape {tuple(x.shape)}")
@@ -133,11 +134,17 @@ def amax_2d(
         enable_fp_fusion=False,
     )
     t = tile.amax(0)
-    out = Amax(t[0], t[1] > 0)
+    out = Amax(*_reference_max(t[0], t[1]))
     if rows:
         r = row_p.amax(2, keepdim=True)  # (2, R, 1)
-        out.rows, out.rows_bad = r[0], r[1] > 0
+        out.rows, out.rows_bad = _reference_max(r[0], r[1])
     if cols:
         c = col_p.amax(1, keepdim=True)  # (2, 1, C)
-        out.cols, out.cols_bad = c[0], c[1] > 0
+        out.cols, out.cols_bad = _reference_max(c[0], c[1])
     return out
+
+
+def _reference_max(finite: torch.Tensor, code: torch.Tensor):
+    """(abs_max's value: NaN if a NaN, +Inf if an Inf, else the finite max; non-finite?)."""
+    special = torch.where(code > 1.5, float("nan"), float("inf"))
+    return torch.where(code > 0, special, finite), code > 0

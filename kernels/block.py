@@ -66,10 +66,11 @@ def quantize_block(
 
     signs: the rotation's sign vector (spec.hadamard_signs). seed: stochastic rounding's Philox
     key (required when spec.rounding is 'stochastic'). tensor_ref: two-level scales' tensor
-    reference when the caller holds one (sample-and-hold state); default: the current finite
-    amax. dense: also write the dequantized values in this dtype (with the two-level tensor
-    scale when dense_global, else only the block scales). Returns codes, per-group decode
-    scales (and the two-level S_dec), dense values, trust mask as asked."""
+    reference when the caller holds one (sample-and-hold state); default: the current amax
+    (abs_max: NaN/Inf when the operand holds one, which the reference's global_enc maps to 1).
+    dense: also write the dequantized values in this dtype (with the two-level tensor scale
+    when dense_global, else only the block scales). Returns codes, per-group decode scales (and
+    the two-level S_dec), dense values, trust mask as asked."""
     fmt = spec.fmt
     if spec.rounding == "stochastic" and seed is None:
         raise ValueError("stochastic rounding needs a seed")
@@ -103,6 +104,7 @@ def quantize_block(
             S_MAXF=float(sfmt.max_finite),
             S_MIN_NORMAL=float(sfmt.min_normal),
             ZERO_GUARD=spec.scale_format == "ue5m3",
+            SCALE_CEIL=spec.block_scale_rounding == "ceil",
             **kw,
         )
         out.global_scale = params[1]
@@ -115,7 +117,7 @@ def quantize_block(
         POW2=spec.pow2_scale,
         HEADROOM=float(spec.headroom),
         IN_MAX=float(in_max),
-        E8M0_CEIL=spec.scale_rounding == "ceil",
+        E8M0_CEIL=spec.block_scale_rounding == "ceil",
         EMAX_ELEM=fmt.emax,
         **kw,
     )

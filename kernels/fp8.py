@@ -28,14 +28,13 @@ def _seed(spec: QuantSpec, seed: int | None) -> int | None:
 
 
 def current_scales(amax: torch.Tensor, bad: torch.Tensor, spec: QuantSpec, in_dtype):
-    """(enc, dec) of tensor / row current scaling from finite amaxes: the reference's
-    `current_enc(...) / headroom` and `1 / enc`; groups holding a NaN/Inf get NaN scales
-    when the format has no special values."""
+    """(enc, dec) of tensor / row current scaling from abs_max amaxes (NaN/Inf for a group that
+    holds one): the reference's `current_enc(...) / headroom` and `1 / enc`; a group holding a
+    NaN/Inf decodes to NaN when the format has no special values."""
     enc = S.current_enc(amax, spec.fmt.max_finite, in_dtype, spec.pow2_scale) / spec.headroom
     dec = 1.0 / enc
     if no_specials(spec.fmt):
-        nan = torch.full_like(enc, float("nan"))
-        enc, dec = torch.where(bad, nan, enc), torch.where(bad, nan, dec)
+        dec = torch.where(bad, torch.full_like(dec, float("nan")), dec)
     return enc, dec
 
 
@@ -79,7 +78,11 @@ def quantize_tensorwise(
     )
     out.scales = dec
     if amax is not None:
-        out.amax = amax
+        out.amax, out.amax_bad = amax, a.tensor_bad
+    elif no_specials(spec.fmt) and bool(out.amax_bad):  # a given scale met a NaN/Inf: the
+        out.scales = torch.full_like(dec, float("nan"))  # one group (the tensor) is NaN
+        if out.dense is not None:
+            out.dense.fill_(float("nan"))
     return out
 
 
@@ -116,5 +119,5 @@ def quantize_rowwise(
     out.scales = dec
     if colwise:
         out.scales_t = col_dec.reshape(-1, 1)
-    out.amax = a.tensor
+    out.amax, out.amax_bad = a.tensor, a.tensor_bad
     return out

@@ -34,7 +34,8 @@ class KernelResult:
     """What one launch produced (None where not asked for). Layouts, for an (R, C) operand:
     codes (R, C) (FP4 packed: (R, C // 2)); codes_t (C, R): the transposed copy or the
     column-wise copy; scales: per-group decode scales as FP32 values, (R // gr, C // gc);
-    dense (R, C); mask (R, C) bool; amax: the finite amax of the input (0-d). The entry points
+    dense (R, C); mask (R, C) bool; amax: abs_max of the input (0-d; NaN/Inf when it holds
+    one) and amax_bad whether it does. The entry points
     fill scales / scales_t / global_scale for the scales they computed with torch."""
 
     codes: torch.Tensor | None = None
@@ -45,6 +46,7 @@ class KernelResult:
     dense: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     amax: torch.Tensor | None = None
+    amax_bad: torch.Tensor | None = None
 
 
 def codes_dtype(fmt: Format) -> torch.dtype:
@@ -109,7 +111,7 @@ def launch(
         out.mask = torch.empty(R, C, dtype=torch.int8, device=dev)
     br, bc = tile_shape(group, hadamard)
     grid = (triton.cdiv(R, br), triton.cdiv(C, bc))
-    partial = torch.empty(grid[0] * grid[1], device=dev) if amax else None
+    partial = torch.zeros(grid[0] * grid[1], 2, device=dev) if amax else None
     if x.numel():
         dummy = torch.empty(2, device=dev)
         pick = lambda t: t if t is not None else dummy  # noqa: E731
@@ -156,6 +158,9 @@ def launch(
         )
     if out.mask is not None:
         out.mask = out.mask.bool()
-    if amax:
-        out.amax = partial.amax() if partial.numel() else torch.zeros((), device=dev)
+    if amax:  # (finite max, non-finite code) per tile, finished as kernels/amax.py does
+        from lptrain.kernels.amax import _reference_max
+
+        fin, code = partial.amax(0) if x.numel() else torch.zeros(2, device=dev)
+        out.amax, out.amax_bad = _reference_max(fin, code)
     return out

@@ -16,9 +16,12 @@ Scale modes (what `enc`/`dec` the elements get), each the twin of a branch of th
   BLOCK_2LVL  per block: NVFP4 / UE5M3 block scale under a tensor scale, in-kernel
   BLOCK_GIVEN per block: read from memory (Quartet's std-based scales, computed by torch)
 
-Non-finite inputs (issue 9's finalized rule): amaxes are over finite elements; an element that
-is NaN/Inf becomes its format's own special value where the format has one (E5M2 keeps +-Inf and
-NaN, E4M3FN gets NaN) and otherwise its whole scale group decodes to NaN (NAN_GROUPS).
+Non-finite inputs follow the reference (lptrain.numerics.quantize `_nonfinite`, scaling.py):
+a group's amax is NaN/Inf when it holds one, and each scale rule treats that amax as the
+reference does (current/FP32: enc 1; E8M0: a NaN block; two-level: the clamped, rounded scale
+of an Inf or NaN amax); a NaN/Inf element then becomes its format's own special value where the
+format has one (E5M2 keeps x . enc: +-Inf or NaN; E4M3FN gets NaN), and in formats without one
+(NAN_GROUPS: FP6, FP4, integers) its code is 0 and its whole scale group decodes to NaN.
 """
 
 from __future__ import annotations
@@ -46,12 +49,19 @@ def _expand(g, BR: tl.constexpr, BC: tl.constexpr, GR: tl.constexpr, GC: tl.cons
 
 
 @triton.jit
-def _finish(q, x_fin, x, NAN_GROUPS: tl.constexpr, HAS_INF: tl.constexpr):
-    """Non-finite inputs become the format's own special value (formats with specials)."""
+def _finish(q, x_fin, y, NAN_GROUPS: tl.constexpr, HAS_INF: tl.constexpr):
+    """A non-finite element: its format's special value, or code 0 in a NaN group (the twin of
+    the reference's `_nonfinite`)."""
     if NAN_GROUPS:
-        return q  # the group's scale is NaN already
-    special = x if HAS_INF else float("nan")
+        return tl.where(x_fin, q, 0.0)
+    special = y if HAS_INF else float("nan")
     return tl.where(x_fin, q, special)
+
+
+@triton.jit
+def _ref_max(a_fin, code):
+    """abs_max's value from the finite max and the non-finite code (0, 1: Inf, 2: NaN)."""
+    return tl.where(code > 0, tl.where(code > 1.5, float("nan"), float("inf")), a_fin)
 
 
 @triton.jit
@@ -60,13 +70,13 @@ def _block_scales(g, bad, enc_ptr, dec_ptr, gidx, gmask, MODE: tl.constexpr,
                   HEADROOM: tl.constexpr, E8M0_CEIL: tl.constexpr, EMAX_ELEM: tl.constexpr,
                   S_MBITS: tl.constexpr, S_EMIN: tl.constexpr, S_MAXF: tl.constexpr,
                   S_MIN_NORMAL: tl.constexpr, ZERO_GUARD: tl.constexpr,
-                  NAN_GROUPS: tl.constexpr):  # fmt: skip
+                  SCALE_CEIL: tl.constexpr, NAN_GROUPS: tl.constexpr):  # fmt: skip
     """(enc, dec) per group from its finite amax g; the twins of lptrain.numerics.scaling's
     current_enc, e8m0_exponent and two_level_block_scales (same FP32 operation order)."""
     if MODE == 2:  # BLOCK_FP32
         enc = tl.math.div_rn(tl.full(g.shape, MAXF, tl.float32), g)
         enc = tl.where(enc == float("inf"), IN_MAX, enc)
-        enc = tl.where(g == 0, 1.0, enc)
+        enc = tl.where((g == 0) | bad, 1.0, enc)  # zero or non-finite amax: 1
         if POW2:
             enc = (enc.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
         if HEADROOM != 1.0:
@@ -83,7 +93,7 @@ def _block_scales(g, bad, enc_ptr, dec_ptr, gidx, gmask, MODE: tl.constexpr,
             ex = fl - EMAX_ELEM
         ex = tl.maximum(ex, -127)
         ex = tl.where(g == 0, -127, ex)
-        nan = ex > 127
+        nan = (ex > 127) | bad  # an Inf/NaN amax: the whole block decodes to NaN
         ex = tl.minimum(ex, 127)
         dec = tl.where(nan, float("nan"), exp2i(ex))
         enc = tl.where(nan, float("nan"), exp2i(-ex))
@@ -96,6 +106,11 @@ def _block_scales(g, bad, enc_ptr, dec_ptr, gidx, gmask, MODE: tl.constexpr,
         u = g * per_unit
         u = tl.where(u > S_MAXF, S_MAXF, u)
         sb = _round(u, 0, False, S_MBITS, S_EMIN, S_MAXF, S_MIN_NORMAL, False)
+        if SCALE_CEIL:  # round the block scale up: one scale quantum above where RNE fell short
+            fl, _ = log2_parts(tl.where(sb > 0, sb, 1.0))
+            fl = tl.where(sb > 0, fl, -1)  # binade_quantum(0) of the reference: frexp(0) = 0
+            up = sb + exp2i(tl.maximum(fl, S_EMIN) - S_MBITS)
+            sb = tl.where(sb < u, tl.where(up > S_MAXF, S_MAXF, up), sb)
         if ZERO_GUARD:
             sb = tl.where(sb == 0, 1.0, sb)
         enc = tl.math.div_rn(tl.full(g.shape, 1.0, tl.float32), sb * s_dec)
@@ -104,8 +119,7 @@ def _block_scales(g, bad, enc_ptr, dec_ptr, gidx, gmask, MODE: tl.constexpr,
     else:  # BLOCK_GIVEN
         enc = tl.load(enc_ptr + gidx, mask=gmask, other=1.0)
         dec = tl.load(dec_ptr + gidx, mask=gmask, other=1.0)
-    if NAN_GROUPS:
-        enc = tl.where(bad, float("nan"), enc)
+    if NAN_GROUPS:  # no special values: the group decodes to NaN
         dec = tl.where(bad, float("nan"), dec)
     return enc, dec
 
@@ -120,6 +134,7 @@ def quantize_kernel(
     NAN_KIND: tl.constexpr, TORCH_FP8: tl.constexpr,
     S_MBITS: tl.constexpr = 3, S_EMIN: tl.constexpr = -6, S_MAXF: tl.constexpr = 448.0,
     S_MIN_NORMAL: tl.constexpr = 0.015625, ZERO_GUARD: tl.constexpr = False,
+    SCALE_CEIL: tl.constexpr = False,
     IN_MAX: tl.constexpr = FLT_MAX, POW2: tl.constexpr = False, HEADROOM: tl.constexpr = 1.0,
     E8M0_CEIL: tl.constexpr = False, EMAX_ELEM: tl.constexpr = 8,
     HAD_LOG2N: tl.constexpr = 0, HAD_SCALE: tl.constexpr = 1.0, SIGNS: tl.constexpr = False,
@@ -150,8 +165,9 @@ def quantize_kernel(
         enc = tl.load(enc_ptr + rows, mask=rm, other=1.0)[:, None]
         dec = tl.load(dec_ptr + rows, mask=rm, other=1.0)[:, None]
     else:
-        g = _group_max(tl.where(fin, tl.abs(x), 0.0), BR, BC, GR, GC)
-        bad = _group_max(tl.where(fin, 0.0, 1.0), BR, BC, GR, GC) > 0
+        code = _group_max(tl.where(fin, 0.0, tl.where(x != x, 2.0, 1.0)), BR, BC, GR, GC)
+        bad = code > 0
+        g = _ref_max(_group_max(tl.where(fin, tl.abs(x), 0.0), BR, BC, GR, GC), code)
         n_gc = C // GC
         grow = pid_r * (BR // GR) + tl.arange(0, BR // GR)
         gcol = pid_c * (BC // GC) + tl.arange(0, BC // GC)
@@ -159,7 +175,8 @@ def quantize_kernel(
         gmask = (grow < R // GR)[:, None] & (gcol < n_gc)[None, :]
         genc, gdec = _block_scales(
             g, bad, enc_ptr, dec_ptr, gidx, gmask, MODE, MAXF, IN_MAX, POW2, HEADROOM,
-            E8M0_CEIL, EMAX_ELEM, S_MBITS, S_EMIN, S_MAXF, S_MIN_NORMAL, ZERO_GUARD, NAN_GROUPS,
+            E8M0_CEIL, EMAX_ELEM, S_MBITS, S_EMIN, S_MAXF, S_MIN_NORMAL, ZERO_GUARD,
+            SCALE_CEIL, NAN_GROUPS,
         )  # fmt: skip
         if WRITE_SCALES:
             tl.store(scales_ptr + gidx, gdec, mask=gmask)
@@ -172,7 +189,7 @@ def quantize_kernel(
     else:
         rbits = 0
     q = _round(y, rbits, STOCHASTIC, MBITS, EMIN, MAXF, MIN_NORMAL, IS_INT)
-    q = _finish(q, fin, x, NAN_GROUPS, HAS_INF)
+    q = _finish(q, fin, y, NAN_GROUPS, HAS_INF)
     if WRITE_CODES:
         code = encode_grid(q, EBITS, MBITS, BIAS, EMIN, MIN_NORMAL, IS_INT, HAS_INF, NAN_KIND,
                            TORCH_FP8)  # fmt: skip
@@ -196,7 +213,7 @@ def quantize_kernel(
         else:
             rbits_c = 0
         qc = _round(x * encc, rbits_c, STOCHASTIC, MBITS, EMIN, MAXF, MIN_NORMAL, IS_INT)
-        qc = _finish(qc, fin, x, NAN_GROUPS, HAS_INF)
+        qc = _finish(qc, fin, x * encc, NAN_GROUPS, HAS_INF)
         cc = encode_grid(qc, EBITS, MBITS, BIAS, EMIN, MIN_NORMAL, IS_INT, HAS_INF, NAN_KIND,
                          TORCH_FP8)  # fmt: skip
         to = cols[:, None].to(tl.int64) * R + rows[None, :]
@@ -211,6 +228,9 @@ def quantize_kernel(
     if WRITE_MASK:
         mo = rows[:, None].to(tl.int64) * C + cols[None, :]
         tl.store(mask_ptr + mo, (tl.abs(y) < MAXF).to(tl.int8), mask=m)
-    if WRITE_AMAX:
+    if WRITE_AMAX:  # (finite max, non-finite code) of the tile, as in kernels/amax.py
         a = tl.max(tl.max(tl.where(fin, tl.abs(x), 0.0), axis=1), axis=0)
-        tl.store(amax_ptr + pid_r * tl.num_programs(1) + pid_c, a)
+        nf = tl.max(tl.max(tl.where(fin, 0.0, tl.where(x != x, 2.0, 1.0)), axis=1), axis=0)
+        tile = pid_r * tl.num_programs(1) + pid_c
+        tl.store(amax_ptr + 2 * tile, a)
+        tl.store(amax_ptr + 2 * tile + 1, nf)

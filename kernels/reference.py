@@ -20,8 +20,6 @@ Both are exactly unbiased, like the reference; only the source of the bits diffe
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from lptrain.numerics import QuantSpec, get_format, hadamard, round_to_format
@@ -100,22 +98,26 @@ def fake_quantize_with_bits(
     stateless, with stochastic rounding fed `bits` (uint32 words, one per element of x in
     row-major order; None for round-to-nearest). Scales, rotation and grouping are the
     reference's own functions, so only the rounding step differs from fake_quantize."""
-    # the reference pipeline's own steps (the package re-exports a function of the same name)
-    Q = importlib.import_module("lptrain.numerics.quantize")
+    from lptrain.numerics.quantize import _dequant, _group, _nonfinite
+    from lptrain.numerics.scaling import spec_scales
+
     if spec.scaling in ("delayed",) or spec.amax_refresh > 1:
         raise ValueError("fake_quantize_with_bits is stateless: use scaling without state")
     xt = x.to(torch.float32)
     if spec.hadamard is not None:
         xt = hadamard(xt, spec.hadamard, dim=-1, signs=signs)
-    xg = Q._group(xt, spec.replace(axis=-1), x.shape)
-    if spec.scaling == "none":
-        enc = dec = gdec = None
+    xg = _group(xt, spec.replace(axis=-1), x.shape)
+    if spec.scaling == "none" or xg.numel() == 0:
+        dec = gdec = None
         y = xg
+        bad = None if bool(torch.isfinite(xg).all()) else ~torch.isfinite(xg)
     else:
-        enc, dec, gdec = Q._scales(xg, spec, None, False, x.dtype)
-        y = xg * enc
+        sc = spec_scales(xg, spec, None, False, x.dtype)
+        dec, gdec, bad, y = sc.dec, sc.gdec, sc.bad, xg * sc.enc
     if spec.rounding == "nearest" or bits is None:
         q = round_to_format(y, spec.fmt, "nearest", "saturate")
     else:
         q = round_with_bits(y, spec.fmt, bits.reshape(y.shape))
-    return Q._dequant(q, dec, gdec).reshape(x.shape)
+    if bad is not None:
+        q, dec = _nonfinite(xg, y, q, dec, bad, spec.fmt)
+    return _dequant(q, dec, gdec).reshape(x.shape)

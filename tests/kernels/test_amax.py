@@ -1,5 +1,5 @@
 """kernels/amax.py against lptrain.numerics.scaling.abs_max: tensor, rows, columns, strided
-(transposed) operands, a fused Hadamard, finite-only maxima with non-finite flags, empty."""
+(transposed) operands, a fused Hadamard, non-finite groups (NaN, +Inf) with their flags, empty."""
 
 from __future__ import annotations
 
@@ -29,17 +29,19 @@ def test_hadamard_rotates_before_the_max():
     assert_same(a.tensor, abs_max(hadamard(x, 32, signs=signs)))
 
 
-def test_non_finite_elements_never_feed_a_max():
+def test_non_finite_groups_take_the_references_max():
     x = randn(40, 70, seed=3)
     x[5, 6] = float("inf")
     x[7, 1] = float("nan")
     a = amax_2d(x, rows=True, cols=True)
-    clean = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-    assert_same(a.tensor, abs_max(clean))
-    assert_same(a.rows, abs_max(clean, (1,)))
+    assert_same(a.tensor, abs_max(x))  # NaN: the tensor holds one
+    assert_same(a.rows, abs_max(x, (1,)))  # row 5: +Inf, row 7: NaN, the others finite
+    assert_same(a.cols, abs_max(x, (0,)))
     assert bool(a.tensor_bad)
     assert a.rows_bad.flatten().nonzero().flatten().tolist() == [5, 7]
     assert a.cols_bad.flatten().nonzero().flatten().tolist() == [1, 6]
+    x[7, 1] = -float("inf")
+    assert_same(amax_2d(x).tensor, torch.tensor(float("inf"), device=DEVICE))
 
 
 def test_empty():

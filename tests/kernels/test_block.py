@@ -113,22 +113,31 @@ def test_stochastic_rounding_is_unbiased(name: str):
         assert abs(float(got.double().mean()) - v) < 5 * sigma + 1e-6 * v, (name, v)
 
 
-def test_non_finite_inputs():
+@pytest.mark.parametrize("spec", [*RNE.values(), VARIANTS["e8m0-ceil"]],
+                         ids=[*RNE, "e8m0-ceil"])  # fmt: skip
+def test_non_finite_inputs_as_the_reference(spec: QuantSpec):
     x = _operand(2)
     x[10, 5], x[20, 70], x[30, 200] = float("inf"), float("nan"), -float("inf")
-    fin = torch.isfinite(x)
-    clean = torch.where(fin, x, torch.zeros_like(x))
-    # FP4 elements have no special values: the element's 1x16 block decodes to NaN (OCP MX rule)
-    spec = recipes.get("nvfp4").output.a
-    got = quantize_block(x, spec, dense=torch.float32).dense
-    blocks = (~fin).reshape(128, 16, 16).any(-1, keepdim=True).expand(128, 16, 16).reshape(x.shape)
-    assert bool(got[blocks].isnan().all()) and int(blocks.sum()) == 48
-    assert_same(got[~blocks], fake_quantize(clean, spec)[~blocks])
-    # E4M3 elements: the element itself becomes NaN, its block keeps the finite elements' scale
-    spec = recipes.get("mxfp8").output.a
-    got = quantize_block(x, spec, dense=torch.float32).dense
-    assert bool(got[~fin].isnan().all())
-    assert_same(got[fin], fake_quantize(clean, spec)[fin])
+    signs = _signs(spec)
+    got = quantize_block(x, spec, signs=signs, dense=torch.float32)
+    assert_same(got.dense, fake_quantize(x, spec, signs=signs), "dequantized")
+    ref = quantize(x, spec, signs=signs)
+    assert_same(got.scales, ref.scales.reshape(got.scales.shape), "block scales")
+    if spec.two_level:
+        assert_same(got.global_scale, ref.global_scale, "tensor scale")
+    assert bool(got.dense.isnan().any())  # it reaches the GEMM
+
+
+def test_two_level_scales_rounded_up():
+    for fmt in ("ue4m3", "ue5m3"):
+        spec = QuantSpec("fp4_e2m1", scaling="block", block_size=16, scale_format=fmt,
+                         scale_rounding="ceil")  # fmt: skip
+        x = _operand(3)
+        got = quantize_block(x, spec, dense=torch.float32, mask=True)
+        want, extras = fake_quantize(x, spec, with_mask=True)
+        assert_same(got.dense, want, fmt)
+        assert_same(got.scales, quantize(x, spec).scales.reshape(got.scales.shape), fmt)
+        assert torch.equal(got.mask, extras["mask"])
 
 
 def test_empty_operand():

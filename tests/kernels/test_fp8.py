@@ -84,22 +84,22 @@ def test_stochastic_rounding_equals_the_bits_reference():
         fp8.quantize_tensorwise(x, spec)
 
 
-def test_non_finite_inputs_become_the_formats_specials():
+def test_non_finite_inputs_as_the_reference():
     x = _operand(4)
     x[3, 3], x[4, 4], x[5, 5] = float("inf"), -float("inf"), float("nan")
-    clean = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-    fin = torch.isfinite(x)
-    for fmt, inf in ((E5M2, float("inf")), (E4M3, float("nan"))):
+    for fmt in (E5M2, E4M3, "fp6_e2m3"):  # specials: +-Inf and NaN / NaN only / none
         spec = QuantSpec(fmt)
-        got = fp8.quantize_tensorwise(x, spec, dense=torch.float32).dense
-        assert_same(got[fin], fake_quantize(clean, spec)[fin], f"{fmt} finite part")
-        assert_same(got[~fin], torch.tensor([inf, -inf, float("nan")], device=DEVICE), fmt)
-    # formats without special values: the scale group (here each row) decodes to NaN
-    spec = QuantSpec("fp6_e2m3", scaling="row")
-    got = fp8.quantize_rowwise(x, spec, dense=torch.float32).dense
-    bad = ~fin.all(1)
-    assert bool(got[bad].isnan().all())
-    assert_same(got[~bad], fake_quantize(clean, spec)[~bad])
+        got = fp8.quantize_tensorwise(x, spec, dense=torch.float32)
+        assert_same(got.dense, fake_quantize(x, spec), f"{fmt} tensorwise")
+        assert_same(got.scales, quantize(x, spec).scales, f"{fmt} scale")
+        spec = QuantSpec(fmt, scaling="row")
+        got = fp8.quantize_rowwise(x, spec, colwise=True, dense=torch.float32)
+        assert_same(got.dense, fake_quantize(x, spec), f"{fmt} rowwise")
+        assert_same(got.scales_t, quantize(x.T, spec).scales, f"{fmt} column-wise scales")
+    # delayed scaling: the scale is used, the non-finite amax is reported, not hidden
+    spec = QuantSpec(E4M3, scaling="delayed")
+    got = fp8.quantize_tensorwise(x, spec, enc=torch.tensor(2.0), dense=torch.float32)
+    assert bool(got.amax.isnan()) and bool(got.amax_bad)
 
 
 def test_empty_operands():

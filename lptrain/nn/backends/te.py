@@ -234,6 +234,18 @@ def _first_difference(recipe: Recipe, template: Recipe) -> str:
     return "no difference found"
 
 
+def _canonical(recipe: Recipe) -> Recipe:
+    """Name and description dropped, every block-scale rounding spelled out (None means the
+    scale format's standard rule), so equal numerics compare equal."""
+
+    def spec(s: QuantSpec | None) -> QuantSpec | None:
+        return s.replace(scale_rounding=s.block_scale_rounding) if s is not None else None
+
+    gemms = {g: replace(recipe.gemm(g), a=spec(recipe.gemm(g).a), b=spec(recipe.gemm(g).b))
+             for g in GEMMS}  # fmt: skip
+    return replace(recipe, name="te", description="", **gemms)
+
+
 def te_mapping(recipe: Recipe) -> TEMapping:
     """The TE recipe that computes `recipe`, or TEUnsupported with the reason."""
     s = recipe.output.a
@@ -248,11 +260,11 @@ def te_mapping(recipe: Recipe) -> TEMapping:
             f"Float8BlockScaling, MXFP8BlockScaling, NVFP4BlockScaling)"
         )
     candidates = TEMPLATES[family](s)
-    named = replace(recipe, name="te", description="")
+    named = _canonical(recipe)
     for mapping, template in candidates:
-        if replace(template, description="") == named:
+        if _canonical(template) == named:
             return mapping
-    why = min((_first_difference(named, t) for _, t in candidates), key=len)
+    why = min((_first_difference(named, _canonical(t)) for _, t in candidates), key=len)
     raise TEUnsupported(f"recipe {recipe.name!r} differs from every TE {family}: {why}")
 
 

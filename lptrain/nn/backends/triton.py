@@ -35,8 +35,8 @@ from lptrain.nn.backends.emulated import EmulatedBackend, granularity, pad_to
 from lptrain.nn.backends.operand import FP8, Operand, QuantizedOperand, operand_of, plain
 from lptrain.nn.call import derive_seed
 from lptrain.nn.recipe import GEMMS
-from lptrain.numerics import QuantSpec, dfp_matmul, hadamard, random_signs
-from lptrain.numerics.quantize import _delayed, _tensor_ref  # the reference's state updates
+from lptrain.numerics import QuantSpec, hadamard, random_signs
+from lptrain.numerics.scaling import _delayed, _tensor_ref  # the reference's state updates
 
 _GEMM_ID = {"output": 0, "grad_input": 1, "grad_weight": 2}
 _OP_ID = {"input": 0, "weight": 1, "grad_output": 2}
@@ -270,7 +270,7 @@ class TritonBackend(Backend):
                 t = hadamard(t.to(torch.float32), spec.hadamard, dim=-1, signs=signs)
                 spec = spec.replace(hadamard=None, hadamard_signs=False)
             op, mask = self._scaled(t, spec, state, update, seed, want_mask, want_t)
-        if state is not None and update:
+        if state is not None and update and t.numel():
             state.calls += 1
         return op, mask
 
@@ -283,14 +283,21 @@ class TritonBackend(Backend):
         elif spec.scaling == "delayed":
             if state is None:
                 raise ValueError("scaling='delayed' needs a ScalingState (state=...)")
-            enc = state.scale.clone() / spec.headroom
+            if spec.delayed_init == "current" and not bool((state.amax_history > 0).any()):
+                # The reference's first call scales by this call's amax: read it first.
+                a = amax_2d(t)
+                amax = state.reduce(a.tensor) if update else a.tensor
+                enc = _delayed(amax, spec, state, update) / spec.headroom
+                update = False  # recorded already
+            else:
+                enc = state.scale.clone() / spec.headroom
         kw = dict(codes=fp8, dense=None if fp8 else torch.float32, seed=seed, mask=want_mask)
         if spec.scaling == "row":
             r = fp8_k.quantize_rowwise(t, spec, colwise=want_t and fp8, **kw)
         else:
             r = fp8_k.quantize_tensorwise(t, spec, enc=enc, transpose=want_t and fp8, **kw)
         if spec.scaling == "delayed":
-            if update:
+            if update:  # the scale just used was state.scale: record the amax, update
                 _delayed(state.reduce(r.amax), spec, state, True)
             if not fp8 and not bool(torch.isfinite(t).all()):  # no special values: the
                 r.dense = torch.full_like(r.dense, float("nan"))  # tensor is one NaN group
@@ -328,15 +335,14 @@ class TritonBackend(Backend):
         return Operand(values=r.dense, gscale=r.global_scale), r.mask
 
     def _dfp_gemm(self, call, gemm, gr, a, b, generator):
-        """The emulated backend's INT16 DFP GEMM with the operands quantized by the kernel."""
-        ops = []
-        for t, spec, name in ((a, gr.a, GEMMS[gemm][0]), (b, gr.b, GEMMS[gemm][1])):
-            index = 1 + 3 * _GEMM_ID[gemm] + _OP_ID[name]
-            seed = derive_seed(generator.initial_seed(), index, 2)
-            ops.append(dfp_k.quantize_dfp(t, bits=spec.fmt.bits, rounding=spec.rounding, seed=seed))
-        res = dfp_matmul(ops[0], ops[1], chunk=gr.chunk)
-        call.count_overflows(gemm, res.overflows)
-        return res.out
+        """The emulated backend's INT16 DFP GEMM (non-finite handling, INT32 chunks, overflow
+        rule, statistics) with its operands quantized by the DFP kernel (`_dfp` below)."""
+        return EmulatedBackend._dfp_gemm(self, call, gemm, gr, a, b, generator)
+
+    def _dfp(self, call, gemm, op, t, spec, generator):
+        index = 1 + 3 * _GEMM_ID[gemm] + _OP_ID[op]
+        seed = derive_seed(generator.initial_seed(), index, 2)
+        return dfp_k.quantize_dfp(t, bits=spec.fmt.bits, rounding=spec.rounding, seed=seed)
 
     def _take_colwise(self, call, t) -> Operand | None:
         """The column-wise copy of dY that this call's grad_input GEMM wrote, if `t` is dY^T."""

@@ -18,8 +18,18 @@ def _custom(base: str, **fields):
     return recipes.from_dict({"base": base, **fields})
 
 
+def _te_delayed():
+    """fp8-delayed as TE runs it: scale 1 until the history holds an amax."""
+    one = {"delayed_init": "one"}
+    return _custom("fp8-delayed", **{g: {o: one for o in ops} for g, ops in (
+        ("output", ("input", "weight")), ("grad_input", ("grad_output", "weight")),
+        ("grad_weight", ("grad_output", "input")))})  # fmt: skip
+
+
 def test_named_recipes_with_a_te_equivalent():
-    m = te_mapping(recipes.get("fp8-delayed"))
+    with pytest.raises(TEUnsupported, match=r"delayed_init: TE has 'one', the recipe 'current'"):
+        te_mapping(recipes.get("fp8-delayed"))  # lptrain starts with current scaling; TE cannot
+    m = te_mapping(_te_delayed())
     assert m.cls == "DelayedScaling"
     assert m.kwargs == dict(
         fp8_format="HYBRID",
@@ -43,7 +53,8 @@ def test_named_recipes_with_a_te_equivalent():
 
 
 def test_variants_map_their_fields():
-    s = {"scaling": "delayed", "history_len": 16, "amax_algo": "most_recent", "margin": 1}
+    s = {"scaling": "delayed", "history_len": 16, "amax_algo": "most_recent", "margin": 1,
+         "delayed_init": "one"}  # fmt: skip
     r = _custom("fp8-delayed", **{
         "output": {"input": s, "weight": s},
         "grad_input": {"grad_output": {**s, "format": "fp8_e4m3"}, "weight": s},

@@ -182,3 +182,15 @@ def test_rowwise_dy_is_read_once_for_both_backward_gemms():
     lim = 4 * (2 * T + 16) * U * (dy.double().T.norm(dim=1)[:, None] * x.double().norm(dim=0))
     assert bool(((got[2].double() - emu[2].double()).abs() <= lim).all())
     assert not backend._colwise  # consumed
+
+
+@pytest.mark.parametrize("name", ["fp8-current", "fp8-rowwise", "mxfp8", "nvfp4", "int16-dfp"])
+def test_non_finite_inputs_reach_the_same_outputs_as_emulated(name: str):
+    x, w, dy = _data()
+    x[3, 7] = float("nan")
+    dy[5, 2] = float("inf")
+    emu = _run(_layer(name, "emulated", w), x, dy)
+    tri = _run(_layer(name, (_backend(), "test"), w), x, dy)
+    for what, a, b in zip(("y", "dx", "dw"), tri, emu, strict=True):
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b)), (name, what)
+        assert not bool(torch.isfinite(a).all()), (name, what)  # it propagates
