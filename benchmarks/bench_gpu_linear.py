@@ -99,7 +99,7 @@ def _has_te() -> bool:
 
 
 def _te_maps(name: str) -> bool:
-    from lptrain.nn.backends.te import TEUnsupported, te_mapping
+    from lptrain.nn.backends.te_mapping import TEUnsupported, te_mapping
 
     try:
         te_mapping(recipes.get(name))

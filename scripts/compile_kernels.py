@@ -97,6 +97,14 @@ def record(quick: bool) -> dict:
                     dense_global=False,
                     mask=r.trust_mask,
                 )
+    extra = [  # rules no named recipe uses by default
+        QuantSpec("fp4_e2m1", scaling="block", block_size=16, scale_format="ue4m3",
+                  scale_rounding="ceil"),
+        QuantSpec("fp8_e4m3", scaling="block", block_size=32, scale_format="e8m0",
+                  scale_rounding="ceil"),
+    ]  # fmt: skip
+    for s in extra:
+        block.quantize_block(x, s)
     dfp.quantize_dfp(torch.ones(64, 64))
     return seen
 

@@ -1,4 +1,4 @@
-"""backend: te (nn/backends/te.py): the recipe -> TransformerEngine recipe mapping, as data,
+"""backend: te (nn/backends/te_mapping.py): the recipe -> TE recipe mapping, as data,
 without TransformerEngine: the named recipes with a TE equivalent map with every field
 explicit, variants map their fields, recipes without an equivalent are refused with the field
 that differs; the mapping builds the TE objects it describes (checked on a stand-in module)."""
@@ -11,7 +11,7 @@ import types
 import pytest
 
 from lptrain import recipes
-from lptrain.nn.backends.te import TEMapping, TEUnsupported, te_mapping
+from lptrain.nn.backends.te_mapping import TEMapping, TEUnsupported, te_mapping
 
 
 def _custom(base: str, **fields):
