@@ -90,7 +90,8 @@ def resolve(
     whole_layers: bool = False,
 ) -> tuple[Backend, str]:
     """(backend, reason) for the `backend:` setting, a recipe and the device the model runs on
-    (default: CUDA if present, else CPU); ValueError with the reason if impossible.
+    (CUDA whenever present: a model on the CPU is taken to be on its way there; else the CPU);
+    ValueError with the reason if impossible.
     `whole_layers`: the caller can swap whole layers (lptrain.convert), which backend 'te'
     needs: it runs TransformerEngine's Linear instead of lptrain's three GEMMs.
 
@@ -104,7 +105,10 @@ def resolve(
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     device = torch.device(device) if device is not None else None
-    if device is None or device.type == "meta":  # not placed yet: where it will most likely run
+    if device is None or device.type == "meta" or (device.type == "cpu" and _has_cuda()):
+        # Models are built and converted on the CPU, then moved (DeepSpeed places them): with a
+        # GPU present that is where they run. A backend whose kernels cannot run where a tensor
+        # ends up hands that call to the reference.
         device = torch.device(_default_device())
     if name == "emulated":
         return _checked(EmulatedBackend(), recipe), "emulated (requested)"
@@ -148,8 +152,12 @@ def _checked(backend: Backend, recipe: "Recipe") -> Backend:
     return backend
 
 
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
 def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if _has_cuda() else "cpu"
 
 
 def _where(device: torch.device) -> str:

@@ -100,3 +100,13 @@ def test_importing_lptrain_never_imports_triton_or_te():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_a_model_converted_on_the_cpu_resolves_for_the_gpu_it_will_run_on(monkeypatch):
+    from lptrain.nn import backends
+
+    seen = []
+    monkeypatch.setattr(backends, "_has_cuda", lambda: True)
+    monkeypatch.setattr(backends, "_triton_unavailable", lambda d: seen.append(d) or "stub")
+    backend, why = resolve("auto", recipes.get("fp8-current"), "cpu")  # DeepSpeed moves it later
+    assert seen == [torch.device("cuda")] and why == "auto: emulated (triton: stub)"
