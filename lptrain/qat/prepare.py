@@ -91,6 +91,38 @@ class QATLinear(nn.Module):
             x = q(x)
         return run_gemm(self.base, x, self.weight_quantizer(weight_nk(self.base)))
 
+    @torch.no_grad()
+    def export(self) -> nn.Module:
+        """The deployable layer: integer codes + step (+ offset) per group, the input quantizer
+        and the base's recipe GEMMs kept; its forward equals this layer's eval forward bit for
+        bit (the same dequantized values through the same GEMM)."""
+        import copy
+
+        import lptrain.nn as lpnn
+        from lptrain.lora.quantized import QuantizedLinear
+
+        q = self.weight_quantizer
+        w = weight_nk(self.base)
+        out, inp = w.shape
+        group = q.group_size if q.granularity == "group" else inp
+
+        def per_row(t):  # (), (out, 1) or (out, G, 1) -> (out, G)
+            t = t.detach().float()
+            return t.reshape(1, 1).expand(out, 1) if t.dim() == 0 else t.reshape(out, -1)
+
+        off = per_row(q.offset) if q.offset is not None else None
+        m = QuantizedLinear(inp, out, "affine", gemm="full")
+        m.set_affine(q.integer_codes(w), per_row(q.step), off, bits=q.bits, group_size=group, n=q.n)
+        if isinstance(self.base, lpnn.Linear) and self.base.recipe.quantizes:
+            layer = copy.deepcopy(self.base)
+            layer.register_parameter("weight", None)
+            m.recipe_layer = layer.requires_grad_(False)
+        else:
+            m.set_bias(self.base.bias)
+        if self.input_quantizer is not None:
+            m.input_quantizer = copy.deepcopy(self.input_quantizer).requires_grad_(False)
+        return m.to(w.device).train(self.training)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
