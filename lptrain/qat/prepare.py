@@ -106,9 +106,11 @@ class QATLinear(nn.Module):
         out, inp = w.shape
         group = q.group_size if q.granularity == "group" else inp
 
-        def per_row(t):  # (), (out, 1) or (out, G, 1) -> (out, G)
+        def per_row(t):  # (1,), (out, 1) or (out, G, 1) -> (out, G)
             t = t.detach().float()
-            return t.reshape(1, 1).expand(out, 1) if t.dim() == 0 else t.reshape(out, -1)
+            return (
+                t.reshape(1, 1).expand(out, 1) if q.granularity == "tensor" else t.reshape(out, -1)
+            )
 
         off = per_row(q.offset) if q.offset is not None else None
         m = QuantizedLinear(inp, out, "affine", gemm="full")

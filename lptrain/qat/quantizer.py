@@ -41,7 +41,7 @@ def is_quantizer_param(p: torch.Tensor) -> bool:
 def step_shape(granularity: str, shape: tuple[int, ...], group_size: int) -> tuple[int, ...]:
     """The step's shape for a weight of `shape` (out, in): it broadcasts over the grouped view."""
     if granularity == "tensor":
-        return ()
+        return (1,)  # not (): DeepSpeed's broadcast views parameters as bytes, 0-dim fails
     out, inp = shape
     if granularity == "channel":
         return (out, 1)
@@ -84,7 +84,7 @@ class LSQQuantizer(nn.Module):
         self.group_size, self.role = group_size, role
         self.shape = tuple(shape) if shape is not None else None
         self.n, self.p = bounds(bits, signed)
-        sshape = step_shape(granularity, self.shape, group_size) if shape is not None else ()
+        sshape = step_shape(granularity, self.shape, group_size) if shape is not None else (1,)
         self.step = nn.Parameter(torch.ones(sshape))
         self.offset = nn.Parameter(torch.zeros(sshape)) if offset else None
         mark_quantizer_params(self.step, self.offset)
