@@ -33,7 +33,7 @@ def test_finetune_sections_round_trip_with_the_from_key(tmp_path):
     assert load(tmp_path / "c.yaml").qat == cfg.qat  # a run's config.yaml runs again
     with pytest.raises(ConfigError, match=r"^qat.act_bits: must be in 2..8, got 12"):
         parse({"run": {"max_steps": 1}, "qat": {"method": "lsq", "act_bits": 12}})
-    with pytest.raises(ConfigError, match=r"^adapters.type: expected 'lora' | 'l4q' or null"):
+    with pytest.raises(ConfigError, match=r"^adapters.type: expected 'lora' \| 'l4q' or null"):
         parse({"run": {"max_steps": 1}, "adapters": {"type": "dora"}})
     with pytest.raises(ConfigError, match=r"^init.from: no such run directory"):
         parse({"run": {"max_steps": 1}, "init": {"from": str(tmp_path / "none")}})
