@@ -139,9 +139,10 @@ def _weight_quantizer(cfg: QATConfig, layer: nn.Module, name: str) -> LSQQuantiz
             offset=cfg.method == "lsq+",
             shape=tuple(w.shape),
         )
-    except ValueError as exc:
-        field = "group_size" if "group_size" in str(exc) else "weight_granularity"
-        raise QATConfigError(field, f"{exc} (layer {name})") from None
+    except ValueError as exc:  # "<field>: <problem>" from LSQQuantizer
+        field, _, problem = str(exc).partition(": ")
+        field = "weight_granularity" if field == "granularity" else field
+        raise QATConfigError(field, f"{problem} (layer {name})") from None
     q.to(w.device)
     q.init_from(w)  # before any DeepSpeed wrapper (see quantizer.py)
     return q

@@ -112,7 +112,3 @@ def check(cfg: "TrainConfig") -> None:
             )
     if cfg.init.from_ is not None:
         init_from.locate(cfg.init.from_)  # raises ConfigError('init.from', ...) if unusable
-
-
-def is_finetune(cfg: "TrainConfig") -> bool:
-    return cfg.init.from_ is not None or cfg.qat.method is not None or cfg.adapters.type

@@ -88,5 +88,8 @@ def test_finetune_converters_follow_the_order_and_name_keys():
     assert said[-1].startswith("qat: 2 layers, lsq+ weights 4 bits (group 16), inputs 8 bits")
     bad = parse({"run": {"max_steps": 1}, "qat": {"method": "lsq", "weight_granularity": "group",
                                                   "group_size": 24}})  # fmt: skip
-    with pytest.raises(ConfigError, match=r"^qat.group_size: group_size: 24 does not divide"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^qat.group_size: 24 does not divide in_features 32 of a \(8, 32\) weight",
+    ):
         converters.apply(nn.Sequential(nn.Linear(32, 8)), converters.build(bad), ctx)
