@@ -93,8 +93,10 @@ def apply(
         setattr(parent, child_name, new.train(layer.training))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    bpp = base_bytes_per_param(model)
+    stored = f" ({bpp:.3f} bytes/param)" if bpp is not None else ""
     what = f"l4q {cfg.bits} bits, group {cfg.group_size}" if cfg.kind == "l4q" else (
-        f"lora, base {cfg.base}"
+        f"lora, base {cfg.base}{stored}"
     )  # fmt: skip
     (log_fn or log.info)(
         f"adapters: {len(chosen)} layers, {what}, r={cfg.r}, alpha={cfg.alpha}; "
