@@ -165,17 +165,22 @@ class Linear(nn.Linear):
     # -- forward ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gemm(x, self.weight_nk())
+
+    def gemm(self, x: torch.Tensor, weight_nk: torch.Tensor) -> torch.Tensor:
+        """This layer's three GEMMs, run as its recipe says, with `weight_nk` (out, in) as the
+        weight: QAT and adapters (lptrain.qat, lptrain.lora) hand their own weight here (a
+        fake-quantized or dequantized copy) and keep the recipe, its state and its counters."""
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: expected input with last dim "
                 f"{self.in_features}, got shape {tuple(x.shape)}"
             )
-        w = self.weight_nk()
         # No quantization, or no tokens (an empty micro-batch or MoE expert): plain math gives
         # the empty output and zero weight gradients, and no quantizer state is touched.
         if not self.recipe.quantizes or x.numel() == 0:
-            return F.linear(x, w, self.bias)
-        return LinearFunction.apply(x, w, self.bias, self._begin_call())
+            return F.linear(x, weight_nk, self.bias)
+        return LinearFunction.apply(x, weight_nk, self.bias, self._begin_call())
 
     def weight_nk(self) -> torch.Tensor:
         """The weight as the GEMMs see it: (out_features, in_features)."""

@@ -1,4 +1,4 @@
-"""`lptrain` command line: `train`, `recipes` (and room for `report`, `eval`, `export`).
+"""`lptrain` command line: `train`, `export`, `eval`, `recipes` (and room for `report`).
 
 Flags avoid prefixes of torchrun options (`--max…`, `--log…`, `--run…`, `--node…`, `--monitor…`,
 `--master…`): torchrun rejects a script flag as ambiguous when it abbreviates one of its own.
@@ -75,6 +75,29 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
+    ex = sub.add_parser(
+        "export",
+        help="write the deployable quantized model of a run",
+        description="Fold adapters and quantizers of a run's latest checkpoint into the "
+        "deployable model: integer codes, scales and offsets in safetensors plus a layout "
+        "JSON (--format int), or a transformers directory for a Hugging Face base (--format "
+        "hf). Prints the validation loss before and after folding.",
+    )
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="run directory or one checkpoint")
+    ex.add_argument("--out", metavar="DIR", help="output directory (default RUN_DIR/export)")
+    ex.add_argument("--format", choices=("int", "hf"), default="int")
+    ex.add_argument("--blocks", type=int, default=None, metavar="N",
+                    help="validation blocks for the before/after loss (default: all)")  # fmt: skip
+    ev = sub.add_parser(
+        "eval",
+        help="validation loss and perplexity of a run, a checkpoint or an export",
+        description="Validation loss and perplexity on the run's own validation split, or "
+        "on the validation split of --data (a path or embedded:stdlib / embedded:pydoc-topics).",
+    )
+    ev.add_argument("path", metavar="PATH", help="run directory, checkpoint or export directory")
+    ev.add_argument("--data", metavar="PATH", default=None, help="another corpus to evaluate on")
+    ev.add_argument("--blocks", type=int, default=None, metavar="N", help="at most N blocks")
+    ev.add_argument("--json", action="store_true", help="also print one JSON line")
     sub.add_parser(
         "recipes",
         help="list shipped recipe files and named precision recipes",
@@ -123,9 +146,10 @@ def _agree(value: str) -> str:
 def _prepare(args):
     """Everything that can fail on user input, before any heavy work."""
     from lptrain.train import config, converters, data, engine, model
+    from lptrain.train.init_from import tokenizer_spec
 
     cfg = config.load(args.recipe, args.overrides)
-    tok = data.load_tokenizer(cfg.data.tokenizer)
+    tok = data.load_tokenizer(tokenizer_spec(cfg))  # a fine-tune's base may set it
     model.model_args(cfg.model, vocab_size=tok.vocab_size, max_seq_len=cfg.data.block_size)
     info = engine.dist_env(args.local_rank)
     engine.check_batch(cfg, info)
@@ -149,14 +173,16 @@ def cmd_train(args) -> int:
 
     engine.init_distributed(info)
     run_dir = Path(_agree(args.run_dir or _default_run_dir(cfg.run.name)))
-    if info.rank == 0:
-        _write_run_files(run_dir, cfg, ds_config)
 
     def say(msg: str) -> None:
         if info.rank == 0:
             print(msg, file=sys.stderr, flush=True)
 
+    # Set up (data, model, converters: init.from, layer checks) before writing anything, so a
+    # bad input never touches an existing run directory.
     s = trainer.setup(cfg, ds_config, convs, tok, info, run_dir, say)
+    if info.rank == 0:
+        _write_run_files(run_dir, cfg, ds_config)
     monitor = Monitor(cfg.logging, run_dir, trainer.describe_config(cfg), s.total_steps, info.rank)
     try:
         p = trainer.run(s, monitor, monitor.say)
@@ -168,6 +194,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_offline(args) -> int:
+    """`export` and `eval`: one process, no DeepSpeed engine (train/export.py, evaluate.py)."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():  # unpickling a checkpoint may import deepspeed
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.command == "export":
+        from lptrain.train import export
+
+        return export.main(args)
+    from lptrain.train import evaluate
+
+    return evaluate.main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
@@ -177,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recipes":
         return cmd_recipes()
     try:
+        if args.command in ("export", "eval"):
+            return cmd_offline(args)
         return cmd_train(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -17,6 +17,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from lptrain.train import finetune_config
+from lptrain.train.finetune_config import AdaptersSection, InitConfig, QATSection
+
 
 class ConfigError(ValueError):
     """A recipe problem, reported as `<key path>: <problem>`."""
@@ -136,9 +139,28 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    # Fine-tuning (train/finetune_config.py): weights to start from, QAT, adapters.
+    init: InitConfig = field(default_factory=InitConfig)
+    qat: QATSection = field(default_factory=QATSection)
+    adapters: AdaptersSection = field(default_factory=AdaptersSection)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _as_dict(self)
+
+
+def _key(f: dataclasses.Field) -> str:
+    """The YAML key of a field (`metadata={"key": ...}` when the name is a Python keyword)."""
+    return f.metadata.get("key", f.name)
+
+
+def _as_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {_key(f): _as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [_as_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _as_dict(v) for k, v in obj.items()}
+    return obj
 
 
 # ---------------------------------------------------------------- generic typed parsing
@@ -198,15 +220,15 @@ def _build(cls: type, data: Any, path: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(path or "<recipe>", f"expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    keys = {_key(f): f.name for f in dataclasses.fields(cls)}
     for key in data:
-        if key not in names:
+        if key not in keys:
             where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(where, f"unknown key (known: {', '.join(names)})")
+            raise ConfigError(where, f"unknown key (known: {', '.join(keys)})")
     kwargs = {}
-    for name in names:
-        if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], f"{path}.{name}" if path else name)
+    for key, name in keys.items():
+        if key in data:
+            kwargs[name] = _coerce(hints[name], data[key], f"{path}.{key}" if path else key)
     return cls(**kwargs)
 
 
@@ -268,6 +290,7 @@ def _check(cfg: TrainConfig) -> None:
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas", f"expected two numbers, got {cfg.optim.betas}")
     _check_files(cfg)
+    finetune_config.check(cfg)
 
 
 def _check_files(cfg: TrainConfig) -> None:

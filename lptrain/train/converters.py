@@ -1,10 +1,12 @@
 """Model converters: what `lptrain train` does to the model between building it and handing it
 to DeepSpeed, in a fixed, documented order (torchtitan's pattern):
 
-    precision  ->  qat  ->  adapters
+    init  ->  precision  ->  qat  ->  adapters
 
-`precision` swaps linear layers for lptrain's (recipe, skip globs, backend); QAT then defines
-the weights those GEMMs see; adapters go last because they wrap whatever layer is there. Each
+`init` loads the weights fine-tuning starts from (`init.from`; a Hugging Face directory
+replaces the model); `precision` swaps linear layers for lptrain's (recipe, skip globs,
+backend); QAT then defines the weights those GEMMs see; adapters go last because they wrap
+whatever layer is there. Each
 converter has `convert(model, ctx)`; optionally `after_step(model, step)` (run by the loop
 after every optimizer step) and `wrap_step(step_fn)` (e.g. a multi-precision step that runs
 one batch at several bit-widths). A new capability registers a converter here instead of
@@ -15,16 +17,17 @@ later is undone by the optimizer's fp32 master copy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
 
 import lptrain.nn as lpnn
 from lptrain import recipes
+from lptrain.train import finetune_config, init_from
 from lptrain.train.config import ConfigError, PrecisionConfig, TrainConfig
 
-ORDER = ("precision", "qat", "adapters")
+ORDER = ("init", "precision", "qat", "adapters")
 HIGH_PRECISION = ("fp32", "bf16")  # named recipes that convert nothing
 
 
@@ -34,6 +37,10 @@ class ConvertContext:
     rank: int
     world: int
     say: Callable[[str], None]
+    # A first training batch (tokens), for converters that calibrate on data before DeepSpeed
+    # wraps the model (QAT input steps); None where no data is at hand (eval, export).
+    sample: Callable[[], Any] | None = None
+    vocab_size: int | None = None  # the tokenizer's, checked against a Hugging Face base
 
 
 class Converter(Protocol):
@@ -116,8 +123,95 @@ def _precision(cfg: TrainConfig) -> Converter | None:
     return None if is_high_precision(cfg.precision) else PrecisionConverter(cfg.precision)
 
 
+class InitConverter:
+    """Load `init.from`: an lptrain checkpoint into the built model (same architecture: shapes
+    are checked), or a Hugging Face model directory, which replaces the model."""
+
+    name = "init"
+
+    def __init__(self, spec: str):
+        self.source = init_from.locate(spec)
+
+    def convert(self, model: nn.Module, ctx: ConvertContext) -> nn.Module:
+        src = self.source
+        if src.kind == "hf":
+            from lptrain.train import hf
+
+            model = hf.load(src.path)
+            vocab = hf.vocab_size(model)
+            if ctx.vocab_size is not None and ctx.vocab_size > vocab:
+                raise ConfigError(
+                    "data.tokenizer",
+                    f"{ctx.vocab_size} token ids but the model at {src.path} embeds {vocab}",
+                )
+            ctx.say(f"init: Hugging Face model {src.path} ({type(model.model).__name__})")
+            return model
+        state = init_from.load_state(src.ckpt_dir, src.tag)
+        n = init_from.load_into(model, state, str(src.ckpt_dir / src.tag))
+        ctx.say(f"init: {n} tensors from {src.ckpt_dir / src.tag}")
+        return model
+
+
+class QATConverter:
+    """LSQ / LSQ+ on every eligible linear (lptrain.qat.prepare); input steps are calibrated
+    on the first batch here, before DeepSpeed's master copy exists."""
+
+    name = "qat"
+
+    def __init__(self, cfg: TrainConfig):
+        self.qat_cfg = finetune_config.qat_config(cfg.qat)
+        self.skip = tuple(cfg.qat.skip)
+
+    def convert(self, model: nn.Module, ctx: ConvertContext) -> nn.Module:
+        from lptrain import qat
+
+        model = qat.prepare(model, self.qat_cfg, skip=self.skip, log_fn=ctx.say)
+        if self.qat_cfg.act_bits is not None and ctx.sample is not None:
+            qat.calibrate(model, ctx.sample())
+        return model
+
+
+class AdapterConverter:
+    """LoRA (on a base stored as configured) or L4Q on the target layers; all else frozen."""
+
+    name = "adapters"
+
+    def __init__(self, cfg: TrainConfig):
+        self.adapter_cfg = finetune_config.adapter_config(cfg.adapters)
+
+    def convert(self, model: nn.Module, ctx: ConvertContext) -> nn.Module:
+        from lptrain import lora
+        from lptrain.lora import AdapterConfigError
+
+        try:
+            return lora.apply(model, self.adapter_cfg, log_fn=ctx.say)
+        except AdapterConfigError as exc:
+            raise ConfigError(f"adapters.{exc.field}", exc.problem) from None
+
+
+def _init(cfg: TrainConfig) -> Converter | None:
+    return InitConverter(cfg.init.from_) if cfg.init.from_ is not None else None
+
+
+def _qat(cfg: TrainConfig) -> Converter | None:
+    return QATConverter(cfg) if cfg.qat.method is not None else None
+
+
+def _adapters(cfg: TrainConfig) -> Converter | None:
+    return AdapterConverter(cfg) if cfg.adapters.type is not None else None
+
+
+def _qat_error(exc: Exception) -> ConfigError:
+    return ConfigError(f"qat.{exc.field}", exc.problem)
+
+
 # name -> factory(cfg) returning the converter, or None when the config does not ask for it.
-REGISTRY: dict[str, Callable[[TrainConfig], Converter | None]] = {"precision": _precision}
+REGISTRY: dict[str, Callable[[TrainConfig], Converter | None]] = {
+    "init": _init,
+    "precision": _precision,
+    "qat": _qat,
+    "adapters": _adapters,
+}
 
 
 def build(cfg: TrainConfig) -> list[Converter]:
@@ -132,8 +226,13 @@ def build(cfg: TrainConfig) -> list[Converter]:
 
 
 def apply(model: nn.Module, converters: list[Converter], ctx: ConvertContext) -> nn.Module:
+    from lptrain.qat import QATConfigError
+
     for conv in converters:
-        model = conv.convert(model, ctx)
+        try:
+            model = conv.convert(model, ctx)
+        except QATConfigError as exc:  # a layer-dependent problem (a group size): name the key
+            raise _qat_error(exc) from None
     return model
 
 

@@ -82,17 +82,42 @@ def _hf_auto_tokenizer(spec: str) -> Tokenizer:
 # ---------------------------------------------------------------- documents
 
 
+# `pydoc_data` holds the Python reference documentation as English prose (what `help()`
+# shows): the fine-tuning domain `embedded:pydoc-topics`, so it stays out of the pretraining
+# corpus (see the README, "Fine-tune").
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+_STDLIB_SKIP.add("pydoc_data")
+EMBEDDED = ("embedded:stdlib", "embedded:pydoc-topics")
+
+
 def stdlib_files() -> list[Path]:
-    """The embedded corpus: the standard library's .py files, tests and site-packages excluded."""
+    """The embedded pretraining corpus: the standard library's .py files; tests,
+    site-packages and pydoc_data (the fine-tuning domain) excluded."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    files = [p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts[:-1])]
+    files = [
+        p
+        for p in root.rglob("*.py")
+        if not _STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1])
+    ]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
 def _stdlib_docs(files: list[Path]) -> Iterator[str]:
     for p in files:
         yield p.read_text(encoding="utf-8", errors="replace")
+
+
+def pydoc_topics_file() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
+
+
+def _pydoc_topics_docs() -> Iterator[str]:
+    """One document per topic of the language reference (`help('FORMATTING')` etc.), in name
+    order: about 0.5 MB of English prose about Python."""
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name]
 
 
 def _local_files(path: str) -> list[Path]:
@@ -179,8 +204,12 @@ def load_blocks(
     cfg: DataConfig, tok: Tokenizer, is_rank0: bool, barrier: Callable[[], None]
 ) -> np.ndarray:
     """Packed blocks, tokenized by rank 0 once and read from the cache by everyone."""
-    if cfg.path is None:
+    if cfg.path is not None and cfg.path.startswith("embedded:") and cfg.path not in EMBEDDED:
+        raise ConfigError("data.path", f"unknown embedded corpus {cfg.path!r} (known: {EMBEDDED})")
+    if cfg.path in (None, "embedded:stdlib"):
         files = stdlib_files()
+    elif cfg.path == "embedded:pydoc-topics":
+        files = [pydoc_topics_file()]
     elif Path(os.path.expanduser(cfg.path)).exists() or any(c in cfg.path for c in "*?["):
         files = _local_files(cfg.path)
         if not files:
@@ -190,7 +219,12 @@ def load_blocks(
     root = cache_root(cfg)
     target = root / f"blocks-{_fingerprint(cfg, tok, files)}.npy"
     if is_rank0 and not target.exists():
-        docs = _stdlib_docs(files) if cfg.path is None else _hf_docs(cfg, files, root)
+        if cfg.path in (None, "embedded:stdlib"):
+            docs = _stdlib_docs(files)
+        elif cfg.path == "embedded:pydoc-topics":
+            docs = _pydoc_topics_docs()
+        else:
+            docs = _hf_docs(cfg, files, root)
         blocks = pack(docs, tok, cfg.block_size)
         root.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".tmp{os.getpid()}.npy")

@@ -152,17 +152,24 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; norms' gains and scalar quantizer parameters are exempt."""
-    decay, no_decay, seen = [], [], set()
+    """Weight decay on matrices only; norms' gains are exempt, and so are quantizer steps and
+    offsets (`lptrain_role == "quantizer"`, lptrain.qat), which get their own group "quantizer"
+    (double-rounding's ALRS scales that group's learning rate). Empty groups are left out."""
+    decay, no_decay, quant, seen = [], [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
+        if getattr(p, "lptrain_role", None) == "quantizer":
+            quant.append(p)
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        {"params": quant, "weight_decay": 0.0, "name": "quantizer"},
     ]
+    return [g for g in groups if g["params"]]
 
 
 def initialize(model: nn.Module, cfg: TrainConfig, ds_config: dict, total_steps: int):

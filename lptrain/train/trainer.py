@@ -6,7 +6,6 @@ multi-precision step); it never reaches into DeepSpeed (engine.py owns that).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 import signal
@@ -88,9 +87,14 @@ def setup(
     layout = data.Layout(cfg.deepspeed.micro_batch, cfg.deepspeed.grad_accum, info.world, info.rank)
     blocks = data.load_blocks(cfg.data, tok, info.rank == 0, dist.barrier)
     split = data.split(len(blocks), cfg.data.val_fraction)
+    train_src = data.BatchSource(blocks, split.train, cfg.run.seed)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = build_model(cfg.model, tok.vocab_size, cfg.data.block_size)
-    ctx = converters.ConvertContext(cfg.run.seed, info.rank, info.world, say)
+    ctx = converters.ConvertContext(
+        cfg.run.seed, info.rank, info.world, say,
+        sample=lambda: train_src.batch(0, layout.micro),  # the same batch on every rank
+        vocab_size=tok.vocab_size,
+    )  # fmt: skip
     model = converters.apply(model, convs, ctx)
     say(
         f"model: {count_params(model) / 1e6:.2f}M parameters, precision {cfg.precision.recipe!r}, "
@@ -104,7 +108,7 @@ def setup(
         cfg=cfg,
         engine=engine,
         model=model,
-        train_src=data.BatchSource(blocks, split.train, cfg.run.seed),
+        train_src=train_src,
         val=data.val_batches(blocks, split, layout, cfg.run.eval_batches),
         layout=layout,
         total_steps=steps,
@@ -232,7 +236,7 @@ def run(s: Session, monitor: Monitor, say) -> Progress:
 
 
 def describe_config(cfg: TrainConfig) -> dict:
-    d = dataclasses.asdict(cfg)
+    d = cfg.to_dict()
     resolved = converters.recipe_dict(cfg)
     if resolved is not None:
         d["precision_resolved"] = resolved

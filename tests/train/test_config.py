@@ -21,3 +21,21 @@ def test_defaults_parse_and_types_are_strict():
     assert isinstance(cfg, TrainConfig) and cfg.optim.lr == 1e-3
     with pytest.raises(ConfigError, match=r"^deepspeed.micro_batch: must be >= 1"):
         parse({"run": {"max_steps": 1}, "deepspeed": {"micro_batch": 0}})
+
+
+def test_finetune_sections_round_trip_with_the_from_key(tmp_path):
+    from lptrain.train.config import load, to_yaml
+
+    raw = {"run": {"max_steps": 1}, "qat": {"method": "lsq", "act_bits": 8}}
+    cfg = parse(raw)
+    assert "from: null" in to_yaml(cfg) and "from_" not in to_yaml(cfg)
+    (tmp_path / "c.yaml").write_text(to_yaml(cfg))
+    assert load(tmp_path / "c.yaml").qat == cfg.qat  # a run's config.yaml runs again
+    with pytest.raises(ConfigError, match=r"^qat.act_bits: must be in 2..8, got 12"):
+        parse({"run": {"max_steps": 1}, "qat": {"method": "lsq", "act_bits": 12}})
+    with pytest.raises(ConfigError, match=r"^adapters.type: expected 'lora' \| 'l4q' or null"):
+        parse({"run": {"max_steps": 1}, "adapters": {"type": "dora"}})
+    with pytest.raises(ConfigError, match=r"^init.from: no such run directory"):
+        parse({"run": {"max_steps": 1}, "init": {"from": str(tmp_path / "none")}})
+    with pytest.raises(ConfigError, match=r"^init.from: .* is not an lptrain run directory"):
+        parse({"run": {"max_steps": 1}, "init": {"from": str(tmp_path)}})

@@ -25,7 +25,8 @@ def test_high_precision_recipes_convert_nothing():
 
 def test_precision_converter_swaps_seeds_and_logs():
     (conv,) = converters.build(_cfg(recipe="nvfp4", skip=["head"]))
-    assert conv.name == "precision" and converters.ORDER[0] == "precision"
+    assert conv.name == "precision"
+    assert converters.ORDER == ("init", "precision", "qat", "adapters")
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("body", nn.Linear(32, 32))
@@ -94,3 +95,26 @@ def test_precision_converter_lets_backends_cache_weights_until_each_optimizer_st
     assert model[0].backend is model[1].backend is backend and backend.cache_weights
     converters.after_step(model, [conv], 1)
     assert backend.cleared == 1  # once per model, not per layer
+
+
+def test_finetune_converters_follow_the_order_and_name_keys():
+    cfg = parse({"run": {"max_steps": 1}, "precision": {"recipe": "fp8-current"},
+                 "qat": {"method": "lsq+", "act_bits": 8, "weight_granularity": "group",
+                         "group_size": 16}})  # fmt: skip
+    convs = converters.build(cfg)
+    assert [c.name for c in convs] == ["precision", "qat"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    said = []
+    batch = torch.randn(4, 32)
+    ctx = converters.ConvertContext(0, 0, 1, said.append, sample=lambda: batch)
+    model = converters.apply(model, convs, ctx)
+    assert isinstance(model[0].base, lpnn.Linear) and bool(model[0].input_quantizer.initialized)
+    assert said[-1].startswith("qat: 2 layers, lsq+ weights 4 bits (group 16), inputs 8 bits")
+    bad = parse({"run": {"max_steps": 1}, "qat": {"method": "lsq", "weight_granularity": "group",
+                                                  "group_size": 24}})  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"^qat.group_size: 24 does not divide in_features 32 of a \(8, 32\) weight",
+    ):
+        converters.apply(nn.Sequential(nn.Linear(32, 8)), converters.build(bad), ctx)

@@ -32,9 +32,19 @@ GPU = engine.DistInfo(rank=0, world=8, local_rank=0, cuda=True)
 CPU = engine.DistInfo(rank=0, world=1, local_rank=0, cuda=False)
 
 
+def stand_in_run(root: Path) -> Path:
+    """A directory that passes for a finished run (init.from of the fine-tune recipes)."""
+    tag = root / "base" / "checkpoints" / "step00000001"
+    tag.mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").touch()
+    (tag.parent / "latest").write_text(tag.name)
+    return root / "base"
+
+
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
-def test_recipe_parses_and_builds_deepspeed_config(path: Path):
-    cfg = load(path)
+def test_recipe_parses_and_builds_deepspeed_config(path: Path, tmp_path):
+    finetune = path.parent.name == "finetune"
+    cfg = load(path, [f"init.from={stand_in_run(tmp_path)}"] if finetune else [])
     info = GPU if path.name.startswith("gpu-") else CPU
     engine.check_batch(cfg, info)
     ds = engine.deepspeed_config(cfg, info.world)
@@ -51,3 +61,21 @@ def test_recipe_parses_and_builds_deepspeed_config(path: Path):
         assert cfg.deepspeed.zero_stage in (2, 3) and cfg.deepspeed.dtype == "bf16"
     else:
         assert cfg.deepspeed.dtype != "fp16"
+
+
+def test_quantizer_parameters_get_their_own_group_without_decay():
+    import torch
+
+    from lptrain import lora
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.LayerNorm(16))
+    lora.apply(net, lora.AdapterConfig(kind="l4q", r=2, bits=4, group_size=16, skip=[]))
+    net[1].requires_grad_(True)
+    groups = engine.param_groups(net, 0.1)
+    assert [g.get("name") for g in groups] == [None, None, "quantizer"]
+    assert [len(g["params"]) for g in groups] == [2, 2, 2]  # A, B | norm | step, offset
+    assert groups[2]["weight_decay"] == 0.0 and groups[0]["weight_decay"] == 0.1
+    frozen = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    lora.apply(frozen, lora.AdapterConfig(r=2, skip=[]))
+    assert len(engine.param_groups(frozen, 0.1)) == 1  # empty groups are left out
