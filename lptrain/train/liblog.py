@@ -81,9 +81,10 @@ class LibraryLog:
                 yield self
         finally:
             _ACTIVE = previous
-            for name in LOGGERS:
+            for name in LOGGERS:  # back to Python's default handling (stderr, WARNING and up)
                 lg = logging.getLogger(name)
                 lg.removeHandler(self.handler)
+                lg.propagate = True
             if self.file is not None:
                 self.file.close()
 

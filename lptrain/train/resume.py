@@ -147,7 +147,10 @@ def check_changes(changes: list[Change], allow: list[str], tag: str) -> None:
     if never:
         how = f"a resume cannot change it ({c.rule.why}); start a new run (another --run-dir)"
     else:
-        how = f"to change it on resume add --allow-change {c.key} ({c.rule.why})"
+        how = (
+            f"to change it on resume add --allow-change {c.key} ({c.rule.why}), or start a new "
+            "run (another --run-dir)"
+        )
     raise ConfigError(c.key, f"changed since checkpoint {tag} ({c.values()}); {how}{also}")
 
 
@@ -188,8 +191,9 @@ def _reasons(rejected: list[tuple[str, str]]) -> str:
     return "; ".join(f"{tag}: {why}" for tag, why in rejected)
 
 
-def _archive_hint(run_dir: Path) -> str:
-    return f"add --archive to move them to {run_dir / 'archive'}/, or use another --run-dir"
+def _archive_hint(run_dir: Path, what: str = "them") -> str:
+    where = run_dir / "archive" / "<date-time>"
+    return f"add --archive (moves {what} to {where}/), or use another --run-dir"
 
 
 def plan(cfg: TrainConfig, run_dir: Path, world: int, allow: list[str], archive: bool) -> Plan:
@@ -203,7 +207,7 @@ def plan(cfg: TrainConfig, run_dir: Path, world: int, allow: list[str], archive:
             raise ConfigError(
                 "checkpoint.resume",
                 f"none, but {own} holds an earlier run's checkpoints ({_span(earlier)}"
-                f"); {_archive_hint(run_dir)}",
+                f"); to start fresh here {_archive_hint(run_dir)}",
             )
         return Plan(None, archive_all=checkpoint.has_checkpoints(own))
     if resume == "auto":
@@ -213,7 +217,7 @@ def plan(cfg: TrainConfig, run_dir: Path, world: int, allow: list[str], archive:
                 raise ConfigError(
                     "checkpoint.resume",
                     f"no checkpoint in {own} verifies ({_reasons(rejected)}); "
-                    f"{_archive_hint(run_dir)} to start fresh",
+                    f"to start fresh here {_archive_hint(run_dir)}",
                 )
             return Plan(None, archive_all=checkpoint.has_checkpoints(own))
         return _resume(cfg, found, rejected, world, allow, Plan(found))
@@ -225,7 +229,8 @@ def plan(cfg: TrainConfig, run_dir: Path, world: int, allow: list[str], archive:
             raise ConfigError(
                 "checkpoint.resume",
                 f"{found.tag} is older than {newer[-1]} in this run directory and continuing "
-                f"from it would overwrite the newer checkpoints; {_archive_hint(run_dir)}",
+                f"from it would overwrite the newer checkpoints; to go back to it "
+                f"{_archive_hint(run_dir, 'the newer ones')}",
             )
         base = Plan(found, archive_newer=newer)
     elif checkpoint.has_checkpoints(own):
@@ -233,8 +238,8 @@ def plan(cfg: TrainConfig, run_dir: Path, world: int, allow: list[str], archive:
             raise ConfigError(
                 "checkpoint.resume",
                 f"{own} already holds this run's own checkpoints ({_span(earlier)})"
-                f"; to continue them set checkpoint.resume=auto; to start again from {resume}, "
-                f"{_archive_hint(run_dir)}",
+                f"; to continue them set checkpoint.resume=auto; to start again from {resume} "
+                f"here {_archive_hint(run_dir)}",
             )
         base = Plan(found, archive_all=True)
     return _resume(cfg, found, rejected, world, allow, base)
@@ -267,7 +272,7 @@ def _resume(cfg, found: Found, rejected, world: int, allow: list[str], base: Pla
     check_changes(changes, allow, found.tag)
     notes = []
     if rejected:
-        notes.append(f"checkpoint: resuming from {found.tag}; newer ones do not verify "
+        notes.append(f"checkpoint: resuming from {found.tag}, the newest that verifies "
                      f"({_reasons(rejected)})")  # fmt: skip
     if changes:
         said = ", ".join(c.text() + (f" ({c.rule.why})" if c.rule.change == FLAG else "")
