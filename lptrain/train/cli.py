@@ -20,6 +20,8 @@ EPILOG = """examples:
   lptrain train recipes/pretrain/tiny-fp8.yaml
   lptrain train recipes/pretrain/tiny-fp32.yaml --set run.max_steps=50 --set optim.lr=3e-3
   lptrain train recipes/pretrain/tiny-bf16.yaml --run-dir runs/mine   # re-run resumes it
+  lptrain train runs/mine/config.yaml --run-dir runs/mine \\
+      --set precision.recipe=nvfp4 --allow-change precision.recipe     # switch recipe mid-run
   torchrun --nproc_per_node 2 -m lptrain train recipes/pretrain/tiny-fp32.yaml --run-dir runs/dp2
 
 recipe sections: model, precision, data, optim, deepspeed, checkpoint, logging, run;

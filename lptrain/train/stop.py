@@ -21,7 +21,7 @@ import contextlib
 import signal
 import time
 
-REPEAT_S = 1.0
+REPEAT_S = 2.0  # generous: on a loaded node torchrun may take a while to forward
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 

@@ -152,9 +152,8 @@ def test_resume_refuses_changes_keeps_the_run_dir_and_allows_a_recipe_switch(cli
         "precision.recipe=nvfp4": "error: precision.recipe: changed since checkpoint "
         "step00000004 ('fp8-delayed' -> 'nvfp4'); to change it on resume add --allow-change "
         "precision.recipe (quantizer state is reset), or start",
-        "deepspeed.micro_batch=4": "error: deepspeed.micro_batch: changed since checkpoint "
-        "step00000004 (8 -> 4); a resume cannot change it",
-        "checkpoint.resume=none": "error: checkpoint.resume: none, but ",
+        "deepspeed.zero_stage=1": "error: deepspeed.zero_stage: changed since checkpoint "
+        "step00000004 (0 -> 1); a resume cannot change it",
     }
     for override, expected in refused.items():
         proc = cli("tiny-fp8.yaml", *common, override, run_dir=run_dir, check=False)
@@ -185,6 +184,11 @@ def test_resume_refuses_changes_keeps_the_run_dir_and_allows_a_recipe_switch(cli
 
     # A fresh start over it only with --archive, which moves the earlier run aside whole.
     fresh = ["run.max_steps=2", "checkpoint.resume=none"]
+    before = _snapshot(run_dir)
+    proc = cli("tiny-fp32.yaml", *fresh, run_dir=run_dir, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: checkpoint.resume: none, but")
+    assert "add --archive (moves them to" in proc.stderr and "another --run-dir" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and _snapshot(run_dir) == before
     cli("tiny-fp32.yaml", *fresh, run_dir=run_dir, flags=["--archive"])
     (archived,) = (run_dir / "archive").iterdir()
     assert sorted(p.name for p in (archived / "checkpoints").iterdir()) == [
