@@ -223,8 +223,11 @@ def has_checkpoints(ckpt_dir: Path) -> bool:
     return bool(list_tags(ckpt_dir)) or (ckpt_dir / "latest").exists()
 
 
-def saved_config(found: Found) -> str:
-    return (found.path / CONFIG).read_text()
+def saved_config(found: Found) -> str | None:
+    try:
+        return (found.path / CONFIG).read_text()
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------- load

@@ -8,6 +8,9 @@ Hashing is shared out over the ranks (rank r hashes files r, r + world, ...), so
 sharded checkpoint is hashed in parallel; every rank returns the same verdict. The manifest
 also records what a resume must match (world size, ZeRO stage) and is the place for later
 format additions (e.g. a universal-checkpoint layout): readers ignore keys they do not know.
+
+`python -m lptrain.train.manifest RUN/checkpoints/stepNNNNNNNN` adopts a checkpoint written
+before manifests existed (the user vouches that it is complete).
 """
 
 from __future__ import annotations
@@ -95,7 +98,10 @@ def read(tag_dir: Path) -> tuple[dict | None, str | None]:
     if not tag_dir.is_dir():
         return None, "missing"
     if not path.is_file():
-        return None, f"no {NAME} (an unfinished save, or written before lptrain checked saves)"
+        return None, (
+            f"no {NAME}: an unfinished save, or one from before lptrain checked saves "
+            "(python -m lptrain.train.manifest TAG_DIR adopts it)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -137,3 +143,39 @@ def problem(tag_dir: Path) -> tuple[dict | None, str | None]:
         order = {n: i for i, n in enumerate(names)}
         return None, min(found, key=lambda p: order.get(p.split(" ", 1)[0], len(order)))
     return manifest, None
+
+
+def adopt(tag_dir: Path) -> str:
+    """Vouch for a checkpoint saved before lptrain wrote manifests: record its files as they
+    are now (and the run's config.yaml, which such checkpoints lack). Returns what was done."""
+    if not (tag_dir.name.startswith("step") and tag_dir.name[4:].isdigit()):
+        return f"{tag_dir}: not a checkpoint tag directory (stepNNNNNNNN)"
+    if (tag_dir / NAME).exists():
+        return f"{tag_dir}: has a manifest already"
+    config = tag_dir / "config.yaml"
+    run_config = tag_dir.parent.parent / "config.yaml"
+    if not config.exists():
+        if not run_config.exists():
+            return f"{tag_dir}: no config.yaml here or in the run directory; not adopted"
+        config.write_text(run_config.read_text())
+    ranks = len(list(tag_dir.glob("lptrain_rank*.pt")))
+    step = int(tag_dir.name[4:])
+    write(tag_dir, {"tag": tag_dir.name, "step": step, "world_size": ranks, "adopted": True})
+    return f"{tag_dir}: manifest written ({ranks} rank(s), step {step})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lptrain.train.manifest RUN/checkpoints/stepNNNNNNNN ...`"""
+    import sys
+
+    dirs = sys.argv[1:] if argv is None else argv
+    if not dirs:
+        print("usage: python -m lptrain.train.manifest CHECKPOINT_TAG_DIR ...", file=sys.stderr)
+        return 2
+    for d in dirs:
+        print(adopt(Path(d)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

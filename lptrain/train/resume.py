@@ -267,6 +267,13 @@ def _resume(cfg, found: Found, rejected, world: int, allow: list[str], base: Pla
             f"{saved} ranks (changing it needs a DeepSpeed universal checkpoint)",
         )
     text = manifest.from_rank0(checkpoint.saved_config(found) if _rank0() else None)
+    if text is None:
+        raise ConfigError(
+            "checkpoint.resume",
+            f"{found.path} has no {checkpoint.CONFIG} to compare this config with; copy the "
+            "config it was trained with there (python -m lptrain.train.manifest does for old "
+            "checkpoints)",
+        )
     saved = yaml.safe_load(text) or {}
     changes = diff(saved, cfg)
     check_changes(changes, allow, found.tag)

@@ -66,3 +66,20 @@ def test_two_ranks_share_the_hashing_and_agree(tmp_path):
     assert r0[0] == r1[0] and r0[0]["files"]["f1.bin"]["bytes"] == 3000
     assert r0[1] is None and r1[1] is None
     assert r0[2] == r1[2] == "f1.bin checksum mismatch"
+
+
+def test_a_checkpoint_from_before_manifests_can_be_adopted(tmp_path):
+    from lptrain.testing import checkpoints as fake
+    from lptrain.train import checkpoint
+
+    run = tmp_path / "run"
+    tag = fake.save(run / "checkpoints", 4, "run: {seed: 1}\n")
+    (tag / manifest.NAME).unlink()  # what a format-1 checkpoint looks like
+    (tag / "config.yaml").unlink()
+    assert "adopts it" in checkpoint.verify(run / "checkpoints", tag.name)[1]
+    (run / "config.yaml").write_text("run: {seed: 2}\n")
+    assert manifest.main([str(tag)]) == 0
+    found, why = checkpoint.verify(run / "checkpoints", tag.name)
+    assert why is None and found.step == 4 and found.manifest["world_size"] == 1
+    assert checkpoint.saved_config(found) == "run: {seed: 2}\n"
+    assert "has a manifest already" in manifest.adopt(tag)
