@@ -8,7 +8,7 @@ Flags avoid prefixes of torchrun options (`--max…`, `--log…`, `--run…`, `-
 from __future__ import annotations
 
 import argparse
-import json
+import signal
 import sys
 import time
 from importlib import resources
@@ -20,13 +20,17 @@ EPILOG = """examples:
   lptrain train recipes/pretrain/tiny-fp8.yaml
   lptrain train recipes/pretrain/tiny-fp32.yaml --set run.max_steps=50 --set optim.lr=3e-3
   lptrain train recipes/pretrain/tiny-bf16.yaml --run-dir runs/mine   # re-run resumes it
+  lptrain train runs/mine/config.yaml --run-dir runs/mine \\
+      --set precision.recipe=nvfp4 --allow-change precision.recipe     # switch recipe mid-run
   torchrun --nproc_per_node 2 -m lptrain train recipes/pretrain/tiny-fp32.yaml --run-dir runs/dp2
 
 recipe sections: model, precision, data, optim, deepspeed, checkpoint, logging, run;
 every key and its default is in the README ("Recipe files") and in any run's config.yaml.
 
-exit status: 0 done (or stopped by SIGTERM/SIGINT after saving), 1 training failed,
-2 bad recipe or flags (one line: error: <key.path>: <problem>)."""
+exit status: 0 done (or stopped by SIGTERM/SIGINT after saving, or during start-up with
+nothing to save), 1 training failed, 2 bad recipe, flags or data, or a resume that would lose
+or mix work (one line: error: <key.path>: <problem>), 128+N a second signal N stopped the run
+without saving (the last checkpoint is intact)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,6 +73,23 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="run directory (default: "
         "runs/<recipe name>-<date-time>); an existing one with checkpoints resumes",
+    )
+    tr.add_argument(
+        "--archive",
+        action="store_true",
+        help="move an earlier run's checkpoints and files in the run directory to "
+        "RUN/archive/<date-time>/ where they would otherwise be overwritten (a fresh start, "
+        "or a resume from an older checkpoint); without it such a start is refused",
+    )
+    tr.add_argument(
+        "--allow-change",
+        dest="allow_change",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="on resume, accept a deliberate config change of KEY (a glob such as 'optim.*'), "
+        "e.g. precision.recipe (quantizer state is reset); repeatable. Keys that a resume "
+        "cannot change are refused anyway",
     )
     # The deepspeed launcher passes --local_rank=N right after the module name, i.e. before
     # `train`; accept it in both places. LOCAL_RANK in the environment wins.
@@ -133,8 +154,8 @@ def _default_run_dir(name: str) -> str:
     return str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _agree(value: str) -> str:
-    """Rank 0's value on every rank (the default run dir carries a timestamp)."""
+def _agree(value):
+    """Rank 0's value on every rank (the default run dir carries a timestamp); a barrier."""
     import torch.distributed as dist
 
     box = [value]
@@ -158,17 +179,10 @@ def _prepare(args):
     return cfg, info, ds_config, convs, tok
 
 
-def _write_run_files(run_dir: Path, cfg, ds_config: dict) -> None:
-    from lptrain.train.config import to_yaml
-
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-
-
-def cmd_train(args) -> int:
+def cmd_train(args, signals, log) -> int:
     cfg, info, ds_config, convs, tok = _prepare(args)
-    from lptrain.train import engine, trainer
+    from lptrain.train import engine, resume, rundir, trainer
+    from lptrain.train.config import to_yaml
     from lptrain.train.monitor import Monitor
 
     engine.init_distributed(info)
@@ -178,19 +192,29 @@ def cmd_train(args) -> int:
         if info.rank == 0:
             print(msg, file=sys.stderr, flush=True)
 
-    # Set up (data, model, converters: init.from, layer checks) before writing anything, so a
-    # bad input never touches an existing run directory.
+    # Decide what the run starts from, and build everything, before the run directory is
+    # touched: a refused resume or bad data leaves it exactly as it was.
+    plan = resume.plan(cfg, run_dir, info.world, args.allow_change, args.archive)
+    for note in plan.notes:
+        say(note)
     s = trainer.setup(cfg, ds_config, convs, tok, info, run_dir, say)
-    if info.rank == 0:
-        _write_run_files(run_dir, cfg, ds_config)
-    monitor = Monitor(cfg.logging, run_dir, trainer.describe_config(cfg), s.total_steps, info.rank)
+    with signals.deferred():
+        prepared = None
+        if info.rank == 0:
+            prepared = rundir.prepare(run_dir, plan, to_yaml(cfg), ds_config, say)
+        wandb_id = _agree(prepared)
+    log.attach(run_dir / "logs" / f"rank{info.rank}.log")
+    monitor = Monitor(
+        cfg.logging, run_dir, trainer.describe_config(cfg), s.total_steps, info.rank,
+        wandb_id=wandb_id,
+    )  # fmt: skip
     try:
-        p = trainer.run(s, monitor, monitor.say)
+        p = trainer.run(s, monitor, monitor.say, plan, signals)
     finally:
         monitor.close()
     if info.rank == 0:
-        print(f"done: {p.step} steps, {p.tokens} tokens, {p.skipped} skipped")
-        print(f"run directory: {run_dir.resolve()}")
+        print(f"done: {p.step} steps, {p.tokens} tokens, {p.skipped} skipped", file=log.stdout)
+        print(f"run directory: {run_dir.resolve()}", file=log.stdout, flush=True)
     return 0
 
 
@@ -211,6 +235,48 @@ def cmd_offline(args) -> int:
     return evaluate.main(args)
 
 
+def _interrupted(exc) -> int:
+    name = signal.Signals(exc.signum).name
+    if exc.when == "during start-up":
+        print(
+            f"stopped: {name} during start-up, before any training step; nothing to save "
+            "(the same command starts again)",
+            file=sys.stderr,
+        )
+        return 0
+    print(
+        f"stopped: a second {name}; exiting without saving (the last complete checkpoint "
+        "is intact; the same command resumes from it)",
+        file=sys.stderr,
+    )
+    return 128 + exc.signum
+
+
+def train(args) -> int:
+    """`lptrain train`: signals are caught from here on, library output goes to the log."""
+    from lptrain.train.liblog import LibraryLog
+    from lptrain.train.stop import Interrupted, Signals
+
+    signals = Signals()  # first: a signal during start-up ends with a message
+    try:
+        with LibraryLog().active() as log:
+            return cmd_train(args, signals, log)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        return _interrupted(exc)
+    except Exception as exc:
+        from lptrain.train.trainer import NonFiniteError
+
+        if isinstance(exc, NonFiniteError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        signals.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
@@ -219,20 +285,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "recipes":
         return cmd_recipes()
-    try:
-        if args.command in ("export", "eval"):
+    if args.command in ("export", "eval"):
+        try:
             return cmd_offline(args)
-        return cmd_train(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from lptrain.train.trainer import NonFiniteError
-
-        if isinstance(exc, NonFiniteError):
+        except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            return 1
-        raise
+            return 2
+    return train(args)
 
 
 if __name__ == "__main__":

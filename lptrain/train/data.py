@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from lptrain.train import datacheck, liblog
 from lptrain.train.config import ConfigError, DataConfig
 
 EOS = 0  # byte tokenizer: id 0 separates documents, bytes are 1..256
@@ -142,6 +143,7 @@ def _builder(p: Path) -> str | None:
 def _hf_docs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path) -> Iterator[str]:
     import datasets
 
+    liblog.adopt_library_loggers()  # datasets installs a stderr handler on first use
     datasets.disable_progress_bars()
     if files is None:  # a hub dataset name
         try:
@@ -160,17 +162,33 @@ def _hf_docs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path) -> Iter
             )
         (builder,) = builders
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        ds = datasets.load_dataset(
-            builder,
-            data_files=[str(f) for f in files],
-            split="train",
-            cache_dir=str(cache_dir / "hf"),
-            **kwargs,
-        )
+        try:
+            ds = datasets.load_dataset(
+                builder,
+                data_files=[str(f) for f in files],
+                split="train",
+                cache_dir=str(cache_dir / "hf"),
+                **kwargs,
+            )
+        except Exception as exc:
+            where = datacheck.locate(files, builder, cfg.text_key)
+            if where is None:
+                raise
+            raise ConfigError("data.path", where) from exc
     if cfg.text_key not in ds.column_names:
         raise ConfigError("data.text_key", f"column {cfg.text_key!r} not in {ds.column_names}")
     for batch in ds.select_columns([cfg.text_key]).iter(batch_size=1000):
-        yield from batch[cfg.text_key]
+        for text in batch[cfg.text_key]:
+            if not isinstance(text, str):  # null or a number: say where, not AttributeError
+                raise _not_text(files, cfg.text_key, text)
+            yield text
+
+
+def _not_text(files: list[Path] | None, key: str, value) -> ConfigError:
+    where = datacheck.locate(files, "json", key) if files else None
+    if where is not None:
+        return ConfigError("data.path", where)
+    return ConfigError("data.text_key", f"a {key!r} value is {value!r}, not a string")
 
 
 # ---------------------------------------------------------------- pack and cache
@@ -226,12 +244,26 @@ def load_blocks(
         else:
             docs = _hf_docs(cfg, files, root)
         blocks = pack(docs, tok, cfg.block_size)
+        _check_enough(blocks, cfg)  # before caching: a useless result is never cached
         root.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".tmp{os.getpid()}.npy")
         np.save(tmp, blocks)
         os.replace(tmp, target)  # atomic: a concurrent reader never sees half a file
     barrier()
-    return np.load(target, mmap_mode="r")
+    blocks = np.load(target, mmap_mode="r")
+    _check_enough(blocks, cfg)
+    return blocks
+
+
+def _check_enough(blocks: np.ndarray, cfg: DataConfig) -> None:
+    # One training and one validation block at least (split() needs both).
+    if len(blocks) < 2:
+        raise ConfigError(
+            "data.block_size",
+            f"{cfg.block_size} is too large for this corpus: it makes {len(blocks)} block(s) of "
+            f"{cfg.block_size + 1} tokens and training needs at least 2 (use a smaller "
+            "block_size or more data)",
+        )
 
 
 # ---------------------------------------------------------------- split and order

@@ -8,18 +8,17 @@ fp32 master copy.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
 import socket
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from lptrain.train import liblog
 from lptrain.train.config import ConfigError, TrainConfig
 
 # Launchers (torchrun, deepspeed) set these; a bare `lptrain train` sets them itself, or
@@ -61,13 +60,29 @@ def dist_env(local_rank_flag: int | None = None) -> DistInfo:
 
 
 def init_distributed(info: DistInfo) -> None:
-    import deepspeed
+    # DeepSpeed prints op-build notices and logs through a handler bound to stdout; stdout is
+    # reserved for the run summary, so both go to the library log (train/liblog.py).
+    with liblog.library_output():
+        import deepspeed
 
-    if info.cuda:
-        torch.cuda.set_device(info.local_rank)
-    # DeepSpeed prints op-build notices on stdout; stdout is reserved for the run summary.
-    with contextlib.redirect_stdout(sys.stderr):
+        liblog.adopt_library_loggers()
+        if info.cuda:
+            torch.cuda.set_device(info.local_rank)
+        else:
+            _skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend="nccl" if info.cuda else "gloo")
+
+
+def _skip_shm_comm_op() -> None:
+    """On CPU, `deepspeed.init_distributed` JIT-compiles a shared-memory all-reduce op that only
+    DeepSpeed's inference path (`inference_all_reduce`) calls. Training never uses it, yet the
+    build costs a minute on a fresh machine and every later start takes its build lock: a start
+    killed while holding that lock leaves a lock file on which every following start waits
+    forever. Marking the op unavailable is a state DeepSpeed already handles (it falls back to
+    the process group's all_reduce)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def check_batch(cfg: TrainConfig, info: DistInfo) -> None:
@@ -176,7 +191,7 @@ def initialize(model: nn.Module, cfg: TrainConfig, ds_config: dict, total_steps:
     import deepspeed
 
     factor = lr_lambda(cfg, total_steps)
-    with contextlib.redirect_stdout(sys.stderr):
+    with liblog.library_output():
         engine, _, _, scheduler = deepspeed.initialize(
             model=model,
             model_parameters=param_groups(model, cfg.optim.weight_decay),
@@ -184,6 +199,28 @@ def initialize(model: nn.Module, cfg: TrainConfig, ds_config: dict, total_steps:
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
     return engine, scheduler
+
+
+def resume_optim(engine, cfg: TrainConfig, total_steps: int, old: dict | None) -> None:
+    """After a checkpoint load (which restores the saved hyperparameters and base lr): let
+    `cfg.optim` and the schedule over `total_steps` govern from the next step. `old` is the saved
+    config's `optim` mapping when it differs (an allowed change), else None; then only the lr is
+    recomputed, which gives the saved value back unless the run length changed."""
+    sched = engine.lr_scheduler
+    groups = sched.optimizer.param_groups
+    o = cfg.optim
+    if old is not None:
+        if old["lr"] != o.lr:  # keeps any per-group lr ratio a converter may have set
+            sched.base_lrs = [b * o.lr / old["lr"] for b in sched.base_lrs]
+        for i, g in enumerate(groups):
+            g["betas"], g["eps"] = tuple(o.betas), o.eps
+            if i < 2:  # the two groups of `param_groups`: decayed matrices, then the rest
+                g["weight_decay"] = o.weight_decay if i == 0 else 0.0
+    factor = lr_lambda(cfg, total_steps)  # the scheduler already holds this schedule
+    for g, base in zip(groups, sched.base_lrs, strict=True):
+        g["initial_lr"] = base
+        g["lr"] = base * factor(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in groups]
 
 
 # ---------------------------------------------------------------- step bookkeeping

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lptrain.train import rundir
 from lptrain.train.config import LoggingConfig, WandbConfig
 
 
@@ -43,27 +44,33 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 class _Wandb:
-    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, say):
+    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, say, run_id=None):
         self.run = None
+        # One training run is one W&B run: every segment resumes `run_id` (run.json). W&B
+        # keeps a run's steps increasing: a step it already holds (online it says where the
+        # resumed run stands; after a non-finite reload we know what we sent) is not sent again.
+        self.floor, self.sent = 0, 0
         mode, note = resolve_wandb_mode(cfg)
         if note:
             say(note)
         if mode == "disabled":
             return
         try:
-            self.run = self._init(cfg, mode, run_dir, config)
+            self.run = self._init(cfg, mode, run_dir, config, run_id)
         except Exception as exc:  # noqa: BLE001 - W&B must never kill the job
             if mode == "online":
                 say(f"wandb: online init failed ({type(exc).__name__}: {exc}); retrying offline")
                 try:
-                    self.run = self._init(cfg, "offline", run_dir, config)
+                    self.run = self._init(cfg, "offline", run_dir, config, run_id)
                 except Exception as exc2:  # noqa: BLE001
                     say(f"wandb: disabled ({type(exc2).__name__}: {exc2})")
             else:
                 say(f"wandb: disabled ({type(exc).__name__}: {exc})")
+        if self.run is not None and getattr(self.run, "resumed", False):
+            self.floor = int(getattr(self.run, "step", 0) or 0)
 
     @staticmethod
-    def _init(cfg: WandbConfig, mode: str, run_dir: Path, config: dict):
+    def _init(cfg: WandbConfig, mode: str, run_dir: Path, config: dict, run_id: str | None):
         import wandb
 
         settings = wandb.Settings(init_timeout=30, console="off", silent=True, x_disable_stats=True)
@@ -77,11 +84,16 @@ class _Wandb:
             mode=mode,
             settings=settings,
             reinit="finish_previous",
+            id=run_id,
+            resume="allow" if run_id else None,
         )
 
     def log(self, row: dict) -> None:
         if self.run is None:
             return
+        if row["step"] < self.floor or row["step"] < self.sent:
+            return
+        self.sent = row["step"]
         try:
             self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         except Exception:  # noqa: BLE001
@@ -99,16 +111,24 @@ class Monitor:
     """Call `log(row)` with step metrics; only rank 0 writes anything."""
 
     def __init__(
-        self, cfg: LoggingConfig, run_dir: Path, config: dict, total_steps: int, rank: int
+        self,
+        cfg: LoggingConfig,
+        run_dir: Path,
+        config: dict,
+        total_steps: int,
+        rank: int,
+        wandb_id: str | None = None,
     ):
+        """wandb_id: the W&B run this training run logs to (run.json), resumed if it exists."""
         self.enabled = rank == 0
+        self.run_dir = run_dir
         self.total = total_steps
         self.bar = None
         self.wandb = None
         if not self.enabled:
             return
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        self.wandb = _Wandb(cfg.wandb, run_dir, config, self.say)
+        self.wandb = _Wandb(cfg.wandb, run_dir, config, self.say, wandb_id)
         use_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
         if use_bar:
             from tqdm import tqdm
@@ -128,6 +148,14 @@ class Monitor:
         if self.bar is not None:
             self.bar.n = step
             self.bar.refresh()
+
+    def rewind(self, step: int) -> None:
+        """Training went back to `step` (a non-finite reload): later rows are superseded."""
+        if not self.enabled:
+            return
+        self.file.close()
+        rundir.rewind_metrics(self.run_dir, step)
+        self.file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:

@@ -6,9 +6,7 @@ multi-precision step); it never reaches into DeepSpeed (engine.py owns that).
 
 from __future__ import annotations
 
-import hashlib
 import math
-import signal
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,6 +21,8 @@ from lptrain.train.checkpoint import Progress
 from lptrain.train.config import TrainConfig, to_yaml
 from lptrain.train.model import build_model, count_params
 from lptrain.train.monitor import Monitor
+from lptrain.train.resume import Plan
+from lptrain.train.stop import Signals
 
 
 class NonFiniteError(RuntimeError):
@@ -48,24 +48,10 @@ class Session:
     layout: data.Layout
     total_steps: int
     ckpt_dir: Path
-    config_hash: str
+    config_yaml: str  # saved into every checkpoint: what a resume compares against
     manual_nonfinite_check: bool  # stage 0 fp32: DeepSpeed does not skip non-finite steps
     converters: list
     step_fn: Callable[["Session", Progress], "StepResult"]
-
-
-class StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and exits at the step boundary."""
-
-    def __init__(self):
-        self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.raised:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.raised = True
 
 
 def total_steps(cfg: TrainConfig, layout: data.Layout) -> int:
@@ -113,7 +99,7 @@ def setup(
         layout=layout,
         total_steps=steps,
         ckpt_dir=run_dir / "checkpoints",
-        config_hash=hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16],
+        config_yaml=to_yaml(cfg),
         manual_nonfinite_check=eng.manual_nonfinite_check(cfg),
         converters=convs,
         step_fn=converters.wrap_step(train_step, convs),
@@ -150,22 +136,33 @@ def evaluate(s: Session) -> float:
 
 def _save(s: Session, p: Progress, say) -> None:
     path = checkpoint.save(
-        s.engine, s.model, s.ckpt_dir, p, s.cfg.checkpoint.keep_last, s.config_hash
+        s.engine, s.model, s.ckpt_dir, p, s.cfg.checkpoint.keep_last, s.config_yaml
     )
     say(f"checkpoint: {path}")
 
 
-def _reload(s: Session, p: Progress, say) -> Progress:
+def _resume(s: Session, start: Plan, say) -> Progress:
+    p = checkpoint.load(s.engine, s.model, start.source, reset_quantizers=start.reset_quantizers)
+    eng.resume_optim(s.engine, s.cfg, s.total_steps, start.saved_section("optim"))
+    say(f"resumed from {start.source.path} at step {p.step}")
+    return p
+
+
+def _reload(s: Session, p: Progress, start: Plan | None, monitor: Monitor, say) -> Progress:
     """Back to the last good checkpoint, keeping the data position past the bad batches."""
-    found = checkpoint.find("auto", s.ckpt_dir)
+    found, _ = checkpoint.newest_verified(s.ckpt_dir)
     if found is None or p.reloads >= s.cfg.run.max_reloads:
         why = "no checkpoint to reload" if found is None else f"{p.reloads} reloads already"
         raise NonFiniteError(
             f"{s.cfg.run.nonfinite_limit} consecutive non-finite steps at step {p.step} and {why}"
         )
-    good = checkpoint.load(s.engine, s.model, *found)
+    # The checkpoint resumed from predates an allowed precision change: load it the same way.
+    reset = start is not None and start.reset_quantizers and found.path == start.source.path
+    good = checkpoint.load(s.engine, s.model, found, reset_quantizers=reset)
     converters.after_step(s.model, s.converters, good.step)  # weights changed: drop derived copies
-    say(f"non-finite: reloaded {found[1]} (reload {p.reloads + 1}); skipping the bad batches")
+    eng.resume_optim(s.engine, s.cfg, s.total_steps, None)
+    monitor.rewind(good.step)
+    say(f"non-finite: reloaded {found.tag} (reload {p.reloads + 1}); skipping the bad batches")
     return replace(good, sample_index=p.sample_index, skipped=p.skipped, reloads=p.reloads + 1)
 
 
@@ -194,15 +191,22 @@ def _train_row(s: Session, p: Progress, r: StepResult, meter: Throughput) -> dic
     }
 
 
-def run(s: Session, monitor: Monitor, say) -> Progress:
+def run(
+    s: Session,
+    monitor: Monitor,
+    say,
+    start: Plan | None = None,
+    stop: Signals | None = None,
+) -> Progress:
+    """Train from `start` (resume.plan's decision; None: from scratch) to the end, or until a
+    signal in `stop` asks to save and exit."""
     cfg, G = s.cfg, s.layout.global_batch
-    p = Progress()
-    found = checkpoint.find(cfg.checkpoint.resume, s.ckpt_dir)
-    if found is not None:
-        p = checkpoint.load(s.engine, s.model, *found)
-        say(f"resumed from {found[0] / found[1]} at step {p.step}")
+    has_source = start is not None and start.source is not None
+    p = _resume(s, start, say) if has_source else Progress()
     monitor.start_at(p.step)
-    stop, streak, meter = StopFlag(), 0, Throughput(p.tokens)
+    stop = stop or Signals()
+    stop.loop()  # from here a signal means: save at the end of this step
+    streak, meter = 0, Throughput(p.tokens)
     while p.step < s.total_steps:
         r = s.step_fn(s, p)
         streak = streak + 1 if r.skipped else 0
@@ -217,13 +221,13 @@ def run(s: Session, monitor: Monitor, say) -> Progress:
         if p.step % cfg.logging.interval == 0 or p.step == s.total_steps:
             monitor.log(_train_row(s, p, r, meter))
         if cfg.run.nonfinite_limit and streak >= cfg.run.nonfinite_limit:
-            p, streak = _reload(s, p, say), 0
+            p, streak = _reload(s, p, start, monitor, say), 0
             continue
         if cfg.run.eval_interval and (
             p.step % cfg.run.eval_interval == 0 or p.step == s.total_steps
         ):
             monitor.log({"step": p.step, "val_loss": evaluate(s)})
-        (stopping,) = eng.all_reduce([float(stop.raised)], dist.ReduceOp.MAX)
+        (stopping,) = eng.all_reduce([float(stop.requested)], dist.ReduceOp.MAX)
         stopping = stopping or p.step == cfg.run.stop_at_step
         periodic = cfg.checkpoint.interval and p.step % cfg.checkpoint.interval == 0
         final = p.step == s.total_steps and cfg.checkpoint.save_final

@@ -34,7 +34,7 @@ def sets(*assignments: str) -> list[str]:
     return [a for kv in assignments for a in ("--set", kv)]
 
 
-# DeepSpeed JIT-builds its CPU shared-memory op once per extensions dir: keep the user's.
+# An op DeepSpeed JIT-builds is built once per extensions dir: keep the user's.
 EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
 
 
@@ -69,7 +69,8 @@ def data_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def cli(tmp_path, data_cache):
-    """cli(recipe, *overrides, run_dir=..., launcher=[...]) -> CompletedProcess."""
+    """cli(recipe, *overrides, run_dir=..., launcher=[...], flags=[...], faults=SPEC)
+    -> CompletedProcess. `faults` runs through lptrain.testing.faults (kills, signals)."""
 
     def run(
         recipe: str,
@@ -79,16 +80,18 @@ def cli(tmp_path, data_cache):
         env_extra: dict | None = None,
         timeout: int = 240,
         check: bool = True,
+        flags=(),
+        faults: str | None = None,
     ):
         run_dir = run_dir or tmp_path / "run"
         cmd = [*launcher] if launcher else [sys.executable]
+        cmd += ["-m", "lptrain.testing.faults", faults] if faults else ["-m", "lptrain"]
         cmd += [
-            "-m",
-            "lptrain",
             "train",
             str(TINY / recipe),
             "--run-dir",
             str(run_dir),
+            *flags,
             *sets(*FAST, f"data.cache_dir={data_cache}", *overrides),
         ]
         proc = subprocess.run(

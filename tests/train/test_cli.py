@@ -148,6 +148,19 @@ def test_hub_dataset_offline_says_so(cli, tmp_path):
     ), proc.stderr[-2000:]
 
 
+def test_bad_data_is_one_line_and_writes_nothing(cli, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"text": "cut short"\n')
+    run_dir = tmp_path / "run"
+    proc = cli("tiny-fp32.yaml", f"data.path={corpus}", run_dir=run_dir, check=False)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    # datasets' own "Failed to load JSON" log goes nowhere near the terminal (liblog.py)
+    assert proc.stderr == (
+        f"error: data.path: {corpus}:2: malformed JSON (Expecting ',' delimiter at column 21)\n"
+    )
+    assert not run_dir.exists()
+
+
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "train" in capsys.readouterr().out

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from lptrain.train import data
-from lptrain.train.config import DataConfig
+from lptrain.train.config import ConfigError, DataConfig
 
 
 def _samples(layout: data.Layout, src: data.BatchSource, step: int) -> list[tuple]:
@@ -66,3 +67,41 @@ def test_embedded_corpus_is_the_stdlib_in_sorted_order():
     assert len(files) > 500 and all(f.suffix == ".py" for f in files)
     assert not any("site-packages" in f.parts or "test" in f.parts for f in files)
     assert files == sorted(files, key=lambda p: p.as_posix())
+
+
+# ---------------------------------------------------------------- bad data: file and line
+
+
+BINARY = b"\x7fELF\x02\x01\x01\x00" + bytes(range(0x80, 0x100))
+BAD = {
+    # name: (file name, content, expected message after "<file>:")
+    "binary .txt": ("c.txt", b"fine\nstill fine\n" + BINARY, "3: not UTF-8 text (byte 0x80)"),
+    "malformed JSONL line": (
+        "c.jsonl",
+        b'{"text": "a"}\n{"text": "b"\n{"text": "c"}\n',
+        "2: malformed JSON (Expecting ',' delimiter at column 13)",
+    ),
+    "null text": ("c.jsonl", b'{"text": "a"}\n{"text": null}\n', "2: 'text' is null, not a string"),
+    "number text": ("c.jsonl", b'{"text": "a"}\n{"text": 5}\n', "2: 'text' is int 5, not a string"),
+    "missing key": ("c.jsonl", b'{"text": "a"}\n{"body": "b"}\n', "2: no 'text' field"),
+}
+
+
+@pytest.mark.parametrize("name,content,message", BAD.values(), ids=list(BAD))
+def test_bad_corpus_file_is_one_error_with_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    cfg = DataConfig(path=str(tmp_path / name), block_size=4, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError) as exc:
+        data.load_blocks(cfg, data.byte_tokenizer(), True, lambda: None)
+    assert exc.value.path == "data.path"
+    assert exc.value.problem.startswith(f"{tmp_path / name}:{message}"), exc.value.problem
+    assert not list((tmp_path / "cache").glob("blocks-*.npy"))  # nothing cached
+
+
+def test_block_size_larger_than_the_corpus_names_block_size(tmp_path):
+    (tmp_path / "c.txt").write_text("x" * 300)
+    cfg = DataConfig(path=str(tmp_path / "c.txt"), block_size=200, cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError) as exc:
+        data.load_blocks(cfg, data.byte_tokenizer(), True, lambda: None)
+    assert exc.value.path == "data.block_size"
+    assert exc.value.problem.startswith("200 is too large for this corpus: it makes 1 block(s)")

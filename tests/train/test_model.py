@@ -6,10 +6,10 @@ import numpy as np
 import torch
 
 from lptrain.train import model
-from lptrain.train.config import ModelConfig, load
+from lptrain.train.config import ModelConfig
 from lptrain.train.model import build_model
 
-from .conftest import RECIPES, train_losses
+from .conftest import train_losses
 
 
 def test_model_linears_are_plain_and_loss_is_near_uniform_at_init():
@@ -36,14 +36,14 @@ def test_causal_attention_ignores_the_future():
 def test_model_presets_sizes():
     sizes = {}
     for name in ("tiny", "125m", "1b", "7b"):
-        a = model.model_args(load(RECIPES[0]).model.__class__(preset=name), 32000, 2048)
+        a = model.model_args(ModelConfig(preset=name), 32000, 2048)
         emb = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2)
         kv = a.dim * a.dim // a.n_heads * a.n_kv_heads
         sizes[name] = emb + a.n_layers * (2 * a.dim * a.dim + 2 * kv + 3 * a.dim * a.ffn_dim)
     assert 100e6 < sizes["125m"] < 170e6
     assert 0.9e9 < sizes["1b"] < 1.3e9
     assert 6.0e9 < sizes["7b"] < 7.5e9
-    tiny = model.build_model(load(RECIPES[0]).model.__class__(preset="tiny"), 257, 128)
+    tiny = model.build_model(ModelConfig(preset="tiny"), 257, 128)
     assert 2e5 < model.count_params(tiny) < 1e6
 
 

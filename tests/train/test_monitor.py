@@ -1,6 +1,17 @@
-"""Run logging (train/monitor.py): W&B offline, disabled, auto without credentials."""
+"""Run logging (train/monitor.py): W&B offline, disabled, auto without credentials; one training
+run is one W&B run across resumes, online and offline."""
 
 from __future__ import annotations
+
+import json
+import sys
+import types
+
+from lptrain.testing import wandb_file
+from lptrain.train.config import WandbConfig
+from lptrain.train.monitor import _Wandb
+
+from .conftest import metrics
 
 
 def test_wandb_auto_without_credentials_goes_offline(cli, tmp_path):
@@ -21,3 +32,68 @@ def test_wandb_disabled_writes_nothing(cli, tmp_path):
     run_dir = tmp_path / "run"
     cli("tiny-fp32.yaml", "run.max_steps=1", "logging.wandb.mode=disabled", run_dir=run_dir)
     assert not (run_dir / "wandb").exists()
+
+
+# ---------------------------------------------------------------- one training run, one W&B run
+
+
+class FakeRun:
+    def __init__(self, resumed=False, step=0):
+        self.resumed, self.step, self.logged = resumed, step, []
+
+    def log(self, row, step):
+        self.logged.append(step)
+
+    def finish(self):
+        pass
+
+
+def _fake_wandb(monkeypatch, run: FakeRun, fail_online: bool = False) -> list[dict]:
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        if fail_online and kwargs["mode"] == "online":
+            raise RuntimeError("no network")
+        return run
+
+    fake = types.SimpleNamespace(init=init, Settings=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    return calls
+
+
+def test_wandb_resumes_the_run_id_online_and_in_the_offline_fallback(monkeypatch, tmp_path):
+    run = FakeRun(resumed=True, step=7)  # online, the server holds steps up to 6
+    calls = _fake_wandb(monkeypatch, run, fail_online=True)
+    w = _Wandb(WandbConfig(mode="online"), tmp_path, {}, lambda msg: None, "abcd1234")
+    assert [(c["mode"], c["id"], c["resume"]) for c in calls] == [
+        ("online", "abcd1234", "allow"),
+        ("offline", "abcd1234", "allow"),
+    ]
+    for step in (5, 6, 7, 8, 6, 8):  # steps W&B already holds are not sent again
+        w.log({"step": step, "loss": 1.0})
+    assert run.logged == [7, 8, 8]
+
+
+def test_wandb_continues_one_run_across_a_stop_a_kill_and_a_resume(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["run.max_steps=8", "checkpoint.interval=2", "logging.wandb.mode=offline"]
+    env = {"HOME": str(tmp_path), "WANDB_SILENT": "true"}
+    cli("tiny-fp32.yaml", *common, "run.stop_at_step=4", run_dir=run_dir, env_extra=env)
+    # Killed in the 4th step after resuming (step 8): steps 5-7 logged, checkpoint at 6.
+    proc = cli("tiny-fp32.yaml", *common, run_dir=run_dir, env_extra=env, faults="kill@4",
+               check=False)  # fmt: skip
+    assert proc.returncode == -9
+    cli("tiny-fp32.yaml", *common, run_dir=run_dir, env_extra=env)
+    rows = [r for r in metrics(run_dir) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9))  # one row per step
+    superseded = (run_dir / "metrics-superseded.jsonl").read_text().splitlines()
+    (old,) = [json.loads(line) for line in superseded]
+    assert (old["step"], old["superseded_at"]) == (7, 6)
+    assert old["loss"] == rows[6]["loss"]  # the redone step 7 is the same, bit for bit
+    run_id = json.loads((run_dir / "run.json").read_text())["wandb_run_id"]
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 3 and all(f.name == f"run-{run_id}.wandb" for f in files)
+    first, killed, last = ([r["_step"] for r in wandb_file.history(f)] for f in files)
+    assert first == [1, 2, 3, 4] and last == [7, 8] and set(killed) <= {5, 6, 7}
+    assert wandb_file.run_id(files[0]) == wandb_file.run_id(files[2]) == run_id

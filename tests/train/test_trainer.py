@@ -3,6 +3,7 @@ the last good checkpoint, SIGTERM saves and exits cleanly."""
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import subprocess
@@ -70,6 +71,11 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, data_cache, dtype, stag
     assert rows[-1]["skipped_steps"] == 1
     # The skipped update left the weights finite and training went on.
     assert rows[-1]["loss"] < rows[0]["loss"]
+    # DeepSpeed's skip warning (ZeRO and bf16) is in the run's log, not on stdout (liblog.py).
+    assert proc.stdout.splitlines()[0].startswith("done: 5 steps")
+    assert len(proc.stdout.splitlines()) == 2 and "OVERFLOW" not in proc.stderr
+    if stage > 0:
+        assert "OVERFLOW! " in (run_dir / "logs" / "rank0.log").read_text()
 
 
 def test_a_run_of_nonfinite_steps_reloads_the_last_checkpoint(tmp_path, data_cache):
@@ -83,9 +89,13 @@ def test_a_run_of_nonfinite_steps_reloads_the_last_checkpoint(tmp_path, data_cac
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "non-finite: reloaded step00000004" in proc.stderr
+    # Steps 5-6 redone from the step-4 checkpoint: one row per step in metrics.jsonl, the
+    # replaced rows kept in metrics-superseded.jsonl.
     steps = [r["step"] for r in metrics(run_dir) if "loss" in r]
-    assert steps == [1, 2, 3, 4, 5, 6, 5, 6]  # steps 5-6 redone from the step-4 checkpoint
+    assert steps == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in metrics(run_dir) if "loss" in r][-1] is not None
+    old = [json.loads(x) for x in (run_dir / "metrics-superseded.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"], r["superseded_at"]) for r in old] == [(5, None, 4), (6, None, 4)]
 
 
 def test_nonfinite_without_checkpoint_is_an_error(tmp_path, data_cache):
