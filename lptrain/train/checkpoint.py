@@ -59,8 +59,16 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save(
-    engine, model: nn.Module, ckpt_dir: Path, progress: Progress, keep_last: int, config_hash: str
+    engine,
+    model: nn.Module,
+    ckpt_dir: Path,
+    progress: Progress,
+    keep_last: int,
+    config_hash: str,
+    extra: dict | None = None,
 ) -> Path:
+    """`extra`: the trainer's own state beside the model (the monitoring's guard and spike
+    state), kept in every rank's side file and read back with `peek` before `load`."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     tag = tag_for(progress.step)
     final, tmp = ckpt_dir / tag, ckpt_dir / f"{tag}.tmp"
@@ -79,6 +87,7 @@ def save(
         "quantizer": lpnn.quantizer_state(model),
         "progress": asdict(progress),
         "format": FORMAT,
+        "extra": extra or {},
     }
     torch.save(side, tmp / f"lptrain_rank{rank}.pt")
     _barrier()
@@ -125,6 +134,14 @@ def find(resume: str, run_ckpt_dir: Path) -> tuple[Path, str] | None:
     if resume != "auto":
         raise FileNotFoundError(f"{resume} holds no 'latest' file and is not a checkpoint tag")
     return None
+
+
+def peek(ckpt_dir: Path, tag: str) -> dict:
+    """The `extra` saved with a checkpoint, read before `load`: the precision guard's fallbacks
+    change which quantizer-state keys the model has, so they must be in place first."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    side = torch.load(ckpt_dir / tag / f"lptrain_rank{rank}.pt", weights_only=False)
+    return side.get("extra", {})
 
 
 def load(engine, model: nn.Module, ckpt_dir: Path, tag: str) -> Progress:

@@ -1,4 +1,4 @@
-"""`lptrain` command line: `train`, `recipes` (and room for `report`, `eval`, `export`).
+"""`lptrain` command line: `train`, `report`, `recipes` (and room for `eval`, `export`).
 
 Flags avoid prefixes of torchrun options (`--max…`, `--log…`, `--run…`, `--node…`, `--monitor…`,
 `--master…`): torchrun rejects a script flag as ambiguous when it abbreviates one of its own.
@@ -75,6 +75,18 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
+    rp = sub.add_parser(
+        "report",
+        help="plots and an HTML page from run directories (offline)",
+        description="Read run directories (metrics.jsonl, layers.jsonl, events.jsonl, "
+        "config.yaml; no W&B needed) and write PNG plots and one self-contained HTML page: "
+        "loss against tokens for all runs, the gap to the first run, per-layer SQNR and "
+        "saturation heatmaps, scale traces, spike and guard events, and a summary table.",
+    )
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories; the first "
+                    "is the reference for the loss gap")  # fmt: skip
+    rp.add_argument("--out", metavar="DIR", default="report", help="output directory "
+                    "(default: ./report)")  # fmt: skip
     sub.add_parser(
         "recipes",
         help="list shipped recipe files and named precision recipes",
@@ -106,6 +118,18 @@ def cmd_recipes() -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from lptrain.report import RunError, build
+
+    try:
+        page = build(args.runs, args.out)
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {page.resolve()}")
+    return 0
+
+
 def _default_run_dir(name: str) -> str:
     return str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -122,7 +146,7 @@ def _agree(value: str) -> str:
 
 def _prepare(args):
     """Everything that can fail on user input, before any heavy work."""
-    from lptrain.train import config, converters, data, engine, model
+    from lptrain.train import config, converters, data, engine, model, monitoring
 
     cfg = config.load(args.recipe, args.overrides)
     tok = data.load_tokenizer(cfg.data.tokenizer)
@@ -131,6 +155,7 @@ def _prepare(args):
     engine.check_batch(cfg, info)
     ds_config = engine.deepspeed_config(cfg, info.world)
     convs = converters.build(cfg)
+    monitoring.check(cfg)
     return cfg, info, ds_config, convs, tok
 
 
@@ -176,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "recipes":
         return cmd_recipes()
+    if args.command == "report":
+        return cmd_report(args)
     try:
         return cmd_train(args)
     except ConfigError as exc:

@@ -24,6 +24,7 @@ from lptrain.train.checkpoint import Progress
 from lptrain.train.config import TrainConfig, to_yaml
 from lptrain.train.model import build_model, count_params
 from lptrain.train.monitor import Monitor
+from lptrain.train.monitoring import Monitoring
 
 
 class NonFiniteError(RuntimeError):
@@ -53,6 +54,7 @@ class Session:
     manual_nonfinite_check: bool  # stage 0 fp32: DeepSpeed does not skip non-finite steps
     converters: list
     step_fn: Callable[["Session", Progress], "StepResult"]
+    monitoring: Monitoring | None = None  # per-layer numerics, spikes, the precision guard
 
 
 class StopFlag:
@@ -98,6 +100,7 @@ def setup(
     )
     steps = total_steps(cfg, layout)
     engine, _ = eng.initialize(model, cfg, ds_config, steps)
+    monitoring = make_monitoring(cfg, model, blocks, split, layout, engine.device)
     # Dropout and stochastic rounding draw from per-rank streams from here on.
     torch.manual_seed(cfg.run.seed * 1000003 + info.rank)
     return Session(
@@ -112,8 +115,24 @@ def setup(
         config_hash=hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16],
         manual_nonfinite_check=eng.manual_nonfinite_check(cfg),
         converters=convs,
-        step_fn=converters.wrap_step(train_step, convs),
+        step_fn=monitoring.wrap(converters.wrap_step(train_step, convs)),
+        monitoring=monitoring,
     )
+
+
+def make_monitoring(cfg: TrainConfig, model, blocks, split, layout, device) -> Monitoring:
+    """The monitoring, with its probe batch: rank 0's first validation batch on every rank (a
+    fixed batch outside the training order, so the data stream is untouched)."""
+    probe = None
+    if cfg.monitor.fidelity and cfg.monitor.interval:
+        first = data.Layout(layout.micro, layout.accum, layout.world, 0)
+        probe = data.val_batches(blocks, split, first, 1)[0].to(device)
+    base = (
+        None
+        if converters.is_high_precision(cfg.precision)
+        else converters.resolve_recipe(cfg.precision)
+    )
+    return Monitoring(cfg, model, layout.world, probe, guard_base=base)
 
 
 def train_step(s: Session, p: Progress) -> StepResult:
@@ -126,7 +145,8 @@ def train_step(s: Session, p: Progress) -> StepResult:
         loss = e(batch)
         loss_sum += float(loss.detach())
         e.backward(loss)
-        norm = eng.micro_step(e, s.manual_nonfinite_check)
+        hook = s.monitoring.before_update if s.monitoring is not None else None
+        norm = eng.micro_step(e, s.manual_nonfinite_check, hook)
         if norm is not None:
             grad_norm = norm
     (loss_total,) = eng.all_reduce([loss_sum], dist.ReduceOp.SUM)
@@ -145,10 +165,19 @@ def evaluate(s: Session) -> float:
 
 
 def _save(s: Session, p: Progress, say) -> None:
+    extra = {"monitoring": s.monitoring.state_dict()} if s.monitoring is not None else None
     path = checkpoint.save(
-        s.engine, s.model, s.ckpt_dir, p, s.cfg.checkpoint.keep_last, s.config_hash
+        s.engine, s.model, s.ckpt_dir, p, s.cfg.checkpoint.keep_last, s.config_hash, extra
     )
     say(f"checkpoint: {path}")
+
+
+def _load(s: Session, found: tuple[Path, str]) -> Progress:
+    """Load a checkpoint, its precision-guard fallbacks put in place first (they decide which
+    quantizer-state keys the layers have)."""
+    if s.monitoring is not None:
+        s.monitoring.load_state_dict(checkpoint.peek(*found).get("monitoring"))
+    return checkpoint.load(s.engine, s.model, *found)
 
 
 def _reload(s: Session, p: Progress, say) -> Progress:
@@ -159,7 +188,12 @@ def _reload(s: Session, p: Progress, say) -> Progress:
         raise NonFiniteError(
             f"{s.cfg.run.nonfinite_limit} consecutive non-finite steps at step {p.step} and {why}"
         )
-    good = checkpoint.load(s.engine, s.model, *found)
+    # Keep the fallbacks the guard made since that checkpoint (and its spike memory): put the
+    # checkpoint's recipes in place to load its state, then switch the layers back.
+    keep = s.monitoring.state_dict() if s.monitoring is not None else None
+    good = _load(s, found)
+    if keep is not None:
+        s.monitoring.load_state_dict(keep)
     say(f"non-finite: reloaded {found[1]} (reload {p.reloads + 1}); skipping the bad batches")
     return replace(good, sample_index=p.sample_index, skipped=p.skipped, reloads=p.reloads + 1)
 
@@ -178,7 +212,7 @@ class Throughput:
 
 
 def _train_row(s: Session, p: Progress, r: StepResult, meter: Throughput) -> dict:
-    return {
+    row = {
         "step": p.step,
         "loss": r.loss,
         "lr": s.engine.get_lr()[0],
@@ -187,6 +221,23 @@ def _train_row(s: Session, p: Progress, r: StepResult, meter: Throughput) -> dic
         "tokens": p.tokens,
         "skipped_steps": p.skipped,
     }
+    if s.monitoring is not None:
+        per_step = s.layout.global_batch * s.cfg.data.block_size
+        row.update(s.monitoring.step_metrics(row["tokens_per_s"], per_step))
+    return row
+
+
+def _monitor_step(s: Session, p: Progress, r: StepResult, monitor: Monitor) -> None:
+    """The step's per-layer row and events (spikes, guard fallbacks, a skipped update)."""
+    if r.skipped:
+        monitor.event({"kind": "skip", "step": p.step, "loss": r.loss, "grad_norm": r.grad_norm})
+    if s.monitoring is None:
+        return
+    row, events = s.monitoring.after_step(p.step, r)
+    if row is not None:
+        monitor.log_layers(row)
+    for ev in events:
+        monitor.event(ev)
 
 
 def run(s: Session, monitor: Monitor, say) -> Progress:
@@ -194,8 +245,9 @@ def run(s: Session, monitor: Monitor, say) -> Progress:
     p = Progress()
     found = checkpoint.find(cfg.checkpoint.resume, s.ckpt_dir)
     if found is not None:
-        p = checkpoint.load(s.engine, s.model, *found)
+        p = _load(s, found)
         say(f"resumed from {found[0] / found[1]} at step {p.step}")
+        monitor.event({"kind": "resume", "step": p.step, "checkpoint": found[1]})
     monitor.start_at(p.step)
     stop, streak, meter = StopFlag(), 0, Throughput(p.tokens)
     while p.step < s.total_steps:
@@ -209,10 +261,12 @@ def run(s: Session, monitor: Monitor, say) -> Progress:
             skipped=p.skipped + r.skipped,
         )
         converters.after_step(s.model, s.converters, p.step)
+        _monitor_step(s, p, r, monitor)
         if p.step % cfg.logging.interval == 0 or p.step == s.total_steps:
             monitor.log(_train_row(s, p, r, meter))
         if cfg.run.nonfinite_limit and streak >= cfg.run.nonfinite_limit:
-            p, streak = _reload(s, p, say), 0
+            bad_step, p, streak = p.step, _reload(s, p, say), 0
+            monitor.event({"kind": "reload", "step": bad_step, "to_step": p.step})
             continue
         if cfg.run.eval_interval and (
             p.step % cfg.run.eval_interval == 0 or p.step == s.total_steps
@@ -227,6 +281,8 @@ def run(s: Session, monitor: Monitor, say) -> Progress:
         if stopping:
             say(f"stopped at step {p.step}; the same command resumes (checkpoint.resume=auto)")
             break
+    for line in s.monitoring.summary_lines() if s.monitoring is not None else ():
+        say(line)
     return p
 
 
