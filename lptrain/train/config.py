@@ -144,7 +144,7 @@ class SpikeConfig:
 
     ema: float = 0.02  # weight of the newest loss in the running mean and variance
     threshold: float = 5.0  # spike: (loss - running mean) / running std above this
-    warmup: int = 50  # steps of statistics before a spike can be flagged
+    warmup: int = 50  # first losses left out (the initial drop is not the run's noise)
     divergence: int = 100  # a spike not recovered within this many steps: diverged
 
 

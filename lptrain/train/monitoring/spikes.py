@@ -1,12 +1,16 @@
 """Loss-spike score, spike events and the divergence flag (algorithms.md §8.3).
 
 score_t = (L_t - m) / s, with m and s^2 an exponential moving mean and variance of the losses
-before step t (weight `ema` on the newest). The std has a floor of 1e-3 * |m|: on a flat plateau
-s -> 0 and any wiggle would score as a spike. A spike starts when the score exceeds `threshold`
-after `warmup` steps; while it lasts the statistics are frozen (the spike must not become the
-new normal), and it ends when the score falls below threshold / 2. A spike that has not ended
-after `divergence` steps raises the divergence flag, which stays raised. Non-finite losses
-(skipped steps) are not scored; the trainer reports them as events of their own.
+before step t (weight `ema` on the newest, or 1/n while fewer than 1/ema losses are in: the
+bias-corrected start). The first `warmup` losses are left out: the fast initial drop is not the
+run's normal noise, and folded in it would inflate s for hundreds of steps. The std has a floor
+of 1e-3 * |m|: on a flat plateau s -> 0 and any wiggle would score as a spike. A spike starts
+when the score exceeds `threshold` (with at least MIN_SEEN losses in the statistics); while it
+lasts the statistics are frozen (the spike must not become the new normal), and it ends when
+the score falls below threshold / 2. A spike that has not ended after `divergence` steps raises
+the divergence flag, which stays raised. Non-finite losses (skipped steps) are not scored; the
+trainer reports them as events of their own. A slow climb is not a spike: watch
+`stability/loss_ema` and the validation loss for that.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from dataclasses import asdict, dataclass
 from lptrain.train.config import SpikeConfig
 
 STD_FLOOR = 1e-3
+MIN_SEEN = 10  # losses in the statistics before a score can flag a spike
 
 
 @dataclass
 class SpikeState:
     mean: float = 0.0
     var: float = 0.0
+    count: int = 0  # finite losses so far (the first `warmup` are not folded)
     seen: int = 0  # finite losses folded into mean/var
     spike_step: int | None = None  # start of the spike in progress
     spike_peak: float = 0.0
@@ -47,7 +53,8 @@ class SpikeDetector:
         return (loss - st.mean) / std if std > 0 else 0.0
 
     def _fold(self, loss: float) -> None:
-        st, a = self.state, self.cfg.ema
+        st = self.state
+        a = max(self.cfg.ema, 1.0 / (st.seen + 1))
         if st.seen == 0:
             st.mean = loss
         else:
@@ -62,9 +69,13 @@ class SpikeDetector:
             self.score = float("nan")
             return []
         st, cfg = self.state, self.cfg
+        st.count += 1
+        if st.count <= cfg.warmup:
+            self.score = float("nan")
+            return []
         self.score = score = self._score(loss)
         if st.spike_step is None:
-            if st.seen >= cfg.warmup and score > cfg.threshold:
+            if st.seen >= MIN_SEEN and score > cfg.threshold:
                 st.spike_step, st.spike_peak = step, loss
                 return [self._event("spike", step, loss, score)]
             self._fold(loss)

@@ -42,10 +42,11 @@ def test_a_spike_is_flagged_and_its_recovery_timed():
     assert not det.diverged
 
 
-def test_warmup_hides_early_jumps():
-    losses = _noisy(60)
-    losses[10] = 5.0
-    assert _run(losses)[1] == []
+def test_warmup_is_neither_scored_nor_folded():
+    losses = [5.0 - i / 10 for i in range(CFG.warmup)] + _noisy(60)  # a fast initial drop
+    det, events = _run(losses)
+    assert events == [] and det.state.mean == pytest.approx(2.0, abs=0.01)
+    assert det.state.var < 0.01**2 * 2  # the drop did not inflate the deviation
 
 
 def test_an_unrecovered_spike_raises_the_divergence_flag_once():
@@ -62,7 +63,7 @@ def test_non_finite_losses_are_not_scored():
     losses = _noisy(60)
     losses[40] = math.nan
     det, events = _run(losses)
-    assert events == [] and det.state.seen == 59
+    assert events == [] and det.state.count == 59 and det.state.seen == 59 - CFG.warmup
 
 
 def test_state_round_trip_continues_identically():
