@@ -21,8 +21,9 @@ EPILOG = """examples:
   lptrain train recipes/pretrain/tiny-fp32.yaml --set run.max_steps=50 --set optim.lr=3e-3
   lptrain train recipes/pretrain/tiny-bf16.yaml --run-dir runs/mine   # re-run resumes it
   torchrun --nproc_per_node 2 -m lptrain train recipes/pretrain/tiny-fp32.yaml --run-dir runs/dp2
+  lptrain report runs/fp32 runs/nvfp4 --out report/   # plots + HTML from run directories
 
-recipe sections: model, precision, data, optim, deepspeed, checkpoint, logging, run;
+recipe sections: model, precision, data, optim, deepspeed, checkpoint, logging, monitor, run;
 every key and its default is in the README ("Recipe files") and in any run's config.yaml.
 
 exit status: 0 done (or stopped by SIGTERM/SIGINT after saving), 1 training failed,

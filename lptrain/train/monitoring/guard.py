@@ -20,7 +20,7 @@ import dataclasses
 from torch import nn
 
 from lptrain.nn import Linear
-from lptrain.recipes import Recipe
+from lptrain.recipes import Recipe, from_dict
 from lptrain.train.config import ConfigError, GuardConfig, PrecisionConfig, TrainConfig
 from lptrain.train.monitoring.layers import Stats, matches
 
@@ -46,6 +46,9 @@ def check(cfg: TrainConfig) -> None:
 @dataclasses.dataclass
 class GuardState:
     level: dict[str, int] = dataclasses.field(default_factory=dict)  # layer -> chain index
+    # layer -> the recipe it runs (Recipe.to_dict): a resume restores exactly these even if
+    # `fallback` was edited in between (the chain then only steers later fallbacks).
+    recipe: dict[str, dict] = dataclasses.field(default_factory=dict)
     streak: dict[str, int] = dataclasses.field(default_factory=dict)  # consecutive bad checks
     events: list[dict] = dataclasses.field(default_factory=list)
 
@@ -96,20 +99,22 @@ class PrecisionGuard:
                 "reason": f"{problem} for {st.streak[name]} checks",
             }
             st.level[name], st.streak[name] = level + 1, 0
+            st.recipe[name] = self.chain[level + 1].to_dict()
             layer.set_recipe(self.chain[level + 1])
             st.events.append(event)
             events.append(event)
         return events
 
-    def apply(self, model: nn.Module, levels: dict[str, int]) -> None:
-        """Put each lptrain layer at its recipe for `levels` (a fallback level, or the run's
-        own recipe for layers not in it); layers already there keep their state."""
+    def apply(self, model: nn.Module, recipes: dict[str, dict]) -> None:
+        """Put each lptrain layer at its recipe in `recipes` ({layer: Recipe.to_dict()}, a
+        state's `recipe`), or at the run's own recipe for layers not in it; layers already
+        there keep their state."""
         layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
-        unknown = sorted(set(levels) - set(layers))
+        unknown = sorted(set(recipes) - set(layers))
         if unknown:
             raise ValueError(f"precision guard: no lptrain layer named {unknown[0]} in the model")
         for name, layer in layers.items():
-            want = self.chain[levels[name]] if name in levels else self.base
+            want = from_dict(recipes[name]) if name in recipes else self.base
             if layer.recipe != want:
                 layer.set_recipe(want)
 

@@ -152,13 +152,6 @@ class Monitoring:
         out.update(perf.peak_memory_gib())
         return out
 
-    def guard_levels(self) -> dict[str, int]:
-        return dict(self.guard.state.level) if self.guard else {}
-
-    def apply_levels(self, levels: dict[str, int]) -> None:
-        if self.guard is not None:
-            self.guard.apply(self.model, levels)
-
     def state_dict(self) -> dict:
         return {
             "spikes": self.spikes.state_dict(),
@@ -173,7 +166,7 @@ class Monitoring:
         self.spikes.load_state_dict(d["spikes"])
         if self.guard is not None and d.get("guard"):
             self.guard.load_state_dict(d["guard"])
-            self.guard.apply(self.model, self.guard.state.level)
+            self.guard.apply(self.model, self.guard.state.recipe)
 
     def summary_lines(self) -> list[str]:
         lines = []

@@ -53,7 +53,7 @@ def test_falls_back_after_patience_bad_checks_then_down_the_chain():
     assert guard.check(5, low, layers) == []
     assert guard.check(6, low, layers)[0]["to"] == "bf16"
     assert guard.check(7, low, layers) == [] and guard.check(8, low, layers) == []  # chain end
-    assert guard.state.level == {"0": 1}
+    assert guard.state.level == {"0": 1} and guard.state.recipe["0"]["name"] == "bf16"
 
 
 def test_watched_layers_and_operands_only():
@@ -67,9 +67,11 @@ def test_state_round_trip_restores_the_recipes_on_a_fresh_model():
     bad = _stats(sqnr=0.0, layers=("2",))
     for step in (1, 2):
         guard.check(step, bad, _layers(model))
-    fresh, again = _model(), PrecisionGuard(CFG, recipes.get("nvfp4"))
+    # The resumed run edited its fallback chain: the saved recipes still come back exactly.
+    edited = GuardConfig(enabled=True, fallback=["mxfp8"])
+    fresh, again = _model(), PrecisionGuard(edited, recipes.get("nvfp4"))
     again.load_state_dict(json.loads(json.dumps(guard.state_dict())))
-    again.apply(fresh, again.state.level)
+    again.apply(fresh, again.state.recipe)
     assert fresh[2].recipe.name == "fp8-current" and fresh[0].recipe.name == "nvfp4"
     fresh.load_state_dict(model.state_dict())  # the keys match the switched recipes
     again.apply(fresh, {})  # back to the run's recipe everywhere
