@@ -122,6 +122,7 @@ def test_a_saturating_layer_falls_back_and_a_resume_keeps_it(tmp_path, monitored
         "precision.guard.interval=1",
         "precision.guard.patience=2",
         "precision.guard.operands=[output.weight]",
+        "precision.guard.min_sqnr_db=null",  # saturation alone decides here
         f"data.cache_dir={monitored_runs.cache}",
     ]
     first = runs.train("tiny-fp32.yaml", run_dir, *sets, code=GROW)
