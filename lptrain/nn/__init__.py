@@ -17,6 +17,7 @@ from lptrain.nn.convert import (
     unconvert,
 )
 from lptrain.nn.linear import Linear
+from lptrain.nn.observe import disable_quantization, stats_window
 from lptrain.nn.recipe import GEMMS, GemmRecipe, Recipe, RecipeError
 
 __all__ = [
@@ -29,11 +30,13 @@ __all__ = [
     "RecipeError",
     "collect_stats",
     "convert",
+    "disable_quantization",
     "layer_stats",
     "load_quantizer_state",
     "quantized_layers",
     "quantizer_state",
     "seed_quantizers",
     "set_amax_reduce",
+    "stats_window",
     "unconvert",
 ]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lptrain.numerics import QuantStats, ScalingState, random_signs
+from lptrain.numerics.stats import merge_stats
 
 if TYPE_CHECKING:
     from lptrain.nn.backends import Backend
@@ -63,6 +64,9 @@ class CallContext:
     snapshots: dict  # forward state key -> ScalingState as this call first saw it
     signs: dict  # gemm -> fixed sign vector (a buffer) for randomized Hadamards
     stats: dict = field(default_factory=dict)  # the layer's `last_stats`
+    # Merge this call's statistics into `stats` (a window of calls: the micro-batches of one
+    # optimizer step) instead of replacing them.
+    merge_stats: bool = False
     overflows: torch.Tensor | None = None  # the layer's INT32-overflow counter (int64 buffer)
 
     def updates(self, gemm: str) -> bool:
@@ -90,8 +94,15 @@ class CallContext:
             return random_signs(self.recipe.hadamard(gemm), generator, device=device)
         return self.signs[gemm].to(device)
 
-    def record(self, gemm: str, operand: str, stats: QuantStats) -> None:
-        self.stats[f"{gemm}.{operand}"] = stats.as_dict()
+    def record(self, gemm: str, operand: str, stats: QuantStats | dict) -> None:
+        """Keep one operand's statistics. A replayed forward reproduces its first run bit for
+        bit, so its statistics are already counted (a merge would count them twice)."""
+        if self.recompute and gemm == "output":
+            return
+        key = f"{gemm}.{operand}"
+        new = stats.as_dict() if isinstance(stats, QuantStats) else stats
+        old = self.stats.get(key) if self.merge_stats else None
+        self.stats[key] = new if old is None else merge_stats(old, new)
 
     def count_overflows(self, gemm: str, n: int) -> None:
         if self.overflows is not None and n and self.updates(gemm):

@@ -213,6 +213,7 @@ def seed_quantizers(model: nn.Module, seed: int, rank: int = 0) -> None:
 def set_amax_reduce(model: nn.Module, fn) -> None:
     """fn(amax) -> amax reduced (MAX) over the data-parallel group, for stateful scaling."""
     for _, layer in quantized_layers(model):
+        layer._amax_reduce = fn  # kept for recipes set later (Linear.set_recipe)
         if layer.quant_state is not None:
             for state in layer.quant_state.values():
                 state.amax_reduce = fn

@@ -69,6 +69,8 @@ class Linear(nn.Linear):
         else:
             self.backend, self.backend_reason = resolve_backend(backend, self.recipe, device)
         self.stats_interval = 0
+        self.stats_window = False  # see open_stats_window
+        self.quantization_enabled = True  # False: plain F.linear (see lptrain.nn.observe)
         self.last_stats: dict[str, dict[str, float]] = {}
         self._ledger = CallLedger()
         self.init_quantizer_state(default_seed() if seed is None else seed, device)
@@ -99,6 +101,20 @@ class Linear(nn.Linear):
         new.init_quantizer_state(new.seed if seed is None else seed, linear.weight.device)
         new.train(linear.training)
         return new
+
+    def set_recipe(self, recipe: str | Recipe | dict, backend: tuple[Backend, str] | None = None):
+        """Switch this layer to another recipe in place (same module, parameters, seed and call
+        counter; quantizer state fresh for the new recipe). In place, unlike `convert`'s
+        re-recipe, so that hooks others hold on the module (ZeRO-3's gathers) keep working."""
+        reduce = getattr(self, "_amax_reduce", None)  # set by lptrain.nn.set_amax_reduce
+        self.recipe = resolve(recipe)
+        self.backend, self.backend_reason = backend or resolve_backend("auto", self.recipe)
+        counters = {k: getattr(self, k).clone() for k in ("step", "int32_overflows")}
+        self.init_quantizer_state(int(self.seed), self.weight.device)
+        for k, v in counters.items():
+            getattr(self, k).copy_(v)
+        for state in self.quant_state.values() if self.quant_state is not None else ():
+            state.amax_reduce = reduce  # the data-parallel MAX-reduction carries over
 
     def init_quantizer_state(self, seed: int, device=None) -> None:
         """(Re)build every quantizer buffer at its initial value for the current recipe."""
@@ -178,7 +194,7 @@ class Linear(nn.Linear):
             )
         # No quantization, or no tokens (an empty micro-batch or MoE expert): plain math gives
         # the empty output and zero weight gradients, and no quantizer state is touched.
-        if not self.recipe.quantizes or x.numel() == 0:
+        if not (self.recipe.quantizes and self.quantization_enabled) or x.numel() == 0:
             return F.linear(x, weight_nk, self.bias)
         return LinearFunction.apply(x, weight_nk, self.bias, self._begin_call())
 
@@ -202,8 +218,9 @@ class Linear(nn.Linear):
 
     def _context(self, index: int, training: bool) -> CallContext:
         states = dict(self.quant_state.items()) if self.quant_state is not None else {}
-        collect = training and self.stats_interval > 0 and index % self.stats_interval == 0
-        if collect:
+        every = self.stats_interval
+        collect = training and (self.stats_window or (every > 0 and index % every == 0))
+        if collect and not self.stats_window:
             self.last_stats.clear()
         return CallContext(
             recipe=self.recipe,
@@ -220,6 +237,7 @@ class Linear(nn.Linear):
             else {},
             signs={g: getattr(self, f"signs_{g}") for g in GEMMS if hasattr(self, f"signs_{g}")},
             stats=self.last_stats,
+            merge_stats=self.stats_window,
             overflows=self.int32_overflows,
         )
 
@@ -229,3 +247,13 @@ class Linear(nn.Linear):
     def collect_stats(self, every: int) -> None:
         """Collect per-operand statistics every `every` training steps (0 turns them off)."""
         self.stats_interval = int(every)
+
+    def open_stats_window(self) -> None:
+        """Collect on every training call from now on and merge the calls' statistics (the
+        micro-batches of one optimizer step) into `last_stats`, until `close_stats_window`."""
+        self.last_stats.clear()
+        self.stats_window = True
+
+    def close_stats_window(self) -> dict[str, dict[str, float]]:
+        self.stats_window = False
+        return dict(self.last_stats)

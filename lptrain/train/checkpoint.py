@@ -100,8 +100,16 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save(
-    engine, model: nn.Module, ckpt_dir: Path, progress: Progress, keep_last: int, config_yaml: str
+    engine,
+    model: nn.Module,
+    ckpt_dir: Path,
+    progress: Progress,
+    keep_last: int,
+    config_yaml: str,
+    extra: dict | None = None,
 ) -> Path:
+    """`extra`: the trainer's own state beside the model (the monitoring's guard and spike
+    state), kept in every rank's side file and read back with `peek` before `load`."""
     rank = _rank()
     tag = tag_for(progress.step)
     final, tmp = ckpt_dir / tag, ckpt_dir / f"{tag}.tmp"
@@ -120,6 +128,7 @@ def save(
         "quantizer": lpnn.quantizer_state(model),
         "progress": asdict(progress),
         "format": FORMAT,
+        "extra": extra or {},
     }
     torch.save(side, tmp / f"lptrain_rank{rank}.pt")
     if rank == 0:
@@ -231,6 +240,13 @@ def saved_config(found: Found) -> str | None:
 
 
 # ---------------------------------------------------------------- load
+
+
+def peek(found: Found) -> dict:
+    """The `extra` saved with a checkpoint, read before `load`: the precision guard's fallbacks
+    change which quantizer-state keys the model has, so they must be in place first."""
+    side = torch.load(found.path / f"lptrain_rank{_rank()}.pt", weights_only=False)
+    return side.get("extra", {})
 
 
 def _is_quantizer_key(key: str) -> bool:

@@ -1,4 +1,4 @@
-"""`lptrain` command line: `train`, `export`, `eval`, `recipes` (and room for `report`).
+"""`lptrain` command line: `train`, `export`, `eval`, `report`, `recipes`.
 
 Flags avoid prefixes of torchrun options (`--max…`, `--log…`, `--run…`, `--node…`, `--monitor…`,
 `--master…`): torchrun rejects a script flag as ambiguous when it abbreviates one of its own.
@@ -23,8 +23,9 @@ EPILOG = """examples:
   lptrain train runs/mine/config.yaml --run-dir runs/mine \\
       --set precision.recipe=nvfp4 --allow-change precision.recipe     # switch recipe mid-run
   torchrun --nproc_per_node 2 -m lptrain train recipes/pretrain/tiny-fp32.yaml --run-dir runs/dp2
+  lptrain report runs/fp32 runs/nvfp4 --out report/   # plots + HTML from run directories
 
-recipe sections: model, precision, data, optim, deepspeed, checkpoint, logging, run;
+recipe sections: model, precision, data, optim, deepspeed, checkpoint, logging, monitor, run;
 every key and its default is in the README ("Recipe files") and in any run's config.yaml.
 
 exit status: 0 done (or stopped by SIGTERM/SIGINT after saving, or during start-up with
@@ -119,6 +120,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", metavar="PATH", default=None, help="another corpus to evaluate on")
     ev.add_argument("--blocks", type=int, default=None, metavar="N", help="at most N blocks")
     ev.add_argument("--json", action="store_true", help="also print one JSON line")
+    rp = sub.add_parser(
+        "report",
+        help="plots and an HTML page from run directories (offline)",
+        description="Read run directories (metrics.jsonl, layers.jsonl, events.jsonl, "
+        "config.yaml; no W&B needed) and write PNG plots and one self-contained HTML page: "
+        "loss against tokens for all runs, the gap to the first run, per-layer SQNR and "
+        "saturation heatmaps, scale traces, spike and guard events, and a summary table.",
+    )
+    rp.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories; the first "
+                    "is the reference for the loss gap")  # fmt: skip
+    rp.add_argument("--out", metavar="DIR", default="report", help="output directory "
+                    "(default: ./report)")  # fmt: skip
     sub.add_parser(
         "recipes",
         help="list shipped recipe files and named precision recipes",
@@ -150,6 +163,18 @@ def cmd_recipes() -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from lptrain.report import RunError, build
+
+    try:
+        page = build(args.runs, args.out)
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {page.resolve()}")
+    return 0
+
+
 def _default_run_dir(name: str) -> str:
     return str(Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -166,7 +191,7 @@ def _agree(value):
 
 def _prepare(args):
     """Everything that can fail on user input, before any heavy work."""
-    from lptrain.train import config, converters, data, engine, model
+    from lptrain.train import config, converters, data, engine, model, monitoring
     from lptrain.train.init_from import tokenizer_spec
 
     cfg = config.load(args.recipe, args.overrides)
@@ -176,6 +201,7 @@ def _prepare(args):
     engine.check_batch(cfg, info)
     ds_config = engine.deepspeed_config(cfg, info.world)
     convs = converters.build(cfg)
+    monitoring.check(cfg)
     return cfg, info, ds_config, convs, tok
 
 
@@ -285,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "recipes":
         return cmd_recipes()
+    if args.command == "report":
+        return cmd_report(args)
     if args.command in ("export", "eval"):
         try:
             return cmd_offline(args)

@@ -2,6 +2,9 @@
 
 Every problem is raised as `ConfigError(key_path, problem)`; the CLI prints it as one line
 `error: <key.path>: <problem>` and exits 2. Nothing past this module reads raw YAML.
+
+Longer than our usual file on purpose: every section of a recipe file and its checks read in one
+place, next to the one generic parser that turns YAML into these dataclasses.
 """
 
 from __future__ import annotations
@@ -49,12 +52,31 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    """The precision guard (train/monitoring/guard.py): a layer whose statistics stay bad for
+    `patience` consecutive checks falls back to the next recipe of `fallback` from the next
+    step on. A threshold left null is not checked."""
+
+    enabled: bool = False
+    fallback: list[Union[str, dict]] = field(default_factory=lambda: ["fp8-current", "bf16"])
+    # Healthy runs of every recipe on the tiny model stay above 9 dB and below 19% saturated
+    # (MXFP4's floor rule and Quartet's clipping saturate by design): the defaults sit outside.
+    min_sqnr_db: float | None = 3.0  # an operand's SQNR below this is bad
+    max_saturated: float | None = 0.3  # an operand's saturated fraction above this is bad
+    patience: int = 3  # consecutive bad checks before a fallback
+    interval: int = 10  # steps between checks
+    layers: list[str] = field(default_factory=lambda: ["*"])  # fnmatch globs on layer names
+    operands: list[str] = field(default_factory=lambda: ["*"])  # globs on '<gemm>.<operand>'
+
+
+@dataclass(frozen=True)
 class PrecisionConfig:
     # A named recipe (see `lptrain recipes`) or an inline recipe dict for lptrain.recipes.from_dict.
     recipe: Union[str, dict] = "fp32"
     skip: list[str] = field(default_factory=lambda: ["lm_head"])  # fnmatch globs on module names
     backend: Literal["auto", "emulated", "triton", "te"] = "auto"
     min_features: int = 0
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 @dataclass(frozen=True)
@@ -115,6 +137,37 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+STATS = ("amax", "scale", "saturated", "underflow", "clamped", "sqnr_db", "dynamic_range")
+STATS_ALL = (*STATS, "nonfinite", "rms")
+
+
+@dataclass(frozen=True)
+class SpikeConfig:
+    """Loss-spike detection (train/monitoring/spikes.py), on every step's loss."""
+
+    ema: float = 0.02  # weight of the newest loss in the running mean and variance
+    threshold: float = 5.0  # spike: (loss - running mean) / running std above this
+    warmup: int = 50  # first losses left out (the initial drop is not the run's noise)
+    divergence: int = 100  # a spike not recovered within this many steps: diverged
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Per-layer numerics (train/monitoring/): every `interval` steps from `start_step` to
+    `end_step`, one row per step in layers.jsonl (and W&B). The default set costs < 3%."""
+
+    interval: int = 100  # 0 turns the per-layer rows off
+    start_step: int = 0
+    end_step: int | None = None  # inclusive; null: to the end of the run
+    layers: list[str] = field(default_factory=lambda: ["*"])  # fnmatch globs on linear layers
+    stats: list[Literal[STATS_ALL]] = field(default_factory=lambda: list(STATS))
+    grad_norm: bool = True  # per-layer gradient norms
+    update_ratio: bool = True  # per-layer |dW| / |W| of the optimizer step
+    fidelity: bool = False  # gradient cosine vs high precision on a fixed probe batch
+    peak_flops: float | None = None  # per rank, for MFU (e.g. 989e12: H100 dense BF16)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     max_steps: int | None = None
@@ -138,6 +191,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     run: RunConfig = field(default_factory=RunConfig)
     # Fine-tuning (train/finetune_config.py): weights to start from, QAT, adapters.
     init: InitConfig = field(default_factory=InitConfig)
@@ -289,8 +343,44 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError("optim.lr", f"must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas", f"expected two numbers, got {cfg.optim.betas}")
+    _check_monitor(cfg.monitor)
+    _check_guard(cfg.precision.guard)
     _check_files(cfg)
     finetune_config.check(cfg)
+
+
+def _check_monitor(m: MonitorConfig) -> None:
+    for path, value in [
+        ("monitor.interval", m.interval),
+        ("monitor.start_step", m.start_step),
+        ("monitor.spike.warmup", m.spike.warmup),
+    ]:
+        if value < 0:
+            raise ConfigError(path, f"must be >= 0, got {value}")
+    if m.end_step is not None and m.end_step < m.start_step:
+        raise ConfigError("monitor.end_step", f"{m.end_step} < start_step {m.start_step}")
+    if m.peak_flops is not None and m.peak_flops <= 0:
+        raise ConfigError("monitor.peak_flops", f"must be > 0, got {m.peak_flops}")
+    if not 0.0 < m.spike.ema < 1.0:
+        raise ConfigError("monitor.spike.ema", f"must be in (0, 1), got {m.spike.ema}")
+    if m.spike.threshold <= 0:
+        raise ConfigError("monitor.spike.threshold", f"must be > 0, got {m.spike.threshold}")
+    if m.spike.divergence < 1:
+        raise ConfigError("monitor.spike.divergence", f"must be >= 1, got {m.spike.divergence}")
+
+
+def _check_guard(g: GuardConfig) -> None:
+    for path, value in [("patience", g.patience), ("interval", g.interval)]:
+        if value < 1:
+            raise ConfigError(f"precision.guard.{path}", f"must be >= 1, got {value}")
+    if g.max_saturated is not None and not 0.0 <= g.max_saturated <= 1.0:
+        raise ConfigError(
+            "precision.guard.max_saturated", f"must be in [0, 1], got {g.max_saturated}"
+        )
+    if g.enabled and not g.fallback:
+        raise ConfigError("precision.guard.fallback", "empty: name at least one recipe")
+    if g.enabled and g.min_sqnr_db is None and g.max_saturated is None:
+        raise ConfigError("precision.guard", "enabled without min_sqnr_db or max_saturated")
 
 
 def _check_files(cfg: TrainConfig) -> None:

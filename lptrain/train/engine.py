@@ -248,10 +248,15 @@ def _skip_update(engine) -> None:
     engine.skipped_steps += 1
 
 
-def micro_step(engine, manual_check: bool) -> float | None:
+def micro_step(engine, manual_check: bool, before_update=None) -> float | None:
     """`engine.step()` after one micro-batch's backward. At the accumulation boundary returns
-    the global gradient norm (non-finite: the update was skipped); elsewhere None."""
+    the global gradient norm (non-finite: the update was skipped); elsewhere None.
+
+    before_update(): called at the boundary first, when the gradients are reduced over ranks
+    and not yet applied or cleared (per-layer gradient norms)."""
     boundary = engine.is_gradient_accumulation_boundary()
+    if boundary and before_update is not None:
+        before_update()
     if boundary and manual_check:
         norm = _grad_norm(engine.module)
         if not math.isfinite(norm):

@@ -39,6 +39,16 @@ def resolve_wandb_mode(cfg: WandbConfig) -> tuple[str, str | None]:
     return "offline", "wandb: no credentials found, logging offline (upload later: wandb sync)"
 
 
+ALERTS = ("guard", "divergence", "reload")  # event kinds that raise a W&B alert (online)
+
+
+def _finite_or_none(row: dict) -> dict:
+    # JSON has no NaN/Inf; W&B and the report read null as "no value".
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
+    }
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "nan" if value is None else format(value, spec)  # non-finite values arrive as None
 
@@ -99,6 +109,25 @@ class _Wandb:
         except Exception:  # noqa: BLE001
             self.run = None
 
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (e-mail/Slack per the user's W&B settings); online runs only."""
+        if self.run is None or getattr(self.run, "offline", True):
+            return
+        try:
+            import wandb
+
+            self.run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+        except Exception:  # noqa: BLE001 - an alert must never stop training
+            pass
+
+    def summarize(self, values: dict) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.summary.update(values)
+        except Exception:  # noqa: BLE001
+            pass
+
     def finish(self) -> None:
         if self.run is not None:
             try:
@@ -127,6 +156,9 @@ class Monitor:
         self.wandb = None
         if not self.enabled:
             return
+        self.run_dir = run_dir
+        self._files: dict = {}  # layers.jsonl, events.jsonl: opened on first use
+        self.event_counts: dict[str, int] = {}
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         self.wandb = _Wandb(cfg.wandb, run_dir, config, self.say, wandb_id)
         use_bar = cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty())
@@ -176,6 +208,36 @@ class Monitor:
                 )
             )
 
+    # -- monitoring (train/monitoring/): per-layer rows and events ----------------------------
+
+    def _jsonl(self, name: str):
+        if name not in self._files:
+            self._files[name] = open(self.run_dir / name, "a", buffering=1)
+        return self._files[name]
+
+    def log_layers(self, row: dict[str, Any]) -> None:
+        """A per-layer row: `layers.jsonl` (keeps metrics.jsonl small) and W&B, same step."""
+        if not self.enabled:
+            return
+        row = _finite_or_none(row)
+        self._jsonl("layers.jsonl").write(json.dumps(row) + "\n")
+        self.wandb.log(row)
+
+    def event(self, ev: dict[str, Any]) -> None:
+        """A spike, divergence, guard fallback, skipped step, reload or resume: one line in
+        `events.jsonl`, a console line, a running count per kind in W&B, an alert when online."""
+        if not self.enabled:
+            return
+        ev = _finite_or_none(ev)
+        self._jsonl("events.jsonl").write(json.dumps(ev) + "\n")
+        kind = ev["kind"]
+        self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
+        self.wandb.log({"step": ev["step"], f"events/{kind}": self.event_counts[kind]})
+        text = ", ".join(f"{k} {v}" for k, v in ev.items() if k not in ("kind", "step"))
+        self.say(f"event at step {ev['step']}: {kind}: {text}")
+        if kind in ALERTS:
+            self.wandb.alert(f"lptrain: {kind} at step {ev['step']}", text)
+
     def _progress(self, row: dict) -> None:
         loss, norm = (_fmt(row[k], ".4f") for k in ("loss", "grad_norm"))
         if self.bar is not None:
@@ -195,4 +257,7 @@ class Monitor:
         if self.bar is not None:
             self.bar.close()
         self.file.close()
+        for f in self._files.values():
+            f.close()
+        self.wandb.summarize({f"events/{k}": n for k, n in self.event_counts.items()})
         self.wandb.finish()

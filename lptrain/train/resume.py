@@ -46,6 +46,7 @@ RULES: tuple[Rule, ...] = (
     Rule("model.dropout", FLAG, "the new rate applies from the resumed step"),
     Rule("model.*", NEVER, "the checkpoint holds this model's shape and initialization"),
     Rule("precision.backend", FLAG, "backends compute the emulated values; quantizer state kept"),
+    Rule("precision.guard.*", FREE, "guard settings apply from the resumed step; fallbacks kept"),
     Rule("precision.*", FLAG, "quantizer state is reset", RESET_QUANTIZERS),
     Rule("data.cache_dir", FREE, "a cache location only"),
     Rule("data.tokenizer", NEVER, "token ids are baked into the embedding"),
@@ -61,6 +62,7 @@ RULES: tuple[Rule, ...] = (
     Rule("adapters.*", NEVER, "the checkpoint holds these adapters and the stored base"),
     Rule("checkpoint.*", FREE, "checkpoint cadence"),
     Rule("logging.*", FREE, "logging only"),
+    Rule("monitor.*", FREE, "monitoring only"),
     Rule("run.seed", NEVER, "the seed fixed the initialization and the data order"),
     Rule("run.*", FREE, "run length, evaluation and limits"),
 )
@@ -83,7 +85,7 @@ def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
     out = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        path = f"{prefix}{f.name}"
+        path = f"{prefix}{f.metadata.get('key', f.name)}"  # the YAML key (init.from)
         tp = hints[f.name]
         out += config_keys(tp, path + ".") if dataclasses.is_dataclass(tp) else [path]
     return out

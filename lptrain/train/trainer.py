@@ -21,6 +21,7 @@ from lptrain.train.checkpoint import Progress
 from lptrain.train.config import TrainConfig, to_yaml
 from lptrain.train.model import build_model, count_params
 from lptrain.train.monitor import Monitor
+from lptrain.train.monitoring import Monitoring
 from lptrain.train.resume import Plan
 from lptrain.train.stop import Signals
 
@@ -52,6 +53,7 @@ class Session:
     manual_nonfinite_check: bool  # stage 0 fp32: DeepSpeed does not skip non-finite steps
     converters: list
     step_fn: Callable[["Session", Progress], "StepResult"]
+    monitoring: Monitoring | None = None  # per-layer numerics, spikes, the precision guard
 
 
 def total_steps(cfg: TrainConfig, layout: data.Layout) -> int:
@@ -88,6 +90,7 @@ def setup(
     )
     steps = total_steps(cfg, layout)
     engine, _ = eng.initialize(model, cfg, ds_config, steps)
+    monitoring = make_monitoring(cfg, model, blocks, split, layout, engine.device)
     # Dropout and stochastic rounding draw from per-rank streams from here on.
     torch.manual_seed(cfg.run.seed * 1000003 + info.rank)
     return Session(
@@ -102,8 +105,24 @@ def setup(
         config_yaml=to_yaml(cfg),
         manual_nonfinite_check=eng.manual_nonfinite_check(cfg),
         converters=convs,
-        step_fn=converters.wrap_step(train_step, convs),
+        step_fn=monitoring.wrap(converters.wrap_step(train_step, convs)),
+        monitoring=monitoring,
     )
+
+
+def make_monitoring(cfg: TrainConfig, model, blocks, split, layout, device) -> Monitoring:
+    """The monitoring, with its probe batch: rank 0's first validation batch on every rank (a
+    fixed batch outside the training order, so the data stream is untouched)."""
+    probe = None
+    if cfg.monitor.fidelity and cfg.monitor.interval:
+        first = data.Layout(layout.micro, layout.accum, layout.world, 0)
+        probe = data.val_batches(blocks, split, first, 1)[0].to(device)
+    base = (
+        None
+        if converters.is_high_precision(cfg.precision)
+        else converters.resolve_recipe(cfg.precision)
+    )
+    return Monitoring(cfg, model, layout.world, probe, guard_base=base)
 
 
 def train_step(s: Session, p: Progress) -> StepResult:
@@ -116,7 +135,8 @@ def train_step(s: Session, p: Progress) -> StepResult:
         loss = e(batch)
         loss_sum += float(loss.detach())
         e.backward(loss)
-        norm = eng.micro_step(e, s.manual_nonfinite_check)
+        hook = s.monitoring.before_update if s.monitoring is not None else None
+        norm = eng.micro_step(e, s.manual_nonfinite_check, hook)
         if norm is not None:
             grad_norm = norm
     (loss_total,) = eng.all_reduce([loss_sum], dist.ReduceOp.SUM)
@@ -135,16 +155,26 @@ def evaluate(s: Session) -> float:
 
 
 def _save(s: Session, p: Progress, say) -> None:
+    extra = {"monitoring": s.monitoring.state_dict()} if s.monitoring is not None else None
     path = checkpoint.save(
-        s.engine, s.model, s.ckpt_dir, p, s.cfg.checkpoint.keep_last, s.config_yaml
+        s.engine, s.model, s.ckpt_dir, p, s.cfg.checkpoint.keep_last, s.config_yaml, extra
     )
     say(f"checkpoint: {path}")
 
 
-def _resume(s: Session, start: Plan, say) -> Progress:
-    p = checkpoint.load(s.engine, s.model, start.source, reset_quantizers=start.reset_quantizers)
+def _load(s: Session, found: checkpoint.Found, reset_quantizers: bool = False) -> Progress:
+    """Load a checkpoint, its precision-guard fallbacks put in place first (they decide which
+    quantizer-state keys the layers have)."""
+    if s.monitoring is not None:
+        s.monitoring.load_state_dict(checkpoint.peek(found).get("monitoring"))
+    return checkpoint.load(s.engine, s.model, found, reset_quantizers=reset_quantizers)
+
+
+def _resume(s: Session, start: Plan, monitor: Monitor, say) -> Progress:
+    p = _load(s, start.source, start.reset_quantizers)
     eng.resume_optim(s.engine, s.cfg, s.total_steps, start.saved_section("optim"))
     say(f"resumed from {start.source.path} at step {p.step}")
+    monitor.event({"kind": "resume", "step": p.step, "checkpoint": start.source.tag})
     return p
 
 
@@ -158,7 +188,12 @@ def _reload(s: Session, p: Progress, start: Plan | None, monitor: Monitor, say) 
         )
     # The checkpoint resumed from predates an allowed precision change: load it the same way.
     reset = start is not None and start.reset_quantizers and found.path == start.source.path
-    good = checkpoint.load(s.engine, s.model, found, reset_quantizers=reset)
+    # Keep the fallbacks the guard made since that checkpoint (and its spike memory): put the
+    # checkpoint's recipes in place to load its state, then switch the layers back.
+    keep = s.monitoring.state_dict() if s.monitoring is not None else None
+    good = _load(s, found, reset)
+    if keep is not None:
+        s.monitoring.load_state_dict(keep)
     converters.after_step(s.model, s.converters, good.step)  # weights changed: drop derived copies
     eng.resume_optim(s.engine, s.cfg, s.total_steps, None)
     monitor.rewind(good.step)
@@ -180,7 +215,7 @@ class Throughput:
 
 
 def _train_row(s: Session, p: Progress, r: StepResult, meter: Throughput) -> dict:
-    return {
+    row = {
         "step": p.step,
         "loss": r.loss,
         "lr": s.engine.get_lr()[0],
@@ -189,6 +224,23 @@ def _train_row(s: Session, p: Progress, r: StepResult, meter: Throughput) -> dic
         "tokens": p.tokens,
         "skipped_steps": p.skipped,
     }
+    if s.monitoring is not None:
+        per_step = s.layout.global_batch * s.cfg.data.block_size
+        row.update(s.monitoring.step_metrics(row["tokens_per_s"], per_step))
+    return row
+
+
+def _monitor_step(s: Session, p: Progress, r: StepResult, monitor: Monitor) -> None:
+    """The step's per-layer row and events (spikes, guard fallbacks, a skipped update)."""
+    if r.skipped:
+        monitor.event({"kind": "skip", "step": p.step, "loss": r.loss, "grad_norm": r.grad_norm})
+    if s.monitoring is None:
+        return
+    row, events = s.monitoring.after_step(p.step, r)
+    if row is not None:
+        monitor.log_layers(row)
+    for ev in events:
+        monitor.event(ev)
 
 
 def run(
@@ -202,7 +254,7 @@ def run(
     signal in `stop` asks to save and exit."""
     cfg, G = s.cfg, s.layout.global_batch
     has_source = start is not None and start.source is not None
-    p = _resume(s, start, say) if has_source else Progress()
+    p = _resume(s, start, monitor, say) if has_source else Progress()
     monitor.start_at(p.step)
     stop = stop or Signals()
     stop.loop()  # from here a signal means: save at the end of this step
@@ -218,10 +270,12 @@ def run(
             skipped=p.skipped + r.skipped,
         )
         converters.after_step(s.model, s.converters, p.step)
+        _monitor_step(s, p, r, monitor)
         if p.step % cfg.logging.interval == 0 or p.step == s.total_steps:
             monitor.log(_train_row(s, p, r, meter))
         if cfg.run.nonfinite_limit and streak >= cfg.run.nonfinite_limit:
-            p, streak = _reload(s, p, start, monitor, say), 0
+            bad_step, p, streak = p.step, _reload(s, p, start, monitor, say), 0
+            monitor.event({"kind": "reload", "step": bad_step, "to_step": p.step})
             continue
         if cfg.run.eval_interval and (
             p.step % cfg.run.eval_interval == 0 or p.step == s.total_steps
@@ -236,6 +290,8 @@ def run(
         if stopping:
             say(f"stopped at step {p.step}; the same command resumes (checkpoint.resume=auto)")
             break
+    for line in s.monitoring.summary_lines() if s.monitoring is not None else ():
+        say(line)
     return p
 
 

@@ -49,3 +49,54 @@ def test_nonfinite_fraction_and_finite_only_norms():
     assert s["nonfinite"] == 1 / 32 and s["amax"] == pytest.approx(1.1)
     # SQNR over the finite elements: 1.1 -> 1.0 (E5M2 spacing 0.25 at 1)
     assert s["sqnr_db"] == pytest.approx(10 * math.log10(1.1**2 / 0.1**2), abs=1e-3)
+
+
+# ---------------------------------------------------------------- merging (numerics/stats.py)
+
+MX4 = QuantSpec("fp4_e2m1", scaling="block", block_size=32, scale_format="e8m0")
+
+
+def _halves_and_whole(spec):
+    """Statistics of two row halves and of the whole tensor. The halves have different scales
+    of magnitude, zeros and a block whose E8M0 scale clamps, so every weighting matters."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 64, generator=g)
+    x[:3] *= 50.0  # rows of the first half are larger
+    x[5, :40] = 0.0  # zeros only in the second half (underflow's denominator)
+    x[6, :32] = 1e-39  # a block below E8M0's range: its scale clamps
+    return _stats(x[:3], spec), _stats(x[3:], spec), _stats(x, spec)
+
+
+@pytest.mark.parametrize("spec", [MX4, QuantSpec("fp8_e4m3", scaling="row")])
+def test_merged_halves_equal_the_whole(spec):
+    # Row- and row-block scaling: each row quantizes on its own, so splitting rows (as
+    # micro-batches and ranks split tokens) must not change a merged statistic.
+    from lptrain.numerics.stats import merge_stats
+
+    a, b, whole = _halves_and_whole(spec)
+    merged = merge_stats(a, b)
+    for key in ("amax", "scale_min", "scale_max", "elements", "nonzero", "groups"):
+        assert merged[key] == whole[key], key
+    # Fractions come as FP32 ratios: merged through counts they agree to FP32 rounding.
+    for key in ("saturated", "nonfinite", "underflow", "clamped", "dynamic_range"):
+        assert merged[key] == pytest.approx(whole[key], rel=1e-6), key
+    assert merged["sqnr_db"] == pytest.approx(whole["sqnr_db"], abs=1e-4)
+    assert merged["rms"] == pytest.approx(whole["rms"], rel=1e-6)
+    assert merged["scale_mean"] == pytest.approx(whole["scale_mean"], rel=1e-6)
+    if spec is MX4:  # the weighting is visible: a plain mean of the halves is off
+        assert (
+            whole["clamped"] > 0
+            and abs((a["clamped"] + b["clamped"]) / 2 - whole["clamped"]) > 0.01
+        )
+        assert abs((a["sqnr_db"] + b["sqnr_db"]) / 2 - whole["sqnr_db"]) > 0.01
+
+
+def test_merging_empty_and_counter_entries():
+    from lptrain.numerics.stats import QuantStats, merge_stats
+
+    a, _, _ = _halves_and_whole(MX4)
+    assert merge_stats(a, QuantStats.empty_dict()) == pytest.approx(a)
+    assert merge_stats(QuantStats.empty_dict(), QuantStats.empty_dict())["elements"] == 0
+    # The INT32 accumulator's entries are counts: they add.
+    acc = merge_stats({"int32_overflows": 2.0, "chunk_sums": 10.0}, {"int32_overflows": 1.0})
+    assert acc == {"int32_overflows": 3.0, "chunk_sums": 10.0}

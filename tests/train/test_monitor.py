@@ -94,6 +94,51 @@ def test_wandb_continues_one_run_across_a_stop_a_kill_and_a_resume(cli, tmp_path
     run_id = json.loads((run_dir / "run.json").read_text())["wandb_run_id"]
     files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 3 and all(f.name == f"run-{run_id}.wandb" for f in files)
-    first, killed, last = ([r["_step"] for r in wandb_file.history(f)] for f in files)
+    # Training rows only (a resume also logs its event, at the step resumed from).
+    first, killed, last = (
+        [r["_step"] for r in wandb_file.history(f) if "loss" in r] for f in files
+    )
     assert first == [1, 2, 3, 4] and last == [7, 8] and set(killed) <= {5, 6, 7}
     assert wandb_file.run_id(files[0]) == wandb_file.run_id(files[2]) == run_id
+
+
+def test_offline_wandb_holds_the_layer_metrics_and_the_config(monitored_runs):
+    """Read back with wandb's own record definitions: every per-layer metric of layers.jsonl
+    and every step metric of metrics.jsonl is in the W&B history at its step, and the run's
+    config is the resolved recipe."""
+    import json
+
+    from lptrain.testing.wandb_file import read_wandb_file
+
+    run_dir = monitored_runs["monitored"]
+    (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    wb = read_wandb_file(path)
+    by_step: dict[int, dict] = {}
+    for row in wb.history:
+        by_step.setdefault(row["_step"], {}).update(row)
+    files = [run_dir / "metrics.jsonl", run_dir / "layers.jsonl"]
+    checked = 0
+    for row in (json.loads(x) for f in files for x in f.read_text().splitlines()):
+        logged = by_step[row["step"]]
+        for key, value in row.items():
+            if key != "step":
+                assert logged[key] == value, key  # null stays null: non-finite values
+                checked += 1
+    assert checked > 4 * 700
+    assert "quant/layers.1.mlp.w2/grad_weight.grad_output/sqnr_db" in by_step[4]
+    assert wb.config["precision"]["recipe"] == "mxfp8"
+    assert wb.config["precision_resolved"]["name"] == "mxfp8"
+    assert wb.config["monitor"]["interval"] == 1 and wb.config["precision"]["guard"]["enabled"]
+
+
+def test_wandb_disabled_run_dir_still_has_everything(monitored_runs):
+    """The two-rank run logs to W&B `disabled`: nothing is written for W&B, and its run
+    directory holds the same metrics as the offline run's."""
+    import json
+
+    two, one = monitored_runs["two_ranks"], monitored_runs["monitored"]
+    assert not (two / "wandb").exists()
+    for name in ("metrics.jsonl", "layers.jsonl"):
+        keys = [{k for x in (d / name).read_text().splitlines() for k in json.loads(x)}
+                for d in (one, two)]  # fmt: skip
+        assert keys[0] == keys[1] and len(keys[0]) > 10, name

@@ -136,10 +136,11 @@ class EmulatedBackend(Backend):
         res = dfp_matmul(da, db, chunk=gr.chunk, overflow=gr.overflow)
         call.count_overflows(gemm, res.overflows)
         if call.collect:
-            call.stats[f"{gemm}.accumulator"] = {
-                "int32_overflows": float(res.overflows),
-                "chunk_sums": float(res.chunks),
-            }
+            call.record(
+                gemm,
+                "accumulator",
+                {"int32_overflows": float(res.overflows), "chunk_sums": float(res.chunks)},
+            )
         out = res.out
         if spoiled:
             nan = torch.full_like(out, float("nan"))

@@ -1,0 +1,146 @@
+"""Monitoring overhead on the tiny recipes: the default set at intervals 1, 10 and 100, and
+everything (fidelity probe, guard checks every 10 steps) at 100, each as a ratio to monitoring
+off, measured in one process; prints a markdown table for BENCHMARKS.md.
+
+usage: .venv/bin/python benchmarks/bench_monitoring.py [--recipes fp8,nvfp4] [--block 100]
+                                                       [--rounds 3]
+
+One trainer session per recipe (`lptrain train`'s own setup: DeepSpeed ZeRO-0, the embedded
+corpus); the variants then take turns on the same model, `--block` optimizer steps each, for
+`--rounds` rounds, so a burst of load from other processes hits every variant alike. A block of
+100 steps holds exactly 1, 10 or 100 monitored steps. Time is the process's CPU time (user +
+system, one thread: what the work costs, not what the neighbours do) and wall-clock as a
+check; each ratio is the median over rounds of block time / the same round's "off" block.
+Rows are built and serialized as the trainer does (json.dumps), not written to disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from machine import cpu_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _session(recipe: str, workdir: Path):
+    from lptrain.train import config, converters, data, trainer
+    from lptrain.train import engine as eng
+
+    overrides = ["run.max_steps=100000", "run.eval_interval=0", "checkpoint.interval=0",
+                 "logging.wandb.mode=disabled", "monitor.interval=0"]  # fmt: skip
+    cfg = config.load(REPO / f"recipes/pretrain/tiny-{recipe}.yaml", overrides)
+    info = eng.dist_env()
+    if not torch.distributed.is_initialized():
+        eng.init_distributed(info)
+    tok = data.load_tokenizer(cfg.data.tokenizer)
+    ds = eng.deepspeed_config(cfg, info.world)
+    s = trainer.setup(cfg, ds, converters.build(cfg), tok, info, workdir, lambda m: None)
+    return cfg, s
+
+
+VARIANTS = {
+    "off": None,
+    "default, interval 100": {"interval": 100},
+    "default, interval 10": {"interval": 10},
+    "default, interval 1": {"interval": 1},
+    "everything, interval 100": {"interval": 100, "fidelity": True, "guard": True},
+}
+
+
+def _monitoring(cfg, s, spec):
+    from lptrain.train import trainer
+
+    if spec is None:
+        return None, trainer.train_step
+    monitor = dataclasses.replace(cfg.monitor, interval=spec["interval"],
+                                  fidelity=spec.get("fidelity", False))  # fmt: skip
+    guard = dataclasses.replace(cfg.precision.guard, enabled=spec.get("guard", False))
+    precision = dataclasses.replace(cfg.precision, guard=guard)
+    vcfg = dataclasses.replace(cfg, monitor=monitor, precision=precision)
+    from lptrain.train.trainer import make_monitoring as build
+
+    m = build(vcfg, s.model, s.train_src.blocks, _split(s), s.layout, s.engine.device)
+    return m, m.wrap(trainer.train_step)
+
+
+def _split(s):
+    from lptrain.train import data
+
+    return data.split(len(s.train_src.blocks), s.cfg.data.val_fraction)
+
+
+def _block(s, monitoring, step_fn, p, steps: int):
+    """`steps` optimizer steps; returns (cpu seconds, wall seconds, progress)."""
+    from dataclasses import replace
+
+    s.monitoring, s.step_fn = monitoring, step_fn
+    g = s.layout.global_batch
+    c0, w0 = time.process_time(), time.perf_counter()
+    for _ in range(steps):
+        r = s.step_fn(s, p)
+        p = replace(p, step=p.step + 1, sample_index=p.sample_index + g)
+        if monitoring is not None:
+            row, events = monitoring.after_step(p.step, r)
+            json.dumps(monitoring.step_metrics(1000.0, g * s.cfg.data.block_size))
+            if row is not None:
+                json.dumps(row)
+    return time.process_time() - c0, time.perf_counter() - w0, p
+
+
+def measure(recipe: str, block: int, rounds: int) -> dict:
+    from lptrain.train.checkpoint import Progress
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, s = _session(recipe, Path(tmp))
+        variants = {name: _monitoring(cfg, s, spec) for name, spec in VARIANTS.items()}
+        p = Progress()
+        _, _, p = _block(s, *variants["off"], p, 10)  # warm-up: allocations, first steps
+        times = {name: [] for name in variants}
+        for _ in range(rounds):
+            for name, (m, fn) in variants.items():
+                cpu, wall, p = _block(s, m, fn, p, block)
+                times[name].append((cpu, wall))
+    out = {}
+    for name, ts in times.items():
+        cpu = [t[0] / off[0] for t, off in zip(ts, times["off"], strict=True)]
+        wall = [t[1] / off[1] for t, off in zip(ts, times["off"], strict=True)]
+        ms = statistics.median(t[0] for t in ts) / block * 1e3
+        out[name] = (ms, statistics.median(cpu), statistics.median(wall))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipes", default="fp8,nvfp4")
+    ap.add_argument("--block", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    results = {r: measure(r, args.block, args.rounds) for r in args.recipes.split(",")}
+    load = os.getloadavg()[0]
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores (1 torch thread); torch "
+          f"{torch.__version__}; {datetime.date.today()}; blocks of {args.block} steps, "
+          f"median of {args.rounds} interleaved rounds; load average {load:.1f}\n")  # fmt: skip
+    print("| recipe | monitoring | CPU ms/step | CPU time vs off | wall time vs off |")
+    print("|---|---|---:|---:|---:|")
+    for recipe, rows in results.items():
+        for name, (ms, cpu, wall) in rows.items():
+            print(f"| tiny-{recipe} | {name} | {ms:.0f} | {cpu:.3f}x | {wall:.3f}x |")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

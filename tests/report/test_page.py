@@ -1,0 +1,27 @@
+"""The report page in a real browser (report/page.py): headless Chromium loads it, every
+embedded figure decodes, and a screenshot shows it."""
+
+from __future__ import annotations
+
+import pytest
+
+from lptrain.report import build
+from lptrain.testing import browser
+
+
+@pytest.mark.skipif(
+    browser.chromium() is None,
+    reason="chromium is not installed (./scripts/setup.sh train,dev installs Debian's "
+    "package when apt-get is available as root)",
+)
+def test_the_page_renders_with_every_figure(monitored_runs, tmp_path):
+    page = build([monitored_runs["plain"], monitored_runs["monitored"]], tmp_path / "report")
+    dom = browser.dump_dom(page)
+    assert 'data-images-loaded="5/5"' in dom and "All 5 figures loaded." in dom
+    shot = browser.screenshot(page, tmp_path / "page.png")
+    from PIL import Image  # matplotlib's own dependency
+
+    img = Image.open(shot).convert("RGB")
+    assert img.size == (1200, 2400)
+    colours = img.resize((120, 240)).getcolors(maxcolors=120 * 240)
+    assert len(colours) > 50  # tables and plots, not a blank or error page
