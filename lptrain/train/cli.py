@@ -1,4 +1,4 @@
-"""`lptrain` command line: `train`, `export`, `eval`, `report`, `recipes`.
+"""`lptrain` command line: `train`, `export`, `eval`, `report`, `plan`, `recipes`.
 
 Flags avoid prefixes of torchrun options (`--max…`, `--log…`, `--run…`, `--node…`, `--monitor…`,
 `--master…`): torchrun rejects a script flag as ambiguous when it abbreviates one of its own.
@@ -24,6 +24,7 @@ EPILOG = """examples:
       --set precision.recipe=nvfp4 --allow-change precision.recipe     # switch recipe mid-run
   torchrun --nproc_per_node 2 -m lptrain train recipes/pretrain/tiny-fp32.yaml --run-dir runs/dp2
   lptrain report runs/fp32 runs/nvfp4 --out report/   # plots + HTML from run directories
+  lptrain plan recipes/pretrain/gpu-7b-fp8.yaml --nodes 4 --gpus-per-node 8 --gpu-memory 80
 
 recipe sections: model, precision, data, optim, deepspeed, checkpoint, logging, monitor, run;
 every key and its default is in the README ("Recipe files") and in any run's config.yaml.
@@ -132,6 +133,21 @@ def _parser() -> argparse.ArgumentParser:
                     "is the reference for the loss gap")  # fmt: skip
     rp.add_argument("--out", metavar="DIR", default="report", help="output directory "
                     "(default: ./report)")  # fmt: skip
+    pl = sub.add_parser(
+        "plan",
+        help="per-GPU memory of a recipe on N nodes x G GPUs (nothing allocated)",
+        description="Parameters, gradients, optimizer state (DeepSpeed's accounting, checked "
+        "against its estimators), quantizer state, low-precision weight copies and activations "
+        "per GPU for the recipe's model, ZeRO stage and precision, and whether they fit "
+        "--gpu-memory. The model is built on the meta device.",
+    )
+    pl.add_argument("recipe", metavar="RECIPE.yaml", help="recipe file")
+    pl.add_argument("--nodes", type=int, default=1, metavar="N")
+    pl.add_argument("--gpus-per-node", type=int, default=8, metavar="G")
+    pl.add_argument("--gpu-memory", type=float, default=None, metavar="GiB",
+                    help="memory of one GPU in GiB (e.g. 80)")  # fmt: skip
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe key, as for train")  # fmt: skip
     sub.add_parser(
         "recipes",
         help="list shipped recipe files and named precision recipes",
@@ -245,13 +261,18 @@ def cmd_train(args, signals, log) -> int:
 
 
 def cmd_offline(args) -> int:
-    """`export` and `eval`: one process, no DeepSpeed engine (train/export.py, evaluate.py)."""
+    """`export`, `eval` and `plan`: one process, no DeepSpeed engine (train/export.py,
+    evaluate.py, plan.py)."""
     import os
 
     import torch
 
     if not torch.cuda.is_available():  # unpickling a checkpoint may import deepspeed
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if args.command == "plan":
+        from lptrain.train import plan
+
+        return plan.main(args)
     if args.command == "export":
         from lptrain.train import export
 
@@ -313,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_recipes()
     if args.command == "report":
         return cmd_report(args)
-    if args.command in ("export", "eval"):
+    if args.command in ("export", "eval", "plan"):
         try:
             return cmd_offline(args)
         except ConfigError as exc:
