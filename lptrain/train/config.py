@@ -111,6 +111,8 @@ class DeepSpeedConfig:
     train_batch_size: int | None = None  # optional; checked against micro x accum x world
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     extra: dict = field(default_factory=dict)  # merged into deepspeed.json as is
+    # ZeRO-3: build the model inside deepspeed.zero.Init (parameters created partitioned).
+    zero_init: bool = True
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ fp32 master copy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -149,6 +150,39 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     return _merge(ds, d.extra)
 
 
+def zero_init(cfg: TrainConfig, converter_names: list[str]) -> tuple[bool, str]:
+    """Whether the model is built inside `deepspeed.zero.Init` (ZeRO-3 and
+    `deepspeed.zero_init`), and why not when it is asked for but cannot be: `init.from`, QAT
+    calibration and adapters read or replace whole weights outside a module's forward."""
+    d = cfg.deepspeed
+    if d.zero_stage != 3 or not d.zero_init:
+        return False, ""
+    blocking = [n for n in converter_names if n != "precision"]
+    if blocking:
+        return False, (
+            f"model built whole on every rank, not in deepspeed.zero.Init: the {blocking[0]} "
+            "converter needs whole weights"
+        )
+    return True, "model built inside deepspeed.zero.Init: parameters created partitioned"
+
+
+def model_construction(ds_config: dict, enabled: bool):
+    """The context the model is built in: `deepspeed.zero.Init` (each module's parameters are
+    partitioned over the ranks as soon as the module is built, so no rank ever holds the whole
+    fp32 model), or nothing. `mem_efficient_linear=False`: DeepSpeed would otherwise replace
+    torch.nn.functional.linear process-wide, for good."""
+    if not enabled:
+        return None
+    import deepspeed
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(liblog.library_output())
+    stack.enter_context(
+        deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False)
+    )
+    return stack
+
+
 def lr_lambda(cfg: TrainConfig, total_steps: int):
     """Warmup (linear from ~0) then cosine/linear decay to lr * min_lr_ratio at total_steps."""
     o = cfg.optim
@@ -178,7 +212,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if getattr(p, "lptrain_role", None) == "quantizer":
             quant.append(p)
         else:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            # ds_shape: built under deepspeed.zero.Init, a parameter is an empty partition.
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -7,6 +7,7 @@ norms and embeddings stay in high precision. Module names follow Llama (`attn.wq
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -169,15 +170,27 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
         if a.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(a.dim // a.n_heads, a.max_seq_len, a.rope_theta)
-        # Not persistent: derived from the config, and bf16 casting must not touch them.
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.set_rope()
+        # Under deepspeed.zero.Init, `apply` gathers each module's parameters around the call
+        # (DeepSpeed's override_module_apply); the loop below gathers its own.
         self.apply(self._init)
         for name, p in self.named_parameters():
             # GPT-2 style: shrink residual-branch outputs by depth so the stream stays O(1).
             if name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, std=a.init_std / math.sqrt(2 * a.n_layers))
+                with _gathered(p):
+                    nn.init.normal_(p, std=a.init_std / math.sqrt(2 * a.n_layers))
+
+    def set_rope(self) -> None:
+        """(Re)compute the RoPE tables. Not persistent: derived from the config, and bf16
+        casting must not touch them. `build_model` calls this again outside a construction
+        context: deepspeed.zero.Init casts every floating tensor made inside it (float64
+        angles included) to the engine dtype."""
+        a = self.args
+        old = getattr(self, "rope_cos", None)
+        cos, sin = rope_tables(a.dim // a.n_heads, a.max_seq_len, a.rope_theta)
+        device = old.device if old is not None else None
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def _init(self, m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -201,8 +214,24 @@ class Decoder(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> Decoder:
-    return Decoder(model_args(cfg, vocab_size, max_seq_len))
+def _gathered(p: nn.Parameter):
+    """The full parameter for an in-place edit: a ZeRO-3 partitioned parameter (built under
+    deepspeed.zero.Init) is gathered, edited on every rank, rank 0's values kept."""
+    if not hasattr(p, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, max_seq_len: int, construction=None) -> Decoder:
+    """construction: a context the modules are created in (deepspeed.zero.Init under ZeRO-3,
+    train/engine.py `model_construction`), or None."""
+    with construction if construction is not None else contextlib.nullcontext():
+        model = Decoder(model_args(cfg, vocab_size, max_seq_len))
+    if construction is not None:
+        model.set_rope()
+    return model
 
 
 def count_params(model: nn.Module) -> int:

@@ -54,6 +54,7 @@ RULES: tuple[Rule, ...] = (
     Rule("data.*", FLAG, "the data order continues at the same sample index over the new data"),
     Rule("optim.*", FLAG, "applied from the resumed step; Adam moments and the step count kept"),
     Rule("deepspeed.zero_stage", NEVER, "saved per ZeRO stage; needs a universal checkpoint"),
+    Rule("deepspeed.zero_init", FREE, "how the model is built; the checkpoint holds its weights"),
     Rule("deepspeed.extra", FLAG, "merged into deepspeed.json as given"),
     Rule("deepspeed.*", NEVER, "the batch layout and engine dtype are in the saved state"),
     Rule("init.from", FLAG, "the checkpoint holds the trained weights; init.from starts a run"),

@@ -77,7 +77,11 @@ def setup(
     split = data.split(len(blocks), cfg.data.val_fraction)
     train_src = data.BatchSource(blocks, split.train, cfg.run.seed)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model, tok.vocab_size, cfg.data.block_size)
+    partitioned, why = eng.zero_init(cfg, [c.name for c in convs])
+    if why:
+        say(why)
+    construction = eng.model_construction(ds_config, partitioned)
+    model = build_model(cfg.model, tok.vocab_size, cfg.data.block_size, construction)
     ctx = converters.ConvertContext(
         cfg.run.seed, info.rank, info.world, say,
         sample=lambda: train_src.batch(0, layout.micro),  # the same batch on every rank
