@@ -249,6 +249,13 @@ def peek(found: Found) -> dict:
     return side.get("extra", {})
 
 
+def peek_rank0(found: Found) -> dict:
+    """`peek` of the old rank 0's side file (a resume on another world size, whose ranks need
+    not have a side file of their own)."""
+    side = torch.load(found.path / "lptrain_rank0.pt", weights_only=False)
+    return side.get("extra", {})
+
+
 def _is_quantizer_key(key: str) -> bool:
     parts = key.split(".")
     return "quant_state" in parts or parts[-1] in _QUANTIZER_LEAVES

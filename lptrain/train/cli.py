@@ -239,6 +239,9 @@ def cmd_train(args, signals, log) -> int:
     plan = resume.plan(cfg, run_dir, info.world, args.allow_change, args.archive)
     for note in plan.notes:
         say(note)
+    if plan.universal:  # DeepSpeed reads this when the engine is built
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}),
+                                                 "load_universal": True}}  # fmt: skip
     s = trainer.setup(cfg, ds_config, convs, tok, info, run_dir, say)
     with signals.deferred():
         prepared = None

@@ -183,6 +183,31 @@ def model_construction(ds_config: dict, enabled: bool):
     return stack
 
 
+def universal_loaded(engine, cfg: TrainConfig) -> None:
+    """Repairs after the one universal load of an elastic resume. DeepSpeed's ZeRO-3 universal
+    loader (stage3.py `load_hp_checkpoint_state_from_checkpoint_dir_stage3`) gives every
+    parameter group the first group's hyperparameters, so norms would get weight decay: put
+    each group's own back (lr: `resume_optim`). Later loads (a non-finite reload) read this
+    run's own, ordinary checkpoints."""
+    groups = engine.optimizer.param_groups
+    expected = param_groups(engine.module, cfg.optim.weight_decay)
+    for g, e in zip(groups, expected, strict=True):
+        g["weight_decay"] = e["weight_decay"]
+        g["betas"], g["eps"] = tuple(cfg.optim.betas), cfg.optim.eps
+    # The same loader hands one `step` tensor to every sub-group's Adam state; torch's Adam
+    # increments it in place, so it would advance once per group per update and skew the bias
+    # correction. Each state gets its own.
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    seen: set[int] = set()
+    for state in inner.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(step))
+    engine._config.load_universal_checkpoint = False
+
+
 def lr_lambda(cfg: TrainConfig, total_steps: int):
     """Warmup (linear from ~0) then cosine/linear decay to lr * min_lr_ratio at total_steps."""
     o = cfg.optim

@@ -172,6 +172,7 @@ class Plan:
     archive_newer: tuple[str, ...] = ()  # tags newer than `source` that --archive moves
     notes: tuple[str, ...] = ()  # one line each, said before training
     saved: dict | None = dataclasses.field(default=None, repr=False)  # the source's config
+    universal: bool = False  # saved on another world size: load a universal checkpoint
 
     @property
     def step(self) -> int:
@@ -266,13 +267,11 @@ def _explicit(path: Path) -> tuple[Found, list[tuple[str, str]]]:
 
 
 def _resume(cfg, found: Found, rejected, world: int, allow: list[str], base: Plan) -> Plan:
-    saved = found.manifest.get("world_size", world)
-    if saved != world:
-        raise ConfigError(
-            "checkpoint.resume",
-            f"{found.tag} was saved by {saved} ranks and this run has {world}; resume with "
-            f"{saved} ranks (changing it needs a DeepSpeed universal checkpoint)",
-        )
+    from lptrain.train import elastic
+
+    elastic_note = None
+    if found.manifest.get("world_size", world) != world:
+        elastic_note = elastic.check(found, world)  # or ConfigError (ZeRO stage 0)
     text = manifest.from_rank0(checkpoint.saved_config(found) if _rank0() else None)
     if text is None:
         raise ConfigError(
@@ -283,8 +282,13 @@ def _resume(cfg, found: Found, rejected, world: int, allow: list[str], base: Pla
         )
     saved = yaml.safe_load(text) or {}
     changes = diff(saved, cfg)
+    if elastic_note is not None:  # the layout is re-made for the new world size anyway
+        layout = [c for c in changes if c.key in elastic.LAYOUT_KEYS]
+        changes = [c for c in changes if c.key not in elastic.LAYOUT_KEYS]
     check_changes(changes, allow, found.tag)
-    notes = []
+    notes = [elastic_note] if elastic_note is not None else []
+    if elastic_note is not None and layout:
+        notes.append("config: batch layout changed: " + ", ".join(c.text() for c in layout))
     if rejected:
         notes.append(f"checkpoint: resuming from {found.tag}, the newest that verifies "
                      f"({_reasons(rejected)})")  # fmt: skip
@@ -292,7 +296,10 @@ def _resume(cfg, found: Found, rejected, world: int, allow: list[str], base: Pla
         said = ", ".join(c.text() + (f" ({c.rule.why})" if c.rule.change == FLAG else "")
                          for c in changes)  # fmt: skip
         notes.append(f"config: changed since {found.tag}: {said}")
-    return dataclasses.replace(base, changes=tuple(changes), notes=tuple(notes), saved=saved)
+    return dataclasses.replace(
+        base, changes=tuple(changes), notes=tuple(notes), saved=saved,
+        universal=elastic_note is not None,
+    )  # fmt: skip
 
 
 def _rank0() -> bool:

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from lptrain.train import checkpoint, converters, data
+from lptrain.train import checkpoint, converters, data, elastic
 from lptrain.train import engine as eng
 from lptrain.train.checkpoint import Progress
 from lptrain.train.config import TrainConfig, to_yaml
@@ -175,7 +175,12 @@ def _load(s: Session, found: checkpoint.Found, reset_quantizers: bool = False) -
 
 
 def _resume(s: Session, start: Plan, monitor: Monitor, say) -> Progress:
-    p = _load(s, start.source, start.reset_quantizers)
+    if start.universal:  # saved on another world size (train/elastic.py)
+        if s.monitoring is not None:
+            s.monitoring.load_state_dict(checkpoint.peek_rank0(start.source).get("monitoring"))
+        p = elastic.load(s.engine, s.model, start.source, s.cfg, say)
+    else:
+        p = _load(s, start.source, start.reset_quantizers)
     eng.resume_optim(s.engine, s.cfg, s.total_steps, start.saved_section("optim"))
     say(f"resumed from {start.source.path} at step {p.step}")
     monitor.event({"kind": "resume", "step": p.step, "checkpoint": start.source.tag})

@@ -24,7 +24,7 @@ from lptrain.train.config import TrainConfig, load
 from .conftest import REPO, free_port, train_losses
 
 REL_TOL = 1e-5
-STEPS = 3
+STEPS = 2
 # ~10M parameters: 6 layers of width 384 (10.6M in the blocks) and a byte vocabulary.
 MODEL_10M = ["model.preset=small", "model.dim=384", "model.n_layers=6", "model.n_heads=6",
              "model.n_kv_heads=6", "model.ffn_dim=1024"]  # fmt: skip
@@ -101,7 +101,7 @@ def test_zero_init_trains_a_10m_fp8_model_as_the_whole_build(cli, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
                 "--nproc_per_node", "2"]  # fmt: skip
     common = [
-        *MODEL_10M, f"run.max_steps={STEPS}", "deepspeed.zero_stage=3",
+        *MODEL_10M, f"run.max_steps={STEPS}", "deepspeed.zero_stage=3", "data.block_size=32",
         "deepspeed.micro_batch=1", "deepspeed.train_batch_size=2",
         "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}",
     ]  # fmt: skip
