@@ -76,15 +76,17 @@ def test_fp32_zero3_saved_on_one_rank_resumes_on_two(cli, tmp_path):
     _close(train_losses(one)[2:], train_losses(two), [REL_TOL, REL_TOL])
 
 
-def test_stage0_checkpoint_on_another_world_size_is_refused(cli, tmp_path):
-    one = tmp_path / "one"
-    cli("tiny-fp32.yaml", "run.max_steps=1", run_dir=one)
-    from lptrain.train import checkpoint, elastic
+def test_stage0_checkpoint_on_another_world_size_is_refused(tmp_path):
+    from lptrain.train import elastic
+    from lptrain.train.checkpoint import Found
     from lptrain.train.config import ConfigError
 
-    found, _ = checkpoint.newest_verified(one / "checkpoints")
+    found = Found(tmp_path, "step00000002", {"world_size": 1, "zero_stage": 0})
     with pytest.raises(ConfigError, match="universal checkpoint needs ZeRO stage 1-3"):
         elastic.check(found, 2)
-    assert elastic.command(found).startswith(
-        "python -m deepspeed.checkpoint.ds_to_universal --input_folder "
+    found = Found(tmp_path, "step00000002", {"world_size": 1, "zero_stage": 1})
+    assert "converting it once into" in elastic.check(found, 2)
+    assert elastic.command(found) == (
+        f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {tmp_path}/step00000002 "
+        f"--output_folder {tmp_path}/universal/step00000002"
     )

@@ -102,8 +102,13 @@ def test_plan_resumes_the_newest_and_reports_free_changes(tmp_path):
     assert p.notes == ("config: changed since step00000004: run.max_steps 10 -> 20",)
     p = resume.plan(_cfg(precision__recipe="nvfp4"), run, 1, ["precision.recipe"], False)
     assert p.reset_quantizers and "quantizer state is reset" in p.notes[0]
-    with pytest.raises(ConfigError, match="was saved by 1 ranks and this run has 2"):
-        resume.plan(_cfg(), run, 2, [], False)
+    # Another world size: a universal-checkpoint resume (train/elastic.py), whose batch layout
+    # may change; the same layout change on the same world size is refused.
+    p = resume.plan(_cfg(deepspeed__micro_batch=4), run, 2, [], False)
+    assert p.universal and "saved by 1 ranks, this run has 2: resuming through" in p.notes[0]
+    assert p.notes[1] == "config: batch layout changed: deepspeed.micro_batch 8 -> 4"
+    with pytest.raises(ConfigError, match="deepspeed.micro_batch"):
+        resume.plan(_cfg(deepspeed__micro_batch=4), run, 1, [], False)
 
 
 def test_plan_never_overwrites_an_earlier_runs_checkpoints(tmp_path):
