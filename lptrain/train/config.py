@@ -267,6 +267,14 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError("optim.lr", f"must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas", f"expected two numbers, got {cfg.optim.betas}")
+    # The bf16 recipe converts nothing: bf16 comes from DeepSpeed's dtype alone. Without it the
+    # run is fp32 under a bf16 name (a loss comparison "changing only precision.recipe" then
+    # compares fp32 with itself), so refuse it.
+    if cfg.precision.recipe == "bf16" and cfg.deepspeed.dtype != "bf16":
+        raise ConfigError(
+            "precision.recipe",
+            f"'bf16' runs in bf16 only with deepspeed.dtype: bf16 (got {cfg.deepspeed.dtype!r})",
+        )
     _check_files(cfg)
 
 

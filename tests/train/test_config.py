@@ -21,3 +21,13 @@ def test_defaults_parse_and_types_are_strict():
     assert isinstance(cfg, TrainConfig) and cfg.optim.lr == 1e-3
     with pytest.raises(ConfigError, match=r"^deepspeed.micro_batch: must be >= 1"):
         parse({"run": {"max_steps": 1}, "deepspeed": {"micro_batch": 0}})
+
+
+def test_bf16_recipe_needs_the_bf16_dtype():
+    # recipe bf16 quantizes nothing; with dtype fp32 it would silently be an fp32 run.
+    with pytest.raises(ConfigError, match=r"^precision.recipe: 'bf16' runs in bf16 only with"):
+        parse({"run": {"max_steps": 1}, "precision": {"recipe": "bf16"}})
+    cfg = parse(
+        {"run": {"max_steps": 1}, "precision": {"recipe": "bf16"}, "deepspeed": {"dtype": "bf16"}}
+    )
+    assert cfg.deepspeed.dtype == "bf16"
