@@ -15,8 +15,10 @@ torch thread (the losses are then bit-for-bit reproducible on one machine, and t
 two cores better than one job with two threads: the nano model's GEMMs are too small to split).
 Results are cached per run in OUT/results/*.json under a hash of the full command, so an
 interrupted study resumes and `--report` reprints the tables without training.
-Cost on 2 cores (1 job, the machine shared with other jobs): main ~50 min, claims ~30 min,
-lr ~35 min, ci ~6 min; `--jobs 2` halves that on an idle 2-core machine.
+Cost per run, one core of a lightly loaded 2-core machine: fp32 ~20 s at the study setup and
+~8 s at the CI setup (mostly start-up); emulated FP8 costs ~2x fp32 per token and FP4 / INT16
+~6-10x (BENCHMARKS.md, "Trainer"), so every recipe x 3 seeds is about an hour of one core
+(`--jobs 2` halves it on an idle machine). Tokens/s are only meaningful on an idle machine.
 """
 
 from __future__ import annotations

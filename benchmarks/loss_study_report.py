@@ -108,7 +108,8 @@ def main_table(g: dict[str, dict[int, dict]]) -> str:
 def _order(g: dict[str, dict[int, dict]]) -> list[str]:
     """Named recipes in catalog order, then variants (claims' recipes) by name."""
     names = recipes.names()
-    return [n for n in names if n in g] + sorted(n for n in g if n not in names)
+    other = (n for n in g if n not in names and ":" not in n and "@" not in n)  # no other suite
+    return [n for n in names if n in g] + sorted(other)
 
 
 def claims_table(g: dict[str, dict[int, dict]]) -> str:
