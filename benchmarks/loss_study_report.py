@@ -201,7 +201,9 @@ def plot(g: dict[str, dict[int, dict]], path: Path) -> None:
             tokens = [curves[0][i][1] / 1e6 for i in range(n)]
             vals = [[c[i][2] for c in curves] for i in range(n)]
             style = "-" if name in (FP32, "bf16", "int16-dfp") else "--" if "8" in name else ":"
-            ax.plot(tokens, [statistics.fmean(v) for v in vals], style, color=color, label=name,
+            n_seeds = len(curves)  # a recipe short of fp32's seeds says so: its mean differs
+            label = name if n_seeds == len(g[FP32]) else f"{name} ({n_seeds} seeds)"
+            ax.plot(tokens, [statistics.fmean(v) for v in vals], style, color=color, label=label,
                     lw=2.2 if name == FP32 else 1.3)  # fmt: skip
             ax.fill_between(tokens, [min(v) for v in vals], [max(v) for v in vals],
                             color=color, alpha=0.15, lw=0)  # fmt: skip
