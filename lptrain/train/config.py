@@ -347,6 +347,14 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError("optim.betas", f"expected two numbers, got {cfg.optim.betas}")
     _check_monitor(cfg.monitor)
     _check_guard(cfg.precision.guard)
+    # The bf16 recipe converts nothing: bf16 comes from DeepSpeed's dtype alone. Without it the
+    # run is fp32 under a bf16 name (a loss comparison "changing only precision.recipe" then
+    # compares fp32 with itself), so refuse it.
+    if cfg.precision.recipe == "bf16" and cfg.deepspeed.dtype != "bf16":
+        raise ConfigError(
+            "precision.recipe",
+            f"'bf16' runs in bf16 only with deepspeed.dtype: bf16 (got {cfg.deepspeed.dtype!r})",
+        )
     _check_files(cfg)
     finetune_config.check(cfg)
 

@@ -39,3 +39,13 @@ def test_finetune_sections_round_trip_with_the_from_key(tmp_path):
         parse({"run": {"max_steps": 1}, "init": {"from": str(tmp_path / "none")}})
     with pytest.raises(ConfigError, match=r"^init.from: .* is not an lptrain run directory"):
         parse({"run": {"max_steps": 1}, "init": {"from": str(tmp_path)}})
+
+
+def test_bf16_recipe_needs_the_bf16_dtype():
+    # recipe bf16 quantizes nothing; with dtype fp32 it would silently be an fp32 run.
+    with pytest.raises(ConfigError, match=r"^precision.recipe: 'bf16' runs in bf16 only with"):
+        parse({"run": {"max_steps": 1}, "precision": {"recipe": "bf16"}})
+    cfg = parse(
+        {"run": {"max_steps": 1}, "precision": {"recipe": "bf16"}, "deepspeed": {"dtype": "bf16"}}
+    )
+    assert cfg.deepspeed.dtype == "bf16"

@@ -14,7 +14,8 @@ from lptrain.train.config import ConfigError, parse
 
 
 def _cfg(**precision):
-    return parse({"run": {"max_steps": 1}, "precision": precision})
+    dtype = "bf16" if precision.get("recipe") == "bf16" else "fp32"  # bf16 needs its dtype
+    return parse({"run": {"max_steps": 1}, "precision": precision, "deepspeed": {"dtype": dtype}})
 
 
 def test_high_precision_recipes_convert_nothing():
