@@ -111,7 +111,7 @@ class JointStep:
                         r = self.inner(s, p)
                     results.append(r)
                     extra[f"loss_b{b}"] = r.loss
-                    used = seen[n_seen] if len(seen) > n_seen else {}  # none: the update skipped
+                    used = _merged(seen[n_seen:])  # empty: the update was skipped
                     extra[f"lr_b{b}"] = used.get("0", math.nan)
                     extra[f"lr_quantizer_b{b}"] = used.get("quantizer", math.nan)
         finally:
@@ -123,6 +123,17 @@ class JointStep:
         norms = [r.grad_norm for r in results]
         norm = next((x for x in norms if not math.isfinite(x)), max(norms))  # non-finite wins
         return StepResult(loss, norm, any(r.skipped for r in results), extra)
+
+
+def _merged(records: list[dict[str, float]]) -> dict[str, float]:
+    """The lrs of one update: ZeRO-1/2 step the torch optimizer once per group with only that
+    group in `param_groups` (so an unnamed group shows as "0"), stage 0 once with all: the
+    first record of each key is the first group's."""
+    out: dict[str, float] = {}
+    for rec in records:
+        for key, lr in rec.items():
+            out.setdefault(key, lr)
+    return out
 
 
 def output_head(model: nn.Module) -> nn.Module:

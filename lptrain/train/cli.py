@@ -1,4 +1,4 @@
-"""`lptrain` command line: `train`, `export`, `eval`, `recipes` (and room for `report`).
+"""`lptrain` command line: `train`, `export`, `eval`, `switch`, `recipes` (and room for `report`).
 
 Flags avoid prefixes of torchrun options (`--max…`, `--log…`, `--run…`, `--node…`, `--monitor…`,
 `--master…`): torchrun rejects a script flag as ambiguous when it abbreviates one of its own.
@@ -98,6 +98,23 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", metavar="PATH", default=None, help="another corpus to evaluate on")
     ev.add_argument("--blocks", type=int, default=None, metavar="N", help="at most N blocks")
     ev.add_argument("--json", action="store_true", help="also print one JSON line")
+    sw = sub.add_parser(
+        "switch",
+        help="deploy a bit-switching run at another precision (no retraining)",
+        description="Write an export of a bit-switching run (recipes/qat/) at --bits B for "
+        "every layer, or at per-layer bit-widths under an average --budget (printed as a "
+        "table), derived from the stored int8 weights alone. PATH is the run or its export. "
+        "Prints the validation loss at the stored and the new precision.",
+    )
+    sw.add_argument("path", metavar="PATH", help="bit-switching run directory or its export")
+    how = sw.add_mutually_exclusive_group(required=True)
+    how.add_argument("--bits", type=int, metavar="B", help="one bit-width for every layer")
+    how.add_argument("--budget", type=float, metavar="AVG",
+                     help="average bits per weight; per-layer bits solved exactly")  # fmt: skip
+    sw.add_argument("--out", metavar="DIR", help="output directory (default: export-b<B> or "
+                    "export-avg<AVG> beside the run's export)")  # fmt: skip
+    sw.add_argument("--blocks", type=int, default=None, metavar="N",
+                    help="validation blocks for the before/after loss (default: all)")  # fmt: skip
     sub.add_parser(
         "recipes",
         help="list shipped recipe files and named precision recipes",
@@ -195,7 +212,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_offline(args) -> int:
-    """`export` and `eval`: one process, no DeepSpeed engine (train/export.py, evaluate.py)."""
+    """`export`, `eval`, `switch`: one process, no DeepSpeed engine (export.py, evaluate.py,
+    switch.py)."""
     import os
 
     import torch
@@ -206,6 +224,10 @@ def cmd_offline(args) -> int:
         from lptrain.train import export
 
         return export.main(args)
+    if args.command == "switch":
+        from lptrain.train import switch
+
+        return switch.main(args)
     from lptrain.train import evaluate
 
     return evaluate.main(args)
@@ -220,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recipes":
         return cmd_recipes()
     try:
-        if args.command in ("export", "eval"):
+        if args.command in ("export", "eval", "switch"):
             return cmd_offline(args)
         return cmd_train(args)
     except ConfigError as exc:

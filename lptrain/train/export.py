@@ -160,7 +160,7 @@ def _target(run_path: Path, out: str | None, fmt: str) -> Path:
     return target
 
 
-def write_int(model, opened, how, losses, tmp: Path) -> None:
+def write_int(model, opened, how, losses, tmp: Path, extra: dict | None = None) -> None:
     from safetensors.torch import save_model
 
     from lptrain.train import init_from
@@ -179,6 +179,7 @@ def write_int(model, opened, how, losses, tmp: Path) -> None:
         "layers": layers,
         "fold": how,
         "val_loss": losses,
+        **(extra or {}),
     }
     (tmp / restore.EXPORT_JSON).write_text(json.dumps(meta, indent=1) + "\n")
 
