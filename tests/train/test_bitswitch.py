@@ -189,3 +189,17 @@ def test_distiller_mixes_the_teacher_into_later_passes():
     assert torch.equal(model(tokens), plain)  # the hooks are gone after the pass
     with d.pass_(teacher=False), torch.no_grad():  # evaluation is never mixed
         assert torch.equal(model.eval()(tokens), plain)
+
+
+def test_bitswitch_section_round_trips(tmp_path):
+    from lptrain.train.config import load, parse, to_yaml
+
+    section = {"bits": [2, 8, 4], "scale_grad": "faithful", "hasb": {"enabled": True}}
+    raw = {"run": {"max_steps": 1}, "bitswitch": section}
+    cfg = parse(raw)
+    (tmp_path / "c.yaml").write_text(to_yaml(cfg))
+    again = load(tmp_path / "c.yaml")
+    assert again.bitswitch == cfg.bitswitch and again.bitswitch.hasb.enabled
+    from lptrain.train.finetune_config import bitswitch_config
+
+    assert bitswitch_config(again.bitswitch).bits == (8, 4, 2)  # highest first
