@@ -1,4 +1,4 @@
-"""`lptrain` command line: `train`, `export`, `eval`, `report`, `plan`, `recipes`.
+"""`lptrain` command line: `train`, `export`, `eval`, `switch`, `report`, `plan`, `recipes`.
 
 Flags avoid prefixes of torchrun options (`--max…`, `--log…`, `--run…`, `--node…`, `--monitor…`,
 `--master…`): torchrun rejects a script flag as ambiguous when it abbreviates one of its own.
@@ -148,6 +148,23 @@ def _parser() -> argparse.ArgumentParser:
                     help="memory of one GPU in GiB (e.g. 80)")  # fmt: skip
     pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a recipe key, as for train")  # fmt: skip
+    sw = sub.add_parser(
+        "switch",
+        help="deploy a bit-switching run at another precision (no retraining)",
+        description="Write an export of a bit-switching run (recipes/qat/) at --bits B for "
+        "every layer, or at per-layer bit-widths under an average --budget (printed as a "
+        "table), derived from the stored int8 weights alone. PATH is the run or its export. "
+        "Prints the validation loss at the stored and the new precision.",
+    )
+    sw.add_argument("path", metavar="PATH", help="bit-switching run directory or its export")
+    how = sw.add_mutually_exclusive_group(required=True)
+    how.add_argument("--bits", type=int, metavar="B", help="one bit-width for every layer")
+    how.add_argument("--budget", type=float, metavar="AVG",
+                     help="average bits per weight; per-layer bits solved exactly")  # fmt: skip
+    sw.add_argument("--out", metavar="DIR", help="output directory (default: export-b<B> or "
+                    "export-avg<AVG> beside the run's export)")  # fmt: skip
+    sw.add_argument("--blocks", type=int, default=None, metavar="N",
+                    help="validation blocks for the before/after loss (default: all)")  # fmt: skip
     sub.add_parser(
         "recipes",
         help="list shipped recipe files and named precision recipes",
@@ -264,8 +281,8 @@ def cmd_train(args, signals, log) -> int:
 
 
 def cmd_offline(args) -> int:
-    """`export`, `eval` and `plan`: one process, no DeepSpeed engine (train/export.py,
-    evaluate.py, plan.py)."""
+    """`export`, `eval`, `switch` and `plan`: one process, no DeepSpeed engine (train/export.py,
+    evaluate.py, switch.py, plan.py)."""
     import os
 
     import torch
@@ -280,6 +297,10 @@ def cmd_offline(args) -> int:
         from lptrain.train import export
 
         return export.main(args)
+    if args.command == "switch":
+        from lptrain.train import switch
+
+        return switch.main(args)
     from lptrain.train import evaluate
 
     return evaluate.main(args)
@@ -337,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_recipes()
     if args.command == "report":
         return cmd_report(args)
-    if args.command in ("export", "eval", "plan"):
+    if args.command in ("export", "eval", "switch", "plan"):
         try:
             return cmd_offline(args)
         except ConfigError as exc:

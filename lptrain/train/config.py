@@ -21,7 +21,12 @@ from typing import Any, Literal, Union
 import yaml
 
 from lptrain.train import finetune_config
-from lptrain.train.finetune_config import AdaptersSection, InitConfig, QATSection
+from lptrain.train.finetune_config import (
+    AdaptersSection,
+    BitSwitchSection,
+    InitConfig,
+    QATSection,
+)
 
 
 class ConfigError(ValueError):
@@ -195,9 +200,11 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    # Fine-tuning (train/finetune_config.py): weights to start from, QAT, adapters.
+    # Fine-tuning (train/finetune_config.py): weights to start from, QAT, bit switching,
+    # adapters.
     init: InitConfig = field(default_factory=InitConfig)
     qat: QATSection = field(default_factory=QATSection)
+    bitswitch: BitSwitchSection = field(default_factory=BitSwitchSection)
     adapters: AdaptersSection = field(default_factory=AdaptersSection)
 
     def to_dict(self) -> dict:

@@ -1,12 +1,12 @@
 """Model converters: what `lptrain train` does to the model between building it and handing it
 to DeepSpeed, in a fixed, documented order (torchtitan's pattern):
 
-    init  ->  precision  ->  qat  ->  adapters
+    init  ->  precision  ->  qat  ->  bitswitch  ->  adapters
 
 `init` loads the weights fine-tuning starts from (`init.from`; a Hugging Face directory
 replaces the model); `precision` swaps linear layers for lptrain's (recipe, skip globs,
-backend); QAT then defines the weights those GEMMs see; adapters go last because they wrap
-whatever layer is there. Each
+backend); QAT (or bit switching, train/bitswitch.py: one or the other) then defines the
+weights those GEMMs see; adapters go last because they wrap whatever layer is there. Each
 converter has `convert(model, ctx)`; optionally `after_step(model, step)` (run by the loop
 after every optimizer step) and `wrap_step(step_fn)` (e.g. a multi-precision step that runs
 one batch at several bit-widths). A new capability registers a converter here instead of
@@ -27,7 +27,7 @@ from lptrain import recipes
 from lptrain.train import finetune_config, init_from
 from lptrain.train.config import ConfigError, PrecisionConfig, TrainConfig
 
-ORDER = ("init", "precision", "qat", "adapters")
+ORDER = ("init", "precision", "qat", "bitswitch", "adapters")
 HIGH_PRECISION = ("fp32", "bf16")  # named recipes that convert nothing
 
 
@@ -39,7 +39,8 @@ class ConvertContext:
     say: Callable[[str], None]
     # A first training batch (tokens), for converters that calibrate on data before DeepSpeed
     # wraps the model (QAT input steps); None where no data is at hand (eval, export).
-    sample: Callable[[], Any] | None = None
+    # `sample(n)` gives n micro-batches' worth (bit switching's Hessian traces).
+    sample: Callable[..., Any] | None = None
     vocab_size: int | None = None  # the tokenizer's, checked against a Hugging Face base
 
 
@@ -197,6 +198,14 @@ def _qat(cfg: TrainConfig) -> Converter | None:
     return QATConverter(cfg) if cfg.qat.method is not None else None
 
 
+def _bitswitch(cfg: TrainConfig) -> Converter | None:
+    if cfg.bitswitch.bits is None:
+        return None
+    from lptrain.train.bitswitch import BitSwitchConverter
+
+    return BitSwitchConverter(cfg)
+
+
 def _adapters(cfg: TrainConfig) -> Converter | None:
     return AdapterConverter(cfg) if cfg.adapters.type is not None else None
 
@@ -210,6 +219,7 @@ REGISTRY: dict[str, Callable[[TrainConfig], Converter | None]] = {
     "init": _init,
     "precision": _precision,
     "qat": _qat,
+    "bitswitch": _bitswitch,
     "adapters": _adapters,
 }
 

@@ -342,3 +342,42 @@ def all_reduce(values: list[float], op) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=op)
     return t.tolist()
+
+
+# ---------------------------------------------------------------- per-group learning rates
+
+
+def schedule_lrs(engine, step: int, scale: dict[str, float] | None = None) -> None:
+    """Put lptrain's schedule (a LambdaLR) at `step` updates and set every optimizer group's
+    lr to base_lr x factor(step) x scale[group name] (1 for groups not named in `scale`).
+
+    A step function that makes several updates per training step (the multi-bit-width step,
+    ALRS) calls this before each update with the same `step`, and with `step + 1` and no
+    scale afterwards: the lr stays a pure function of the training step (exact on resume,
+    unaffected by skipped updates), and the scheduler agrees with the plain loop's. ZeRO and
+    bf16 optimizers share these group dicts with the torch optimizer they wrap."""
+    sched = engine.lr_scheduler
+    scale = scale or {}
+    sched.last_epoch = step
+    groups = engine.optimizer.param_groups
+    for g, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+        g["lr"] = base * fn(step) * scale.get(g.get("name"), 1.0)
+
+
+@contextlib.contextmanager
+def lr_probe(engine):
+    """Yields a list that receives {group name or index: lr} at every torch optimizer update
+    (a step pre-hook on the optimizer DeepSpeed wraps): the rates the update really used."""
+    seen: list[dict[str, float]] = []
+    opt = getattr(engine, "basic_optimizer", None) or engine.optimizer
+
+    def record(optimizer, args, kwargs):
+        seen.append(
+            {g.get("name") or str(i): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+        )
+
+    handle = opt.register_step_pre_hook(record)
+    try:
+        yield seen
+    finally:
+        handle.remove()

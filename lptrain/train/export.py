@@ -9,6 +9,9 @@ load it. Per layer kind:
   training forward bit for bit (same values, same GEMM chunks).
 * LSQ / LSQ+ (full QAT): integer codes + step (+ offset), the input quantizer and the base's
   precision-recipe GEMMs kept: bit for bit the training model's (eval) forward.
+* Bit switching (double rounding): the int8 store, I_h and the per-channel scale plus each
+  bit-width's input step and the layer's Hessian trace (`switch` in the layout); it evaluates
+  at the highest bit-width, and `lptrain switch` derives any other bit-width from it alone.
 * LoRA: folded into the base. A float base (`none`) gets W + (α/r)BA exactly up to float
   rounding; a quantized base is dequantized, added to and re-quantized into its own format
   (round to nearest): the export reports what that costs in validation loss.
@@ -32,6 +35,7 @@ from torch import nn
 import lptrain.nn as lpnn
 from lptrain.lora import L4QLinear, LoRALinear, QuantizedLinear
 from lptrain.qat import LSQQuantizer, QATLinear
+from lptrain.qat.bitswitch import BitSwitchLinear, SwitchInfo
 from lptrain.train import evaluate, restore
 from lptrain.train.config import ConfigError
 
@@ -68,6 +72,12 @@ def fold(model: nn.Module) -> dict[str, str]:
             new, what = m.export(), f"l4q: {m.bits}-bit codes + step/offset per {m.group_size}"
         elif isinstance(m, QATLinear):
             new, what = m.export(), "lsq: integer codes + step/offset"
+        elif isinstance(m, BitSwitchLinear):
+            new = m.to_store()
+            what = (
+                f"double rounding: int{m.bits[0]} codes + scale per row, "
+                f"switchable to {list(m.bits)}"
+            )
         elif isinstance(m, LoRALinear):
             new, what = _fold_lora(m)
         else:
@@ -99,6 +109,7 @@ def layout(q: QuantizedLinear) -> dict:
         if iq is None
         else {"bits": iq.bits, "signed": iq.signed, "offset": iq.offset is not None},
         "bytes_per_param": round(q.bytes_per_param(), 6),
+        "switch": q.switch.layout() if getattr(q, "switch", None) is not None else None,
     }
 
 
@@ -133,6 +144,8 @@ def shell(lay: dict) -> QuantizedLinear:
         q.input_quantizer = LSQQuantizer(
             iq["bits"], signed=iq["signed"], offset=iq["offset"], role="input"
         ).requires_grad_(False)
+    if lay.get("switch"):  # absent in exports written before bit switching
+        q.switch = SwitchInfo.from_layout(lay["switch"])
     return q
 
 
@@ -147,7 +160,7 @@ def _target(run_path: Path, out: str | None, fmt: str) -> Path:
     return target
 
 
-def _write_int(model, opened, how, losses, tmp: Path) -> None:
+def write_int(model, opened, how, losses, tmp: Path, extra: dict | None = None) -> None:
     from safetensors.torch import save_model
 
     from lptrain.train import init_from
@@ -166,6 +179,7 @@ def _write_int(model, opened, how, losses, tmp: Path) -> None:
         "layers": layers,
         "fold": how,
         "val_loss": losses,
+        **(extra or {}),
     }
     (tmp / restore.EXPORT_JSON).write_text(json.dumps(meta, indent=1) + "\n")
 
@@ -211,7 +225,7 @@ def main(args) -> int:
         if args.format == "hf":
             _write_hf(model, opened, tmp)
         else:
-            _write_int(model, opened, how, losses, tmp)
+            write_int(model, opened, how, losses, tmp)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""Recipe sections for fine-tuning: `init`, `qat`, `adapters` (typed, parsed by config.py).
+"""Recipe sections for fine-tuning: `init`, `qat`, `bitswitch`, `adapters` (typed, parsed by
+config.py).
 
     init:
       from: null          # an lptrain run dir, its checkpoints/ dir or one checkpoint tag dir,
@@ -11,6 +12,24 @@
       act_bits: null      # null (weights only) or 2-8: the layer inputs, per-tensor
       act_signed: true
       skip: [lm_head]
+    bitswitch:            # double-rounding bit switching (lptrain.qat.bitswitch; §7)
+      bits: null          # null (off) or the candidate bit-widths, e.g. [8, 6, 4, 2]
+      rounding: nearest   # nearest (round half to even) | shift (right shift, the ablation)
+      scale_grad: corrected  # corrected (per-channel, exact) | faithful (the reference's)
+      act_bits: true      # quantize layer inputs, one LSQ step per bit-width
+      act_signed: true
+      alrs_alpha: 0.1     # ALRS: quantizer-scale lr x alpha^k at the k-th bit-width (1: off)
+      alrs_stop_bit: 0    # ALRS decays only bit-widths >= this
+      distill: 0.0        # self-distillation from the highest bit-width, weight ramped to this
+      eval_bits: null     # bit-width of evaluation and checkpoints (default: the highest)
+      skip: [lm_head]
+      hasb:               # Hessian-aware stochastic bit-switching (mixed precision)
+        enabled: false
+        sigma: 0.5        # switch probability sigma * (step+1)/steps after warmup_steps
+        warmup_steps: 0
+        hessian_iters: 7  # Hutchinson: at most this many Rademacher draws
+        hessian_tol: 1.0e-3  # ... or stop when every layer's mean moves less (relative)
+        hessian_batches: 1   # micro-batches of the first training batch the traces see
     adapters:
       type: null          # null (off) | lora | l4q
       r: 8
@@ -55,6 +74,31 @@ class QATSection:
 
 
 @dataclass(frozen=True)
+class HASBSection:
+    enabled: bool = False
+    sigma: float = 0.5
+    warmup_steps: int = 0
+    hessian_iters: int = 7
+    hessian_tol: float = 1e-3
+    hessian_batches: int = 1
+
+
+@dataclass(frozen=True)
+class BitSwitchSection:
+    bits: list[int] | None = None
+    rounding: Literal["nearest", "shift"] = "nearest"
+    scale_grad: Literal["corrected", "faithful"] = "corrected"
+    act_bits: bool = True
+    act_signed: bool = True
+    alrs_alpha: float = 0.1
+    alrs_stop_bit: int = 0
+    distill: float = 0.0
+    eval_bits: int | None = None
+    skip: list[str] = field(default_factory=lambda: ["lm_head"])
+    hasb: HASBSection = field(default_factory=HASBSection)
+
+
+@dataclass(frozen=True)
 class AdaptersSection:
     type: Literal["lora", "l4q"] | None = None
     r: int = 8
@@ -80,6 +124,61 @@ def qat_config(s: QATSection):
         raise ConfigError(f"qat.{exc.field}", exc.problem) from None
 
 
+def bitswitch_config(s: BitSwitchSection):
+    """The lptrain.qat.bitswitch config, or a ConfigError naming `bitswitch.<field>`."""
+    from lptrain.qat import QATConfigError
+    from lptrain.qat.bitswitch import BitSwitchConfig
+    from lptrain.train.config import ConfigError
+
+    try:
+        return BitSwitchConfig(tuple(s.bits or ()), s.rounding, s.scale_grad, s.act_bits,
+                               s.act_signed)  # fmt: skip
+    except QATConfigError as exc:
+        raise ConfigError(f"bitswitch.{exc.field}", exc.problem) from None
+
+
+def _check_range(path: str, value, lo, hi, what: str) -> None:
+    from lptrain.train.config import ConfigError
+
+    if not lo <= value <= hi:
+        raise ConfigError(path, f"must be {what}, got {value}")
+
+
+def check_bitswitch(cfg: "TrainConfig") -> None:
+    from lptrain.train import converters
+    from lptrain.train.config import ConfigError
+
+    s, h = cfg.bitswitch, cfg.bitswitch.hasb
+    bits = bitswitch_config(s).bits
+    for other, value in (("qat.method", cfg.qat.method), ("adapters.type", cfg.adapters.type)):
+        if value is not None:
+            raise ConfigError(
+                "bitswitch.bits",
+                f"bit switching with {other} {value} is not supported: bit switching trains "
+                "every weight through its own quantizers",
+            )
+    if s.alrs_alpha <= 0 or s.alrs_alpha > 1:
+        raise ConfigError("bitswitch.alrs_alpha", f"must be in (0, 1], got {s.alrs_alpha}")
+    _check_range("bitswitch.alrs_stop_bit", s.alrs_stop_bit, 0, 8, "in 0..8")
+    _check_range("bitswitch.distill", s.distill, 0.0, 1.0, "in [0, 1]")
+    if s.eval_bits is not None and s.eval_bits not in bits:
+        raise ConfigError("bitswitch.eval_bits", f"{s.eval_bits} is not one of bits {list(bits)}")
+    if len(bits) < 2 and (h.enabled or s.distill > 0):
+        key = "bitswitch.hasb.enabled" if h.enabled else "bitswitch.distill"
+        raise ConfigError(key, f"needs at least two bit-widths, bits is {list(bits)}")
+    _check_range("bitswitch.hasb.sigma", h.sigma, 0.0, 1.0, "in [0, 1]")
+    for key in ("warmup_steps", "hessian_iters", "hessian_batches"):
+        _check_range(f"bitswitch.hasb.{key}", getattr(h, key), int(key != "warmup_steps"),
+                     float("inf"), f">= {int(key != 'warmup_steps')}")  # fmt: skip
+    _check_range("bitswitch.hasb.hessian_tol", h.hessian_tol, 0.0, float("inf"), ">= 0")
+    if h.enabled and not converters.is_high_precision(cfg.precision):
+        raise ConfigError(
+            "bitswitch.hasb.enabled",
+            f"needs precision.recipe fp32 or bf16, got {cfg.precision.recipe!r}: Hutchinson's "
+            "double back-propagation does not run through quantized GEMMs",
+        )
+
+
 def adapter_config(s: AdaptersSection):
     from lptrain.lora import AdapterConfig, AdapterConfigError
     from lptrain.train.config import ConfigError
@@ -98,6 +197,8 @@ def check(cfg: "TrainConfig") -> None:
 
     if cfg.qat.method is not None:
         qat_config(cfg.qat)
+    if cfg.bitswitch.bits is not None:
+        check_bitswitch(cfg)
     if cfg.adapters.type is not None:
         adapter_config(cfg.adapters)
         if cfg.qat.method is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +35,7 @@ class StepResult:
     loss: float  # mean over micro-batches and ranks, unscaled
     grad_norm: float
     skipped: bool
+    extra: dict = field(default_factory=dict)  # more metrics for the row (a wrapped step's)
 
 
 @dataclass
@@ -84,7 +85,9 @@ def setup(
     model = build_model(cfg.model, tok.vocab_size, cfg.data.block_size, construction)
     ctx = converters.ConvertContext(
         cfg.run.seed, info.rank, info.world, say,
-        sample=lambda: train_src.batch(0, layout.micro),  # the same batch on every rank
+        # The first n micro-batches of all ranks together: the same samples on every rank and
+        # for any split of the same global batch over ranks (1 x 8 or 2 x 4 calibrate alike).
+        sample=lambda n=1: train_src.batch(0, layout.micro * layout.world * n),
         vocab_size=tok.vocab_size,
     )  # fmt: skip
     model = converters.apply(model, convs, ctx)
@@ -232,6 +235,7 @@ def _train_row(s: Session, p: Progress, r: StepResult, meter: Throughput) -> dic
         "tokens_per_s": meter.rate(p.tokens),
         "tokens": p.tokens,
         "skipped_steps": p.skipped,
+        **r.extra,
     }
     if s.monitoring is not None:
         per_step = s.layout.global_batch * s.cfg.data.block_size

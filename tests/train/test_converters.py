@@ -27,7 +27,7 @@ def test_high_precision_recipes_convert_nothing():
 def test_precision_converter_swaps_seeds_and_logs():
     (conv,) = converters.build(_cfg(recipe="nvfp4", skip=["head"]))
     assert conv.name == "precision"
-    assert converters.ORDER == ("init", "precision", "qat", "adapters")
+    assert converters.ORDER == ("init", "precision", "qat", "bitswitch", "adapters")
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("body", nn.Linear(32, 32))

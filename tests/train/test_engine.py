@@ -43,7 +43,7 @@ def stand_in_run(root: Path) -> Path:
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_parses_and_builds_deepspeed_config(path: Path, tmp_path):
-    finetune = path.parent.name == "finetune"
+    finetune = path.parent.name in ("finetune", "qat")
     cfg = load(path, [f"init.from={stand_in_run(tmp_path)}"] if finetune else [])
     info = GPU if path.name.startswith("gpu-") else CPU
     engine.check_batch(cfg, info)
