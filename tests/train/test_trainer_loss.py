@@ -5,24 +5,24 @@ embedded corpus (lptrain/testing/study.py `CI`: 150 steps of 8 x 64 tokens, warm
 fp32 and each guarded recipe at seed 0, and compares each recipe's final validation loss with
 fp32's at the same seed (same initial weights, same batches). In this setup that paired gap
 measures the recipe's numerics, not luck: INT16 DFP lands within 1e-4 of fp32 at every seed,
-while fp32's own seeds spread with a standard deviation of 0.030.
+while fp32's own seeds spread with a standard deviation of 0.046.
 
 `python benchmarks/loss_study.py --suite ci` ran the setup at seeds 0-4 (BENCHMARKS.md, "The
 CI test's setup"); the bounds below are in units of that fp32 seed sd (FP32_SD):
 
 | recipe | paired gap, seed 0 | largest abs gap, seeds 0-4 | bound |
 | --- | ---: | ---: | ---: |
-| int16-dfp | +0.003 sd | 0.003 sd | 0.1 sd |
-| bf16 | +0.04 sd | 0.23 sd | 0.5 sd |
-| fp8-delayed | +0.15 sd | 0.54 sd | 1.0 sd |
-| fp8-current | -0.03 sd | 0.87 sd | 1.0 sd |
+| int16-dfp | +0.00 sd | 0.01 sd | 0.1 sd |
+| bf16 | -0.03 sd | 0.48 sd | 0.6 sd |
+| fp8-delayed | +0.16 sd | 0.48 sd | 1.0 sd |
+| fp8-current | -0.19 sd | 0.60 sd | 1.0 sd |
 
 The margin: each bound is at least the largest gap over five seeds (not just seed 0's) plus
 15%, so a change of CPU or BLAS that moves last bits, and with them which seed's trajectory the
 run follows, stays inside; INT16's bound is 30x its largest gap because its error (1e-4
 relative) is too small to move the trajectory at all. A real regression costs far more: INT32
-wrap-around instead of overflow handling (the bug behind the issue's INT16 gap) costs 23-27 sd.
-What the FP8 bound cannot catch: nvfp4 itself costs only +0.72 sd at seed 0 (-0.6 to +2.6 sd
+wrap-around instead of overflow handling (the bug behind the issue's INT16 gap) costs 13-24 sd.
+What the FP8 bound cannot catch: nvfp4 itself costs only +0.89 sd at seed 0 (-0.3 to +0.9 sd
 over the five seeds), so an FP8 recipe that drifted to FP4-level noise could pass.
 """
 
@@ -36,10 +36,10 @@ from .conftest import metrics
 
 SEED = 0
 # fp32 at the CI setup (loss_study.py --suite ci): seed 0's final validation loss on the
-# machine of BENCHMARKS.md, and the sd over seeds 0-4 (mean 2.554).
-FP32_SEED0, FP32_SD = 2.5207, 0.0300
+# machine of BENCHMARKS.md, and the sd over seeds 0-4 (mean 2.488).
+FP32_SEED0, FP32_SD = 2.4077, 0.0464
 # |recipe - fp32| at seed 0, in units of FP32_SD (see the module docstring).
-BOUNDS = {"int16-dfp": 0.1, "bf16": 0.5, "fp8-delayed": 1.0, "fp8-current": 1.0}
+BOUNDS = {"int16-dfp": 0.1, "bf16": 0.6, "fp8-delayed": 1.0, "fp8-current": 1.0}
 
 
 def test_recipes_stay_within_fp32_seed_spread(cli, tmp_path):
