@@ -49,6 +49,19 @@ def run_gemm(m: nn.Module, x: torch.Tensor, w_nk: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w_nk, m.bias)
 
 
+def keep_base_gemm(exported: nn.Module, base: nn.Module) -> None:
+    """Give an exported QuantizedLinear the GEMM `base` ran in training: a quantizing lptrain
+    layer's recipe and state (a weightless copy of it), else just its bias."""
+    import copy
+
+    if isinstance(base, lpnn.Linear) and base.recipe.quantizes:
+        layer = copy.deepcopy(base)
+        layer.register_parameter("weight", None)
+        exported.recipe_layer = layer.requires_grad_(False)
+    else:
+        exported.set_bias(base.bias)
+
+
 def matches(name: str, patterns: Iterable[str]) -> str | None:
     """The first glob matching the full dotted name or its last part, else None."""
     leaf = name.rsplit(".", 1)[-1]

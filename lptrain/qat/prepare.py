@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from lptrain.qat.layers import features, run_gemm, select, weight_nk
+from lptrain.qat.layers import features, keep_base_gemm, run_gemm, select, weight_nk
 from lptrain.qat.lsq import GRANULARITIES
 from lptrain.qat.quantizer import LSQQuantizer
 
@@ -98,7 +98,6 @@ class QATLinear(nn.Module):
         bit (the same dequantized values through the same GEMM)."""
         import copy
 
-        import lptrain.nn as lpnn
         from lptrain.lora.quantized import QuantizedLinear
 
         q = self.weight_quantizer
@@ -115,12 +114,7 @@ class QATLinear(nn.Module):
         off = per_row(q.offset) if q.offset is not None else None
         m = QuantizedLinear(inp, out, "affine", gemm="full")
         m.set_affine(q.integer_codes(w), per_row(q.step), off, bits=q.bits, group_size=group, n=q.n)
-        if isinstance(self.base, lpnn.Linear) and self.base.recipe.quantizes:
-            layer = copy.deepcopy(self.base)
-            layer.register_parameter("weight", None)
-            m.recipe_layer = layer.requires_grad_(False)
-        else:
-            m.set_bias(self.base.bias)
+        keep_base_gemm(m, self.base)
         if self.input_quantizer is not None:
             m.input_quantizer = copy.deepcopy(self.input_quantizer).requires_grad_(False)
         return m.to(w.device).train(self.training)

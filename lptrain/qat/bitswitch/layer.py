@@ -21,11 +21,10 @@ import copy
 import torch
 from torch import nn
 
-import lptrain.nn as lpnn
 from lptrain.lora.quantized import QuantizedLinear
 from lptrain.qat.bitswitch import double_rounding as dr
 from lptrain.qat.bitswitch.quantizer import DoubleRoundingQuantizer
-from lptrain.qat.layers import features, run_gemm, weight_nk
+from lptrain.qat.layers import features, keep_base_gemm, run_gemm, weight_nk
 from lptrain.qat.quantizer import LSQQuantizer
 
 
@@ -99,12 +98,7 @@ class BitSwitchLinear(nn.Module):
         n = dr.signed_bounds(wq.h)[0]
         step = wq.step.detach().float()
         m.set_affine(wq.storage_codes(w), step, None, bits=wq.h, group_size=self.in_features, n=n)
-        if isinstance(self.base, lpnn.Linear) and self.base.recipe.quantizes:
-            layer = copy.deepcopy(self.base)
-            layer.register_parameter("weight", None)
-            m.recipe_layer = layer.requires_grad_(False)
-        else:
-            m.set_bias(self.base.bias)
+        keep_base_gemm(m, self.base)
         if self.input_quantizers is not None:
             m.input_quantizer = copy.deepcopy(self.input_quantizer(wq.h)).requires_grad_(False)
         info = SwitchInfo(self.bits, wq.rounding, self.act_signed).to(w.device)
