@@ -197,6 +197,13 @@ def cmd_recipes() -> int:
 
 
 def cmd_report(args) -> int:
+    try:
+        import matplotlib  # noqa: F401  (the plots; in the train extra)
+    except ImportError:
+        print(
+            "error: lptrain report needs matplotlib: pip install 'lptrain[train]'", file=sys.stderr
+        )
+        return 2
     from lptrain.report import RunError, build
 
     try:
