@@ -113,6 +113,18 @@ def test_adversarial_input_overflows_and_wraps_exactly():
     assert r.overflows == 16
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("where", [0, 517, 1030])
+@pytest.mark.parametrize("axis", [None, 0, 1])
+def test_any_non_finite_element_raises(bad, where, axis):
+    # The check reads the amax (max propagates NaN, |Inf| is Inf): every position of a
+    # tensor long enough for vectorized reductions, per tensor and per slice.
+    x = torch.randn(1031, 3, generator=torch.Generator().manual_seed(0))
+    x[where, where % 3] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        dfp_quantize(x, axis=axis)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         dfp_quantize(torch.tensor([1.0, math.nan]))

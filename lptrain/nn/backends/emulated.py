@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from lptrain.nn.backends import Backend, GemmResult
 from lptrain.nn.recipe import GEMMS
 from lptrain.numerics import DFPTensor, QuantSpec, dfp_matmul, dfp_quantize, fake_quantize
+from lptrain.numerics.scaling import abs_max
 from lptrain.numerics.stats import compute_stats
 
 if TYPE_CHECKING:
@@ -125,14 +126,18 @@ class EmulatedBackend(Backend):
         DFP has no code for NaN/Inf: the GEMM runs on the finite values and the outputs whose
         reduction touches a non-finite element are NaN, the rows and columns FP32 would spoil.
         """
-        bad_a, bad_b = ~torch.isfinite(a).all(-1), ~torch.isfinite(b).all(-1)
-        spoiled = bool(bad_a.any()) or bool(bad_b.any())
+        # The operands' amax (which the quantizer needs anyway) is finite unless an element is
+        # not: the element-wise isfinite passes run only then.
+        amax_a, amax_b = abs_max(a.float()), abs_max(b.float())
+        spoiled = not bool(torch.isfinite(amax_a) & torch.isfinite(amax_b))
         if spoiled:
+            bad_a, bad_b = ~torch.isfinite(a).all(-1), ~torch.isfinite(b).all(-1)
             a = torch.where(torch.isfinite(a), a, torch.zeros_like(a))
             b = torch.where(torch.isfinite(b), b, torch.zeros_like(b))
+            amax_a = amax_b = None
         op_a, op_b = GEMMS[gemm]
-        da = self._dfp(call, gemm, op_a, a, gr.a, generator)
-        db = self._dfp(call, gemm, op_b, b, gr.b, generator)
+        da = self._dfp(call, gemm, op_a, a, gr.a, generator, amax_a)
+        db = self._dfp(call, gemm, op_b, b, gr.b, generator, amax_b)
         res = dfp_matmul(da, db, chunk=gr.chunk, overflow=gr.overflow)
         call.count_overflows(gemm, res.overflows)
         if call.collect:
@@ -148,8 +153,9 @@ class EmulatedBackend(Backend):
         return out
 
     @staticmethod
-    def _dfp(call: "CallContext", gemm: str, op: str, t, spec, generator) -> DFPTensor:
-        d = dfp_quantize(t, bits=spec.fmt.bits, rounding=spec.rounding, generator=generator)
+    def _dfp(call: "CallContext", gemm: str, op: str, t, spec, generator, amax) -> DFPTensor:
+        bits, rounding = spec.fmt.bits, spec.rounding
+        d = dfp_quantize(t, bits=bits, rounding=rounding, generator=generator, amax=amax)
         if call.collect:
             scaled = torch.ldexp(t.float(), -d.exponent)
             m = d.mantissa.float()
