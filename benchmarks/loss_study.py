@@ -15,10 +15,10 @@ torch thread (the losses are then bit-for-bit reproducible on one machine, and t
 two cores better than one job with two threads: the nano model's GEMMs are too small to split).
 Results are cached per run in OUT/results/*.json under a hash of the full command, so an
 interrupted study resumes and `--report` reprints the tables without training.
-Cost per run, one core of a lightly loaded 2-core machine: fp32 ~20 s at the study setup and
-~8 s at the CI setup (mostly start-up); emulated FP8 costs ~2x fp32 per token and FP4 / INT16
-~6-10x (BENCHMARKS.md, "Trainer"), so every recipe x 3 seeds is about an hour of one core
-(`--jobs 2` halves it on an idle machine). Tokens/s are only meaningful on an idle machine.
+Cost, measured on a quiet 2-core machine with `--jobs 2` (BENCHMARKS.md, "Loss study"): a run
+at the study setup takes 20 s (fp32) to 190 s (quartet); every recipe x 3 seeds is 63 minutes of
+one core, 32 minutes of wall time; `--suite claims` adds 18 minutes and `--suite lr` 13. Tokens/s
+are only meaningful on an otherwise idle machine.
 """
 
 from __future__ import annotations
