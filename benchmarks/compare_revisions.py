@@ -4,9 +4,11 @@
 
 NEW_REV defaults to the working tree. Each revision is checked out into a temporary worktree;
 every measurement runs in a child process that imports that revision's lptrain, and the two
-revisions alternate round by round so that load from other processes hits both alike. Each
-child also times plain nn.Linear, so each cell is a ratio to a baseline measured in the same
-process; the table puts the two revisions' ratios side by side with their quotient.
+revisions alternate round by round (ABBA) so that load from other processes hits both alike.
+Three repeats per child were too few on this 2-core machine: two revisions with the same
+operations differed by up to 20% (BENCHMARKS.md, "Architecture refactor"). Each child also
+times plain nn.Linear, so each cell is a ratio to a baseline measured in the same process; the
+table puts the two revisions' ratios side by side with their quotient.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def main() -> int:
     ap.add_argument("base")
     ap.add_argument("new", nargs="?", default=None, help="default: the working tree")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=8, help="timed fwd+bwd per recipe and child")
     ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -91,7 +93,10 @@ def main() -> int:
         try:
             run_one("fp32", 6, tmp / "warmup", repo=REPO)  # builds the data cache unmeasured
             for r in range(args.rounds):
-                for rev, tree in trees.items():
+                # ABBA: each revision goes first in every other round, so a drift of the
+                # machine's speed within a round does not favour one of them.
+                order = list(trees.items())[:: 1 if r % 2 == 0 else -1]
+                for rev, tree in order:
                     lin[rev].append(linear_ratios(tree, args.repeats))
                     for name in TRAIN:
                         res = run_one(name, args.steps, tmp / f"{r}-{len(lin[rev])}", repo=tree)
