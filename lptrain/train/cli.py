@@ -3,6 +3,9 @@
 Flags avoid prefixes of torchrun options (`--max…`, `--log…`, `--run…`, `--node…`, `--monitor…`,
 `--master…`): torchrun rejects a script flag as ambiguous when it abbreviates one of its own.
 `--run-dir` is safe because torchrun's `--run-path`/`--run_path` is not a prefix of it.
+
+Longer than our usual file on purpose: the whole argparse tree and one short handler per
+subcommand read in one place; the work behind each handler lives in its own module.
 """
 
 from __future__ import annotations

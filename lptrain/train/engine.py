@@ -4,6 +4,10 @@ engine's step bookkeeping (gradient norm, skipped updates) that other modules mu
 The order is fixed by the trainer: seed -> build model -> converters (train/converters.py) ->
 `initialize`. Anything that edits parameters after `initialize` is undone by the optimizer's
 fp32 master copy.
+
+Longer than our usual file on purpose: the engine's internals (micro-step counters, the
+optimizer's overflow flag, the CPU start-up workarounds) stay behind this one module's
+functions instead of being passed between several.
 """
 
 from __future__ import annotations
