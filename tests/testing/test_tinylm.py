@@ -1,9 +1,12 @@
 """A small transformer converted with each recipe trains on a fixed synthetic task.
 
-300 steps of batch 16 (FP32: ~6 s on 2 cores; the emulated FP4 recipes ~4x that). The issue
-asks FP8 recipes to end within 2% of the FP32 loss; every other recipe is held to the same
-bound (measured: at most 0.1% off, see BENCHMARKS.md), so a broken quantizer that still
-trains but trains worse fails here. benchmarks/bench_recipes_loss.py prints the table.
+150 steps of batch 16 (FP32: ~3 s on 2 cores; the emulated FP4 recipes ~4x that): the model is
+at its entropy floor by then (fp32 1.623, floor ~1.58), and 300 steps only doubled the suite's
+biggest file. The issue asks FP8 recipes to end within 2% of the FP32 loss; every other recipe
+is held to the same bound (measured at 150 steps: at most 0.075% off, mxfp4), so a broken
+quantizer that still trains but trains worse fails here. Which recipes cost loss on real data
+is the loss study's question (tests/train/test_trainer_loss.py).
+benchmarks/bench_recipes_loss.py prints the table.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import pytest
 from lptrain import recipes
 from lptrain.testing import tinylm
 
-STEPS, BATCH = 300, 16
+STEPS, BATCH = 150, 16
 
 
 @pytest.fixture(scope="module")
