@@ -40,3 +40,20 @@ class Problem:
         y = lin(x)
         y.backward(self.dy)
         return y.detach(), x.grad, lin.weight.grad.clone()
+
+
+def grads_plain_and_recomputed(
+    model: torch.nn.Module, x: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Parameter gradients of model(x).sum() without, then with, non-reentrant activation
+    checkpointing (whose backward recomputes the forward): a layer keeps the house rule when
+    the two lists are bit-identical."""
+    from torch.utils.checkpoint import checkpoint
+
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        y = checkpoint(model, x, use_reentrant=False) if recompute else model(x)
+        y.sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    return grads[0], grads[1]

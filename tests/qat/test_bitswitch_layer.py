@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import lptrain
 from lptrain.qat import QATConfigError
 from lptrain.qat import bitswitch as bs
+from lptrain.testing import grads_plain_and_recomputed
 
 
 def _model(act=True, **kw):
@@ -125,13 +125,8 @@ def test_recomputed_forward_is_bit_exact_and_non_finite_propagates():
     model(x).sum().backward()  # the first training forward initialises the 8-bit steps
     bs.calibrate(model, x.detach())
     bs.set_bits(model, 4)
-    grads = {}
-    for ckpt in (False, True):
-        model.zero_grad()
-        y = checkpoint(model, x, use_reentrant=False) if ckpt else model(x)
-        y.sum().backward()
-        grads[ckpt] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
+    plain, recomputed = grads_plain_and_recomputed(model, x)
+    assert all(torch.equal(a, b) for a, b in zip(plain, recomputed, strict=True))
     bad = torch.randn(2, 64)
     bad[0, 0] = float("nan")
     assert model(bad)[0].isnan().all() and torch.isfinite(model(bad)[1]).all()

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import lptrain
 import lptrain.qat as qat
 from lptrain.qat import QATConfig, QATConfigError, QATLinear
+from lptrain.testing import grads_plain_and_recomputed
 
 
 def _model():
@@ -69,13 +69,8 @@ def test_recomputed_forward_is_bit_exact():
     model = qat.prepare(_model(), QATConfig(method="lsq+", act_bits=6))
     x = torch.randn(8, 64, requires_grad=True)
     model(x).sum().backward()  # initialise
-    grads = {}
-    for ckpt in (False, True):
-        model.zero_grad()
-        y = checkpoint(model, x, use_reentrant=False) if ckpt else model(x)
-        y.sum().backward()
-        grads[ckpt] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True], strict=True))
+    plain, recomputed = grads_plain_and_recomputed(model, x)
+    assert all(torch.equal(a, b) for a, b in zip(plain, recomputed, strict=True))
 
 
 @pytest.mark.parametrize("gran", ["tensor", "channel", "group"])
