@@ -67,6 +67,29 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("lptrain-cache")
 
 
+def lptrain(*args, launcher=(), check=True, timeout=240) -> subprocess.CompletedProcess:
+    """`python -m lptrain ARGS` (or under `launcher`) in a clean environment."""
+    cmd = [*(launcher or [sys.executable]), "-m", "lptrain", *map(str, args)]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def pretrained_base(tmp_path_factory, data_cache) -> Path:
+    """A nano fp32 run of 4 steps, the `init.from` base of the fine-tuning and bit-switching
+    tests (read only). Pretrained on the fine-tuning corpus itself: tokenizing it takes a
+    second (the stdlib corpus a minute), and those tests check mechanics, not domain shift."""
+    base = tmp_path_factory.mktemp("pretrained") / "base"
+    lptrain("train", TINY / "tiny-fp32.yaml", "--run-dir", base,
+            *sets(*FAST, f"data.cache_dir={data_cache}", "run.max_steps=4",
+                  "data.path=embedded:pydoc-topics"))  # fmt: skip
+    return base
+
+
 @pytest.fixture
 def cli(tmp_path, data_cache):
     """cli(recipe, *overrides, run_dir=..., launcher=[...], flags=[...], faults=SPEC)

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .conftest import FAST, REPO, free_port, metrics, sets
-from .test_finetune import in_process, lptrain
+from .conftest import FAST, REPO, free_port, lptrain, metrics, sets
+from .test_finetune import in_process
 
 MIXED = REPO / "recipes" / "qat" / "bitswitch-mixed.yaml"
 STEPS = 3
@@ -38,12 +38,9 @@ def bitswitch(run_dir, base, cache, *overrides, **kw):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, data_cache) -> dict:
+def work(tmp_path_factory, data_cache, pretrained_base) -> dict:
     root = tmp_path_factory.mktemp("bitswitch")
-    base = root / "base"
-    lptrain("train", REPO / "recipes/pretrain/tiny-fp32.yaml", "--run-dir", base,
-            *sets(*FAST, f"data.cache_dir={data_cache}", "run.max_steps=4",
-                  "data.path=embedded:pydoc-topics"))  # fmt: skip
+    base = pretrained_base
     run = root / "mixed"
     proc = bitswitch(run, base, data_cache)
     return {"root": root, "base": base, "cache": data_cache, "run": run, "log": proc.stderr}

@@ -5,28 +5,17 @@ eval, a tiny Hugging Face Llama made here, and bad input."""
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from .conftest import FAST, REPO, clean_env, free_port, sets, train_losses
+from .conftest import FAST, REPO, free_port, lptrain, sets, train_losses
 
 FINETUNE = REPO / "recipes" / "finetune"
 NAMES = ["lora-bf16base", "qlora-int4", "lora-fp8base", "l4q-4bit", "l4q-3bit", "lsq-w4a8"]
 STEPS = 3
-
-
-def lptrain(*args, launcher=(), check=True, timeout=240):
-    cmd = [*(launcher or [sys.executable]), "-m", "lptrain", *map(str, args)]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def finetune(name: str, run_dir: Path, base: Path, cache: Path, *overrides, **kw):
@@ -39,15 +28,10 @@ def finetune(name: str, run_dir: Path, base: Path, cache: Path, *overrides, **kw
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory, data_cache) -> dict:
+def work(tmp_path_factory, data_cache, pretrained_base) -> dict:
     """The nano base (pretrained briefly) and one fine-tune run per recipe."""
     root = tmp_path_factory.mktemp("finetune")
-    base = root / "base"
-    # Pretrained on the fine-tuning corpus itself: tokenizing it takes a second (the stdlib
-    # corpus a minute), and these tests check mechanics, not the domain shift.
-    lptrain("train", REPO / "recipes/pretrain/tiny-fp32.yaml", "--run-dir", base,
-            *sets(*FAST, f"data.cache_dir={data_cache}", "run.max_steps=4",
-                  "data.path=embedded:pydoc-topics"))  # fmt: skip
+    base = pretrained_base
     runs = {}
     for name in NAMES:
         runs[name] = root / name
