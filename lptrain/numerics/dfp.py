@@ -125,6 +125,8 @@ def dfp_matmul(
     scale_exp = int(a.exponent) + int(b.exponent) + 2 * input_shift
     k = ia.shape[1]
     out = torch.zeros(ia.shape[0], ib.shape[0], dtype=torch.float32, device=ia.device)
+    if out.numel() == 0:  # no rows or no columns: nothing to sum (aminmax refuses empties)
+        return DFPMatmulResult(out, 0, 0)
     overflows = 0
     n_chunks = 0
     fa, fb = ia.to(torch.float64), ib.to(torch.float64)

@@ -57,6 +57,8 @@ def abs_max(t: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tenso
     a = t.abs()
     order = sorted(range(a.dim()), key=lambda d: -a.stride(d))
     if dims is None:
+        if a.numel() == 0:  # torch's amax refuses an empty full reduction; |x| >= 0: max 0
+            return a.new_zeros(())
         return a.permute(order).amax()
     pos = [order.index(d % a.dim()) for d in dims]
     out = a.permute(order).amax(dim=pos, keepdim=True)

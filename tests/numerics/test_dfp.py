@@ -125,6 +125,15 @@ def test_any_non_finite_element_raises(bad, where, axis):
         dfp_quantize(x, axis=axis)
 
 
+def test_empty_tensors():
+    d = dfp_quantize(torch.zeros(0, 4))
+    assert d.mantissa.shape == (0, 4) and int(d.exponent) == 0
+    k = dfp_quantize(torch.randn(3, 4))
+    assert dfp_matmul(d, k).out.shape == (0, 3)
+    empty_k = dfp_quantize(torch.zeros(2, 0))
+    assert torch.equal(dfp_matmul(empty_k, dfp_quantize(torch.zeros(3, 0))).out, torch.zeros(2, 3))
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         dfp_quantize(torch.tensor([1.0, math.nan]))

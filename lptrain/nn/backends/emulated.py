@@ -128,7 +128,10 @@ class EmulatedBackend(Backend):
         """
         # The operands' amax (which the quantizer needs anyway) is finite unless an element is
         # not: the element-wise isfinite passes run only then.
-        amax_a, amax_b = abs_max(a.float()), abs_max(b.float())
+        amax_a, amax_b = (
+            abs_max(a).float(),
+            abs_max(b).float(),
+        )  # = of a.float(): rounding is monotone
         spoiled = not bool(torch.isfinite(amax_a) & torch.isfinite(amax_b))
         if spoiled:
             bad_a, bad_b = ~torch.isfinite(a).all(-1), ~torch.isfinite(b).all(-1)
