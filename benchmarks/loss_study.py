@@ -224,8 +224,15 @@ def main() -> int:
     ap.add_argument("--plot", default=str(REPO / "benchmarks" / "loss_study.png"))
     ap.add_argument("--report", action="store_true", help="tables from cached results only")
     args = ap.parse_args()
-    seeds = tuple(int(s) for s in args.seeds.split(","))
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        ap.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
     only = args.recipes.split(",") if args.recipes else None
+    known = {*recipes.names(), *VARIANTS}
+    unknown = [r for r in only or () if r not in known]
+    if unknown:
+        ap.error(f"--recipes: unknown {', '.join(unknown)} (named recipes and {sorted(VARIANTS)})")
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     runs = list({r.name: r for s in suites for r in suite_runs(s, seeds, only)}.values())
     if only:  # the runs of these recipes, in this order (the main job's warmup-100 runs last)
