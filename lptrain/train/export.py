@@ -24,9 +24,11 @@ Nothing is written over an existing directory; the output appears atomically (tm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -209,6 +211,19 @@ def _write_hf(model, opened, tmp: Path) -> None:
             shutil.copy2(base / f, tmp / f)
 
 
+@contextlib.contextmanager
+def staging(target: Path) -> Iterator[Path]:
+    """A directory beside `target` to write into; it becomes `target` in one rename when the
+    block succeeds and is removed when it fails: an export appears whole or not at all."""
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main(args) -> int:
     run_path = Path(args.run_dir)
     target = _target(run_path, args.out, args.format)
@@ -219,16 +234,11 @@ def main(args) -> int:
     how = fold(model)
     after = evaluate.mean_loss(model, blocks, rows, cfg.deepspeed.micro_batch, args.blocks)
     losses = {"trained": before, "export": after, "data": name}
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True)
-    try:
+    with staging(target) as tmp:
         if args.format == "hf":
             _write_hf(model, opened, tmp)
         else:
             write_int(model, opened, how, losses, tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for what in sorted(set(how.values())):
         print(f"folded {sum(v == what for v in how.values())} layers: {what}")
     print(f"val_loss trained {before:.4f} -> export {after:.4f} ({after - before:+.4f}) on {name}")

@@ -18,8 +18,6 @@ eval` reads it), written atomically; nothing is written over an existing directo
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -122,13 +120,8 @@ def main(args) -> int:
         how[name] = f"switched to {chosen[name]} bits from the int{bits[0]} store"
     after = evaluate.mean_loss(model, blocks, rows, micro, args.blocks)
     losses = {"stored": before, "export": after, "data": data_name}
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True)
-    try:
+    with export.staging(target) as tmp:
         export.write_int(model, opened, how, losses, tmp, extra={"switch": record})
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(
         f"val_loss int{bits[0]} {before:.4f} -> {label} {after:.4f} ({after - before:+.4f}) "
         f"on {data_name}"
