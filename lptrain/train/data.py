@@ -14,11 +14,11 @@ sample index.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
 import os
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from lptrain import corpora
 from lptrain.train import datacheck, liblog
 from lptrain.train.config import ConfigError, DataConfig
 
@@ -64,10 +65,19 @@ def load_tokenizer(spec: str) -> Tokenizer:
         ) from None
 
 
+# Nothing is downloaded at run time: a tokenizer is a local tokenizer.json or a local
+# directory saved by `save_pretrained`, and a missing file is one line naming the path.
+
+
 def _hf_json_tokenizer(spec: str) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
-    tok = HFTokenizer.from_file(spec)
+    if not Path(spec).is_file():
+        raise ConfigError("data.tokenizer", f"{spec}: no such file (a local tokenizer.json)")
+    try:
+        tok = HFTokenizer.from_file(spec)
+    except Exception as exc:  # the Rust side raises a bare Exception for a malformed file
+        raise ConfigError("data.tokenizer", f"{spec}: not a tokenizer.json ({exc})") from None
     eos = tok.token_to_id("</s>") or tok.token_to_id("<|endoftext|>") or 0
     return Tokenizer(spec, tok.get_vocab_size(), eos, lambda t: tok.encode(t).ids)
 
@@ -75,50 +85,54 @@ def _hf_json_tokenizer(spec: str) -> Tokenizer:
 def _hf_auto_tokenizer(spec: str) -> Tokenizer:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(spec)
+    if not Path(spec).is_dir():
+        raise ConfigError(
+            "data.tokenizer",
+            f"{spec}: no such directory (give a local directory saved with save_pretrained, a "
+            "tokenizer.json file, or byte; nothing is downloaded)",
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            "data.tokenizer", f"{spec}: no tokenizer files could be loaded ({_first_line(exc)})"
+        ) from None
     eos = tok.eos_token_id if tok.eos_token_id is not None else 0
     return Tokenizer(spec, len(tok), eos, lambda t: tok(t)["input_ids"])
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # ---------------------------------------------------------------- documents
 
 
-# `pydoc_data` holds the Python reference documentation as English prose (what `help()`
-# shows): the fine-tuning domain `embedded:pydoc-topics`, so it stays out of the pretraining
-# corpus (see the README, "Fine-tune").
-_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-_STDLIB_SKIP.add("pydoc_data")
-EMBEDDED = ("embedded:stdlib", "embedded:pydoc-topics")
+# The embedded corpora are snapshots shipped with lptrain (lptrain/corpora), checked against
+# their SHA-256 on every read, so a recipe trains on the same bytes whatever Python runs it.
+# `embedded:pydoc-topics` (the language reference's prose, what `help()` shows) is the
+# fine-tuning domain and is kept out of `embedded:stdlib` (see the README, "Fine-tune").
+EMBEDDED = tuple(corpora.SNAPSHOTS)
 
 
-def stdlib_files() -> list[Path]:
-    """The embedded pretraining corpus: the standard library's .py files; tests,
-    site-packages and pydoc_data (the fine-tuning domain) excluded."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [
-        p
-        for p in root.rglob("*.py")
-        if not _STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1])
-    ]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+def _embedded_name(cfg: DataConfig) -> str | None:
+    """The snapshot `cfg.path` names (None, the default, is `embedded:stdlib`), or None."""
+    if cfg.path is None:
+        return "embedded:stdlib"
+    if cfg.path.startswith("embedded:"):
+        if cfg.path not in EMBEDDED:
+            raise ConfigError(
+                "data.path", f"unknown embedded corpus {cfg.path!r} (known: {EMBEDDED})"
+            )
+        return cfg.path
+    return None
 
 
-def _stdlib_docs(files: list[Path]) -> Iterator[str]:
-    for p in files:
-        yield p.read_text(encoding="utf-8", errors="replace")
-
-
-def pydoc_topics_file() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
-
-
-def _pydoc_topics_docs() -> Iterator[str]:
-    """One document per topic of the language reference (`help('FORMATTING')` etc.), in name
-    order: about 0.5 MB of English prose about Python."""
-    from pydoc_data.topics import topics
-
-    for name in sorted(topics):
-        yield topics[name]
+def _embedded_docs(name: str) -> Iterator[str]:
+    try:
+        yield from corpora.documents(name)
+    except corpora.CorpusError as exc:
+        raise ConfigError("data.path", str(exc)) from None
 
 
 def _local_files(path: str) -> list[Path]:
@@ -145,15 +159,8 @@ def _hf_docs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path) -> Iter
 
     liblog.adopt_library_loggers()  # datasets installs a stderr handler on first use
     datasets.disable_progress_bars()
-    if files is None:  # a hub dataset name
-        try:
-            ds = datasets.load_dataset(cfg.path, split="train", cache_dir=str(cache_dir / "hf"))
-        except ConnectionError:
-            raise ConfigError(
-                "data.path",
-                f"{cfg.path!r} is a hub dataset and there is no "
-                "internet: give local files (.txt/.jsonl/.parquet)",
-            ) from None
+    if files is None:  # a hub dataset name: read from the local datasets cache, never fetched
+        ds = _cached_hub_dataset(datasets, cfg.path, cache_dir / "hf")
     else:
         builders = {_builder(f) for f in files}
         if None in builders or len(builders) != 1:
@@ -163,13 +170,14 @@ def _hf_docs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path) -> Iter
         (builder,) = builders
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         try:
-            ds = datasets.load_dataset(
-                builder,
-                data_files=[str(f) for f in files],
-                split="train",
-                cache_dir=str(cache_dir / "hf"),
-                **kwargs,
-            )
+            with _offline(datasets):
+                ds = datasets.load_dataset(
+                    builder,
+                    data_files=[str(f) for f in files],
+                    split="train",
+                    cache_dir=str(cache_dir / "hf"),
+                    **kwargs,
+                )
         except Exception as exc:
             where = datacheck.locate(files, builder, cfg.text_key)
             if where is None:
@@ -184,6 +192,32 @@ def _hf_docs(cfg: DataConfig, files: list[Path] | None, cache_dir: Path) -> Iter
             yield text
 
 
+@contextlib.contextmanager
+def _offline(datasets) -> Iterator[None]:
+    """`datasets` in offline mode for one call: it reads the flag per call, so nothing it does
+    here (a hub name, or a packaged builder's metadata) reaches the network."""
+    saved = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = saved
+
+
+def _cached_hub_dataset(datasets, name: str, cache_dir: Path):
+    """A hub dataset already in `cache_dir` (data.cache_dir/hf); never downloaded."""
+    try:
+        with _offline(datasets):
+            return datasets.load_dataset(name, split="train", cache_dir=str(cache_dir))
+    except Exception as exc:
+        raise ConfigError(
+            "data.path",
+            f"{name!r} is not a local file or directory, nor a hub dataset cached in {cache_dir} "
+            f"(lptrain never downloads at run time: give local .txt/.jsonl/.parquet files) "
+            f"({_first_line(exc)})",
+        ) from None
+
+
 def _not_text(files: list[Path] | None, key: str, value) -> ConfigError:
     where = datacheck.locate(files, "json", key) if files else None
     if where is not None:
@@ -195,7 +229,9 @@ def _not_text(files: list[Path] | None, key: str, value) -> ConfigError:
 
 
 def _fingerprint(cfg: DataConfig, tok: Tokenizer, files: list[Path] | None) -> str:
-    h = hashlib.sha256(json.dumps([cfg.path, cfg.text_key, tok.name, cfg.block_size, 1]).encode())
+    embedded = _embedded_name(cfg)
+    source = corpora.SNAPSHOTS[embedded].sha256 if embedded else cfg.path
+    h = hashlib.sha256(json.dumps([source, cfg.text_key, tok.name, cfg.block_size, 2]).encode())
     for f in files or []:
         st = f.stat()
         h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -222,12 +258,9 @@ def load_blocks(
     cfg: DataConfig, tok: Tokenizer, is_rank0: bool, barrier: Callable[[], None]
 ) -> np.ndarray:
     """Packed blocks, tokenized by rank 0 once and read from the cache by everyone."""
-    if cfg.path is not None and cfg.path.startswith("embedded:") and cfg.path not in EMBEDDED:
-        raise ConfigError("data.path", f"unknown embedded corpus {cfg.path!r} (known: {EMBEDDED})")
-    if cfg.path in (None, "embedded:stdlib"):
-        files = stdlib_files()
-    elif cfg.path == "embedded:pydoc-topics":
-        files = [pydoc_topics_file()]
+    embedded = _embedded_name(cfg)
+    if embedded is not None:
+        files = None
     elif Path(os.path.expanduser(cfg.path)).exists() or any(c in cfg.path for c in "*?["):
         files = _local_files(cfg.path)
         if not files:
@@ -237,12 +270,7 @@ def load_blocks(
     root = cache_root(cfg)
     target = root / f"blocks-{_fingerprint(cfg, tok, files)}.npy"
     if is_rank0 and not target.exists():
-        if cfg.path in (None, "embedded:stdlib"):
-            docs = _stdlib_docs(files)
-        elif cfg.path == "embedded:pydoc-topics":
-            docs = _pydoc_topics_docs()
-        else:
-            docs = _hf_docs(cfg, files, root)
+        docs = _embedded_docs(embedded) if embedded else _hf_docs(cfg, files, root)
         blocks = pack(docs, tok, cfg.block_size)
         _check_enough(blocks, cfg)  # before caching: a useless result is never cached
         root.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lptrain.train.config import ConfigError
+
 
 class HFCausalLM(nn.Module):
     def __init__(self, hf_model: nn.Module):
@@ -21,19 +23,33 @@ class HFCausalLM(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def load(path: str | Path) -> HFCausalLM:
+def load(path: str | Path, key: str = "init.from") -> HFCausalLM:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, dtype=torch.float32
+        )
+    except (OSError, ValueError) as exc:  # a missing or unreadable file in the directory
+        raise ConfigError(key, f"{path}: cannot load the model ({_first_line(exc)})") from None
     return HFCausalLM(hf.train())
 
 
-def from_config(config_dir: str | Path) -> HFCausalLM:
+def from_config(config_dir: str | Path, key: str = "init.from") -> HFCausalLM:
     """The architecture without weights (an export's skeleton)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
+    try:
+        cfg = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            key, f"{config_dir}: cannot read config.json ({_first_line(exc)})"
+        ) from None
     return HFCausalLM(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def vocab_size(model: HFCausalLM) -> int:

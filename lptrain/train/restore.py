@@ -93,7 +93,7 @@ def open_export(path: str | Path) -> Opened:
     if meta.get("hf_config"):
         from lptrain.train import hf
 
-        model = hf.from_config(d / "hf")
+        model = hf.from_config(d / "hf", key="export")
         precision = [c for c in converters.build(cfg) if c.name == "precision"]
         model = converters.apply(model, precision, _ctx(cfg, tok))
     else:

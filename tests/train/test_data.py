@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from lptrain import corpora
 from lptrain.train import data
 from lptrain.train.config import ConfigError, DataConfig
 
@@ -62,11 +63,87 @@ def test_local_jsonl_through_datasets_packs_exact_blocks(tmp_path):
     assert list((tmp_path / "cache").glob("blocks-*.npy"))  # cached for the next run
 
 
-def test_embedded_corpus_is_the_stdlib_in_sorted_order():
-    files = data.stdlib_files()
-    assert len(files) > 500 and all(f.suffix == ".py" for f in files)
-    assert not any("site-packages" in f.parts or "test" in f.parts for f in files)
-    assert files == sorted(files, key=lambda p: p.as_posix())
+def test_embedded_corpora_are_the_shipped_snapshots():
+    """The same bytes whatever Python runs lptrain: the snapshots, checked by content hash."""
+    for name, snap in corpora.SNAPSHOTS.items():
+        raw = corpora.read_verified(snap)
+        assert corpora.sha256(raw) == snap.sha256
+        docs = [json.loads(line) for line in raw.split(b"\n")[:-1]]
+        assert len(docs) == snap.documents == len(list(corpora.documents(name)))
+        names = [d["name"] for d in docs]
+        assert names == sorted(names)
+    stdlib = [
+        json.loads(x)["name"]
+        for x in corpora.read_verified(corpora.SNAPSHOTS["embedded:stdlib"]).split(b"\n")[:-1]
+    ]
+    assert all(n.endswith(".py") for n in stdlib)
+    assert not any(part in n.split("/")[:-1] for n in stdlib for part in ("test", "pydoc_data"))
+
+
+def test_embedded_corpus_does_not_read_the_local_python(tmp_path, monkeypatch):
+    # A different standard library (here: none) must not change what the default corpus is.
+    import sysconfig
+
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {"stdlib": str(tmp_path)})
+    cfg = DataConfig(path=None, block_size=128, cache_dir=str(tmp_path / "cache"))
+    blocks = data.load_blocks(cfg, data.byte_tokenizer(), True, lambda: None)
+    assert blocks.shape == (88080, 129)  # CPython 3.11.7's Lib/, byte tokens
+    text = next(corpora.documents("embedded:stdlib"))
+    assert blocks[0, : min(len(text), 129)].tolist() == [b + 1 for b in text.encode()[:129]]
+
+
+def test_a_damaged_snapshot_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    import lzma
+
+    snap = corpora.SNAPSHOTS["embedded:pydoc-topics"]
+    bad = tmp_path / snap.file
+    raw = lzma.decompress(snap.path.read_bytes())
+    bad.write_bytes(lzma.compress(raw.replace(b"the", b"teh", 1)))
+    monkeypatch.setattr(corpora, "HERE", tmp_path)
+    cfg = DataConfig(path=snap.name, block_size=16, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError) as exc:
+        data.load_blocks(cfg, data.byte_tokenizer(), True, lambda: None)
+    assert exc.value.path == "data.path"
+    assert exc.value.problem.startswith(f"{bad}: SHA-256 ")
+    assert "is not the embedded:pydoc-topics snapshot" in exc.value.problem
+    assert not list((tmp_path / "cache").glob("blocks-*.npy"))  # nothing cached
+
+
+def test_unknown_embedded_corpus_names_the_known_ones(tmp_path):
+    cfg = DataConfig(path="embedded:wiki", block_size=16, cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown embedded corpus 'embedded:wiki'"):
+        data.load_blocks(cfg, data.byte_tokenizer(), True, lambda: None)
+
+
+# ---------------------------------------------------------------- local only: nothing downloaded
+
+
+def test_a_tokenizer_that_is_not_a_local_path_is_one_error(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        data.load_tokenizer("gpt2")
+    assert exc.value.path == "data.tokenizer"
+    assert exc.value.problem.startswith("gpt2: no such directory")
+    with pytest.raises(ConfigError, match="no such file"):
+        data.load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+def test_a_directory_without_tokenizer_files_is_one_error(tmp_path):
+    pytest.importorskip("transformers")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError) as exc:
+        data.load_tokenizer(str(tmp_path))
+    assert exc.value.problem.startswith(f"{tmp_path}: no tokenizer files could be loaded")
+    assert "\n" not in exc.value.problem
+
+
+def test_a_hub_dataset_name_is_read_from_the_cache_only(tmp_path):
+    # Nothing is cached, so offline mode must fail at once (a network attempt would hang or
+    # say something else); the message says lptrain never downloads.
+    cfg = DataConfig(path="someone/some-dataset", block_size=16, cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError) as exc:
+        data.load_blocks(cfg, data.byte_tokenizer(), True, lambda: None)
+    assert exc.value.path == "data.path"
+    assert "never downloads" in exc.value.problem and "\n" not in exc.value.problem
 
 
 # ---------------------------------------------------------------- bad data: file and line
