@@ -138,14 +138,16 @@ def test_inline_recipe_error_names_the_field(tmp_path, capsys):
     assert "no_such_field" in err, err
 
 
-def test_hub_dataset_offline_says_so(cli, tmp_path):
+def test_hub_dataset_offline_says_so(cli, data_cache):
     proc = cli("tiny-fp32.yaml", "data.path=wikitext", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last == (
-        "error: data.path: 'wikitext' is a hub dataset and there is no internet: "
-        "give local files (.txt/.jsonl/.parquet)"
-    ), proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(
+        "error: data.path: 'wikitext' is not a local file or directory, nor a hub dataset cached "
+        f"in {data_cache / 'hf'}"
+    ), lines[0]
+    assert "lptrain never downloads at run time" in lines[0]
 
 
 def test_bad_data_is_one_line_and_writes_nothing(cli, tmp_path):
