@@ -221,7 +221,7 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
     ap.add_argument("--out", default=str(REPO / "runs" / "loss-study"))
     ap.add_argument("--cache-dir", default=None, help="data.cache_dir for every run")
-    ap.add_argument("--plot", default=str(REPO / "benchmarks" / "loss_study.png"))
+    ap.add_argument("--plot", default=str(REPO / "docs" / "loss_study.png"))
     ap.add_argument("--report", action="store_true", help="tables from cached results only")
     args = ap.parse_args()
     try:

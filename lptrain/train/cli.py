@@ -11,13 +11,14 @@ subcommand read in one place; the work behind each handler lives in its own modu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import time
 from importlib import resources
 from pathlib import Path
 
-from lptrain.train.config import ConfigError
+from lptrain.train.config import ConfigError, TrainConfig, _key
 
 EPILOG = """examples:
   lptrain train recipes/pretrain/tiny-fp8.yaml
@@ -29,13 +30,16 @@ EPILOG = """examples:
   lptrain report runs/fp32 runs/nvfp4 --out report/   # plots + HTML from run directories
   lptrain plan recipes/pretrain/gpu-7b-fp8.yaml --nodes 4 --gpus-per-node 8 --gpu-memory 80
 
-recipe sections: model, precision, data, optim, deepspeed, checkpoint, logging, monitor, run;
-every key and its default is in the README ("Recipe files") and in any run's config.yaml.
+recipe sections: {sections};
+every key, its type and default is in docs/config.md (the config reference) and in any run's
+config.yaml.
 
 exit status: 0 done (or stopped by SIGTERM/SIGINT after saving, or during start-up with
 nothing to save), 1 training failed, 2 bad recipe, flags or data, or a resume that would lose
 or mix work (one line: error: <key.path>: <problem>), 128+N a second signal N stopped the run
-without saving (the last checkpoint is intact)."""
+without saving (the last checkpoint is intact).""".format(
+    sections=", ".join(_key(f) for f in dataclasses.fields(TrainConfig))
+)
 
 
 class _Parser(argparse.ArgumentParser):

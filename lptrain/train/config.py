@@ -41,16 +41,17 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = "tiny"  # a key of model.PRESETS; the fields below override it
-    dim: int | None = None
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    ffn_dim: int | None = None
+    dim: int | None = None  # model width; null: the preset's
+    n_layers: int | None = None  # decoder blocks; null: the preset's
+    n_heads: int | None = None  # attention heads; null: the preset's
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); null: the preset's
+    ffn_dim: int | None = None  # SwiGLU hidden width; null: the preset's
+    # share the embedding and lm_head weights; null: the preset's
     tie_embeddings: bool | None = None
-    dropout: float = 0.0
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    dropout: float = 0.0  # dropout after attention and the MLP (random, so resume replays the RNG)
+    rope_theta: float = 10000.0  # rotary position embedding base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    init_std: float = 0.02  # normal init of the weights (residual projections scaled by depth)
     # Activation checkpointing of every decoder block (torch.utils.checkpoint, non-reentrant):
     # the forward is recomputed in backward, bit for bit, quantizer state updated once.
     checkpointing: bool = False
@@ -62,7 +63,8 @@ class GuardConfig:
     `patience` consecutive checks falls back to the next recipe of `fallback` from the next
     step on. A threshold left null is not checked."""
 
-    enabled: bool = False
+    enabled: bool = False  # turn the guard on
+    # recipes a failing layer falls back through, in order
     fallback: list[Union[str, dict]] = field(default_factory=lambda: ["fp8-current", "bf16"])
     # Healthy runs of every recipe on the tiny model stay above 9 dB and below 19% saturated
     # (MXFP4's floor rule and Quartet's clipping saturate by design): the defaults sit outside.
@@ -79,41 +81,44 @@ class PrecisionConfig:
     # A named recipe (see `lptrain recipes`) or an inline recipe dict for lptrain.recipes.from_dict.
     recipe: Union[str, dict] = "fp32"
     skip: list[str] = field(default_factory=lambda: ["lm_head"])  # fnmatch globs on module names
+    # auto | emulated | triton | te (chosen once per model, reason logged)
     backend: Literal["auto", "emulated", "triton", "te"] = "auto"
-    min_features: int = 0
+    min_features: int = 0  # leave Linears whose smaller dimension is below this unconverted
     guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    # None: the embedded corpus (the Python standard library's .py sources). Otherwise a local
-    # file, directory or glob of .txt/.jsonl/.json/.parquet files, or a hub dataset name.
+    # null: the embedded corpus embedded:stdlib (embedded:pydoc-topics is the fine-tuning one;
+    # both are snapshots shipped with lptrain). Otherwise a local file, directory or glob of
+    # .txt/.md/.py/.jsonl/.json/.parquet files, or a hub dataset name already in cache_dir/hf.
     path: str | None = None
-    text_key: str = "text"
-    tokenizer: str = "byte"  # "byte" or a tokenizers .json file / transformers directory
-    block_size: int = 128
-    val_fraction: float = 0.02
-    cache_dir: str | None = None  # default: ~/.cache/lptrain
+    text_key: str = "text"  # the text column of .jsonl/.parquet files
+    tokenizer: str = "byte"  # byte (257 ids), a local tokenizer.json or transformers directory
+    block_size: int = 128  # tokens per training sequence
+    val_fraction: float = 0.02  # held-out blocks (a fixed split, independent of run.seed)
+    cache_dir: str | None = None  # tokenized blocks cache; null: ~/.cache/lptrain
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 1e-3  # AdamW peak learning rate (torch's implementation: deterministic)
     min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
-    warmup_steps: int = 0
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
+    warmup_steps: int = 0  # linear warmup, then `decay` to lr * min_lr_ratio at the last step
+    decay: Literal["cosine", "linear", "constant"] = "cosine"  # the schedule after warmup
+    weight_decay: float = 0.1  # on matrices only, not on norms or quantizer steps
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # written explicitly: DeepSpeed's default changed to 1.0 (PR #8068)
 
 
 @dataclass(frozen=True)
 class DeepSpeedConfig:
-    zero_stage: int = 0
-    micro_batch: int = 8
-    grad_accum: int = 1
+    zero_stage: int = 0  # ZeRO stage 0-3
+    micro_batch: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
     train_batch_size: int | None = None  # optional; checked against micro x accum x world
+    # fp32 | bf16 | fp16 (GPU only) engine precision
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     extra: dict = field(default_factory=dict)  # merged into deepspeed.json as is
     # ZeRO-3: build the model inside deepspeed.zero.Init (parameters created partitioned).
@@ -123,18 +128,19 @@ class DeepSpeedConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     interval: int = 0  # steps between saves; 0 saves only at the end and on SIGTERM/SIGINT
-    keep_last: int = 2
+    keep_last: int = 2  # keep the newest N checkpoints up to the current step (2 leaves a fallback)
     resume: str = "auto"  # auto | none | a checkpoints directory or one tag directory
-    save_final: bool = True
+    save_final: bool = True  # save at the last step whatever `interval` says
 
 
 @dataclass(frozen=True)
 class WandbConfig:
+    # auto: online with credentials, else offline
     mode: Literal["auto", "online", "offline", "disabled"] = "disabled"
-    project: str = "lptrain"
-    entity: str | None = None
-    name: str | None = None
-    tags: list[str] = field(default_factory=list)
+    project: str = "lptrain"  # W&B project
+    entity: str | None = None  # W&B entity (team or user)
+    name: str | None = None  # run name; null: the run directory's
+    tags: list[str] = field(default_factory=list)  # W&B tags
 
 
 @dataclass(frozen=True)
@@ -164,9 +170,10 @@ class MonitorConfig:
     `end_step`, one row per step in layers.jsonl (and W&B). The default set costs < 3%."""
 
     interval: int = 100  # 0 turns the per-layer rows off
-    start_step: int = 0
+    start_step: int = 0  # first step with per-layer rows
     end_step: int | None = None  # inclusive; null: to the end of the run
     layers: list[str] = field(default_factory=lambda: ["*"])  # fnmatch globs on linear layers
+    # per-operand statistics; also nonfinite, rms
     stats: list[Literal[STATS_ALL]] = field(default_factory=lambda: list(STATS))
     grad_norm: bool = True  # per-layer gradient norms
     update_ratio: bool = True  # per-layer |dW| / |W| of the optimizer step
@@ -177,13 +184,13 @@ class MonitorConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    max_steps: int | None = None
+    max_steps: int | None = None  # max_steps or max_tokens is required
     max_tokens: int | None = None  # alternative to max_steps; the smaller limit wins
     # Save and exit at this step; the schedule still spans max_steps (job time slices).
     stop_at_step: int | None = None
-    seed: int = 0
+    seed: int = 0  # model init, data order and stochastic rounding
     eval_interval: int = 0  # 0 disables evaluation during training
-    eval_batches: int = 4
+    eval_batches: int = 4  # validation batches per evaluation
     name: str | None = None  # default: the recipe file's stem
     nonfinite_limit: int = 3  # consecutive skipped steps before reloading the last checkpoint
     max_reloads: int = 2  # reloads before giving up with an error

@@ -64,52 +64,62 @@ class InitConfig:
 
 @dataclass(frozen=True)
 class QATSection:
+    # LSQ / LSQ+ quantization-aware training (lptrain.qat); null: off
     method: Literal["lsq", "lsq+"] | None = None
-    weight_bits: int = 4
+    weight_bits: int = 4  # 2-8, signed grid [-2^(b-1), 2^(b-1)-1]
+    # one step per tensor, per output channel or per group of inputs
     weight_granularity: Literal["tensor", "channel", "group"] = "channel"
-    group_size: int = 128
+    group_size: int = 128  # inputs per step with weight_granularity group
+    # null (weights only) or 2-8 for the layer inputs (one step per tensor)
     act_bits: int | None = None
-    act_signed: bool = True
+    act_signed: bool = True  # signed activation grid (false: unsigned, for non-negative inputs)
+    # fnmatch globs on module names left unquantized
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
 
 
 @dataclass(frozen=True)
 class HASBSection:
-    enabled: bool = False
-    sigma: float = 0.5
-    warmup_steps: int = 0
-    hessian_iters: int = 7
-    hessian_tol: float = 1e-3
-    hessian_batches: int = 1
+    enabled: bool = False  # Hessian-aware stochastic bit switching (mixed precision per layer)
+    sigma: float = 0.5  # final switch probability; it grows as sigma * (t + 1) / T
+    warmup_steps: int = 0  # steps with switch probability 0 (no layer switches) before HASB
+    hessian_iters: int = 7  # Hutchinson iterations for each layer's Hessian trace, at most
+    hessian_tol: float = 1e-3  # stop once every trace moves by less than this, relatively
+    hessian_batches: int = 1  # micro-batches (of all ranks) of the first training batch
 
 
 @dataclass(frozen=True)
 class BitSwitchSection:
-    bits: list[int] | None = None
+    bits: list[int] | None = None  # null (off) or the candidate bit-widths, e.g. [8, 6, 4, 2] (2-8)
+    # nearest (round half to even) | shift (right shift) from the 8-bit codes
     rounding: Literal["nearest", "shift"] = "nearest"
+    # corrected (exact, per row) | faithful (the reference's)
     scale_grad: Literal["corrected", "faithful"] = "corrected"
-    act_bits: bool = True
-    act_signed: bool = True
-    alrs_alpha: float = 0.1
-    alrs_stop_bit: int = 0
-    distill: float = 0.0
-    eval_bits: int | None = None
+    act_bits: bool = True  # quantize layer inputs, one LSQ step per bit-width
+    act_signed: bool = True  # signed activation grid
+    alrs_alpha: float = 0.1  # quantizer-group lr x alpha^k at the k-th bit-width (1: ALRS off)
+    alrs_stop_bit: int = 0  # ALRS decays only bit-widths >= this
+    distill: float = 0.0  # self-distillation weight, ramped over the run (0: off)
+    eval_bits: int | None = None  # bit-width of evaluation and checkpoints (null: the highest)
+    # fnmatch globs on module names left unquantized
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     hasb: HASBSection = field(default_factory=HASBSection)
 
 
 @dataclass(frozen=True)
 class AdaptersSection:
-    type: Literal["lora", "l4q"] | None = None
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    type: Literal["lora", "l4q"] | None = None  # null (off) | lora | l4q (lptrain.lora)
+    r: int = 8  # adapter rank
+    alpha: float = 16.0  # scaling alpha / r (peft's convention)
+    dropout: float = 0.0  # on the adapter input (lora only)
+    # module-name globs (full dotted name or its last part)
     targets: list[str] = field(default_factory=lambda: ["*"])
+    # module-name globs left without adapters
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
+    # lora: the frozen base weight as is (none) or stored in bf16 / fp8 / int8 / int4 / nvfp4
     base: Literal["none", "bf16", "fp8", "int8", "int4", "nvfp4"] = "none"
-    base_group_size: int = 64
-    bits: int = 4
-    group_size: int = 128
+    base_group_size: int = 64  # lora with base int4: inputs per scale
+    bits: int = 4  # l4q: weight bits, 2-8
+    group_size: int = 128  # l4q: inputs per step/offset group
 
 
 def qat_config(s: QATSection):
