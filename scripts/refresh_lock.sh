@@ -27,7 +27,7 @@ new=$(mktemp)
 echo "refresh: changes to requirements.lock:"
 diff -u requirements.lock "$new" | grep -E '^[-+][^-+#]' || echo "  (none)"
 if "$venv/bin/python" -m pytest "$@"; then
-    mv "$new" requirements.lock
+    cat "$new" > requirements.lock && rm -f "$new"  # keeps the file's mode (mktemp makes 0600)
     echo "refresh: the suite passed; requirements.lock rewritten (review the diff, then commit it)"
 else
     status=$?
