@@ -38,6 +38,11 @@ class ConfigError(ValueError):
         self.problem = problem
 
 
+def first_line(exc: BaseException) -> str:
+    """A library exception's first line, for a one-line ConfigError that names its cause."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = "tiny"  # a key of model.PRESETS; the fields below override it

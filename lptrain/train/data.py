@@ -28,7 +28,7 @@ import torch
 
 from lptrain import corpora
 from lptrain.train import datacheck, liblog
-from lptrain.train.config import ConfigError, DataConfig
+from lptrain.train.config import ConfigError, DataConfig, first_line
 
 EOS = 0  # byte tokenizer: id 0 separates documents, bytes are 1..256
 SPLIT_SEED = 0x5EED  # the train/val split depends on the corpus only
@@ -95,14 +95,10 @@ def _hf_auto_tokenizer(spec: str) -> Tokenizer:
         tok = AutoTokenizer.from_pretrained(spec, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            "data.tokenizer", f"{spec}: no tokenizer files could be loaded ({_first_line(exc)})"
+            "data.tokenizer", f"{spec}: no tokenizer files could be loaded ({first_line(exc)})"
         ) from None
     eos = tok.eos_token_id if tok.eos_token_id is not None else 0
     return Tokenizer(spec, len(tok), eos, lambda t: tok(t)["input_ids"])
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 # ---------------------------------------------------------------- documents
@@ -214,7 +210,7 @@ def _cached_hub_dataset(datasets, name: str, cache_dir: Path):
             "data.path",
             f"{name!r} is not a local file or directory, nor a hub dataset cached in {cache_dir} "
             f"(lptrain never downloads at run time: give local .txt/.jsonl/.parquet files) "
-            f"({_first_line(exc)})",
+            f"({first_line(exc)})",
         ) from None
 
 
@@ -228,8 +224,9 @@ def _not_text(files: list[Path] | None, key: str, value) -> ConfigError:
 # ---------------------------------------------------------------- pack and cache
 
 
-def _fingerprint(cfg: DataConfig, tok: Tokenizer, files: list[Path] | None) -> str:
-    embedded = _embedded_name(cfg)
+def _fingerprint(
+    cfg: DataConfig, tok: Tokenizer, files: list[Path] | None, embedded: str | None
+) -> str:
     source = corpora.SNAPSHOTS[embedded].sha256 if embedded else cfg.path
     h = hashlib.sha256(json.dumps([source, cfg.text_key, tok.name, cfg.block_size, 2]).encode())
     for f in files or []:
@@ -268,7 +265,7 @@ def load_blocks(
     else:
         files = None
     root = cache_root(cfg)
-    target = root / f"blocks-{_fingerprint(cfg, tok, files)}.npy"
+    target = root / f"blocks-{_fingerprint(cfg, tok, files, embedded)}.npy"
     if is_rank0 and not target.exists():
         docs = _embedded_docs(embedded) if embedded else _hf_docs(cfg, files, root)
         blocks = pack(docs, tok, cfg.block_size)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lptrain.train.config import ConfigError
+from lptrain.train.config import ConfigError, first_line
 
 
 class HFCausalLM(nn.Module):
@@ -31,7 +31,7 @@ def load(path: str | Path, key: str = "init.from") -> HFCausalLM:
             str(path), local_files_only=True, dtype=torch.float32
         )
     except (OSError, ValueError) as exc:  # a missing or unreadable file in the directory
-        raise ConfigError(key, f"{path}: cannot load the model ({_first_line(exc)})") from None
+        raise ConfigError(key, f"{path}: cannot load the model ({first_line(exc)})") from None
     return HFCausalLM(hf.train())
 
 
@@ -43,13 +43,9 @@ def from_config(config_dir: str | Path, key: str = "init.from") -> HFCausalLM:
         cfg = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            key, f"{config_dir}: cannot read config.json ({_first_line(exc)})"
+            key, f"{config_dir}: cannot read config.json ({first_line(exc)})"
         ) from None
     return HFCausalLM(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def vocab_size(model: HFCausalLM) -> int:
