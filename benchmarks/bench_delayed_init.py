@@ -19,15 +19,15 @@ from machine import cpu_model
 
 import lptrain
 from lptrain import recipes
-from lptrain.train import data
-from lptrain.train.cli import recipe_files
-from lptrain.train.config import load
-from lptrain.train.model import build_model
+from lptrain.cli import recipe_files
+from lptrain.config.schema import load
+from lptrain.data import dataset
+from lptrain.models.decoder import build_model
 
 
 def main() -> None:
     cfg = load(dict(recipe_files())["recipes/pretrain/tiny-fp8.yaml"])
-    blocks = data.load_blocks(cfg.data, data.byte_tokenizer(), True, lambda: None)
+    blocks = dataset.load_blocks(cfg.data, dataset.byte_tokenizer(), True, lambda: None)
     batch = torch.from_numpy(blocks[:16].astype("int64"))
     current = recipes.from_dict(
         {"base": "fp8-delayed"}

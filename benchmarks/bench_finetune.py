@@ -56,14 +56,17 @@ def step_memory(recipe: Path, base: Path, cache: Path) -> float:
     """Deterministic peak MiB of one training step (micro batch of the recipe)."""
     import torch
 
+    from lptrain.config import schema
+    from lptrain.config.inherit import tokenizer_spec
+    from lptrain.data import dataset
+    from lptrain.models import converters
+    from lptrain.models.decoder import build_model
     from lptrain.testing.memory import live_bytes, peak_bytes_during
-    from lptrain.train import config, converters, data, init_from
-    from lptrain.train.model import build_model
 
-    cfg = config.load(recipe, [f"init.from={base}", f"data.cache_dir={cache}"])
-    tok = data.load_tokenizer(init_from.tokenizer_spec(cfg))
-    blocks = data.load_blocks(cfg.data, tok, True, lambda: None)
-    src = data.BatchSource(blocks, data.split(len(blocks), cfg.data.val_fraction).train, 0)
+    cfg = schema.load(recipe, [f"init.from={base}", f"data.cache_dir={cache}"])
+    tok = dataset.load_tokenizer(tokenizer_spec(cfg))
+    blocks = dataset.load_blocks(cfg.data, tok, True, lambda: None)
+    src = dataset.BatchSource(blocks, dataset.split(len(blocks), cfg.data.val_fraction).train, 0)
     batch = src.batch(0, cfg.deepspeed.micro_batch)
     torch.manual_seed(0)
     model = build_model(cfg.model, tok.vocab_size, cfg.data.block_size)

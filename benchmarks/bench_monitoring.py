@@ -36,18 +36,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _session(recipe: str, workdir: Path):
-    from lptrain.train import config, converters, data, trainer
-    from lptrain.train import engine as eng
+    from lptrain.config import schema
+    from lptrain.data import dataset
+    from lptrain.distributed import engine as eng
+    from lptrain.models import converters
+    from lptrain.trainer import loop
 
     overrides = ["run.max_steps=100000", "run.eval_interval=0", "checkpoint.interval=0",
                  "logging.wandb.mode=disabled", "monitor.interval=0"]  # fmt: skip
-    cfg = config.load(REPO / f"recipes/pretrain/tiny-{recipe}.yaml", overrides)
+    cfg = schema.load(REPO / f"recipes/pretrain/tiny-{recipe}.yaml", overrides)
     info = eng.dist_env()
     if not torch.distributed.is_initialized():
         eng.init_distributed(info)
-    tok = data.load_tokenizer(cfg.data.tokenizer)
+    tok = dataset.load_tokenizer(cfg.data.tokenizer)
     ds = eng.deepspeed_config(cfg, info.world)
-    s = trainer.setup(cfg, ds, converters.build(cfg), tok, info, workdir, lambda m: None)
+    s = loop.setup(cfg, ds, converters.build(cfg), tok, info, workdir, lambda m: None)
     return cfg, s
 
 
@@ -61,25 +64,25 @@ VARIANTS = {
 
 
 def _monitoring(cfg, s, spec):
-    from lptrain.train import trainer
+    from lptrain.trainer import loop
 
     if spec is None:
-        return None, trainer.train_step
+        return None, loop.train_step
     monitor = dataclasses.replace(cfg.monitor, interval=spec["interval"],
                                   fidelity=spec.get("fidelity", False))  # fmt: skip
     guard = dataclasses.replace(cfg.precision.guard, enabled=spec.get("guard", False))
     precision = dataclasses.replace(cfg.precision, guard=guard)
     vcfg = dataclasses.replace(cfg, monitor=monitor, precision=precision)
-    from lptrain.train.trainer import make_monitoring as build
+    from lptrain.trainer.loop import make_monitoring as build
 
     m = build(vcfg, s.model, s.train_src.blocks, _split(s), s.layout, s.engine.device)
-    return m, m.wrap(trainer.train_step)
+    return m, m.wrap(loop.train_step)
 
 
 def _split(s):
-    from lptrain.train import data
+    from lptrain.data import dataset
 
-    return data.split(len(s.train_src.blocks), s.cfg.data.val_fraction)
+    return dataset.split(len(s.train_src.blocks), s.cfg.data.val_fraction)
 
 
 def _block(s, monitoring, step_fn, p, steps: int):
@@ -101,7 +104,7 @@ def _block(s, monitoring, step_fn, p, steps: int):
 
 
 def measure(recipe: str, block: int, rounds: int) -> dict:
-    from lptrain.train.checkpoint import Progress
+    from lptrain.checkpoint.store import Progress
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg, s = _session(recipe, Path(tmp))

@@ -1,5 +1,5 @@
 """Peak host memory per rank while building a model with 2 ranks (CPU, gloo), with and without
-`deepspeed.zero.Init` (train/engine.py `model_construction`): the 125M and 1B recipes with
+`deepspeed.zero.Init` (distributed/engine.py `model_construction`): the 125M and 1B recipes with
 ZeRO-3, built and converted exactly as `lptrain train` builds them, up to (not including)
 `deepspeed.initialize`, whose fp32 optimizer partitions are the same either way.
 
@@ -38,10 +38,11 @@ def _rank(rank: int, port: int, model: str, zero_init: bool, out: str) -> None:
     torch.set_num_threads(1)
     import deepspeed
 
-    from lptrain.train import converters, engine
-    from lptrain.train.cli import recipe_files
-    from lptrain.train.config import load
-    from lptrain.train.model import build_model, count_params
+    from lptrain.cli import recipe_files
+    from lptrain.config.schema import load
+    from lptrain.distributed import engine
+    from lptrain.models import converters
+    from lptrain.models.decoder import build_model, count_params
 
     engine._skip_shm_comm_op()
     deepspeed.init_distributed(dist_backend="gloo")

@@ -3,7 +3,7 @@
 - docs/index.md is the README (the repository's front page), its links rewritten for the site:
   `docs/x.md` -> `x.md`; a link to a file outside docs/ becomes its path in code.
 - docs/config.md's reference is generated from the config dataclasses by
-  lptrain.train.config_reference.
+  lptrain.config.reference.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _site_links(text: str) -> str:
 
 
 def _config_reference() -> str:
-    from lptrain.train.config_reference import render
+    from lptrain.config.reference import render
 
     return render()
 

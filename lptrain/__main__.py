@@ -2,6 +2,6 @@
 
 import sys
 
-from lptrain.train.cli import main
+from lptrain.cli import main
 
 sys.exit(main())

@@ -11,8 +11,8 @@ import sys
 import typing
 from pathlib import Path
 
-from lptrain.train.config import TrainConfig, _key
-from lptrain.train.config_reference import render
+from lptrain.config.reference import render
+from lptrain.config.schema import TrainConfig, _key
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lptrain.train.cli import recipe_files
+from lptrain.cli import recipe_files
 
 REPO = Path(__file__).resolve().parents[1]
 

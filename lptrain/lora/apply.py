@@ -6,44 +6,46 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import torch
 from torch import nn
 
+from lptrain.errors import ConfigError
 from lptrain.lora.l4q import L4QLinear
 from lptrain.lora.layer import BASES, LoRALinear
-from lptrain.lora.quantized import QuantizedLinear
+from lptrain.nn.select import DEFAULT_SKIP, ModuleFilter, set_module
 from lptrain.qat.layers import select
+from lptrain.qat.quantized import QuantizedLinear
 
 log = logging.getLogger("lptrain")
 KINDS = ("lora", "l4q")
 
 
-class AdapterConfigError(ValueError):
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field}: {problem}")
-        self.field, self.problem = field, problem
+class AdapterConfigError(ConfigError):
+    """An adapter setting is wrong: `field` names it (the trainer prefixes `adapters.`)."""
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """kind: lora | l4q. r, alpha (scaling alpha/r), dropout (LoRA only). targets / skip:
-    module-name globs (full dotted name or its last part). LoRA: `base` storage of the frozen
-    weight (none | bf16 | fp8 | int8 | int4 | nvfp4) and `base_group_size` (int4). L4Q:
-    `bits` (2-8) and `group_size` (inputs per step/offset group)."""
+    """type: lora | l4q (the YAML key `adapters.type`). r, alpha (scaling alpha/r), dropout
+    (LoRA only). targets / skip: module-name globs (lptrain/nn/select.py). LoRA: `base`
+    storage of the frozen weight (none | bf16 | fp8 | int8 | int4 | nvfp4) and
+    `base_group_size` (int4). L4Q: `bits` (2-8) and `group_size` (inputs per step/offset
+    group)."""
 
-    kind: str = "lora"
+    type: str = "lora"
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["*"])
-    skip: list[str] = field(default_factory=lambda: ["lm_head"])
+    skip: list[str] = field(default_factory=lambda: list(DEFAULT_SKIP))
     base: str = "none"
     base_group_size: int = 64
     bits: int = 4
     group_size: int = 128
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise AdapterConfigError("kind", f"{self.kind!r} is not one of {KINDS}")
+        if self.type not in KINDS:
+            raise AdapterConfigError("type", f"{self.type!r} is not one of {KINDS}")
         if self.r < 1:
             raise AdapterConfigError("r", f"must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -55,11 +57,11 @@ class AdapterConfig:
         for name in ("group_size", "base_group_size"):
             if getattr(self, name) < 1:
                 raise AdapterConfigError(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.kind == "l4q" and self.base != "none":
+        if self.type == "l4q" and self.base != "none":
             raise AdapterConfigError(
                 "base", "l4q quantizes W0 + αBA itself and keeps W0 in high precision; drop base"
             )
-        if self.kind == "l4q" and self.dropout:
+        if self.type == "l4q" and self.dropout:
             raise AdapterConfigError(
                 "dropout", "l4q merges B·A into the quantized weight: no adapter-input dropout"
             )
@@ -67,24 +69,28 @@ class AdapterConfig:
 
 def _make(cfg: AdapterConfig, layer: nn.Module, name: str) -> nn.Module:
     try:
-        if cfg.kind == "l4q":
+        if cfg.type == "l4q":
             return L4QLinear(layer, cfg.r, cfg.alpha, cfg.bits, cfg.group_size)
         return LoRALinear(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.base, cfg.base_group_size)
-    except ValueError as exc:
-        msg = str(exc)
-        field_name = msg.split(":", 1)[0]
-        if field_name == "group_size" and cfg.kind == "lora":
-            field_name = "base_group_size"
-        raise AdapterConfigError(field_name, f"{msg.split(': ', 1)[-1]} (layer {name})") from None
+    except ConfigError as exc:  # the layer names its own argument; the config calls it:
+        field_name = (
+            "base_group_size" if exc.field == "group_size" and cfg.type == "lora" else exc.field
+        )
+        raise AdapterConfigError(field_name, f"{exc.problem} (layer {name})") from None
 
 
 def apply(
-    model: nn.Module, cfg: AdapterConfig | dict, log_fn: Callable[[str], None] | None = None
+    model: nn.Module,
+    cfg: AdapterConfig | dict,
+    *,
+    module_filter_fn: ModuleFilter | None = None,
+    log_fn: Callable[[str], None] | None = None,
 ) -> nn.Module:
-    """Freeze every parameter of `model`, then swap each target linear for an adapter layer
-    (only the adapter tensors train). Returns the model."""
+    """Freeze every parameter of `model`, then swap each linear selected by (cfg.targets,
+    cfg.skip, module_filter_fn) (lptrain/nn/select.py) for an adapter layer (only the adapter
+    tensors train). Returns the model."""
     cfg = AdapterConfig(**cfg) if isinstance(cfg, dict) else cfg
-    chosen = list(select(model, cfg.targets, cfg.skip))
+    chosen = list(select(model, cfg.targets, cfg.skip, module_filter_fn))
     if not chosen:
         raise AdapterConfigError("targets", f"{cfg.targets} matches no linear layer")
     model.requires_grad_(False)
@@ -95,7 +101,7 @@ def apply(
     total = sum(p.numel() for p in model.parameters())
     bpp = base_bytes_per_param(model)
     stored = f" ({bpp:.3f} bytes/param)" if bpp is not None else ""
-    what = f"l4q {cfg.bits} bits, group {cfg.group_size}" if cfg.kind == "l4q" else (
+    what = f"l4q {cfg.bits} bits, group {cfg.group_size}" if cfg.type == "l4q" else (
         f"lora, base {cfg.base}{stored}"
     )  # fmt: skip
     (log_fn or log.info)(
@@ -115,6 +121,33 @@ def merge(model: nn.Module) -> nn.Module:
     for _, m in adapter_layers(model):
         if isinstance(m, LoRALinear):
             m.merge()
+    return model
+
+
+@torch.no_grad()
+def merged_layer(m: LoRALinear | L4QLinear) -> nn.Module:
+    """The layer that serves an adapter layer with its adapter added in. LoRA on a float base:
+    the base with W + (α/r)BA; on a quantized base: the dequantized weight plus the adapter,
+    re-quantized into the base's own format (round to nearest). L4Q: its integer export."""
+    if isinstance(m, L4QLinear):
+        return m.export()
+    if m.base_format == "none":
+        m.merge()
+        return m.base_layer
+    base = m.base_layer
+    new = QuantizedLinear.from_weight(
+        base.dequantize() + m.delta_weight().float(), base.fmt, bias=base.bias,
+        group_size=base.group_size,
+    )  # fmt: skip
+    new.recipe_layer = base.recipe_layer
+    return new
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """peft's name: every adapter layer replaced by `merged_layer`, in place (not reversible,
+    unlike `merge`). Returns the model."""
+    for name, m in list(adapter_layers(model)):
+        set_module(model, name, merged_layer(m).eval())
     return model
 
 

@@ -26,10 +26,11 @@ import math
 import torch
 from torch import nn
 
-from lptrain.lora.chunked import chunked_matmul, row_chunks, work_dtype
-from lptrain.lora.quantized import QuantizedLinear
+from lptrain.errors import ConfigError
+from lptrain.nn.chunked import chunked_matmul, row_chunks, work_dtype
 from lptrain.qat import lsq as L
 from lptrain.qat.layers import features, weight_nk
+from lptrain.qat.quantized import QuantizedLinear
 from lptrain.qat.quantizer import mark_quantizer_params
 
 
@@ -118,13 +119,13 @@ class L4QLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = features(base)
         if not 2 <= bits <= 8:
-            raise ValueError(f"bits: must be in 2..8, got {bits}")
+            raise ConfigError("bits", f"must be in 2..8, got {bits}")
         if group_size < 1 or self.in_features % group_size:
-            raise ValueError(
-                f"group_size: {group_size} does not divide in_features {self.in_features}"
+            raise ConfigError(
+                "group_size", f"{group_size} does not divide in_features {self.in_features}"
             )
         if r < 1:
-            raise ValueError(f"r: must be >= 1, got {r}")
+            raise ConfigError("r", f"must be >= 1, got {r}")
         self.r, self.lora_alpha, self.scaling = r, alpha, alpha / r
         self.bits, self.group_size = bits, group_size
         self.n, self.p = L.bounds(bits, signed=True)

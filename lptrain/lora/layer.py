@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 import lptrain.nn as lpnn
-from lptrain.lora.quantized import QuantizedLinear
+from lptrain.errors import ConfigError
 from lptrain.qat.layers import features, is_hf_conv1d, weight_nk
+from lptrain.qat.quantized import QuantizedLinear
 
 BASES = ("none", "bf16", "fp8", "int8", "int4", "nvfp4")
 
@@ -46,9 +47,9 @@ class LoRALinear(nn.Module):
     ):
         super().__init__()
         if r < 1:
-            raise ValueError(f"r: must be >= 1, got {r}")
+            raise ConfigError("r", f"must be >= 1, got {r}")
         if base_format not in BASES:
-            raise ValueError(f"base: {base_format!r} is not one of {BASES}")
+            raise ConfigError("base", f"{base_format!r} is not one of {BASES}")
         self.in_features, self.out_features = features(base)
         self.r, self.lora_alpha, self.scaling = r, alpha, alpha / r
         self.base_format, self.group_size = base_format, group_size

@@ -30,7 +30,7 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def save_peft(model: nn.Module, out_dir: str | os.PathLike, base_model: str | None = None) -> Path:
     """Write the model's LoRA adapters as a peft adapter directory (loads with
     `PeftModel.from_pretrained(base, out_dir)`)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # optional dependency (the train extra)
 
     layers = _lora_layers(model)
     if not layers:
@@ -68,7 +68,7 @@ def save_peft(model: nn.Module, out_dir: str | os.PathLike, base_model: str | No
 
 
 def read_peft(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # optional dependency (the train extra)
 
     d = Path(adapter_dir)
     if not (d / CONFIG).is_file():

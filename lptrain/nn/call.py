@@ -29,7 +29,7 @@ from lptrain.numerics import QuantStats, ScalingState, random_signs
 from lptrain.numerics.stats import merge_stats
 
 if TYPE_CHECKING:
-    from lptrain.nn.backends import Backend
+    from lptrain.nn.backends.base import Backend
     from lptrain.nn.recipe import Recipe
 
 PHASES = {"forward": 0, "backward": 1}

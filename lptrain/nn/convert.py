@@ -9,7 +9,6 @@ and, with what was converted and skipped and why, logged as one summary.
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from lptrain.nn.call import stable_seed
 from lptrain.nn.linear import Linear
 from lptrain.nn.recipe import Recipe
 from lptrain.nn.resolve import resolve
+from lptrain.nn.select import DEFAULT_SKIP, ModuleFilter, excluded, globs, matches
 
 log = logging.getLogger("lptrain")
 
@@ -84,12 +84,15 @@ class ConversionSummary:
         return "; ".join(parts)
 
 
-def _skip_reason(name: str, layer: nn.Module, skip: Iterable[str], min_features: int, hits):
-    leaf = name.rsplit(".", 1)[-1]
-    for p in skip:
-        if fnmatch.fnmatch(name, p) or fnmatch.fnmatch(leaf, p):
-            hits.add(p)
-            return f"skip {p!r}"
+def _skip_reason(name: str, layer: nn.Module, selection, min_features: int, hits):
+    targets, skip, module_filter_fn = selection
+    hit = matches(name, skip)
+    if hit:
+        hits.add(hit)
+        return f"skip {hit!r}"
+    why = excluded(name, layer, targets, (), module_filter_fn)
+    if why:
+        return why
     w = layer.weight
     smaller = min(getattr(w, "ds_shape", w.shape))
     if smaller < min_features:
@@ -101,7 +104,9 @@ def convert(
     model: nn.Module,
     recipe: str | Recipe | dict,
     *,
-    skip: Iterable[str] = (),
+    targets: str | Iterable[str] = ("*",),
+    skip: str | Iterable[str] | None = None,
+    module_filter_fn: ModuleFilter | None = None,
     min_features: int = 0,
     backend: str = "auto",
     seed: int = 0,
@@ -110,15 +115,17 @@ def convert(
     """Swap every eligible linear layer of `model` for its lptrain version, in place.
 
     recipe: a name (`lptrain.recipes.names()`), a Recipe, an inline dict or a YAML path.
-    skip: module-name globs (matched against the full dotted name and its last part, e.g.
-    'lm_head'); a pattern that matches nothing is warned about. min_features: skip layers
-    whose smaller dimension is below this. Parameters, devices and dtypes are kept (the same
+    targets / skip / module_filter_fn: which layers (lptrain/nn/select.py; the same signature
+    as qat.prepare and lora.apply); skip None is DEFAULT_SKIP (the output head), and a skip
+    pattern you give that matches nothing is warned about. min_features: skip layers whose
+    smaller dimension is below this. Parameters, devices and dtypes are kept (the same
     tensors). Each layer's random stream is seeded from (seed, its name). Recipes that
     quantize nothing (fp32, bf16) leave plain layers alone. The summary goes to `log_fn`
     (default: the `lptrain` logger at INFO). Returns the model.
     """
     recipe = resolve(recipe)
-    skip = (skip,) if isinstance(skip, str) else tuple(skip)
+    warn_unmatched = skip is not None
+    targets, skip = globs(targets), globs(DEFAULT_SKIP if skip is None else skip)
     if type(model) is nn.Linear:
         raise ValueError(
             "convert() swaps children in place; wrap a bare nn.Linear in a module "
@@ -129,7 +136,7 @@ def convert(
     make_layer = getattr(resolved[0], "make_layer", None)  # backend 'te': TE's own Linear
     hits: set[str] = set()
     for name, parent, child_name, child in list(_candidates(model)):
-        why = _skip_reason(name, child, skip, min_features, hits)
+        why = _skip_reason(name, child, (targets, skip, module_filter_fn), min_features, hits)
         if why:
             summary.skipped.append((name, why))
             continue
@@ -147,7 +154,7 @@ def convert(
             new = cls.from_float(child, recipe, backend=resolved, seed=stable_seed(seed, name))
         summary.converted.append(name)
         setattr(parent, child_name, new)
-    summary.unmatched_skips = [p for p in skip if p not in hits]
+    summary.unmatched_skips = [p for p in skip if p not in hits] if warn_unmatched else []
     if summary.unmatched_skips:
         warnings.warn(
             f"lptrain.convert: skip patterns matched no layer: {summary.unmatched_skips}",
@@ -168,7 +175,9 @@ def unconvert(model: nn.Module) -> nn.Module:
     """Replace every lptrain layer by its plain version holding the same parameters."""
     for _, parent, child_name, child in list(_modules_of(model, Linear)):
         if isinstance(child, Conv1D):
-            from transformers.pytorch_utils import Conv1D as HFConv1D
+            from transformers.pytorch_utils import (
+                Conv1D as HFConv1D,  # optional dependency (the hf extra)
+            )
 
             with torch.device("meta"):
                 plain = HFConv1D(child.out_features, child.in_features)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from lptrain.errors import ConfigError
 from lptrain.numerics import QuantSpec
 
 GEMMS: dict[str, tuple[str, str]] = {
@@ -29,8 +30,8 @@ ACCUMULATE = ("fp32", "int32")
 INT32_OVERFLOWS = ("recompute", "wrap")
 
 
-class RecipeError(ValueError):
-    """A recipe field is wrong; the message starts with the field path."""
+class RecipeError(ConfigError):
+    """A recipe field is wrong; `path` names it inside the recipe (`grad_weight.grad_output`)."""
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,8 @@ class Recipe:
     description: str = ""
 
     def __post_init__(self) -> None:
-        for problem in _problems(self):
-            raise RecipeError(problem)
+        for path, problem in _problems(self):
+            raise RecipeError(path, problem)
 
     def gemm(self, name: str) -> GemmRecipe:
         return getattr(self, name)
@@ -128,38 +129,40 @@ class Recipe:
 
 def _problems(r: Recipe):
     if r.backward_operands not in BACKWARD_OPERANDS:
-        yield f"backward_operands: {r.backward_operands!r} is not one of {BACKWARD_OPERANDS}"
+        yield "backward_operands", f"{r.backward_operands!r} is not one of {BACKWARD_OPERANDS}"
     if r.signs not in SIGN_MODES:
-        yield f"signs: {r.signs!r} is not one of {SIGN_MODES}"
+        yield "signs", f"{r.signs!r} is not one of {SIGN_MODES}"
     for g, (a, b) in GEMMS.items():
         gr = r.gemm(g)
         if gr.accumulate not in ACCUMULATE:
-            yield f"{g}.accumulate: {gr.accumulate!r} is not one of {ACCUMULATE}"
+            yield f"{g}.accumulate", f"{gr.accumulate!r} is not one of {ACCUMULATE}"
         if gr.chunk < 1:
-            yield f"{g}.chunk: must be >= 1, got {gr.chunk}"
+            yield f"{g}.chunk", f"must be >= 1, got {gr.chunk}"
         if gr.overflow not in INT32_OVERFLOWS:
-            yield f"{g}.overflow: {gr.overflow!r} is not one of {INT32_OVERFLOWS}"
+            yield f"{g}.overflow", f"{gr.overflow!r} is not one of {INT32_OVERFLOWS}"
         if gr.accumulate != "int32" and (gr.chunk != 32 or gr.overflow != "recompute"):
-            yield f"{g}: chunk and overflow apply to accumulate='int32' only"
+            yield f"{g}", "chunk and overflow apply to accumulate='int32' only"
         if gr.accumulate == "int32":
             for op, s in ((a, gr.a), (b, gr.b)):
                 if s is None or not s.fmt.is_int or s.scaling != "tensor" or s.hadamard:
                     yield (
-                        f"{g}.{op}: accumulate='int32' needs an integer format with "
-                        f"scaling='tensor' and no hadamard on both operands"
+                        f"{g}.{op}",
+                        "accumulate='int32' needs an integer format with "
+                        "scaling='tensor' and no hadamard on both operands",
                     )
         ha = gr.a.hadamard if gr.a else None
         hb = gr.b.hadamard if gr.b else None
         if ha != hb:
             yield (
-                f"{g}: hadamard differs between {a} ({ha}) and {b} ({hb}); both operands "
-                f"of a GEMM must share the rotation for it to cancel"
+                f"{g}",
+                f"hadamard differs between {a} ({ha}) and {b} ({hb}); both operands "
+                f"of a GEMM must share the rotation for it to cancel",
             )
         sa = gr.a.hadamard_signs if gr.a else False
         sb = gr.b.hadamard_signs if gr.b else False
         if ha and hb and sa != sb:
-            yield f"{g}: hadamard_signs differs between {a} and {b}; the signs must be shared"
+            yield f"{g}", f"hadamard_signs differs between {a} and {b}; the signs must be shared"
     if r.wgrad_high_precision and r.grad_weight.quantized:
-        yield "wgrad_high_precision: true but grad_weight has quantized operands; drop one"
+        yield "wgrad_high_precision", "true but grad_weight has quantized operands; drop one"
     if r.trust_mask and r.output.a is None and r.output.b is None:
-        yield "trust_mask: true needs a quantized output GEMM"
+        yield "trust_mask", "true needs a quantized output GEMM"

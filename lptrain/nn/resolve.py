@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+import yaml
+
 from lptrain.nn.catalog import get
 from lptrain.nn.recipe import GEMMS, GemmRecipe, Recipe, RecipeError
 from lptrain.numerics import QuantSpec
@@ -23,18 +25,18 @@ def _spec_from(d: Any, path: str) -> QuantSpec | None:
     if isinstance(d, QuantSpec):
         return d
     if not isinstance(d, dict):
-        raise RecipeError(f"{path}: expected a mapping of QuantSpec fields or null, got {d!r}")
+        raise RecipeError(f"{path}", f"expected a mapping of QuantSpec fields or null, got {d!r}")
     known = {f.name for f in fields(QuantSpec)}
     for k in d:
         if k not in known:
-            raise RecipeError(f"{path}.{k}: unknown QuantSpec field; known: {sorted(known)}")
+            raise RecipeError(f"{path}.{k}", f"unknown QuantSpec field; known: {sorted(known)}")
     kw = dict(d)
     if isinstance(kw.get("block_size"), list):
         kw["block_size"] = tuple(kw["block_size"])
     try:
         return QuantSpec(**kw)
     except SpecError as e:
-        raise RecipeError(f"{path}.{e.field}: {e.problem}") from None
+        raise RecipeError(f"{path}.{e.field}", f"{e.problem}") from None
 
 
 def _gemm_from(d: Any, gemm: str, base: GemmRecipe) -> GemmRecipe:
@@ -43,22 +45,22 @@ def _gemm_from(d: Any, gemm: str, base: GemmRecipe) -> GemmRecipe:
         return GemmRecipe()
     if not isinstance(d, dict):
         raise RecipeError(
-            f"{gemm}: expected a mapping with keys {a}, {b}, accumulate, chunk, overflow"
+            f"{gemm}", f"expected a mapping with keys {a}, {b}, accumulate, chunk, overflow"
         )
     allowed = {a, b, "accumulate", "chunk", "overflow"}
     for k in d:
         if k not in allowed:
-            raise RecipeError(f"{gemm}.{k}: unknown key; expected one of {sorted(allowed)}")
+            raise RecipeError(f"{gemm}.{k}", f"unknown key; expected one of {sorted(allowed)}")
     spec_a = _merge_spec(base.a, d[a], f"{gemm}.{a}") if a in d else base.a
     spec_b = _merge_spec(base.b, d[b], f"{gemm}.{b}") if b in d else base.b
     acc = d.get("accumulate", base.accumulate)
     chunk = d.get("chunk", base.chunk)
     if not isinstance(chunk, int) or isinstance(chunk, bool):
-        raise RecipeError(f"{gemm}.chunk: expected an int, got {chunk!r}")
+        raise RecipeError(f"{gemm}.chunk", f"expected an int, got {chunk!r}")
     overflow = d.get("overflow", base.overflow)
     for key, v in (("accumulate", acc), ("overflow", overflow)):
         if not isinstance(v, str):
-            raise RecipeError(f"{gemm}.{key}: expected a string, got {v!r}")
+            raise RecipeError(f"{gemm}.{key}", f"expected a string, got {v!r}")
     return GemmRecipe(spec_a, spec_b, acc, chunk, overflow)
 
 
@@ -89,15 +91,15 @@ def from_dict(d: dict[str, Any], base: Recipe | None = None) -> Recipe:
     `{base: nvfp4, grad_weight: {grad_output: {rounding: nearest}}}` changes one field.
     """
     if not isinstance(d, dict):
-        raise RecipeError(f"recipe: expected a mapping, got {type(d).__name__}")
+        raise RecipeError("recipe", f"expected a mapping, got {type(d).__name__}")
     for k in d:
         if k not in _TOP:
-            raise RecipeError(f"{k}: unknown recipe key; known: {sorted(_TOP)}")
+            raise RecipeError(f"{k}", f"unknown recipe key; known: {sorted(_TOP)}")
     if "base" in d:
         try:
             base = get(d["base"])
         except ValueError as e:
-            raise RecipeError(f"base: {e}") from None
+            raise RecipeError("base", f"{e}") from None
     base = base or Recipe(name="custom")
     kw: dict[str, Any] = {}
     for g in GEMMS:
@@ -112,7 +114,7 @@ def from_dict(d: dict[str, Any], base: Recipe | None = None) -> Recipe:
     ):
         v = d.get(key, getattr(base, key) if key != "name" else d.get("name", base.name))
         if not isinstance(v, typ):
-            raise RecipeError(f"{key}: expected {typ.__name__}, got {v!r}")
+            raise RecipeError(f"{key}", f"expected {typ.__name__}, got {v!r}")
         kw[key] = v
     if "name" not in d and "base" in d:
         kw["name"] = f"{base.name}+custom"
@@ -121,8 +123,6 @@ def from_dict(d: dict[str, Any], base: Recipe | None = None) -> Recipe:
 
 def load(path: str) -> Recipe:
     """A recipe from a YAML file (the dict form; `base: <name>` to start from a named one)."""
-    import yaml
-
     with open(path) as f:
         d = yaml.safe_load(f)
     return from_dict(d)

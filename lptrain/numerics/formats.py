@@ -19,6 +19,7 @@ quantum of a binade, the code table) from these fields. Names:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -75,7 +76,6 @@ class Format:
 
 
 def _exponent(v: float) -> int:
-    import math
 
     return math.frexp(v)[1] - 1
 

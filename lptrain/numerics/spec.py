@@ -2,7 +2,7 @@
 
 Validated once at construction: a wrong type, an unknown choice, an inconsistent combination or
 a field that means nothing for the chosen format/scaling (e.g. `scale_target` with E8M0 scales)
-raises `SpecError`, a ValueError whose message starts with the field name.
+raises `SpecError`, an `lptrain.ConfigError` whose message starts with the field name.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from lptrain.errors import ConfigError
 from lptrain.numerics.formats import Format, get_format
 from lptrain.numerics.rounding import ROUNDINGS
 
@@ -31,13 +32,8 @@ SCALE_FROM = ("amax", "std")
 E2M1_GAUSSIAN_CLIP = 2.92247856
 
 
-class SpecError(ValueError):
+class SpecError(ConfigError):
     """A QuantSpec field is wrong; `field` names it, the message starts with it."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ GEMM operands).
 
 from __future__ import annotations
 
-import fnmatch
+import copy
 from typing import Iterable, Iterator
 
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lptrain.nn as lpnn
+from lptrain.nn.select import DEFAULT_SKIP, ModuleFilter, excluded, globs
 
 
 def is_hf_conv1d(m: nn.Module) -> bool:
@@ -52,7 +53,6 @@ def run_gemm(m: nn.Module, x: torch.Tensor, w_nk: torch.Tensor) -> torch.Tensor:
 def keep_base_gemm(exported: nn.Module, base: nn.Module) -> None:
     """Give an exported QuantizedLinear the GEMM `base` ran in training: a quantizing lptrain
     layer's recipe and state (a weightless copy of it), else just its bias."""
-    import copy
 
     if isinstance(base, lpnn.Linear) and base.recipe.quantizes:
         layer = copy.deepcopy(base)
@@ -62,25 +62,20 @@ def keep_base_gemm(exported: nn.Module, base: nn.Module) -> None:
         exported.set_bias(base.bias)
 
 
-def matches(name: str, patterns: Iterable[str]) -> str | None:
-    """The first glob matching the full dotted name or its last part, else None."""
-    leaf = name.rsplit(".", 1)[-1]
-    for p in patterns:
-        if fnmatch.fnmatch(name, p) or fnmatch.fnmatch(leaf, p):
-            return p
-    return None
-
-
 def select(
-    model: nn.Module, targets: Iterable[str] = ("*",), skip: Iterable[str] = ()
+    model: nn.Module,
+    targets: Iterable[str] = ("*",),
+    skip: Iterable[str] = DEFAULT_SKIP,
+    module_filter_fn: ModuleFilter | None = None,
 ) -> Iterator[tuple[str, nn.Module, str, nn.Module]]:
-    """(full name, parent, child name, layer) of every eligible linear layer whose name matches
-    a target glob and no skip glob, in module order (listed first, so swapping is safe)."""
-    targets, skip = tuple(targets), tuple(skip)
+    """(full name, parent, child name, layer) of every eligible linear layer selected by
+    (targets, skip, module_filter_fn) (lptrain/nn/select.py), in module order (listed first,
+    so swapping is safe)."""
+    targets, skip = globs(targets), globs(skip)
     found = []
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if is_linear(child) and matches(full, targets) and not matches(full, skip):
+            if is_linear(child) and not excluded(full, child, targets, skip, module_filter_fn):
                 found.append((full, parent, child_name, child))
     return iter(found)

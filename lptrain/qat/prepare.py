@@ -9,6 +9,7 @@ wrapper: anything with `forward(w) -> ŵ`, `integer_codes(w)` and `dequantize_co
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -16,20 +17,19 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from lptrain.errors import ConfigError
+from lptrain.nn.select import DEFAULT_SKIP, ModuleFilter, set_module
 from lptrain.qat.layers import features, keep_base_gemm, run_gemm, select, weight_nk
 from lptrain.qat.lsq import GRANULARITIES
+from lptrain.qat.quantized import QuantizedLinear
 from lptrain.qat.quantizer import LSQQuantizer
 
 log = logging.getLogger("lptrain")
 METHODS = ("lsq", "lsq+")
 
 
-class QATConfigError(ValueError):
+class QATConfigError(ConfigError):
     """A QAT setting is wrong: `field` names it (the trainer prefixes its section)."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field}: {problem}")
-        self.field, self.problem = field, problem
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,6 @@ class QATLinear(nn.Module):
         """The deployable layer: integer codes + step (+ offset) per group, the input quantizer
         and the base's recipe GEMMs kept; its forward equals this layer's eval forward bit for
         bit (the same dequantized values through the same GEMM)."""
-        import copy
-
-        from lptrain.lora.quantized import QuantizedLinear
-
         q = self.weight_quantizer
         w = weight_nk(self.base)
         out, inp = w.shape
@@ -146,15 +142,17 @@ def prepare(
     model: nn.Module,
     cfg: QATConfig | dict | None = None,
     *,
-    skip: Iterable[str] = ("lm_head",),
     targets: Iterable[str] = ("*",),
+    skip: Iterable[str] = DEFAULT_SKIP,
+    module_filter_fn: ModuleFilter | None = None,
     log_fn: Callable[[str], None] | None = None,
 ) -> nn.Module:
-    """Wrap every eligible linear (nn.Linear, lptrain.nn.Linear, HF Conv1D) whose name matches
-    `targets` and no `skip` glob in a QATLinear, in place; returns the model."""
+    """Wrap every eligible linear (nn.Linear, lptrain.nn.Linear, HF Conv1D) selected by
+    (targets, skip, module_filter_fn) (lptrain/nn/select.py) in a QATLinear, in place; returns
+    the model. torchao's vocabulary: `prepare` trains, `convert` deploys."""
     cfg = QATConfig(**cfg) if isinstance(cfg, dict) else (cfg or QATConfig())
     done = []
-    for name, parent, child_name, layer in list(select(model, targets, skip)):
+    for name, parent, child_name, layer in list(select(model, targets, skip, module_filter_fn)):
         wq = _weight_quantizer(cfg, layer, name)
         aq = None
         if cfg.act_bits is not None:
@@ -199,3 +197,12 @@ def calibrate(model: nn.Module, *inputs, **kwargs) -> None:
         for m in layers:
             m.calibrating = False
         model.train(was_training)
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace every QATLinear by its deployable layer (`QATLinear.export`: integer codes and
+    steps), in place; torchao's order: `prepare`, train, `convert`. Returns the model."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, QATLinear):
+            set_module(model, name, m.export().eval())
+    return model

@@ -15,7 +15,9 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
+from lptrain.report import page
 from lptrain.report.runs import Run, RunError, read_runs
+from lptrain.report.summary import summarize
 
 __all__ = ["RunError", "build", "read_runs"]
 
@@ -26,7 +28,7 @@ def _slug(name: str) -> str:
 
 def _figures(runs: list[Run]):
     """(file name, section, alt text, figure or None), in page order."""
-    from lptrain.report import plots
+    from lptrain.report import plots  # optional dependency: plots imports matplotlib (train extra)
 
     yield "loss.png", "Loss", "loss and validation loss against tokens", plots.loss_figure(runs)
     yield "gap.png", "Loss", "loss gap to the first run", plots.gap_figure(runs)
@@ -50,10 +52,9 @@ def _figures(runs: list[Run]):
 
 def build(paths: list[str], out: str | Path) -> Path:
     """Read the runs, write the PNGs, report.html and report.json into `out`; returns the page."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional dependency (the train extra)
 
-    from lptrain.report import page, plots
-    from lptrain.report.summary import summarize
+    from lptrain.report import plots  # optional dependency: plots imports matplotlib (train extra)
 
     runs = read_runs(paths)
     out = Path(out)

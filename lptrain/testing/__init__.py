@@ -5,6 +5,7 @@ transformer on a synthetic task)."""
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from lptrain.nn import Linear
 
@@ -48,7 +49,6 @@ def grads_plain_and_recomputed(
     """Parameter gradients of model(x).sum() without, then with, non-reentrant activation
     checkpointing (whose backward recomputes the forward): a layer keeps the house rule when
     the two lists are bit-identical."""
-    from torch.utils.checkpoint import checkpoint
 
     grads = []
     for recompute in (False, True):

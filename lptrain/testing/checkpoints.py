@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lptrain.checkpoint import store
+
 MODEL = "mp_rank_00_model_states.pt"
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
@@ -25,8 +27,7 @@ class FakeEngine:
 
 
 def save(ckpt: Path, step: int, config_yaml: str = "run: {seed: 0}\n", keep_last: int = 3) -> Path:
-    """A complete, verifiable checkpoint of `step` in `ckpt` (lptrain.train.checkpoint.save)."""
-    from lptrain.train import checkpoint
+    """A complete, verifiable checkpoint of `step` in `ckpt` (lptrain.checkpoint.store.save)."""
 
-    progress = checkpoint.Progress(step=step)
-    return checkpoint.save(FakeEngine(), nn.Sequential(), ckpt, progress, keep_last, config_yaml)
+    progress = store.Progress(step=step)
+    return store.save(FakeEngine(), nn.Sequential(), ckpt, progress, keep_last, config_yaml)

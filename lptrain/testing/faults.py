@@ -18,13 +18,18 @@ import signal
 import sys
 import time
 
+from lptrain.checkpoint import store
+from lptrain.cli import main as cli_main
+from lptrain.distributed import engine
+from lptrain.models import decoder
+from lptrain.trainer import stop
+
 _TERMED = []  # set once a `term@N` fault has sent its signal
 
 
 def _at_calls(faults: dict[str, set[int]]) -> None:
-    from lptrain.train import model
 
-    forward, calls = model.Decoder.forward, [0]
+    forward, calls = decoder.Decoder.forward, [0]
 
     def faulty(self, tokens):
         loss = forward(self, tokens)
@@ -45,11 +50,10 @@ def _at_calls(faults: dict[str, set[int]]) -> None:
             return loss * float("nan")
         return loss
 
-    model.Decoder.forward = faulty
+    decoder.Decoder.forward = faulty
 
 
 def _term_at_startup() -> None:
-    from lptrain.train import engine
 
     initialize = engine.initialize
 
@@ -61,9 +65,8 @@ def _term_at_startup() -> None:
 
 
 def _term_again_at_save() -> None:
-    from lptrain.train import checkpoint, stop
 
-    save = checkpoint.save
+    save = store.save
 
     def interrupted(*args, **kwargs):
         if _TERMED:  # the save that the first SIGTERM asked for
@@ -71,7 +74,7 @@ def _term_again_at_save() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return save(*args, **kwargs)
 
-    checkpoint.save = interrupted
+    store.save = interrupted
 
 
 def install(spec: str) -> None:
@@ -92,7 +95,6 @@ def install(spec: str) -> None:
 
 def main(argv: list[str]) -> int:
     install(argv[0])
-    from lptrain.train.cli import main as cli_main
 
     return cli_main(argv[1:])
 

@@ -1,5 +1,5 @@
 """The two training setups of the loss study, shared by `benchmarks/loss_study.py` (which
-measures them) and `tests/train/test_trainer_loss.py` (whose bounds come from those
+measures them) and `tests/trainer/test_loop_loss.py` (whose bounds come from those
 measurements), so that a test and the numbers behind its bounds cannot drift apart.
 
 Both are `--set` overrides of `recipes/pretrain/tiny-fp32.yaml` (the main job's data,

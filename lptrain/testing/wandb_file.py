@@ -65,7 +65,7 @@ class WandbRun:
 
 
 def read_wandb_file(path: str | Path) -> WandbRun:
-    from wandb.proto import wandb_internal_pb2
+    from wandb.proto import wandb_internal_pb2  # optional dependency (the train extra)
 
     run = WandbRun()
     for payload in _payloads(Path(path).read_bytes()):

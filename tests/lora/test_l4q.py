@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-import lptrain.lora.chunked as chunked
+import lptrain.nn.chunked as chunked
 from lptrain.lora import L4QFunction, L4QLinear, l4q_init_step
 from lptrain.qat import bounds, grad_scale
 from lptrain.testing.memory import live_bytes, peak_bytes_during

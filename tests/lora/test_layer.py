@@ -10,7 +10,8 @@ from torch import nn
 import lptrain
 import lptrain.lora as lora
 import lptrain.nn as lpnn
-from lptrain.lora import AdapterConfig, AdapterConfigError, LoRALinear, QuantizedLinear
+from lptrain.lora import AdapterConfig, AdapterConfigError, LoRALinear
+from lptrain.qat import QuantizedLinear
 
 
 def _model():
@@ -63,15 +64,40 @@ def test_apply_freezes_everything_but_adapters_and_base_never_gets_grad():
 
 
 def test_merge_unmerge_float_base():
+    """merge writes W0 + (alpha/r)·B·A into the base (float64 reference) and turns the adapter
+    path off; unmerge restores W0. A merge that did nothing fails the weight check."""
+    model = _model()
+    lora.apply(model, AdapterConfig(r=4, alpha=8, skip=[]))
+    layers = dict(lora.adapter_layers(model))
+    for m in layers.values():
+        nn.init.normal_(m.lora_B, std=0.1)
+    w0 = {n: m.base_layer.weight.detach().clone() for n, m in layers.items()}
+    x = torch.randn(4, 64)
+    y = model(x)
+    lora.merge(model)
+    for n, m in layers.items():
+        want = w0[n].double() + 2.0 * (m.lora_B.double() @ m.lora_A.double())
+        assert m.merged
+        torch.testing.assert_close(m.base_layer.weight.double(), want, rtol=0, atol=1e-6)
+        assert (m.base_layer.weight - w0[n]).abs().max() > 1e-3  # the delta is not negligible
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
+    lora.unmerge(model)
+    for n, m in layers.items():
+        assert not m.merged
+        torch.testing.assert_close(m.base_layer.weight, w0[n], rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_and_unload_leaves_plain_layers_computing_the_adapted_model():
     model = _model()
     lora.apply(model, AdapterConfig(r=4, skip=[]))
     for _, m in lora.adapter_layers(model):
         nn.init.normal_(m.lora_B, std=0.1)
     x = torch.randn(4, 64)
     y = model(x)
-    lora.merge(model)
-    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
-    lora.unmerge(model)
+    assert lora.merge_and_unload(model) is model
+    assert not list(lora.adapter_layers(model))
+    assert [type(m) for m in model] == [nn.Linear, nn.GELU, nn.Linear]
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
 
 
@@ -104,10 +130,10 @@ def test_bad_input_names_the_field():
     with pytest.raises(AdapterConfigError, match="^base: 'int3' is not one of"):
         AdapterConfig(base="int3")
     with pytest.raises(AdapterConfigError, match="^bits: must be in 2..8, got 9"):
-        AdapterConfig(kind="l4q", bits=9)
+        AdapterConfig(type="l4q", bits=9)
     with pytest.raises(AdapterConfigError, match="^base: l4q quantizes"):
-        AdapterConfig(kind="l4q", base="int4")
+        AdapterConfig(type="l4q", base="int4")
     with pytest.raises(AdapterConfigError, match="^group_size: 48 does not divide in_features 64"):
-        lora.apply(_model(), AdapterConfig(kind="l4q", group_size=48, skip=[]))
+        lora.apply(_model(), AdapterConfig(type="l4q", group_size=48, skip=[]))
     with pytest.raises(AdapterConfigError, match="^targets: .* matches no linear layer"):
         lora.apply(_model(), AdapterConfig(targets=["nothing"]))

@@ -10,8 +10,8 @@ import torch
 
 import lptrain
 import lptrain.lora as lora
-from lptrain.train.config import ModelConfig
-from lptrain.train.model import build_model
+from lptrain.config.schema import ModelConfig
+from lptrain.models.decoder import build_model
 
 peft = pytest.importorskip("peft")
 TARGETS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from lptrain.cli import main
 from lptrain.report import plots, read_runs
-from lptrain.train.cli import main
 
 PLAIN, MON = "tiny-fp32 (plain)", "tiny-fp32 (monitored)"
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from lptrain.cli import main
 from lptrain.report.runs import RunError, read_run, read_runs
-from lptrain.train.cli import main
 
 
 def _write(run_dir, name, rows, tail=""):

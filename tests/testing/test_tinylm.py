@@ -5,7 +5,7 @@ at its entropy floor by then (fp32 1.623, floor ~1.58), and 300 steps only doubl
 biggest file. The issue asks FP8 recipes to end within 2% of the FP32 loss; every other recipe
 is held to the same bound (measured at 150 steps: at most 0.075% off, mxfp4), so a broken
 quantizer that still trains but trains worse fails here. Which recipes cost loss on real data
-is the loss study's question (tests/train/test_trainer_loss.py).
+is the loss study's question (tests/trainer/test_loop_loss.py).
 benchmarks/bench_recipes_loss.py prints the table.
 """
 

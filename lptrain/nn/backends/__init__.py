@@ -13,73 +13,20 @@ was chosen; `lptrain.convert` calls it once per model and logs the reason. Backe
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, NamedTuple
+import importlib.util
+from typing import TYPE_CHECKING
 
 import torch
 
-from lptrain.numerics import QuantSpec
+from lptrain.nn.backends.base import Backend, GemmResult
+from lptrain.nn.backends.emulated import EmulatedBackend
+from lptrain.nn.backends.selftest import self_test
+from lptrain.nn.backends.te import TEBackend
 
 if TYPE_CHECKING:
-    from lptrain.nn.call import CallContext
     from lptrain.nn.recipe import Recipe
 
 BACKENDS = ("auto", "emulated", "triton", "te")
-
-
-class GemmResult(NamedTuple):
-    out: torch.Tensor  # C = A . B^T, float32 (float64 for float64 operands)
-    qa: torch.Tensor | None  # the quantized operands as the GEMM saw them (padded, rotated)
-    qb: torch.Tensor | None
-    ma: torch.Tensor | None  # trust masks (|x . enc| below the format max), when asked for
-    mb: torch.Tensor | None
-
-
-class Backend(ABC):
-    name: str
-
-    @abstractmethod
-    def supports(self, recipe: "Recipe") -> str | None:
-        """None when this backend runs `recipe` exactly, else the reason it cannot."""
-
-    @abstractmethod
-    def quantize(
-        self,
-        call: "CallContext",
-        gemm: str,
-        operand: str,
-        t: torch.Tensor,
-        spec: QuantSpec,
-        *,
-        generator: torch.Generator,
-        signs: torch.Tensor | None,
-        want_mask: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(fake-quantized t, trust mask or None) for one operand of one GEMM."""
-
-    @abstractmethod
-    def gemm(
-        self,
-        call: "CallContext",
-        gemm: str,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        *,
-        generator: torch.Generator,
-        signs: torch.Tensor | None,
-        want_mask: bool = False,
-        quantized: tuple[bool, bool] = (False, False),
-    ) -> GemmResult:
-        """C = A . B^T for `gemm`, operands quantized per the recipe along their last axis.
-        `quantized` marks operands that already are (a reused copy)."""
-
-    def after_step(self) -> None:
-        """Called after every optimizer step (the trainer's precision converter): drop whatever
-        was cached for the old weights. Default: nothing is cached."""
-        return None
-
-    def __repr__(self) -> str:
-        return self.name
 
 
 def resolve(
@@ -100,8 +47,6 @@ def resolve(
     reason. TransformerEngine is never picked automatically: its kernels are its own, not
     checked against lptrain's reference (ask for it with backend 'te').
     """
-    from lptrain.nn.backends.emulated import EmulatedBackend
-
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     device = torch.device(device) if device is not None else None
@@ -113,8 +58,6 @@ def resolve(
     if name == "emulated":
         return _checked(EmulatedBackend(), recipe), "emulated (requested)"
     if name == "te":
-        from lptrain.nn.backends.te import TEBackend
-
         if not whole_layers:
             raise ValueError(
                 "backend 'te' swaps whole layers for TransformerEngine's Linear: convert the "
@@ -170,14 +113,12 @@ def _where(device: torch.device) -> str:
 def _triton_unavailable(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on `device`, or None. Imports Triton only when it is
     installed and a Triton backend is being considered."""
-    import importlib.util
-
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (pip install 'lptrain[gpu]')"
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        import triton
+        import triton  # optional dependency (the gpu extra): present, checked above
 
         if triton.knobs.runtime.interpret:
             return None
@@ -189,7 +130,7 @@ def _triton_unavailable(device: torch.device) -> str | None:
 
 
 def _triton(recipe: "Recipe", device: torch.device) -> tuple[Backend | None, str | None]:
-    from lptrain.nn.backends.selftest import self_test
+    # optional dependency: the Triton backend imports triton (the gpu extra) at its top
     from lptrain.nn.backends.triton import TritonBackend
 
     backend = TritonBackend()
@@ -197,4 +138,4 @@ def _triton(recipe: "Recipe", device: torch.device) -> tuple[Backend | None, str
     return (None, why) if why else (backend, None)
 
 
-__all__ = ["BACKENDS", "Backend", "GemmResult", "resolve"]
+__all__ = ["BACKENDS", "Backend", "EmulatedBackend", "GemmResult", "resolve"]

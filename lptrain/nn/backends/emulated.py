@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from lptrain.nn.backends import Backend, GemmResult
+from lptrain.nn.backends.base import Backend, GemmResult
 from lptrain.nn.recipe import GEMMS
 from lptrain.numerics import DFPTensor, QuantSpec, dfp_matmul, dfp_quantize, fake_quantize
 from lptrain.numerics.scaling import abs_max

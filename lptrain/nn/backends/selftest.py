@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from lptrain.nn.backends import matmul as mm
 from lptrain.nn.recipe import GEMMS
 from lptrain.numerics import QuantSpec, ScalingState, dfp_quantize, fake_quantize
 
@@ -51,6 +52,7 @@ def _signs(spec: QuantSpec, device) -> torch.Tensor | None:
 
 
 def _check_spec(backend, spec: QuantSpec, device, seed: int) -> str | None:
+    # optional dependency: lptrain.kernels imports triton (the gpu extra)
     from lptrain.kernels.reference import fake_quantize_with_bits, philox_bits
 
     x = _operand(128, 128, seed, device)
@@ -82,8 +84,6 @@ def _check_spec(backend, spec: QuantSpec, device, seed: int) -> str | None:
 
 
 def _check_gemm(backend, sa: QuantSpec, sb: QuantSpec, device) -> str | None:
-    from lptrain.nn.backends import matmul as mm
-
     sa, sb = (s.replace(rounding="nearest") for s in (sa, sb))
     if "delayed" in (sa.scaling, sb.scaling):  # the same cast path with current scales
         sa, sb = (_current(s) if s.scaling == "delayed" else s for s in (sa, sb))
@@ -108,6 +108,7 @@ def _current(s: QuantSpec) -> QuantSpec:
 
 
 def _check_dfp(spec: QuantSpec, device) -> str | None:
+    # optional dependency: lptrain.kernels imports triton (the gpu extra)
     from lptrain.kernels.dfp import quantize_dfp
 
     x = _operand(64, 128, 3, device)

@@ -100,7 +100,7 @@ def _te_linear_class():
     global _TE_LINEAR
     if _TE_LINEAR is not None:
         return _TE_LINEAR
-    import transformer_engine.pytorch as te
+    import transformer_engine.pytorch as te  # optional dependency (the te extra)
 
     def autocast(recipe):
         if hasattr(te, "autocast"):  # TE >= 2.8

@@ -37,7 +37,7 @@ class TEMapping:
 
     def build(self):
         """The TE recipe object (needs TransformerEngine)."""
-        from transformer_engine.common import recipe as R
+        from transformer_engine.common import recipe as R  # optional dependency (the te extra)
 
         kw = {
             k: getattr(R.Format, v) if k.endswith("_format") else v for k, v in self.kwargs.items()

@@ -29,8 +29,8 @@ from lptrain.kernels import block as block_k
 from lptrain.kernels import dfp as dfp_k
 from lptrain.kernels import fp8 as fp8_k
 from lptrain.kernels.amax import amax_2d
-from lptrain.nn.backends import Backend, GemmResult
 from lptrain.nn.backends import matmul as mm
+from lptrain.nn.backends.base import Backend, GemmResult
 from lptrain.nn.backends.emulated import EmulatedBackend, granularity, pad_to
 from lptrain.nn.backends.operand import FP8, Operand, QuantizedOperand, operand_of, plain
 from lptrain.nn.backends.triton_rules import bf16_exact, colwise_dy, recipe_problem
@@ -50,7 +50,7 @@ def _signature(t: torch.Tensor) -> tuple:
 def _kernels_run_on(device: torch.device) -> bool:
     """CUDA, or the CPU under Triton's interpreter; elsewhere (a model moved after conversion)
     the reference runs instead."""
-    import triton
+    import triton  # optional dependency (the gpu extra)
 
     return device.type == "cuda" or (device.type == "cpu" and triton.knobs.runtime.interpret)
 

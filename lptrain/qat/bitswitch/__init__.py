@@ -9,7 +9,7 @@ Double Rounding, ALRS, HASB; Huang et al., arXiv 2502.01199).
     four = bs.switch_store(store, 4)      # the 4-bit layer from the int8 store alone
 
 The joint multi-precision training step (every bit-width per batch, ALRS, HASB sampling,
-optional self-distillation) is `lptrain.train.bitswitch`, a step function for the trainer.
+optional self-distillation) is `lptrain.trainer.bitswitch`, a step function for the trainer.
 """
 
 from lptrain.qat.bitswitch.budget import Assignment, brute_force, solve
@@ -35,9 +35,11 @@ from lptrain.qat.bitswitch.hessian import TraceResult, hutchinson, layer_traces
 from lptrain.qat.bitswitch.layer import BitSwitchLinear, SwitchInfo, store_weight, switch_store
 from lptrain.qat.bitswitch.prepare import (
     BitSwitchConfig,
+    BitSwitchConfigError,
     active_bits,
     bitswitch_layers,
     calibrate,
+    convert,
     prepare,
     set_bits,
 )
@@ -48,6 +50,7 @@ __all__ = [
     "SCALE_GRADS",
     "Assignment",
     "BitSwitchConfig",
+    "BitSwitchConfigError",
     "BitSwitchLinear",
     "DoubleRoundingFunction",
     "DoubleRoundingQuantizer",
@@ -57,6 +60,7 @@ __all__ = [
     "alrs_multipliers",
     "bitswitch_layers",
     "brute_force",
+    "convert",
     "calibrate",
     "double_round",
     "faithful_reference_scale_grad",

@@ -17,12 +17,15 @@ large powers of two).
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from functools import reduce
 from typing import Sequence
 
 import numpy as np
+
+from lptrain.errors import ConfigError
 
 MAX_CELLS = 200_000_000  # L·|B|·C above this: refuse rather than run for hours
 
@@ -45,14 +48,14 @@ def solve(
         raise ValueError("costs must be (layers, bit-widths)")
     b_min, total = min(bits), sum(n)
     if budget < b_min:
-        raise ValueError(f"--budget: {budget} is below the smallest bit-width {b_min}")
+        raise ConfigError("budget", f"{budget} is below the smallest bit-width {b_min}")
     extra = [[n_l * (b - b_min) for b in bits] for n_l in n]  # weight·bits above b_min
     unit = reduce(math.gcd, (e for row in extra for e in row if e), 0) or 1
     w = np.asarray(extra, dtype=np.int64) // unit  # integer capacities
     # Capacity in units: floor of the (real) spare bits, never more than all-highest uses.
     cap = min(int(math.floor((budget - b_min) * total / unit + 1e-9)), int(w.max(1).sum()))
     if L * K * (cap + 1) > MAX_CELLS:
-        raise ValueError(f"--budget: the exact program needs {L * K * (cap + 1)} cells; too big")
+        raise ConfigError("budget", f"the exact program needs {L * K * (cap + 1)} cells; too big")
     dp = np.zeros(cap + 1)  # dp[u]: min cost of the layers so far using <= u units
     choice = np.zeros((L, cap + 1), dtype=np.int64)
     for l in range(L):
@@ -77,7 +80,6 @@ def solve(
 
 def brute_force(costs, sizes, bits, budget) -> float:
     """The minimum by enumeration (tests; |B|^L assignments)."""
-    import itertools
 
     total, best = sum(sizes), math.inf
     for ks in itertools.product(range(len(bits)), repeat=len(sizes)):

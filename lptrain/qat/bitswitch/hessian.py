@@ -18,6 +18,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,6 @@ def hutchinson(
 @contextlib.contextmanager
 def _double_backward_attention():
     """Fused attention kernels have no double backward; the math kernel has."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):
         yield

@@ -21,10 +21,11 @@ import copy
 import torch
 from torch import nn
 
-from lptrain.lora.quantized import QuantizedLinear
+from lptrain.errors import ConfigError
 from lptrain.qat.bitswitch import double_rounding as dr
 from lptrain.qat.bitswitch.quantizer import DoubleRoundingQuantizer
 from lptrain.qat.layers import features, keep_base_gemm, run_gemm, weight_nk
+from lptrain.qat.quantized import QuantizedLinear
 from lptrain.qat.quantizer import LSQQuantizer
 
 
@@ -152,7 +153,7 @@ def switch_store(store: QuantizedLinear, bits: int) -> QuantizedLinear:
     info: SwitchInfo = store.switch
     cands = info.candidates
     if bits not in cands:
-        raise ValueError(f"--bits: {bits} is not a candidate bit-width {cands}")
+        raise ConfigError("bits", f"{bits} is not a candidate bit-width {cands}")
     d = cands[0] - bits
     q = dr.second_round(store.integer_codes().float(), d, bits, info.rounding)
     m = QuantizedLinear(store.in_features, store.out_features, "affine", gemm="full")

@@ -10,12 +10,17 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from lptrain.errors import ConfigError
+from lptrain.nn.select import DEFAULT_SKIP, ModuleFilter, set_module
 from lptrain.qat.bitswitch import double_rounding as dr
 from lptrain.qat.bitswitch.layer import BitSwitchLinear
 from lptrain.qat.layers import select, weight_nk
-from lptrain.qat.prepare import QATConfigError
 
 log = logging.getLogger("lptrain")
+
+
+class BitSwitchConfigError(ConfigError):
+    """A bit-switching setting is wrong: `field` names it (the trainer prefixes `bitswitch.`)."""
 
 
 @dataclass(frozen=True)
@@ -34,16 +39,18 @@ class BitSwitchConfig:
     def __post_init__(self):
         bits = tuple(self.bits)
         if not bits:
-            raise QATConfigError("bits", "give at least one bit-width")
+            raise BitSwitchConfigError("bits", "give at least one bit-width")
         bad = [b for b in bits if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8]
         if bad:
-            raise QATConfigError("bits", f"each must be an integer in 2..8, got {bad[0]!r}")
+            raise BitSwitchConfigError("bits", f"each must be an integer in 2..8, got {bad[0]!r}")
         if len(set(bits)) != len(bits):
-            raise QATConfigError("bits", f"bit-widths must be distinct, got {list(bits)}")
+            raise BitSwitchConfigError("bits", f"bit-widths must be distinct, got {list(bits)}")
         if self.rounding not in dr.ROUNDINGS:
-            raise QATConfigError("rounding", f"{self.rounding!r} is not one of {dr.ROUNDINGS}")
+            raise BitSwitchConfigError(
+                "rounding", f"{self.rounding!r} is not one of {dr.ROUNDINGS}"
+            )
         if self.scale_grad not in dr.SCALE_GRADS:
-            raise QATConfigError(
+            raise BitSwitchConfigError(
                 "scale_grad", f"{self.scale_grad!r} is not one of {dr.SCALE_GRADS}"
             )
         object.__setattr__(self, "bits", tuple(sorted(bits, reverse=True)))
@@ -53,15 +60,16 @@ def prepare(
     model: nn.Module,
     cfg: BitSwitchConfig | dict | None = None,
     *,
-    skip: Iterable[str] = ("lm_head",),
     targets: Iterable[str] = ("*",),
+    skip: Iterable[str] = DEFAULT_SKIP,
+    module_filter_fn: ModuleFilter | None = None,
     log_fn: Callable[[str], None] | None = None,
 ) -> nn.Module:
-    """Wrap every eligible linear whose name matches `targets` and no `skip` glob, in place.
+    """Wrap every eligible linear selected by (targets, skip, module_filter_fn), in place.
     Weight scales are initialised from the weights here (before any DeepSpeed wrapper)."""
     cfg = BitSwitchConfig(**cfg) if isinstance(cfg, dict) else (cfg or BitSwitchConfig())
     n = 0
-    for _name, parent, child_name, layer in list(select(model, targets, skip)):
+    for _name, parent, child_name, layer in list(select(model, targets, skip, module_filter_fn)):
         m = BitSwitchLinear(
             layer, cfg.bits, rounding=cfg.rounding, scale_grad=cfg.scale_grad,
             act_bits=cfg.act_bits, act_signed=cfg.act_signed,
@@ -118,3 +126,13 @@ def calibrate(model: nn.Module, *inputs, **kwargs) -> None:
             m.calibrating = False
         set_bits(model, before)
         model.train(was_training)
+
+
+def convert(model: nn.Module, bits: int | None = None) -> nn.Module:
+    """Replace every BitSwitchLinear by its deployable layer at `bits`, in place; None keeps
+    the int8 store, from which `switch_store` derives any candidate bit-width later (what an
+    export holds). Returns the model."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, BitSwitchLinear):
+            set_module(model, name, m.export(bits).eval())
+    return model

@@ -92,7 +92,7 @@ def test_the_triton_backend_passes_its_self_test_here(name: str):
 
 def test_importing_lptrain_never_imports_triton_or_te():
     code = (
-        "import sys, lptrain, lptrain.nn, lptrain.recipes, lptrain.train.trainer; "
+        "import sys, lptrain, lptrain.nn, lptrain.recipes, lptrain.trainer.loop; "
         "lptrain.nn.Linear(8, 8, recipe='fp8-current'); "
         "print(sorted(m for m in ('triton', 'transformer_engine') if m in sys.modules))"
     )

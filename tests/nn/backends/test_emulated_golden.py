@@ -6,7 +6,7 @@ One Linear per recipe runs three forward and backward calls on operands built fr
 (exact on every CPU, unlike randn, whose vectorized log/cos differ per instruction set); the
 test hashes what every quantizer returned, and the layer's state after the calls, into
 tests/golden/quantizers.json. The GEMMs of the float recipes run in the BLAS and are left out
-(tests/train/test_trainer_golden.py bounds them); int16-dfp's GEMM is lptrain's own chunked
+(tests/trainer/test_loop_golden.py bounds them); int16-dfp's GEMM is lptrain's own chunked
 integer arithmetic, so its outputs are hashed too.
 
 The README shows this passing under ATEN_CPU_CAPABILITY=default, avx2 and avx512. A deliberate

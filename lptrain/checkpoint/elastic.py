@@ -1,0 +1,153 @@
+"""Elastic resume: a checkpoint saved on N ranks resumes on M ranks through DeepSpeed's universal
+checkpoint (`ds_to_universal`, `"checkpoint": {"load_universal": true}`), quantizer state
+included.
+
+The universal copy of `checkpoints/<tag>` is made once, by rank 0, with DeepSpeed's own
+converter, into `checkpoints/universal/<tag>` (written to `<tag>.tmp` and renamed: a killed
+conversion leaves nothing that looks complete). The tag's own files and manifest are untouched.
+
+What DeepSpeed restores: parameters, Adam moments and step, the lr schedule, `client_state`.
+What lptrain restores itself, because a universal load skips the module state dict:
+
+- Module buffers (delayed-scaling amax histories and scales, call counters, fixed Hadamard
+  signs) from the old rank 0's model-states file. Merging rule: these are equal on every old
+  rank (amaxes are MAX-reduced over the data-parallel group, every rank makes the same calls,
+  fixed signs are drawn from the layer name), so rank 0's copy is every rank's.
+- Per-rank random streams are re-derived, not copied: each new rank's quantizer seeds come from
+  (run seed, new rank, layer name) exactly as a fresh start seeds them, and stochastic-rounding
+  bits are a function of that seed and the layer's call counter, restored above; the torch RNG
+  (dropout) is seeded from (run seed, new rank, step). A resumed run is therefore reproducible:
+  the same checkpoint on the same M ranks gives the same numbers.
+- `int32_overflows` (a per-rank diagnostic counter) restarts at the old rank r's value for
+  new ranks r < N, else 0.
+
+The data position is the global sample index, so the order continues whatever the new layout;
+`deepspeed.micro_batch`, `grad_accum` and `train_batch_size` may change on such a resume.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import lptrain.nn as lpnn
+from lptrain.checkpoint import manifest
+from lptrain.checkpoint.store import Found, Progress
+from lptrain.distributed.engine import universal_loaded
+from lptrain.errors import ConfigError
+
+# Keys a universal resume may change: the layout is re-made from the new world size.
+LAYOUT_KEYS = ("deepspeed.micro_batch", "deepspeed.grad_accum", "deepspeed.train_batch_size")
+
+
+def universal_path(found: Found) -> Path:
+    return found.ckpt_dir / "universal" / found.tag
+
+
+def command(found: Found) -> str:
+    """The one command that makes the universal copy by hand."""
+    return (
+        f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {found.path} "
+        f"--output_folder {universal_path(found)}"
+    )
+
+
+def check(found: Found, world: int) -> str:
+    """The note for a resume on another world size; ConfigError where none is possible."""
+    stage = found.manifest.get("zero_stage")
+    saved = found.manifest.get("world_size")
+    if stage == 0:
+        raise ConfigError(
+            "checkpoint.resume",
+            f"{found.tag} was saved by {saved} ranks with ZeRO stage 0 and this run has {world}; "
+            "a universal checkpoint needs ZeRO stage 1-3 (resume with the same number of ranks)",
+        )
+    how = "using" if universal_path(found).is_dir() else "converting it once into"
+    return (
+        f"checkpoint: {found.tag} was saved by {saved} ranks, this run has {world}: resuming "
+        f"through a DeepSpeed universal checkpoint ({how} {universal_path(found)})"
+    )
+
+
+def ensure_universal(found: Found, say) -> Path:
+    """Collective: the universal copy of `found`, converted by rank 0 if missing."""
+    out = universal_path(found)
+    error = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        error = None if out.is_dir() else _convert(found, out, say)
+    error = manifest.from_rank0(error)
+    if error is not None:
+        raise ConfigError("checkpoint.resume", error)
+    return out
+
+
+def _convert(found: Found, out: Path, say) -> str | None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    say(f"checkpoint: converting {found.path} to a universal checkpoint (ds_to_universal)")
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", str(found.path), "--output_folder", str(tmp)]  # fmt: skip
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(var, None)  # the converter is a single process, not one of this job's ranks
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"converting {found.tag} to a universal checkpoint failed ({last}); run: " + (
+            command(found)
+        )
+    os.replace(tmp, out)
+    return None
+
+
+def _module_buffers(found: Found, model: nn.Module) -> dict:
+    """The non-parameter entries of the old rank 0's module state (ZeRO-3 keeps one
+    model-states file per rank, stages 0-2 one for all)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        path = found.path / name
+        if path.exists():
+            module = torch.load(path, map_location="cpu", weights_only=False)["module"]
+            break
+    else:
+        raise ConfigError("checkpoint.resume", f"{found.path} has no model-states file")
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {k: v for k, v in module.items() if k not in params}
+
+
+def load(engine, model: nn.Module, found: Found, cfg, say) -> Progress:
+    """Load `found` saved on another world size (see the module docstring)."""
+    path = ensure_universal(found, say)
+    _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    universal_loaded(engine, cfg)
+    if client is None:
+        raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {path}")
+    buffers = _module_buffers(found, model)
+    missing = [k for k in buffers if k not in dict(model.named_buffers())]
+    if missing:
+        raise RuntimeError(f"{found.path}: buffers this model lacks: {missing[:3]}")
+    with torch.no_grad():
+        own = dict(model.named_buffers())
+        for k, v in buffers.items():
+            own[k].copy_(v.to(own[k].device, own[k].dtype))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    seed = cfg.run.seed
+    lpnn.seed_quantizers(model, seed, rank)
+    side = found.path / f"lptrain_rank{rank}.pt"
+    overflows = torch.load(side, weights_only=False)["quantizer"] if side.exists() else {}
+    for name, layer in lpnn.quantized_layers(model):
+        layer.int32_overflows.fill_(int(overflows.get(name, {}).get("int32_overflows", 0)))
+    fields = {k: v for k, v in client["lptrain"].items() if k in Progress.__dataclass_fields__}
+    progress = Progress(**fields)
+    torch.manual_seed(seed * 1000003 + rank + 7919 * progress.step)  # dropout: a fresh stream
+    return progress

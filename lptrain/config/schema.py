@@ -1,0 +1,459 @@
+"""Typed recipe files: YAML is parsed once, here, into frozen dataclasses.
+
+Every problem is raised as `ConfigError(key_path, problem)`; the CLI prints it as one line
+`error: <key.path>: <problem>` and exits 2. Nothing past this module reads raw YAML.
+
+Longer than our usual file on purpose: every section of a recipe file and its checks read in one
+place, next to the one generic parser that turns YAML into these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from lptrain.config import finetune
+from lptrain.config.finetune import (
+    AdaptersSection,
+    BitSwitchSection,
+    InitConfig,
+    QATSection,
+)
+from lptrain.errors import ConfigError, first_line  # noqa: F401  (re-exported)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "tiny"  # a key of model.PRESETS; the fields below override it
+    dim: int | None = None  # model width; null: the preset's
+    n_layers: int | None = None  # decoder blocks; null: the preset's
+    n_heads: int | None = None  # attention heads; null: the preset's
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); null: the preset's
+    ffn_dim: int | None = None  # SwiGLU hidden width; null: the preset's
+    # share the embedding and lm_head weights; null: the preset's
+    tie_embeddings: bool | None = None
+    dropout: float = 0.0  # dropout after attention and the MLP (random, so resume replays the RNG)
+    rope_theta: float = 10000.0  # rotary position embedding base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    init_std: float = 0.02  # normal init of the weights (residual projections scaled by depth)
+    # Activation checkpointing of every decoder block (torch.utils.checkpoint, non-reentrant):
+    # the forward is recomputed in backward, bit for bit, quantizer state updated once.
+    checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """The precision guard (observe/guard.py): a layer whose statistics stay bad for
+    `patience` consecutive checks falls back to the next recipe of `fallback` from the next
+    step on. A threshold left null is not checked."""
+
+    enabled: bool = False  # turn the guard on
+    # recipes a failing layer falls back through, in order
+    fallback: list[Union[str, dict]] = field(default_factory=lambda: ["fp8-current", "bf16"])
+    # Healthy runs of every recipe on the tiny model stay above 9 dB and below 19% saturated
+    # (MXFP4's floor rule and Quartet's clipping saturate by design): the defaults sit outside.
+    min_sqnr_db: float | None = 3.0  # an operand's SQNR below this is bad
+    max_saturated: float | None = 0.3  # an operand's saturated fraction above this is bad
+    patience: int = 3  # consecutive bad checks before a fallback
+    interval: int = 10  # steps between checks
+    layers: list[str] = field(default_factory=lambda: ["*"])  # fnmatch globs on layer names
+    operands: list[str] = field(default_factory=lambda: ["*"])  # globs on '<gemm>.<operand>'
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    # A named recipe (see `lptrain recipes`) or an inline recipe dict for lptrain.recipes.from_dict.
+    recipe: Union[str, dict] = "fp32"
+    skip: list[str] = field(default_factory=lambda: ["lm_head"])  # fnmatch globs on module names
+    # auto | emulated | triton | te (chosen once per model, reason logged)
+    backend: Literal["auto", "emulated", "triton", "te"] = "auto"
+    min_features: int = 0  # leave Linears whose smaller dimension is below this unconverted
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # null: the embedded corpus embedded:stdlib (embedded:pydoc-topics is the fine-tuning one;
+    # both are snapshots shipped with lptrain). Otherwise a local file, directory or glob of
+    # .txt/.md/.py/.jsonl/.json/.parquet files, or a hub dataset name already in cache_dir/hf.
+    path: str | None = None
+    text_key: str = "text"  # the text column of .jsonl/.parquet files
+    tokenizer: str = "byte"  # byte (257 ids), a local tokenizer.json or transformers directory
+    block_size: int = 128  # tokens per training sequence
+    val_fraction: float = 0.02  # held-out blocks (a fixed split, independent of run.seed)
+    cache_dir: str | None = None  # tokenized blocks cache; null: ~/.cache/lptrain
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3  # AdamW peak learning rate (torch's implementation: deterministic)
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+    warmup_steps: int = 0  # linear warmup, then `decay` to lr * min_lr_ratio at the last step
+    decay: Literal["cosine", "linear", "constant"] = "cosine"  # the schedule after warmup
+    weight_decay: float = 0.1  # on matrices only, not on norms or quantizer steps
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # written explicitly: DeepSpeed's default changed to 1.0 (PR #8068)
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: int = 0  # ZeRO stage 0-3
+    micro_batch: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    train_batch_size: int | None = None  # optional; checked against micro x accum x world
+    # fp32 | bf16 | fp16 (GPU only) engine precision
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    extra: dict = field(default_factory=dict)  # merged into deepspeed.json as is
+    # ZeRO-3: build the model inside deepspeed.zero.Init (parameters created partitioned).
+    zero_init: bool = True
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval: int = 0  # steps between saves; 0 saves only at the end and on SIGTERM/SIGINT
+    keep_last: int = 2  # keep the newest N checkpoints up to the current step (2 leaves a fallback)
+    resume: str = "auto"  # auto | none | a checkpoints directory or one tag directory
+    save_final: bool = True  # save at the last step whatever `interval` says
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    # auto: online with credentials, else offline
+    mode: Literal["auto", "online", "offline", "disabled"] = "disabled"
+    project: str = "lptrain"  # W&B project
+    entity: str | None = None  # W&B entity (team or user)
+    name: str | None = None  # run name; null: the run directory's
+    tags: list[str] = field(default_factory=list)  # W&B tags
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    interval: int = 10  # steps between metrics.jsonl rows and log lines
+    progress: Literal["auto", "bar", "lines"] = "auto"  # auto: a bar on a TTY
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+STATS = ("amax", "scale", "saturated", "underflow", "clamped", "sqnr_db", "dynamic_range")
+STATS_ALL = (*STATS, "nonfinite", "rms")
+
+
+@dataclass(frozen=True)
+class SpikeConfig:
+    """Loss-spike detection (observe/spikes.py), on every step's loss."""
+
+    ema: float = 0.02  # weight of the newest loss in the running mean and variance
+    threshold: float = 5.0  # spike: (loss - running mean) / running std above this
+    warmup: int = 50  # first losses left out (the initial drop is not the run's noise)
+    divergence: int = 100  # a spike not recovered within this many steps: diverged
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """Per-layer numerics (observe/): every `interval` steps from `start_step` to
+    `end_step`, one row per step in layers.jsonl (and W&B). The default set costs < 3%."""
+
+    interval: int = 100  # 0 turns the per-layer rows off
+    start_step: int = 0  # first step with per-layer rows
+    end_step: int | None = None  # inclusive; null: to the end of the run
+    layers: list[str] = field(default_factory=lambda: ["*"])  # fnmatch globs on linear layers
+    # per-operand statistics; also nonfinite, rms
+    stats: list[Literal[STATS_ALL]] = field(default_factory=lambda: list(STATS))
+    grad_norm: bool = True  # per-layer gradient norms
+    update_ratio: bool = True  # per-layer |dW| / |W| of the optimizer step
+    fidelity: bool = False  # gradient cosine vs high precision on a fixed probe batch
+    peak_flops: float | None = None  # per rank, for MFU (e.g. 989e12: H100 dense BF16)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    max_steps: int | None = None  # max_steps or max_tokens is required
+    max_tokens: int | None = None  # alternative to max_steps; the smaller limit wins
+    # Save and exit at this step; the schedule still spans max_steps (job time slices).
+    stop_at_step: int | None = None
+    seed: int = 0  # model init, data order and stochastic rounding
+    eval_interval: int = 0  # 0 disables evaluation during training
+    eval_batches: int = 4  # validation batches per evaluation
+    name: str | None = None  # default: the recipe file's stem
+    nonfinite_limit: int = 3  # consecutive skipped steps before reloading the last checkpoint
+    max_reloads: int = 2  # reloads before giving up with an error
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    # Fine-tuning (config/finetune.py): weights to start from, QAT, bit switching,
+    # adapters.
+    init: InitConfig = field(default_factory=InitConfig)
+    qat: QATSection = field(default_factory=QATSection)
+    bitswitch: BitSwitchSection = field(default_factory=BitSwitchSection)
+    adapters: AdaptersSection = field(default_factory=AdaptersSection)
+
+    def to_dict(self) -> dict:
+        return _as_dict(self)
+
+
+def _key(f: dataclasses.Field) -> str:
+    """The YAML key of a field (`metadata={"key": ...}` when the name is a Python keyword)."""
+    return f.metadata.get("key", f.name)
+
+
+def _as_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {_key(f): _as_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return [_as_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _as_dict(v) for k, v in obj.items()}
+    return obj
+
+
+# ---------------------------------------------------------------- generic typed parsing
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(arg, value, path)
+            except ConfigError:
+                continue
+        names = " or ".join(_type_name(a) for a in typing.get_args(tp))
+        raise ConfigError(path, f"expected {names}, got {type(value).__name__} {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(path, f"expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, f"expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    return _scalar(tp, value, path)
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _scalar(tp: Any, value: Any, path: str) -> Any:
+    if tp is type(None) and value is None:
+        return None
+    # bool is an int subclass in Python; a YAML `true` is never a valid step count.
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads `1e-3` without a dot as a string
+    if tp in (bool, str, dict) and isinstance(value, tp):
+        return value
+    raise ConfigError(path, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(path or "<recipe>", f"expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    keys = {_key(f): f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in keys:
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(where, f"unknown key (known: {', '.join(keys)})")
+    kwargs = {}
+    for key, name in keys.items():
+        if key in data:
+            kwargs[name] = _coerce(hints[name], data[key], f"{path}.{key}" if path else key)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- overrides and checks
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `--set a.b=value`; the value is YAML, so `3`, `1e-3`, `[a, b]` keep types."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError("--set", f"expected KEY=VALUE, got {assignment!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is not a section; cannot set a key in it")
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_positive(cfg: TrainConfig) -> None:
+    for path, value in [
+        ("deepspeed.micro_batch", cfg.deepspeed.micro_batch),
+        ("deepspeed.grad_accum", cfg.deepspeed.grad_accum),
+        ("data.block_size", cfg.data.block_size),
+        ("logging.interval", cfg.logging.interval),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+    ]:
+        if value < 1:
+            raise ConfigError(path, f"must be >= 1, got {value}")
+    for path, value in [
+        ("run.eval_interval", cfg.run.eval_interval),
+        ("checkpoint.interval", cfg.checkpoint.interval),
+        ("optim.warmup_steps", cfg.optim.warmup_steps),
+    ]:
+        if value < 0:
+            raise ConfigError(path, f"must be >= 0, got {value}")
+
+
+def _check(cfg: TrainConfig) -> None:
+    _check_positive(cfg)
+    if cfg.run.max_steps is None and cfg.run.max_tokens is None:
+        raise ConfigError("run.max_steps", "required (or give run.max_tokens)")
+    if cfg.run.max_steps is not None and cfg.run.max_steps < 1:
+        raise ConfigError("run.max_steps", f"must be >= 1, got {cfg.run.max_steps}")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(
+            "deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}"
+        )
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", f"must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError("optim.lr", f"must be > 0, got {cfg.optim.lr}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError("optim.betas", f"expected two numbers, got {cfg.optim.betas}")
+    _check_monitor(cfg.monitor)
+    _check_guard(cfg.precision.guard)
+    # The bf16 recipe converts nothing: bf16 comes from DeepSpeed's dtype alone. Without it the
+    # run is fp32 under a bf16 name (a loss comparison "changing only precision.recipe" then
+    # compares fp32 with itself), so refuse it.
+    if cfg.precision.recipe == "bf16" and cfg.deepspeed.dtype != "bf16":
+        raise ConfigError(
+            "precision.recipe",
+            f"'bf16' runs in bf16 only with deepspeed.dtype: bf16 (got {cfg.deepspeed.dtype!r})",
+        )
+    _check_files(cfg)
+    finetune.check(cfg)
+
+
+def _check_monitor(m: MonitorConfig) -> None:
+    for path, value in [
+        ("monitor.interval", m.interval),
+        ("monitor.start_step", m.start_step),
+        ("monitor.spike.warmup", m.spike.warmup),
+    ]:
+        if value < 0:
+            raise ConfigError(path, f"must be >= 0, got {value}")
+    if m.end_step is not None and m.end_step < m.start_step:
+        raise ConfigError("monitor.end_step", f"{m.end_step} < start_step {m.start_step}")
+    if m.peak_flops is not None and m.peak_flops <= 0:
+        raise ConfigError("monitor.peak_flops", f"must be > 0, got {m.peak_flops}")
+    if not 0.0 < m.spike.ema < 1.0:
+        raise ConfigError("monitor.spike.ema", f"must be in (0, 1), got {m.spike.ema}")
+    if m.spike.threshold <= 0:
+        raise ConfigError("monitor.spike.threshold", f"must be > 0, got {m.spike.threshold}")
+    if m.spike.divergence < 1:
+        raise ConfigError("monitor.spike.divergence", f"must be >= 1, got {m.spike.divergence}")
+
+
+def _check_guard(g: GuardConfig) -> None:
+    for path, value in [("patience", g.patience), ("interval", g.interval)]:
+        if value < 1:
+            raise ConfigError(f"precision.guard.{path}", f"must be >= 1, got {value}")
+    if g.max_saturated is not None and not 0.0 <= g.max_saturated <= 1.0:
+        raise ConfigError(
+            "precision.guard.max_saturated", f"must be in [0, 1], got {g.max_saturated}"
+        )
+    if g.enabled and not g.fallback:
+        raise ConfigError("precision.guard.fallback", "empty: name at least one recipe")
+    if g.enabled and g.min_sqnr_db is None and g.max_saturated is None:
+        raise ConfigError("precision.guard", "enabled without min_sqnr_db or max_saturated")
+
+
+def _check_files(cfg: TrainConfig) -> None:
+    tok = cfg.data.tokenizer
+    if tok != "byte" and not Path(tok).exists():
+        raise ConfigError("data.tokenizer", f"no such file or directory: {tok}")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not Path(resume).exists():
+        raise ConfigError("checkpoint.resume", f"no such checkpoint: {resume}")
+    path = cfg.data.path
+    if path is not None and _looks_local(path) and not _local_matches(path):
+        raise ConfigError("data.path", f"no such file or directory: {path}")
+
+
+def _looks_local(path: str) -> bool:
+    # Hub names are `name` or `owner/name`; anything with a suffix, a glob, or a leading
+    # ./ ~ / is a local path.
+    return (
+        path.startswith((".", "/", "~"))
+        or any(c in path for c in "*?[")
+        or Path(path).suffix != ""
+        or Path(path).exists()
+    )
+
+
+def _local_matches(path: str) -> bool:
+
+    return bool(glob.glob(os.path.expanduser(path)))
+
+
+def parse(raw: dict) -> TrainConfig:
+    cfg = _build(TrainConfig, raw, "")
+    _check(cfg)
+    return cfg
+
+
+def load(recipe_path: str | os.PathLike, overrides: list[str] = ()) -> TrainConfig:
+    """Read a recipe file, apply `--set` overrides, validate, and return the typed config."""
+    path = Path(recipe_path)
+    if not path.is_file():
+        raise ConfigError(str(path), "no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(str(path), f"invalid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "the recipe must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    cfg = parse(raw)
+    if cfg.run.name is None:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=path.stem))
+    return cfg
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,72 @@
+"""`lptrain eval PATH [--data D] [--blocks N]`: validation loss and perplexity of a run
+directory, a checkpoint or an export.
+
+By default the data is the run's own validation split (its `data` section: the same fixed
+split `lptrain train` holds out); `--data` evaluates the validation split of another corpus
+(a path, or `embedded:stdlib` / `embedded:pydoc-topics`) with the run's tokenizer and block
+size. Loss is the mean next-token cross-entropy over the blocks (nats), perplexity its exp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from lptrain.config.schema import TrainConfig
+from lptrain.data import dataset
+from lptrain.export import restore
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    perplexity: float
+    blocks: int
+    tokens: int
+    data: str
+
+
+def val_blocks(cfg: TrainConfig, tok: dataset.Tokenizer, data_path: str | None = None):
+    dcfg = cfg.data if data_path is None else dataclasses.replace(cfg.data, path=data_path)
+    blocks = dataset.load_blocks(dcfg, tok, True, lambda: None)
+    split = dataset.split(len(blocks), dcfg.val_fraction)
+    return blocks, split.val, dcfg.path or "embedded:stdlib"
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, blocks, rows, batch: int, max_blocks: int | None = None) -> float:
+    """Token-weighted mean loss over `rows` of `blocks` (every block has the same length)."""
+    rows = rows[:max_blocks] if max_blocks else rows
+    model.eval()
+    total = 0.0
+    for i in range(0, len(rows), batch):
+        idx = rows[i : i + batch]
+        tokens = torch.from_numpy(np.stack([blocks[r] for r in idx]).astype(np.int64))
+        total += float(model(tokens)) * len(idx)
+    return total / max(len(rows), 1)
+
+
+def evaluate(model, cfg, tok, data_path=None, max_blocks=None) -> EvalResult:
+    blocks, rows, name = val_blocks(cfg, tok, data_path)
+    n = min(len(rows), max_blocks) if max_blocks else len(rows)
+    loss = mean_loss(model, blocks, rows, cfg.deepspeed.micro_batch, max_blocks)
+    return EvalResult(loss, math.exp(min(loss, 700.0)), n, n * cfg.data.block_size, name)
+
+
+def main(args) -> int:
+
+    opened = restore.open_any(args.path)
+    r = evaluate(opened.model, opened.cfg, opened.tok, args.data, args.blocks)
+    print(
+        f"{opened.source}: val_loss {r.loss:.4f}  perplexity {r.perplexity:.3f}  "
+        f"({r.blocks} blocks, {r.tokens} tokens of {r.data})"
+    )
+    if args.json:
+        print(json.dumps(dataclasses.asdict(r) | {"source": opened.source}))
+    return 0

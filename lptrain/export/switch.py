@@ -1,0 +1,143 @@
+"""`lptrain switch PATH (--bits B | --budget AVG) [--out DIR] [--blocks N]`: a bit-switching
+run deployed at another precision from its stored int8 weights alone (algorithms.md §7).
+
+PATH is an export of a bit-switching run (`lptrain export`: the int8 codes I_h, the
+per-channel scales and each bit-width's input step, no float weights) or the run itself (its
+latest checkpoint is folded into that int8 store in memory first; nothing is read from the
+float weights afterwards). Every switched layer is `switch_store(store, b)`: the second
+rounding of the stored integers, bit for bit the training model's forward at b.
+
+`--bits B` puts every layer at B. `--budget AVG` chooses each layer's bit-width so that the
+average over all switched weights is at most AVG bits and the estimated loss increase
+Σ_l HMT_l·‖Ŵ_l,b − Ŵ_l,h‖² is minimal (budget.py: an exact dynamic program; HMT_l is the
+layer's average Hessian trace measured by HASB, or 1 for every layer of a run without HASB),
+and prints the per-layer table. The output is an export like `lptrain export`'s (`lptrain
+eval` reads it), written atomically; nothing is written over an existing directory.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from lptrain.errors import ConfigError
+from lptrain.export import evaluate, restore, write
+from lptrain.export.folding import fold
+from lptrain.nn.select import set_module
+from lptrain.qat import QuantizedLinear
+from lptrain.qat.bitswitch import budget as bud
+from lptrain.qat.bitswitch import store_weight, switch_store
+
+
+def open_stores(path: Path) -> tuple[restore.Opened, dict[str, QuantizedLinear]]:
+    """The model with every bit-switching layer as its int8 store, and {name: store}."""
+    if restore.is_export(path):
+        opened = restore.open_export(path)
+    else:
+        opened = restore.open_run(path)
+        fold(opened.model)
+    stores = {
+        name: m
+        for name, m in opened.model.named_modules()
+        if isinstance(m, QuantizedLinear) and getattr(m, "switch", None) is not None
+    }
+    if not stores:
+        raise ConfigError(
+            "PATH", f"{path} has no bit-switching layers (train with a bitswitch.bits recipe)"
+        )
+    return opened, stores
+
+
+def candidates(stores: dict[str, QuantizedLinear]) -> list[int]:
+    sets = {tuple(m.switch.candidates) for m in stores.values()}
+    if len(sets) != 1:
+        raise ConfigError("PATH", f"layers disagree on the candidate bit-widths: {sorted(sets)}")
+    return list(sets.pop())
+
+
+def layer_costs(stores: dict[str, QuantizedLinear], bits: list[int]) -> tuple[list, bool]:
+    """cost[l][k] = HMT_l · ‖Ŵ_l,bits[k] − Ŵ_l,h‖² from the stores alone; whether the traces
+    were measured (HASB) or every layer weighs 1."""
+    hmt = [float(m.switch.hmt) for m in stores.values()]
+    measured = all(math.isfinite(h) for h in hmt)
+    costs = []
+    for m, h in zip(stores.values(), hmt, strict=True):
+        top = store_weight(m, bits[0]).double()
+        errs = [float((store_weight(m, b).double() - top).square().sum()) for b in bits]
+        costs.append([max(h, 0.0) * e if measured else e for e in errs])
+    return costs, measured
+
+
+def assign(stores, bits: list[int], args) -> tuple[dict[str, int], str, dict]:
+    """{layer: bits}, the label of the output and what the export records."""
+    if args.bits is not None:
+        if args.bits not in bits:
+            raise ConfigError("--bits", f"{args.bits} is not a candidate bit-width {bits}")
+        return dict.fromkeys(stores, args.bits), f"b{args.bits}", {"bits": args.bits}
+    if not bits[-1] <= args.budget <= bits[0]:
+        raise ConfigError("--budget", f"must be in [{bits[-1]}, {bits[0]}] bits, got {args.budget}")
+    costs, measured = layer_costs(stores, bits)
+    sizes = [m.in_features * m.out_features for m in stores.values()]
+    try:
+        sol = bud.solve(costs, sizes, bits, args.budget)
+    except ConfigError as exc:  # the library's `budget` is this command's --budget
+        raise ConfigError("--budget", exc.problem) from None
+    chosen = dict(zip(stores, sol.bits, strict=True))
+    _print_table(stores, chosen, sizes, measured, sol)
+    record = {"budget": args.budget, "average_bits": sol.average_bits, "layers": chosen,
+              "cost": sol.cost, "hessian": measured}  # fmt: skip
+    return chosen, f"avg{args.budget:g}", record
+
+
+def _print_table(stores, chosen, sizes, measured: bool, sol) -> None:
+    what = "average Hessian trace (HASB)" if measured else "1 (no Hessian traces: HASB was off)"
+    print(f"per-layer bit-widths (weight of each layer's error: {what}):")
+    width = max(len(n) for n in stores)
+    print(f"  {'layer':<{width}}  {'weights':>9}  {'trace/weight':>12}  bits")
+    for (name, m), n in zip(stores.items(), sizes, strict=True):
+        print(f"  {name:<{width}}  {n:>9}  {float(m.switch.hmt):>12.4g}  {chosen[name]}")
+    print(f"average {sol.average_bits:.4f} bits per weight; estimated cost {sol.cost:.6g}")
+
+
+def main(args) -> int:
+    path = Path(args.path)
+    if not path.exists():
+        raise ConfigError("PATH", f"no such run directory, checkpoint or export: {path}")
+    opened, stores = open_stores(path)
+    bits = candidates(stores)
+    chosen, label, record = assign(stores, bits, args)
+    parent = path.parent if restore.is_export(path) else restore.locate_checkpoint(path)[0]
+    target = Path(args.out) if args.out else parent / f"export-{label}"
+    if target.exists():
+        raise ConfigError("--out", f"{target} already exists; choose another --out")
+    model, cfg, tok = opened.model, opened.cfg, opened.tok
+    blocks, rows, data_name = evaluate.val_blocks(cfg, tok)
+    micro = cfg.deepspeed.micro_batch
+    before = evaluate.mean_loss(model, blocks, rows, micro, args.blocks)
+    how = {}
+    for name, store in stores.items():
+        set_module(model, name, switch_store(store, chosen[name]).eval())
+        how[name] = f"switched to {chosen[name]} bits from the int{bits[0]} store"
+    after = evaluate.mean_loss(model, blocks, rows, micro, args.blocks)
+    losses = {"stored": before, "export": after, "data": data_name}
+    with write.staging(target) as tmp:
+        write.write_int(model, opened, how, losses, tmp, extra={"switch": record})
+    print(
+        f"val_loss int{bits[0]} {before:.4f} -> {label} {after:.4f} ({after - before:+.4f}) "
+        f"on {data_name}"
+    )
+    print(f"export: {target.resolve()}")
+    return 0
+
+
+@torch.no_grad()
+def switched_model(path: str | Path, bits: int | dict[str, int]):
+    """The model of PATH (run or export) with every bit-switching layer at `bits` (one for
+    all, or {layer: bits}); for benchmarks and tests."""
+    opened, stores = open_stores(Path(path))
+    for name, store in stores.items():
+        b = bits[name] if isinstance(bits, dict) else bits
+        set_module(opened.model, name, switch_store(store, b).eval())
+    return opened

@@ -1,0 +1,227 @@
+"""Model converters: what `lptrain train` does to the model between building it and handing it
+to DeepSpeed, in a fixed, documented order (torchtitan's pattern):
+
+    init  ->  precision  ->  qat  ->  bitswitch  ->  adapters
+
+`init` loads the weights fine-tuning starts from (`init.from`; a Hugging Face directory
+replaces the model); `precision` swaps linear layers for lptrain's (recipe, skip globs,
+backend); QAT (or bit switching, models/bitswitch.py: one or the other) then defines the
+weights those GEMMs see; adapters go last because they wrap whatever layer is there. Each
+converter has `convert(model, ctx)` and optionally `after_step(model, step)` (run by the loop
+after every optimizer step). How a step runs (bit switching runs one batch at several
+bit-widths) is the trainer's business (lptrain/trainer/). A new capability registers a
+converter here instead of editing the loop. Converters run before `deepspeed.initialize`:
+anything that edits parameters later is undone by the optimizer's fp32 master copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import lptrain.nn as lpnn
+from lptrain import lora, qat
+from lptrain.config import finetune
+from lptrain.config.init_source import locate
+from lptrain.config.precision import is_high_precision, resolve_recipe
+from lptrain.config.schema import PrecisionConfig, TrainConfig
+from lptrain.errors import ConfigError
+from lptrain.lora import AdapterConfigError
+from lptrain.models import hf, init_from
+from lptrain.models.bitswitch import BitSwitchConverter
+from lptrain.qat import QATConfigError
+
+ORDER = ("init", "precision", "qat", "bitswitch", "adapters")
+
+
+@dataclass(frozen=True)
+class ConvertContext:
+    seed: int
+    rank: int
+    world: int
+    say: Callable[[str], None]
+    # A first training batch (tokens), for converters that calibrate on data before DeepSpeed
+    # wraps the model (QAT input steps); None where no data is at hand (eval, export).
+    # `sample(n)` gives n micro-batches' worth (bit switching's Hessian traces).
+    sample: Callable[..., Any] | None = None
+    vocab_size: int | None = None  # the tokenizer's, checked against a Hugging Face base
+
+
+class Converter(Protocol):
+    name: str
+
+    def convert(self, model: nn.Module, ctx: ConvertContext) -> nn.Module: ...
+
+
+class PrecisionConverter:
+    """Swap eligible nn.Linear for lptrain.nn.Linear, seed each rank's random streams, and
+    MAX-reduce stateful amaxes over data-parallel ranks (equal scales on every rank)."""
+
+    name = "precision"
+
+    def __init__(self, cfg: PrecisionConfig):
+        self.cfg = cfg
+        self.recipe = resolve_recipe(cfg)
+
+    def convert(self, model: nn.Module, ctx: ConvertContext) -> nn.Module:
+        c = self.cfg
+        model = lpnn.convert(
+            model,
+            self.recipe,
+            skip=tuple(c.skip),
+            min_features=c.min_features,
+            backend=c.backend,
+            log_fn=ctx.say,
+        )
+        lpnn.seed_quantizers(model, ctx.seed, ctx.rank)
+        if ctx.world > 1:
+            lpnn.set_amax_reduce(model, _reduce_max)
+        # Quantized weights may be kept across gradient-accumulation micro-batches: the loop
+        # calls after_step after every optimizer step, which drops them.
+        for backend in _backends(model):
+            if hasattr(backend, "cache_weights"):
+                backend.cache_weights = True
+        return model
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        for backend in _backends(model):
+            backend.after_step()
+
+
+def _backends(model: nn.Module) -> list:
+    """The distinct backends of the model's lptrain layers (one per conversion)."""
+    out = {}
+    for _, layer in lpnn.quantized_layers(model):
+        out.setdefault(id(layer.backend), layer.backend)
+    return list(out.values())
+
+
+def _reduce_max(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def _precision(cfg: TrainConfig) -> Converter | None:
+    return None if is_high_precision(cfg.precision) else PrecisionConverter(cfg.precision)
+
+
+class InitConverter:
+    """Load `init.from`: an lptrain checkpoint into the built model (same architecture: shapes
+    are checked), or a Hugging Face model directory, which replaces the model."""
+
+    name = "init"
+
+    def __init__(self, spec: str):
+        self.source = locate(spec)
+
+    def convert(self, model: nn.Module, ctx: ConvertContext) -> nn.Module:
+        src = self.source
+        if src.kind == "hf":
+            model = hf.load(src.path)
+            vocab = hf.vocab_size(model)
+            if ctx.vocab_size is not None and ctx.vocab_size > vocab:
+                raise ConfigError(
+                    "data.tokenizer",
+                    f"{ctx.vocab_size} token ids but the model at {src.path} embeds {vocab}",
+                )
+            ctx.say(f"init: Hugging Face model {src.path} ({type(model.model).__name__})")
+            return model
+        state = init_from.load_state(src.ckpt_dir, src.tag)
+        n = init_from.load_into(model, state, str(src.ckpt_dir / src.tag))
+        ctx.say(f"init: {n} tensors from {src.ckpt_dir / src.tag}")
+        return model
+
+
+class QATConverter:
+    """LSQ / LSQ+ on every eligible linear (lptrain.qat.prepare); input steps are calibrated
+    on the first batch here, before DeepSpeed's master copy exists."""
+
+    name = "qat"
+
+    def __init__(self, cfg: TrainConfig):
+        self.qat_cfg = finetune.qat_config(cfg.qat)
+        self.skip = tuple(cfg.qat.skip)
+
+    def convert(self, model: nn.Module, ctx: ConvertContext) -> nn.Module:
+        model = qat.prepare(model, self.qat_cfg, skip=self.skip, log_fn=ctx.say)
+        if self.qat_cfg.act_bits is not None and ctx.sample is not None:
+            qat.calibrate(model, ctx.sample())
+        return model
+
+
+class AdapterConverter:
+    """LoRA (on a base stored as configured) or L4Q on the target layers; all else frozen."""
+
+    name = "adapters"
+
+    def __init__(self, cfg: TrainConfig):
+        self.adapter_cfg = finetune.adapter_config(cfg.adapters)
+
+    def convert(self, model: nn.Module, ctx: ConvertContext) -> nn.Module:
+        try:
+            return lora.apply(model, self.adapter_cfg, log_fn=ctx.say)
+        except AdapterConfigError as exc:
+            raise ConfigError(f"adapters.{exc.field}", exc.problem) from None
+
+
+def _init(cfg: TrainConfig) -> Converter | None:
+    return InitConverter(cfg.init.from_) if cfg.init.from_ is not None else None
+
+
+def _qat(cfg: TrainConfig) -> Converter | None:
+    return QATConverter(cfg) if cfg.qat.method is not None else None
+
+
+def _bitswitch(cfg: TrainConfig) -> Converter | None:
+    if cfg.bitswitch.bits is None:
+        return None
+    return BitSwitchConverter(cfg)
+
+
+def _adapters(cfg: TrainConfig) -> Converter | None:
+    return AdapterConverter(cfg) if cfg.adapters.type is not None else None
+
+
+def _qat_error(exc: Exception) -> ConfigError:
+    return ConfigError(f"qat.{exc.field}", exc.problem)
+
+
+# name -> factory(cfg) returning the converter, or None when the config does not ask for it.
+REGISTRY: dict[str, Callable[[TrainConfig], Converter | None]] = {
+    "init": _init,
+    "precision": _precision,
+    "qat": _qat,
+    "bitswitch": _bitswitch,
+    "adapters": _adapters,
+}
+
+
+def build(cfg: TrainConfig) -> list[Converter]:
+    """The converters this config asks for, in ORDER; raises ConfigError on bad sections."""
+    out = []
+    for name in ORDER:
+        factory = REGISTRY.get(name)
+        conv = factory(cfg) if factory else None
+        if conv is not None:
+            out.append(conv)
+    return out
+
+
+def apply(model: nn.Module, converters: list[Converter], ctx: ConvertContext) -> nn.Module:
+    for conv in converters:
+        try:
+            model = conv.convert(model, ctx)
+        except QATConfigError as exc:  # a layer-dependent problem (a group size): name the key
+            raise _qat_error(exc) from None
+    return model
+
+
+def after_step(model: nn.Module, converters: list[Converter], step: int) -> None:
+    for conv in converters:
+        hook = getattr(conv, "after_step", None)
+        if hook is not None:
+            hook(model, step)

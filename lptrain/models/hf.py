@@ -1,0 +1,62 @@
+"""A Hugging Face causal LM behind the trainer's model interface: `forward(tokens (B, T+1))`
+returns the mean next-token cross-entropy, like `model.Decoder`. Loaded from a local
+directory only (`local_files_only=True`): no network, ever."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lptrain.errors import ConfigError, first_line
+
+
+class HFCausalLM(nn.Module):
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.model = hf_model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=tokens[:, :-1], use_cache=False).logits  # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def load(path: str | Path, key: str = "init.from") -> HFCausalLM:
+    from transformers import AutoModelForCausalLM  # optional dependency (the hf extra)
+
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, dtype=torch.float32
+        )
+    except (OSError, ValueError) as exc:  # a missing or unreadable file in the directory
+        raise ConfigError(key, f"{path}: cannot load the model ({first_line(exc)})") from None
+    return HFCausalLM(hf.train())
+
+
+def from_config(config_dir: str | Path, key: str = "init.from") -> HFCausalLM:
+    """The architecture without weights (an export's skeleton)."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # optional dependency (the hf extra)
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            key, f"{config_dir}: cannot read config.json ({first_line(exc)})"
+        ) from None
+    return HFCausalLM(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
+
+
+def vocab_size(model: HFCausalLM) -> int:
+    return model.model.get_input_embeddings().weight.shape[0]
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)

@@ -1,0 +1,70 @@
+"""The backend interface: `Backend` (supports / quantize / gemm / after_step) and what a GEMM
+returns. The package's __init__ chooses one; emulated.py, triton.py and te.py implement it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+
+from lptrain.numerics import QuantSpec
+
+if TYPE_CHECKING:
+    from lptrain.nn.call import CallContext
+    from lptrain.nn.recipe import Recipe
+
+
+class GemmResult(NamedTuple):
+    out: torch.Tensor  # C = A . B^T, float32 (float64 for float64 operands)
+    qa: torch.Tensor | None  # the quantized operands as the GEMM saw them (padded, rotated)
+    qb: torch.Tensor | None
+    ma: torch.Tensor | None  # trust masks (|x . enc| below the format max), when asked for
+    mb: torch.Tensor | None
+
+
+class Backend(ABC):
+    name: str
+
+    @abstractmethod
+    def supports(self, recipe: "Recipe") -> str | None:
+        """None when this backend runs `recipe` exactly, else the reason it cannot."""
+
+    @abstractmethod
+    def quantize(
+        self,
+        call: "CallContext",
+        gemm: str,
+        operand: str,
+        t: torch.Tensor,
+        spec: QuantSpec,
+        *,
+        generator: torch.Generator,
+        signs: torch.Tensor | None,
+        want_mask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(fake-quantized t, trust mask or None) for one operand of one GEMM."""
+
+    @abstractmethod
+    def gemm(
+        self,
+        call: "CallContext",
+        gemm: str,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        *,
+        generator: torch.Generator,
+        signs: torch.Tensor | None,
+        want_mask: bool = False,
+        quantized: tuple[bool, bool] = (False, False),
+    ) -> GemmResult:
+        """C = A . B^T for `gemm`, operands quantized per the recipe along their last axis.
+        `quantized` marks operands that already are (a reused copy)."""
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (the trainer's precision converter): drop whatever
+        was cached for the old weights. Default: nothing is cached."""
+        return None
+
+    def __repr__(self) -> str:
+        return self.name

@@ -1,0 +1,182 @@
+"""`Monitoring`: what the trainer does around each step to watch its numerics.
+
+    step_fn = monitoring.wrap(step_fn)   # statistics windows and a weight snapshot around the
+                                         # steps that need them
+    monitoring.before_update()           # from the step, at the accumulation boundary: grads
+    row, events = monitoring.after_step(step, result)   # reduce, score, guard, fidelity
+
+A step collects when it is a monitoring step (every `monitor.interval` steps between
+`start_step` and `end_step`: the layers.jsonl row) or a guard check. Nothing here changes what
+training computes: statistics are read off the quantizers, norms off the weights and gradients,
+and the fidelity probe runs in eval mode (fidelity.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lptrain.config.schema import TrainConfig
+from lptrain.nn import stats_window
+from lptrain.observe import layers as L
+from lptrain.observe import perf, weights
+from lptrain.observe.fidelity import gradient_fidelity
+from lptrain.observe.guard import PrecisionGuard
+from lptrain.observe.spikes import SpikeDetector
+
+
+@dataclass(frozen=True)
+class Plan:
+    layers: bool  # a per-layer row this step
+    guard: bool  # a guard check this step
+
+
+@dataclass
+class _Pending:
+    step: int
+    plan: Plan
+    stats: dict
+    before: dict | None
+
+
+class Monitoring:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        world: int,
+        probe: torch.Tensor | None = None,
+        guard_base=None,
+    ):
+        self.cfg = cfg.monitor
+        self.model = model
+        self.world = world
+        self.probe = probe
+        self.layers = L.linear_layers(model, self.cfg.layers)
+        g = cfg.precision.guard
+        self.guard = PrecisionGuard(g, guard_base) if g.enabled and guard_base else None
+        self.spikes = SpikeDetector(self.cfg.spike)
+        self.per_token = perf.flops_per_token(model, cfg.data.block_size)
+        self._armed = False
+        self._norms: dict[str, float] = {}
+        self._pending: _Pending | None = None
+
+    # -- scheduling ---------------------------------------------------------------------------
+
+    def plan(self, step: int) -> Plan:
+        m = self.cfg
+        in_range = step >= m.start_step and (m.end_step is None or step <= m.end_step)
+        rows = bool(m.interval) and in_range and step % m.interval == 0
+        return Plan(layers=rows, guard=self.guard is not None and self.guard.due(step))
+
+    def _stat_layers(self, plan: Plan) -> dict:
+        """The lptrain layers whose statistics this step needs (recipes change under the guard)."""
+        q = L.quantizing(dict(self.model.named_modules()))
+        want = {}
+        if plan.layers and self.cfg.stats:
+            want.update({n: m for n, m in q.items() if n in self.layers})
+        if plan.guard:
+            want.update({n: m for n, m in q.items() if self.guard.watches(n)})
+        return want
+
+    # -- around the step ----------------------------------------------------------------------
+
+    def wrap(self, step_fn: Callable) -> Callable:
+        def monitored(s, p):
+            step = p.step + 1
+            plan = self.plan(step)
+            if not (plan.layers or plan.guard):
+                return step_fn(s, p)
+            before = None
+            if plan.layers and self.cfg.update_ratio:
+                before = weights.snapshot(self.layers)
+            self._armed = plan.layers and self.cfg.grad_norm
+            try:
+                with stats_window(self._stat_layers(plan)) as stats:
+                    result = step_fn(s, p)
+            finally:
+                self._armed = False
+            self._pending = _Pending(step, plan, stats, before)
+            return result
+
+        return monitored
+
+    def before_update(self) -> None:
+        """Called by the step between the last backward and the optimizer update."""
+        if self._armed:
+            self._norms = weights.grad_norms(self.layers)
+
+    def after_step(self, step: int, result) -> tuple[dict | None, list[dict]]:
+        """(the layers.jsonl row or None, events) once step `step` is done."""
+        events = self.spikes.update(step, result.loss)
+        pending, self._pending = self._pending, None
+        if pending is None or pending.step != step:
+            return None, events
+        stats = L.reduce_over_ranks(pending.stats)
+        row = self._layer_row(step, pending, stats) if pending.plan.layers else None
+        if pending.plan.guard and not result.skipped:
+            q = L.quantizing(dict(self.model.named_modules()))
+            events += self.guard.check(step, stats, q)
+        return row, events
+
+    def _layer_row(self, step: int, pending: _Pending, stats: dict) -> dict:
+        q = L.quantizing(dict(self.model.named_modules()))
+        row = {"step": step, **L.quant_metrics(stats, list(self.cfg.stats), q)}
+        for name, norm in self._norms.items():
+            row[f"grad/{name}/norm"] = norm
+        self._norms = {}
+        if pending.before is not None:
+            for name, r in weights.update_ratios(self.layers, pending.before).items():
+                row[f"weight/{name}/update_ratio"] = r
+        if self.cfg.fidelity and self.probe is not None:
+            for name, (cos, align) in gradient_fidelity(
+                self.model, self.probe, self.layers
+            ).items():
+                row[f"grad/{name}/cosine"] = cos
+                row[f"grad/{name}/alignment"] = align
+        return row
+
+    # -- per-step row, state, summary ----------------------------------------------------------
+
+    def step_metrics(self, tokens_per_s: float, tokens_per_step: int) -> dict[str, float]:
+        out = dict(self.spikes.metrics())
+        out["perf/step_time_s"] = tokens_per_step / tokens_per_s if tokens_per_s > 0 else math.nan
+        if self.cfg.peak_flops:
+            out["perf/mfu"] = perf.mfu(
+                tokens_per_s, self.per_token, self.cfg.peak_flops, self.world
+            )
+        out.update(perf.peak_memory_gib())
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "spikes": self.spikes.state_dict(),
+            "guard": self.guard.state_dict() if self.guard else None,
+        }
+
+    def load_state_dict(self, d: dict | None) -> None:
+        """Restore from a checkpoint, the guard's fallbacks applied to the model first (call
+        before loading the checkpoint's module state)."""
+        if not d:
+            return
+        self.spikes.load_state_dict(d["spikes"])
+        if self.guard is not None and d.get("guard"):
+            self.guard.load_state_dict(d["guard"])
+            self.guard.apply(self.model, self.guard.state.recipe)
+
+    def summary_lines(self) -> list[str]:
+        lines = []
+        if self.guard is not None:
+            evs = self.guard.state.events
+            lines.append(f"precision guard: {len(evs)} fallback(s)")
+            lines += [
+                f"  step {e['step']}: {e['layer']} {e['from']} -> {e['to']} ({e['reason']})"
+                for e in evs
+            ]
+        if self.spikes.diverged:
+            lines.append(f"divergence flagged at step {self.spikes.state.diverged_at}")
+        return lines

@@ -1,0 +1,191 @@
+"""`QuantizedLinear`: a frozen linear layer whose weight is *stored* in low precision.
+
+It is the frozen base under LoRA and the deployable layer of an export (L4Q, LSQ, a LoRA
+folded into its base). Storage formats, with bytes per weight for an (out, in) layer:
+
+| format | stored as | bytes/param |
+| --- | --- | --- |
+| `bf16` | bf16 weight | 2 |
+| `fp8` | E4M3 codes (uint8), one fp32 scale per output row | 1 + 4/in |
+| `int8` | int8 codes, symmetric, one fp32 step per output row | 1 + 4/in |
+| `int4` | 4-bit codes, two per byte, symmetric, fp32 step per group | 0.5 + 4/group |
+| `nvfp4` | E2M1 codes, two per byte, E4M3 scale per 16, fp32 tensor scale | 0.5625 |
+| `affine` | b-bit codes (packed for b <= 4), fp32 step (+ offset) per group | b/8 + 4/group |
+
+`affine` is W = s·I + b per group: the export of L4Q and LSQ layers.
+
+Buffers only (never parameters): ZeRO never partitions or casts them, `state_dict` and
+safetensors carry them. The weight is dequantized on the fly, one row chunk at a time
+(`chunked.py`), so no dense float copy outlives a chunk. `gemm="full"` instead dequantizes
+the whole weight and runs `F.linear` (or an `lptrain.nn.Linear` recipe's GEMMs): the export
+of a QAT layer, whose training forward did exactly that.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lptrain.errors import ConfigError
+from lptrain.nn.chunked import frozen_linear
+from lptrain.numerics import QuantSpec, decode, get_format, quantize, unpack_nibbles
+from lptrain.qat import lsq as L
+
+FORMATS = ("bf16", "fp8", "int8", "int4", "nvfp4", "affine")
+FP8_SPEC = QuantSpec("fp8_e4m3", scaling="row")  # one scale per output row
+NVFP4_SPEC = QuantSpec("fp4_e2m1", scaling="block", block_size=16, scale_format="ue4m3")
+
+
+def pack_codes(q: torch.Tensor, n: int) -> torch.Tensor:
+    """Integer codes in [n, n+15] -> unsigned nibbles, two per byte (low nibble first)."""
+    u = (q.to(torch.int16) - n).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
+    return unpack_nibbles(packed).to(torch.int16) + n
+
+
+def symmetric_codes(w: torch.Tensor, bits: int, group: int):
+    """Round-to-nearest symmetric integer quantization per group: s = amax/p, I in [-p, p]."""
+    p = 2 ** (bits - 1) - 1
+    wg = w.detach().float().reshape(w.shape[0], -1, group)  # (out, G, group)
+    s = (wg.abs().amax(-1, keepdim=True) / p).clamp_min(1e-12)
+    return L.codes(wg / s, -p, p).reshape(w.shape), s.squeeze(-1)
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen (out, in) linear layer stored in `fmt` (see the module table)."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str, *, gemm: str = "chunked"):
+        super().__init__()
+        if fmt not in FORMATS:
+            raise ConfigError("base", f"{fmt!r} is not one of {FORMATS}")
+        self.in_features, self.out_features, self.fmt, self.gemm = (
+            in_features,
+            out_features,
+            fmt,
+            gemm,
+        )
+        self.bits, self.group_size, self.n = 0, in_features, 0
+        self.recipe_layer: nn.Module | None = None  # an lptrain.nn.Linear with no weight
+        self.input_quantizer: nn.Module | None = None  # QAT exports with quantized inputs
+        self.register_buffer("bias", None)
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def from_weight(
+        cls, w: torch.Tensor, fmt: str, *, bias=None, group_size: int = 64
+    ) -> "QuantizedLinear":
+        """Quantize a float (out, in) weight once (round to nearest)."""
+        out_f, in_f = w.shape
+        m = cls(in_f, out_f, fmt)
+        w32 = w.detach().float()
+        if fmt == "bf16":
+            m.register_buffer("weight_bf16", w.detach().to(torch.bfloat16).clone())
+        elif fmt == "fp8":
+            qt = quantize(w32, FP8_SPEC)
+            m.register_buffer("codes", qt.codes.view(torch.uint8).clone())
+            m.register_buffer("scale", qt.scales.reshape(out_f, 1).clone())
+        elif fmt == "nvfp4":
+            if in_f % 16:
+                raise ConfigError("base", f"nvfp4 needs in_features divisible by 16, got {in_f}")
+            qt = quantize(w32, NVFP4_SPEC)
+            m.register_buffer("codes", qt.codes.reshape(out_f, in_f // 2).clone())
+            block = qt.scales.reshape(out_f, in_f // 16).to(torch.float8_e4m3fn)
+            m.register_buffer("block_scale", block.view(torch.uint8).clone())
+            m.register_buffer("global_scale", qt.global_scale.reshape(()).float().clone())
+        elif fmt in ("int8", "int4"):
+            bits = 8 if fmt == "int8" else 4
+            group = in_f if fmt == "int8" else group_size
+            if in_f % group:
+                raise ConfigError(
+                    "group_size",
+                    f"{group} does not divide in_features {in_f} of a {tuple(w.shape)} weight",
+                )
+            q, s = symmetric_codes(w32, bits, group)
+            m.set_affine(q, s, None, bits=bits, group_size=group, n=-(2 ** (bits - 1) - 1))
+            m.fmt = fmt
+        else:
+            raise ConfigError("base", f"from_weight cannot make {fmt!r}; use set_affine")
+        m.set_bias(bias)
+        return m.to(w.device)
+
+    def set_affine(self, q, step, offset, *, bits: int, group_size: int, n: int) -> None:
+        """Store integer codes `q` (out, in) with per-group `step`/`offset` (out, in/group)."""
+        self.bits, self.group_size, self.n = bits, group_size, n
+        packed = bits <= 4 and self.in_features % 2 == 0
+        codes = pack_codes(q, n) if packed else q.to(torch.int8)
+        self.register_buffer("codes", codes.contiguous().clone())
+        self.register_buffer("step", step.detach().float().reshape(self.out_features, -1).clone())
+        if offset is not None:
+            offset = offset.detach().float().reshape(self.out_features, -1).clone()
+        self.register_buffer("offset", offset)
+
+    def set_bias(self, bias: torch.Tensor | None) -> None:
+        self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+
+    # -- dequantization -------------------------------------------------------------------
+
+    def weight_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0:r1 of the dequantized (out, in) weight, float32."""
+        rows = r1 - r0
+        if self.fmt == "bf16":
+            return self.weight_bf16[r0:r1].float()
+        if self.fmt == "fp8":
+            return self.codes[r0:r1].view(torch.float8_e4m3fn).float() * self.scale[r0:r1]
+        if self.fmt == "nvfp4":
+            q = decode(unpack_nibbles(self.codes[r0:r1]), get_format("fp4_e2m1"))
+            q = q.reshape(rows, -1, 16)
+            s_b = self.block_scale[r0:r1].view(torch.float8_e4m3fn).float().unsqueeze(-1)
+            return ((q * s_b) * self.global_scale).reshape(rows, self.in_features)
+        codes = self.codes[r0:r1]
+        q = unpack_codes(codes, self.n) if codes.dtype == torch.uint8 else codes
+        qg = q.float().reshape(rows, -1, self.group_size)  # (rows, G, group)
+        step = self.step[r0:r1].unsqueeze(-1)
+        off = self.offset[r0:r1].unsqueeze(-1) if self.offset is not None else None
+        return L.dequantize(qg, step, off).reshape(rows, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight_rows(0, self.out_features)
+
+    def integer_codes(self) -> torch.Tensor | None:
+        """The stored integer codes as int16 (out, in), for affine/int formats."""
+        if self.fmt not in ("int8", "int4", "affine"):
+            return None
+        c = self.codes
+        return unpack_codes(c, self.n) if c.dtype == torch.uint8 else c.to(torch.int16)
+
+    def bytes_per_param(self) -> float:
+        stored = sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "bias")
+        return stored / (self.out_features * self.in_features)
+
+    # -- forward --------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"QuantizedLinear: expected input with last dim {self.in_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        if self.recipe_layer is not None:
+            return self.recipe_layer.gemm(x, self.dequantize().to(x.dtype))
+        if self.gemm == "full":
+            return F.linear(x, self.dequantize().to(x.dtype), self._bias(x))
+        y = frozen_linear(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _bias(self, x):
+        return self.bias.to(x.dtype) if self.bias is not None else None
+
+    def extra_repr(self) -> str:
+        extra = f", {self.bits} bits, group {self.group_size}" if self.bits else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"base={self.fmt}{extra}, {self.bytes_per_param():.3f} bytes/param"
+        )

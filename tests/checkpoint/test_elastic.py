@@ -1,0 +1,92 @@
+"""Elastic resume (checkpoint/elastic.py): a checkpoint saved on N ranks resumes on M ranks
+through a DeepSpeed universal checkpoint, converted automatically, with the quantizer state
+carried over.
+
+One chain, FP8 (delayed scaling) on ZeRO-3: a 1-rank run of 6 steps (the reference, saving
+every 2 steps); its step-2 checkpoint resumed on 2 ranks (to step 6, the same lr schedule);
+that run's step-4 checkpoint resumed on 1 rank. Each resumed run is compared with the run
+whose checkpoint it loaded, over the same steps. The global batch is the same throughout, so after
+each resume only the number of ranks differs and the bounds are those of the two-rank tests
+(test_launch.py): the first step after a resume to 1e-5 relative, later steps to 2% (fp32
+summation order flips FP8 roundings). The Adam step count and the delayed-scaling history are
+checked exactly: DeepSpeed's ZeRO-3 universal loader shares one step tensor over the parameter
+groups (each update would count twice), and a universal load skips module buffers.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import free_port, train_losses
+
+REL_TOL = 1e-5
+FP8_DRIFT_TOL = 2e-2
+HISTORY = "layers.0.attn.wq.quant_state.output_input"
+ZERO3 = "deepspeed.extra={zero_optimization: {stage3_param_persistence_threshold: 0}}"
+COMMON = ["run.max_steps=6", "checkpoint.interval=2", "checkpoint.keep_last=3",
+          "deepspeed.zero_stage=3", ZERO3]  # fmt: skip
+
+
+def _torchrun() -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+            "--nproc_per_node", "2", "--master_port", str(free_port())]  # fmt: skip
+
+
+def _files(run_dir, tag: str, kind: str):
+    return torch.load(
+        run_dir / "checkpoints" / tag / f"zero_pp_rank_0_mp_rank_00_{kind}_states.pt",
+        weights_only=False,
+    )
+
+
+def _close(a: list[float], b: list[float]) -> None:
+    assert len(a) == len(b) == 2, (a, b)  # the two steps after a resume
+    for x, y, tol in zip(a, b, [REL_TOL, FP8_DRIFT_TOL], strict=True):
+        assert abs(x - y) <= tol * abs(x), (a, b)
+
+
+@pytest.mark.slow
+def test_fp8_zero3_resumes_from_one_rank_on_two_and_back(cli, tmp_path):
+    ref = tmp_path / "ref"
+    cli("tiny-fp8.yaml", *COMMON, "deepspeed.micro_batch=8", run_dir=ref)
+    ref_losses = train_losses(ref)
+    two = tmp_path / "two"
+    proc = cli("tiny-fp8.yaml", *COMMON, "deepspeed.micro_batch=4",
+               "deepspeed.train_batch_size=8", f"checkpoint.resume={ref}/checkpoints/step00000002",
+               run_dir=two, launcher=_torchrun(), timeout=300)  # fmt: skip
+    assert "saved by 1 ranks, this run has 2: resuming through a DeepSpeed universal" in (
+        proc.stderr
+    )
+    assert (ref / "checkpoints" / "universal" / "step00000002" / "zero").is_dir()
+    _close(ref_losses[2:4], train_losses(two)[:2])
+    back = tmp_path / "back"
+    cli("tiny-fp8.yaml", *COMMON, "deepspeed.micro_batch=8",
+        f"checkpoint.resume={two}/checkpoints/step00000004", run_dir=back)  # fmt: skip
+    _close(train_losses(two)[2:], train_losses(back))  # the run it resumed from: 2 ranks
+    # Adam took exactly 4 steps on every parameter group by the 2-rank run's step-4 save.
+    steps = _files(two, "step00000004", "optim")["optimizer_state_dict"]["optimizer_state_dict"]
+    assert [float(s["step"]) for s in steps["state"].values()] == [4.0] * len(steps["state"])
+    # The delayed-scaling history went on through both resumes: one amax per forward call.
+    want, got = (_files(r, "step00000006", "model")["module"] for r in (ref, back))
+    assert int(got[f"{HISTORY}.calls"].sum()) == int(want[f"{HISTORY}.calls"].sum()) == 6
+    hist = f"{HISTORY}.amax_history"
+    assert int((got[hist] != 0).sum()) == int((want[hist] != 0).sum()) == 6
+
+
+def test_stage0_checkpoint_on_another_world_size_is_refused(tmp_path):
+    from lptrain.checkpoint import elastic
+    from lptrain.checkpoint.store import Found
+    from lptrain.config.schema import ConfigError
+
+    found = Found(tmp_path, "step00000002", {"world_size": 1, "zero_stage": 0})
+    with pytest.raises(ConfigError, match="universal checkpoint needs ZeRO stage 1-3"):
+        elastic.check(found, 2)
+    found = Found(tmp_path, "step00000002", {"world_size": 1, "zero_stage": 1})
+    assert "converting it once into" in elastic.check(found, 2)
+    assert elastic.command(found) == (
+        f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {tmp_path}/step00000002 "
+        f"--output_folder {tmp_path}/universal/step00000002"
+    )

@@ -1,0 +1,97 @@
+"""Helpers for the trainer tests: run the CLI in a clean subprocess and read its outputs
+(the fixtures built on them are in tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "recipes" / "pretrain"
+RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))  # every shipped recipe file
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+# A nano model for a few steps: seconds per run, and the loss still falls clearly.
+FAST = [
+    "model.preset=nano",
+    "data.block_size=64",
+    "deepspeed.micro_batch=8",
+    "optim.lr=1e-2",
+    "optim.warmup_steps=2",
+    "logging.interval=1",
+    "run.eval_interval=0",
+    "checkpoint.interval=0",
+    "logging.progress=lines",
+]
+
+
+def sets(*assignments: str) -> list[str]:
+    return [a for kv in assignments for a in ("--set", kv)]
+
+
+# An op DeepSpeed JIT-builds is built once per extensions dir: keep the user's.
+EXTENSIONS = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+
+
+def clean_env(**extra: str) -> dict:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in DIST_VARS and not k.startswith(("WANDB_", "DS_"))
+    }
+    env.update(
+        TORCH_EXTENSIONS_DIR=EXTENSIONS,
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONHASHSEED="0",
+        **extra,
+    )
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lptrain(*args, launcher=(), check=True, timeout=240) -> subprocess.CompletedProcess:
+    """`python -m lptrain ARGS` (or under `launcher`) in a clean environment."""
+    cmd = [*(launcher or [sys.executable]), "-m", "lptrain", *map(str, args)]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(run_dir: Path) -> list[float]:
+    return [row["loss"] for row in metrics(run_dir) if "loss" in row]
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, timeout: float = 180) -> int:
+    """Block until the training run in `proc` has logged a step (a `loss` row in metrics.jsonl:
+    its signal handlers are installed and the loop is running), and return that step; fail if
+    the process exits first or `timeout` passes. The readiness signal for the SIGTERM tests."""
+    path = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited {proc.returncode} before its first step")
+        rows = path.read_text().splitlines() if path.exists() else []
+        steps = [json.loads(r)["step"] for r in rows if r.endswith("}") and '"loss"' in r]
+        if steps:
+            return steps[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no training step logged within {timeout} s")

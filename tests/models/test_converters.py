@@ -1,0 +1,113 @@
+"""The converter chain (models/converters.py): fixed order, validated sections, hooks."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lptrain.nn as lpnn
+from lptrain.config.precision import recipe_dict
+from lptrain.config.schema import ConfigError, parse
+from lptrain.models import converters
+
+
+def _cfg(**precision):
+    dtype = "bf16" if precision.get("recipe") == "bf16" else "fp32"  # bf16 needs its dtype
+    return parse({"run": {"max_steps": 1}, "precision": precision, "deepspeed": {"dtype": dtype}})
+
+
+def test_high_precision_recipes_convert_nothing():
+    assert converters.build(_cfg(recipe="fp32")) == []
+    assert converters.build(_cfg(recipe="bf16")) == []
+    assert recipe_dict(_cfg(recipe="fp32")) is None
+
+
+def test_precision_converter_swaps_seeds_and_logs():
+    (conv,) = converters.build(_cfg(recipe="nvfp4", skip=["head"]))
+    assert conv.name == "precision"
+    assert converters.ORDER == ("init", "precision", "qat", "bitswitch", "adapters")
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(32, 32))
+    model.add_module("head", nn.Linear(32, 8))
+    said = []
+    model = converters.apply(model, [conv], converters.ConvertContext(7, 1, 1, said.append))
+    assert isinstance(model.body, lpnn.Linear) and type(model.head) is nn.Linear
+    assert said and "convert: 1 layers to nvfp4" in said[0] and "head (skip 'head')" in said[0]
+    with pytest.warns(UserWarning, match=r"skip patterns matched no layer: \['head'\]"):
+        other = converters.apply(
+            nn.Sequential(nn.Linear(32, 32)),
+            [conv],
+            converters.ConvertContext(7, 0, 1, said.append),
+        )
+    assert int(other[0].seed) != int(model.body.seed)  # per-rank streams
+
+
+def test_hooks_run_in_order():
+    calls = []
+
+    class Hooked:
+        name = "hooked"
+
+        def convert(self, model, ctx):
+            return model
+
+        def after_step(self, model, step):
+            calls.append(("after", step))
+
+    converters.after_step(None, [Hooked()], 3)
+    assert calls[-1] == ("after", 3)
+
+
+def test_bad_inline_recipe_names_the_path():
+    with pytest.raises(ConfigError, match=r"^precision.recipe: output.input.format"):
+        converters.build(_cfg(recipe={"base": "fp8-current", "output": {"input": {"format": "x"}}}))
+
+
+def test_precision_converter_lets_backends_cache_weights_until_each_optimizer_step(monkeypatch):
+    class Caching:  # a backend that keeps quantized weights (as the triton backend does)
+        name = "caching"
+        cache_weights = False
+        cleared = 0
+
+        def supports(self, recipe):
+            return None
+
+        def after_step(self):
+            self.cleared += 1
+
+    backend = Caching()
+    module = sys.modules["lptrain.nn.convert"]  # the package re-exports a function of that name
+    monkeypatch.setattr(module, "resolve_backend", lambda *a, **k: (backend, "test"))
+    (conv,) = converters.build(_cfg(recipe="fp8-current", skip=[]))
+    ctx = converters.ConvertContext(0, 0, 1, lambda s: None)
+    model = converters.apply(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)), [conv], ctx)
+    assert model[0].backend is model[1].backend is backend and backend.cache_weights
+    converters.after_step(model, [conv], 1)
+    assert backend.cleared == 1  # once per model, not per layer
+
+
+def test_finetune_converters_follow_the_order_and_name_keys():
+    cfg = parse({"run": {"max_steps": 1}, "precision": {"recipe": "fp8-current"},
+                 "qat": {"method": "lsq+", "act_bits": 8, "weight_granularity": "group",
+                         "group_size": 16}})  # fmt: skip
+    convs = converters.build(cfg)
+    assert [c.name for c in convs] == ["precision", "qat"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    said = []
+    batch = torch.randn(4, 32)
+    ctx = converters.ConvertContext(0, 0, 1, said.append, sample=lambda: batch)
+    model = converters.apply(model, convs, ctx)
+    assert isinstance(model[0].base, lpnn.Linear) and bool(model[0].input_quantizer.initialized)
+    assert said[-1].startswith("qat: 2 layers, lsq+ weights 4 bits (group 16), inputs 8 bits")
+    bad = parse({"run": {"max_steps": 1}, "qat": {"method": "lsq", "weight_granularity": "group",
+                                                  "group_size": 24}})  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"^qat.group_size: 24 does not divide in_features 32 of a \(8, 32\) weight",
+    ):
+        converters.apply(nn.Sequential(nn.Linear(32, 8)), converters.build(bad), ctx)

@@ -1,0 +1,153 @@
+"""The precision guard (observe/guard.py): decisions on given statistics, the chain,
+state round trips; end to end, a saturating layer falls back and a resume keeps it."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import lptrain
+from lptrain import recipes
+from lptrain.config.schema import ConfigError, GuardConfig, parse
+from lptrain.observe import check
+from lptrain.observe.guard import PrecisionGuard
+from lptrain.testing import runs
+
+CFG = GuardConfig(enabled=True, min_sqnr_db=5.0, max_saturated=0.1, patience=2)
+
+
+def _model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    return lptrain.convert(m, "nvfp4")
+
+
+def _stats(sqnr=15.0, saturated=0.01, layers=("0", "2")):
+    good = {"sqnr_db": 15.0, "saturated": 0.01}
+    return {
+        n: {"output.input": {"sqnr_db": sqnr, "saturated": saturated}, "output.weight": good}
+        for n in layers
+    }
+
+
+def _layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, lptrain.nn.Linear)}
+
+
+def test_falls_back_after_patience_bad_checks_then_down_the_chain():
+    model = _model()
+    guard, layers = PrecisionGuard(CFG, recipes.get("nvfp4")), _layers(model)
+    bad = {**_stats(saturated=0.5, layers=("0",)), **_stats(layers=("2",))}
+    assert guard.check(1, bad, layers) == []  # one bad check: not yet
+    assert guard.check(2, _stats(), layers) == []  # a good one resets the streak
+    assert guard.check(3, bad, layers) == []
+    (ev,) = guard.check(4, bad, layers)
+    assert ev["layer"] == "0" and (ev["from"], ev["to"]) == ("nvfp4", "fp8-current")
+    assert "output.input saturated 0.5000 > 0.1 for 2 checks" == ev["reason"]
+    assert model[0].recipe.name == "fp8-current" and model[2].recipe.name == "nvfp4"
+    low = _stats(sqnr=1.0, layers=("0",))
+    assert guard.check(5, low, layers) == []
+    assert guard.check(6, low, layers)[0]["to"] == "bf16"
+    assert guard.check(7, low, layers) == [] and guard.check(8, low, layers) == []  # chain end
+    assert guard.state.level == {"0": 1} and guard.state.recipe["0"]["name"] == "bf16"
+
+
+def test_watched_layers_and_operands_only():
+    cfg = GuardConfig(enabled=True, patience=1, layers=["2"], operands=["output.weight"])
+    guard, model = PrecisionGuard(cfg, recipes.get("nvfp4")), _model()
+    assert guard.check(1, _stats(saturated=0.9), _layers(model)) == []  # output.input ignored
+
+
+def test_state_round_trip_restores_the_recipes_on_a_fresh_model():
+    guard, model = PrecisionGuard(CFG, recipes.get("nvfp4")), _model()
+    bad = _stats(sqnr=0.0, layers=("2",))
+    for step in (1, 2):
+        guard.check(step, bad, _layers(model))
+    # The resumed run edited its fallback chain: the saved recipes still come back exactly.
+    edited = GuardConfig(enabled=True, fallback=["mxfp8"])
+    fresh, again = _model(), PrecisionGuard(edited, recipes.get("nvfp4"))
+    again.load_state_dict(json.loads(json.dumps(guard.state_dict())))
+    again.apply(fresh, again.state.recipe)
+    assert fresh[2].recipe.name == "fp8-current" and fresh[0].recipe.name == "nvfp4"
+    fresh.load_state_dict(model.state_dict())  # the keys match the switched recipes
+    again.apply(fresh, {})  # back to the run's recipe everywhere
+    assert fresh[2].recipe.name == "nvfp4"
+
+
+def test_config_errors_name_the_key():
+    raw = {"run": {"max_steps": 2}, "precision": {"guard": {"enabled": True}}}
+    with pytest.raises(ConfigError, match=r"^precision\.guard\.fallback\[1\]: unknown recipe"):
+        check(parse({**raw, "precision": {"guard": {"enabled": True, "fallback": ["bf16", "x"]}}}))
+    with pytest.raises(ConfigError, match=r"^precision\.guard\.patience: must be >= 1"):
+        parse({**raw, "precision": {"guard": {"patience": 0}}})
+    with pytest.raises(ConfigError, match=r"^monitor\.end_step: 3 < start_step 5"):
+        parse({**raw, "monitor": {"start_step": 5, "end_step": 3}})
+    with pytest.raises(ConfigError, match=r"^monitor\.stats\[0\]: expected one of"):
+        parse({**raw, "monitor": {"stats": ["sqnr"]}})
+
+
+# End to end: NVFP4 with the weight's tensor scale held (sample-and-hold, amax_refresh) in one
+# layer, whose weight then grows 64x after step 2: its blocks outgrow the held reference and
+# saturate (most elements clip). The guard moves that layer, and only that one, to
+# fp8-current; the run stops at step 5 and a resume keeps the fallback.
+HELD = "{base: nvfp4, name: nvfp4-held, output: {weight: {amax_refresh: 1000}}}"
+GROW = textwrap.dedent("""
+    import sys, torch
+    from lptrain.models import converters
+    after_step = converters.after_step
+    def grow(model, convs, step):
+        after_step(model, convs, step)
+        if step == 2:
+            with torch.no_grad():
+                dict(model.named_modules())["layers.0.mlp.w1"].weight.mul_(64.0)
+    converters.after_step = grow
+    from lptrain.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_saturating_layer_falls_back_and_a_resume_keeps_it(tmp_path, monitored_runs):
+    run_dir = tmp_path / "run"
+    sets = [
+        f"precision.recipe={HELD}",
+        "run.max_steps=8",
+        "run.stop_at_step=5",
+        "monitor.interval=1",
+        "monitor.stats=[saturated, scale]",
+        "precision.guard.enabled=true",
+        "precision.guard.interval=1",
+        "precision.guard.patience=2",
+        "precision.guard.operands=[output.weight]",
+        "precision.guard.min_sqnr_db=null",  # saturation alone decides here
+        f"data.cache_dir={monitored_runs.cache}",
+    ]
+    first = runs.train("tiny-fp32.yaml", run_dir, *sets, code=GROW)
+    assert "step 4: layers.0.mlp.w1 nvfp4-held -> fp8-current" in first.stderr
+    events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    (guard,) = [e for e in events if e["kind"] == "guard"]
+    assert guard["step"] == 4 and "output.weight saturated" in guard["reason"]
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "layers.jsonl").open())}
+    key = "quant/layers.0.mlp.w1/output.weight"
+    assert rows[2][f"{key}/saturated"] < 0.05 and rows[3][f"{key}/saturated"] > 0.5
+    assert f"{key}/scale" in rows[5] and f"{key}/scale_max" not in rows[5]  # per-tensor now
+    second = runs.train("tiny-fp32.yaml", run_dir, *sets[:2], *sets[3:], code=GROW)
+    assert "resumed from" in second.stderr
+    assert "precision guard: 1 fallback(s)" in second.stderr
+    assert "step 4: layers.0.mlp.w1 nvfp4-held -> fp8-current" in second.stderr
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "layers.jsonl").open())}
+    assert set(rows) == set(range(1, 9))
+    assert f"{key}/scale" in rows[8] and rows[8][f"{key}/saturated"] < 0.05
+    assert "quant/layers.1.mlp.w1/output.weight/scale_max" in rows[8]  # the rest stay NVFP4
+    again = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in again if e["kind"] in ("guard", "resume")] == ["guard", "resume"]
+
+
+def test_a_healthy_run_never_falls_back(monitored_runs):
+    run_dir = monitored_runs["monitored"]
+    events = (run_dir / "events.jsonl").read_text() if (run_dir / "events.jsonl").exists() else ""
+    assert '"guard"' not in events
+    assert "precision guard: 0 fallback(s)" in monitored_runs.stderr["monitored"]
