@@ -303,8 +303,8 @@ def cmd_train(args, signals, log) -> int:
 
 
 def cmd_offline(args) -> int:
-    """`export`, `eval`, `switch` and `plan`: one process, no DeepSpeed engine (export/write.py,
-    evaluate.py, switch.py, plan.py)."""
+    """`export`, `eval`, `switch` and `plan`: one process, no DeepSpeed engine (lptrain/export/
+    write.py, evaluate.py, switch.py; lptrain/distributed/memory.py)."""
     if not torch.cuda.is_available():  # unpickling a checkpoint may import deepspeed
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if args.command == "plan":

@@ -1,5 +1,6 @@
 """Recipe sections for fine-tuning: `init`, `qat`, `bitswitch`, `adapters` (typed, parsed by
 schema.py).
+
     init:
       from: null          # an lptrain run dir, its checkpoints/ dir or one checkpoint tag dir,
                           # or a local Hugging Face model dir (needs transformers; no network)
@@ -65,7 +66,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class InitConfig:
-    # `from` is a Python keyword: the field is `from_`, its YAML key `from` (config.py aliases).
+    # `from` is a Python keyword: the field is `from_`, its YAML key `from` (schema.py aliases).
     from_: str | None = field(default=None, metadata={"key": "from"})
 
 

@@ -1,6 +1,6 @@
 """The config reference page (docs/config.md), generated from the config dataclasses.
 
-The schema is written once, in `config.py` and `finetune_config.py`: each field's type and
+The schema is written once, in `schema.py` and `finetune.py`: each field's type and
 default come from the dataclass, its description from the comment on its line or the comment
 lines right above it, and each section's introduction from the class docstring. The docs build
 (docs/hooks.py) inserts `render()` into the page, so the reference cannot drift from the parser.

@@ -1,6 +1,5 @@
-"""`init.from`: where fine-tuning starts. An lptrain run directory (its latest checkpoint), its
-`checkpoints/` directory, one checkpoint tag directory, or a local Hugging Face model
-directory (weights, config and tokenizer load with `local_files_only`: no network).
+"""`init.from`: the weights fine-tuning starts from, once lptrain/config/init_source.py has said
+what the path is (a Hugging Face directory loads in hf.py, with `local_files_only`).
 
 Weights come from DeepSpeed's module state (`mp_rank_00_model_states.pt`, stages 0-2) or,
 for ZeRO-3 checkpoints, from DeepSpeed's own `zero_to_fp32` reader. Every problem is a

@@ -80,9 +80,15 @@ def task_batch(gen: torch.Generator, batch: int, seq: int = SEQ, vocab: int = VO
 
 
 def train(
-    recipe: str, steps: int, batch: int = 32, lr: float = 3e-3, seed: int = 0, log_every: int = 0
+    recipe: str | dict,
+    steps: int,
+    batch: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    log_every: int = 0,
 ) -> float:
-    """Train TinyLM converted with `recipe` (lm_head kept FP32); return the final eval loss."""
+    """Train TinyLM converted with `recipe` (a name or an inline recipe; lm_head kept FP32);
+    return the final eval loss."""
     torch.manual_seed(seed)
     model = lptrain.convert(TinyLM(), recipe, skip=("lm_head",))
     lptrain.nn.seed_quantizers(model, seed)
