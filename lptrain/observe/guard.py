@@ -23,7 +23,8 @@ from lptrain.config.precision import resolve_recipe
 from lptrain.config.schema import GuardConfig, PrecisionConfig, TrainConfig
 from lptrain.errors import ConfigError
 from lptrain.nn import Linear
-from lptrain.observe.layers import Stats, matches
+from lptrain.nn.select import matches
+from lptrain.observe.layers import Stats
 from lptrain.recipes import Recipe, from_dict
 
 
@@ -61,7 +62,7 @@ class PrecisionGuard:
         self.state = GuardState()
 
     def watches(self, name: str) -> bool:
-        return matches(name, self.cfg.layers)
+        return matches(name, self.cfg.layers) is not None
 
     def due(self, step: int) -> bool:
         return step % self.cfg.interval == 0
@@ -70,7 +71,7 @@ class PrecisionGuard:
         """The first watched operand out of bounds, described; None when all are fine."""
         c = self.cfg
         for key, d in sorted(entries.items()):
-            if key.endswith(".accumulator") or not any(matches(key, [g]) for g in c.operands):
+            if key.endswith(".accumulator") or matches(key, c.operands) is None:
                 continue
             if c.min_sqnr_db is not None and d["sqnr_db"] < c.min_sqnr_db:
                 return f"{key} sqnr_db {d['sqnr_db']:.2f} < {c.min_sqnr_db:g}"

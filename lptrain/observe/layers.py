@@ -9,7 +9,6 @@ so every rank ends with identical numbers (the precision guard decides on them),
 
 from __future__ import annotations
 
-import fnmatch
 import math
 
 import torch
@@ -17,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lptrain.nn import Linear
+from lptrain.nn.select import matches
 from lptrain.numerics.stats import (
     MAX_MOMENTS,
     MIN_MOMENTS,
@@ -27,11 +27,6 @@ from lptrain.numerics.stats import (
 
 Stats = dict[str, dict[str, dict[str, float]]]  # layer -> 'gemm.operand' -> stat -> value
 COUNTERS = ("int32_overflows", "chunk_sums")  # the INT32 accumulator's entries
-
-
-def matches(name: str, globs: list[str]) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return any(fnmatch.fnmatch(name, g) or fnmatch.fnmatch(leaf, g) for g in globs)
 
 
 def linear_layers(model: nn.Module, globs: list[str]) -> dict[str, nn.Linear]:
