@@ -135,7 +135,8 @@ def convert(
     summary = ConversionSummary(recipe.name, resolved[0].name, resolved[1])
     make_layer = getattr(resolved[0], "make_layer", None)  # backend 'te': TE's own Linear
     hits: set[str] = set()
-    for name, parent, child_name, child in list(_candidates(model)):
+    candidates = list(_candidates(model))
+    for name, parent, child_name, child in candidates:
         why = _skip_reason(name, child, (targets, skip, module_filter_fn), min_features, hits)
         if why:
             summary.skipped.append((name, why))
@@ -160,6 +161,10 @@ def convert(
             f"lptrain.convert: skip patterns matched no layer: {summary.unmatched_skips}",
             stacklevel=2,
         )
+    names = [c[0] for c in candidates]
+    lost = [p for p in targets if names and not any(matches(n, (p,)) for n in names)]
+    if lost:
+        warnings.warn(f"lptrain.convert: target patterns matched no layer: {lost}", stacklevel=2)
     if summary.converted:
         (log_fn or log.info)(summary.text())
     return model

@@ -152,7 +152,10 @@ def prepare(
     the model. torchao's vocabulary: `prepare` trains, `convert` deploys."""
     cfg = QATConfig(**cfg) if isinstance(cfg, dict) else (cfg or QATConfig())
     done = []
-    for name, parent, child_name, layer in list(select(model, targets, skip, module_filter_fn)):
+    chosen = list(select(model, targets, skip, module_filter_fn))
+    if not chosen:
+        raise QATConfigError("targets", f"{list(targets)} minus skip {list(skip)} selects no layer")
+    for name, parent, child_name, layer in chosen:
         wq = _weight_quantizer(cfg, layer, name)
         aq = None
         if cfg.act_bits is not None:

@@ -85,3 +85,14 @@ def test_convert_warns_only_about_skip_patterns_you_gave():
         lptrain.convert(nn.Sequential(nn.Linear(8, 8)), "fp8-current", backend="emulated")
     with pytest.warns(UserWarning, match=r"matched no layer: \['nothing'\]"):
         lptrain.convert(nn.Sequential(nn.Linear(8, 8)), "fp8-current", skip=["nothing"])
+
+
+@pytest.mark.parametrize("how", ["qat.prepare", "bitswitch.prepare", "lora.apply"])
+def test_a_selection_that_matches_nothing_is_an_error(how):
+    with pytest.raises(lptrain.ConfigError, match="^targets: "):
+        CONVERSIONS[how](Tiny(), targets=["nothing"])
+
+
+def test_convert_warns_about_target_patterns_that_match_nothing():
+    with pytest.warns(UserWarning, match=r"target patterns matched no layer: \['nothing'\]"):
+        lptrain.convert(Tiny(), "fp8-current", targets=["wq", "nothing"], backend="emulated")

@@ -69,7 +69,12 @@ def prepare(
     Weight scales are initialised from the weights here (before any DeepSpeed wrapper)."""
     cfg = BitSwitchConfig(**cfg) if isinstance(cfg, dict) else (cfg or BitSwitchConfig())
     n = 0
-    for _name, parent, child_name, layer in list(select(model, targets, skip, module_filter_fn)):
+    chosen = list(select(model, targets, skip, module_filter_fn))
+    if not chosen:
+        raise BitSwitchConfigError(
+            "targets", f"{list(targets)} minus skip {list(skip)} selects no layer"
+        )
+    for _name, parent, child_name, layer in chosen:
         m = BitSwitchLinear(
             layer, cfg.bits, rounding=cfg.rounding, scale_grad=cfg.scale_grad,
             act_bits=cfg.act_bits, act_signed=cfg.act_signed,
