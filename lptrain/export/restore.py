@@ -48,8 +48,8 @@ def skeleton(cfg: TrainConfig, tok: dataset.Tokenizer, *, names=converters.ORDER
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, tok.vocab_size, cfg.data.block_size)
     ctx = converters.ConvertContext(cfg.run.seed, 0, 1, say, vocab_size=tok.vocab_size)
-    for conv in converters.build(cfg):
-        if conv.name not in names or (conv.name == "init" and conv.source.kind != "hf"):
+    for conv in converters.build(cfg, names):
+        if conv.name == "init" and conv.source.kind != "hf":
             continue
         model = converters.apply(model, [conv], ctx)
     return model
@@ -97,7 +97,7 @@ def open_export(path: str | Path) -> Opened:
     tok = dataset.load_tokenizer(meta["tokenizer"])
     if meta.get("hf_config"):
         model = hf.from_config(d / "hf", key="export")
-        precision = [c for c in converters.build(cfg) if c.name == "precision"]
+        precision = converters.build(cfg, ("precision",))
         model = converters.apply(model, precision, _ctx(cfg, tok))
     else:
         model = skeleton(cfg, tok, names=("precision",))

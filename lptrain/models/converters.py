@@ -200,10 +200,12 @@ REGISTRY: dict[str, Callable[[TrainConfig], Converter | None]] = {
 }
 
 
-def build(cfg: TrainConfig) -> list[Converter]:
-    """The converters this config asks for, in ORDER; raises ConfigError on bad sections."""
+def build(cfg: TrainConfig, names: tuple[str, ...] = ORDER) -> list[Converter]:
+    """The converters this config asks for, in ORDER, among `names`; raises ConfigError on bad
+    sections. Only the named ones are built: an export's skeleton (precision only) must not
+    look for an `init.from` base that may be gone."""
     out = []
-    for name in ORDER:
+    for name in (n for n in ORDER if n in names):
         factory = REGISTRY.get(name)
         conv = factory(cfg) if factory else None
         if conv is not None:
