@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from lptrain import observe, recipes
-from lptrain.checkpoint import resume, rundir
+from lptrain.checkpoint import lock, resume, rundir
 from lptrain.config import schema
 from lptrain.config.inherit import tokenizer_spec
 from lptrain.config.schema import TrainConfig, _key, to_yaml
@@ -273,8 +273,11 @@ def cmd_train(args, signals, log) -> int:
         if info.rank == 0:
             print(msg, file=sys.stderr, flush=True)
 
+    # One writer per run directory, decided before any heavy work: a second start, a foreign
+    # or an unwritable directory fail here in one line. Rank 0 holds it until the process exits.
+    lock.take(run_dir, say)  # its descriptor stays open: the OS releases it at exit
     # Decide what the run starts from, and build everything, before the run directory is
-    # touched: a refused resume or bad data leaves it exactly as it was.
+    # touched (beyond its lock file): a refused resume or bad data leaves it as it was.
     plan = resume.plan(cfg, run_dir, info.world, args.allow_change, args.archive)
     for note in plan.notes:
         say(note)

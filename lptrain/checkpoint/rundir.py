@@ -8,6 +8,10 @@
   with `step > S` are moved to `metrics-superseded.jsonl` (each tagged `superseded_at: S`), so
   readers never see a step twice and nothing logged is lost.
 - `--archive`: an earlier run's checkpoints and files move to `archive/<date-time>/`.
+- `lptrain.lock`: who trains in the directory now (lock.py), rewritten by every start.
+
+`--run-dir` may name a new directory, an empty one or a run directory; a non-empty directory
+of anything else is refused before anything is written (it would lose its `config.yaml`).
 """
 
 from __future__ import annotations
@@ -22,12 +26,35 @@ from pathlib import Path
 
 from lptrain.checkpoint import store
 from lptrain.checkpoint.manifest import write_atomic
+from lptrain.errors import ConfigError
 
 METRICS = "metrics.jsonl"
 SUPERSEDED = "metrics-superseded.jsonl"
 RUN_JSON = "run.json"
 # What an earlier run left and a fresh start must not overwrite (W&B's own local store stays).
 _RUN_FILES = ("config.yaml", "deepspeed.json", METRICS, SUPERSEDED, RUN_JSON, "logs")
+LOCK = "lptrain.lock"  # lock.py
+# Only an lptrain run directory holds one of these (not config.yaml: any tool may write one).
+_MARKERS = ("checkpoints", "deepspeed.json", METRICS, RUN_JSON, LOCK, "archive")
+
+
+def check_target(run_dir: Path) -> None:
+    """Raise ConfigError (`--run-dir`) unless `run_dir` is new, empty or an lptrain run
+    directory: training writes config.yaml, logs/ and checkpoints/ into it."""
+    try:
+        if not run_dir.is_dir():
+            return  # new (a file in the way fails when it is created)
+        names = sorted(p.name for p in run_dir.iterdir())
+    except OSError as exc:
+        raise ConfigError("--run-dir", f"{run_dir} cannot be read: {exc}") from None
+    if not names or any(n in _MARKERS for n in names):
+        return
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise ConfigError(
+        "--run-dir",
+        f"{run_dir} is not empty ({shown}) and is not an lptrain run directory (no "
+        f"checkpoints/, {METRICS} or {RUN_JSON}); give a new or empty directory",
+    )
 
 
 def _archive_dir(run_dir: Path) -> Path:

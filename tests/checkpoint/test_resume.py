@@ -145,7 +145,8 @@ def _snapshot(run_dir) -> dict:
     return {
         p.relative_to(run_dir).as_posix(): p.read_bytes()
         for p in sorted(run_dir.rglob("*"))
-        if p.is_file() and "logs" not in p.parts
+        # every start rewrites the lock file with its pid (test_lock.py)
+        if p.is_file() and "logs" not in p.parts and p.name != "lptrain.lock"
     }
 
 

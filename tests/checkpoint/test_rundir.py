@@ -1,11 +1,15 @@
-"""The run directory's files (checkpoint/rundir.py): metrics rewind, --archive, the W&B run id."""
+"""The run directory's files (checkpoint/rundir.py): metrics rewind, --archive, the W&B run id,
+and which directories --run-dir may name."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from lptrain.checkpoint import rundir, store
 from lptrain.checkpoint.resume import Plan
+from lptrain.errors import ConfigError
 from lptrain.testing import checkpoints as fake
 
 
@@ -58,3 +62,35 @@ def test_prepare_keeps_the_wandb_id_on_resume_and_makes_a_new_one_when_fresh(tmp
     assert (run / "config.yaml").read_text() == "a: 2\n"
     again = rundir.prepare(run, Plan(None, archive_all=True), "a: 3\n", {}, print)
     assert again != first and len(again) == 8
+
+
+def test_run_dir_may_be_new_empty_or_a_run_directory_but_not_another_folder(tmp_path):
+    rundir.check_target(tmp_path / "new")
+    (tmp_path / "empty").mkdir()
+    rundir.check_target(tmp_path / "empty")
+    run = tmp_path / "run"
+    fake.save(run / "checkpoints", 2)
+    (run / "config.yaml").write_text("run: {}\n")
+    rundir.check_target(run)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: own\n")  # what training would overwrite
+    (mine / "notes.txt").write_text("")
+    with pytest.raises(ConfigError) as exc:
+        rundir.check_target(mine)
+    assert exc.value.path == "--run-dir"
+    assert exc.value.problem.startswith(
+        f"{mine} is not empty (config.yaml, notes.txt) and is not an lptrain run directory"
+    )
+
+
+def test_lptrain_train_into_another_folder_is_refused_and_writes_nothing(cli, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: own\n")
+    proc = cli("tiny-fp32.yaml", "run.max_steps=1", run_dir=mine, check=False)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: --run-dir: {mine} is not empty (config.yaml)")
+    assert proc.stderr.count("\n") == 1
+    assert [p.name for p in mine.iterdir()] == ["config.yaml"]
+    assert (mine / "config.yaml").read_text() == "my: own\n"
