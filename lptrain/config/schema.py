@@ -352,6 +352,7 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError("optim.lr", f"must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas", f"expected two numbers, got {cfg.optim.betas}")
+    _check_run_name(cfg.run.name)
     _check_monitor(cfg.monitor)
     _check_guard(cfg.precision.guard)
     # The bf16 recipe converts nothing: bf16 comes from DeepSpeed's dtype alone. Without it the
@@ -364,6 +365,15 @@ def _check(cfg: TrainConfig) -> None:
         )
     _check_files(cfg)
     finetune.check(cfg)
+
+
+def _check_run_name(name: str | None) -> None:
+    # The default run directory is runs/<name>-<time>: a separator or a leading dot (`..`)
+    # would put it outside runs/ or hide it.
+    if name is not None and (name == "" or name.startswith(".") or any(c in name for c in "/\\")):
+        raise ConfigError(
+            "run.name", f"{name!r} must be one folder name: no '/' or '\\', no leading '.'"
+        )
 
 
 def _check_monitor(m: MonitorConfig) -> None:

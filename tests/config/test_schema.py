@@ -48,3 +48,14 @@ def test_bf16_recipe_needs_the_bf16_dtype():
         {"run": {"max_steps": 1}, "precision": {"recipe": "bf16"}, "deepspeed": {"dtype": "bf16"}}
     )
     assert cfg.deepspeed.dtype == "bf16"
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".hidden", "a\\b", ""])
+def test_run_name_stays_one_folder_inside_runs(name):
+    # The default run directory is runs/<run.name>-<time>: a name must not leave runs/.
+    with pytest.raises(ConfigError, match=r"^run.name: .*one folder name"):
+        parse({"run": {"max_steps": 1, "name": name}})
+
+
+def test_run_name_plain_names_parse():
+    assert parse({"run": {"max_steps": 1, "name": "fp8-a..b_2"}}).run.name == "fp8-a..b_2"
