@@ -234,7 +234,13 @@ def plan(cfg: TrainConfig, run_dir: Path, world: int, allow: list[str], archive:
                     f"to start fresh here {_archive_hint(run_dir)}",
                 )
             return Plan(None, archive_all=store.has_checkpoints(own))
-        return _resume(cfg, found, rejected, world, allow, Plan(found))
+        try:
+            return _resume(cfg, found, rejected, world, allow, Plan(found))
+        except ConfigError as exc:
+            older = _older_that_resumes(cfg, found, world, allow)
+            if older is None:
+                raise
+            raise ConfigError(exc.path, exc.problem + _go_back(found, older, run_dir)) from None
     found, rejected = _explicit(Path(resume))
     base = Plan(found)
     if found.ckpt_dir.resolve() == own.resolve():
@@ -257,6 +263,37 @@ def plan(cfg: TrainConfig, run_dir: Path, world: int, allow: list[str], archive:
             )
         base = Plan(found, archive_all=True)
     return _resume(cfg, found, rejected, world, allow, base)
+
+
+def _older_that_resumes(cfg, newest: Found, world: int, allow: list[str]) -> Found | None:
+    """Collective: the newest checkpoint older than `newest` in its directory that this config
+    resumes and that verifies (another run's checkpoint may be the newest in a directory).
+    Configs are compared first, so only a checkpoint that would be accepted is hashed."""
+    ckpt_dir = newest.ckpt_dir
+    tags = manifest.from_rank0(store.list_tags(ckpt_dir) if _rank0() else None)
+    for tag in reversed([t for t in tags if store.step_of(t) < newest.step]):
+        meta, _ = manifest.from_rank0(manifest.read(ckpt_dir / tag) if _rank0() else None)
+        if meta is None:
+            continue
+        try:  # the same checks as the resume itself, on the unverified manifest
+            _resume(cfg, Found(ckpt_dir, tag, meta), [], world, allow, Plan(None))
+        except ConfigError:
+            continue
+        found, _ = store.verify(ckpt_dir, tag)
+        if found is not None:
+            return found
+    return None
+
+
+def _go_back(newest: Found, older: Found, run_dir: Path) -> str:
+    """How to resume from `older` instead; plan() takes an older tag of the run directory with
+    --archive, which moves the newer checkpoints aside."""
+    return (
+        f"; {newest.tag} is the newest checkpoint in {newest.ckpt_dir}; {older.tag} there "
+        f"verifies and resumes with this config: to go back to it add --set checkpoint.resume="
+        f"{older.path} --archive (moves the newer checkpoints to {run_dir / 'archive'}/"
+        "<date-time>/)"
+    )
 
 
 def _explicit(path: Path) -> tuple[Found, list[tuple[str, str]]]:

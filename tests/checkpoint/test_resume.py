@@ -138,6 +138,34 @@ def test_plan_never_overwrites_an_earlier_runs_checkpoints(tmp_path):
         resume.plan(bad, tmp_path / "fresh", 1, [], False)
 
 
+def test_a_foreign_newest_checkpoint_names_the_older_one_that_resumes(tmp_path):
+    # step 6 was saved by another config (another seed) into this run's directory.
+    run = _run_dir(tmp_path)
+    ckpt = run / "checkpoints"
+    fake.save(ckpt, 6, to_yaml(_cfg(run__seed=1)))
+    with pytest.raises(ConfigError) as exc:
+        resume.plan(_cfg(), run, 1, [], False)
+    msg = str(exc.value)
+    assert msg.startswith("run.seed: changed since checkpoint step00000006 (1 -> 0); a resume")
+    assert "\n" not in msg
+    assert f"step00000006 is the newest checkpoint in {ckpt}" in msg
+    assert "step00000004 there verifies and resumes with this config" in msg
+    how = f"--set checkpoint.resume={ckpt / 'step00000004'} --archive"
+    assert how in msg and f"{run / 'archive'}/<date-time>/" in msg
+    # What it says works: back to step 4, step 6 moved aside.
+    p = resume.plan(_cfg(checkpoint__resume=str(ckpt / "step00000004")), run, 1, [], True)
+    assert p.source.tag == "step00000004" and p.archive_newer == ("step00000006",)
+    # An older checkpoint that matches but does not verify is not offered; nor is one whose
+    # config differs too.
+    (ckpt / "step00000004" / fake.OPTIM).write_bytes(b"cut short")
+    with pytest.raises(ConfigError) as exc:
+        resume.plan(_cfg(), run, 1, [], False)
+    assert "step00000002 there verifies" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        resume.plan(_cfg(run__seed=2), run, 1, [], False)
+    assert "there verifies" not in str(exc.value) and "--archive" not in str(exc.value)
+
+
 # ---------------------------------------------------------------- end to end
 
 
