@@ -104,3 +104,26 @@ def test_cpu_multiprocess_launch_script(tmp_path, data_cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(train_losses(run_dir)) == 3
     assert proc.stdout.count("run directory:") == 1
+
+
+def test_multi_node_env_file_is_private(tmp_path):
+    """launch/multi_node.sh ships WANDB_*/HF_* (API keys) in ./.deepspeed_env: owner-only, even
+    over an earlier file that others could read."""
+    (tmp_path / ".deepspeed_env").write_text("OLD=1\n")
+    (tmp_path / ".deepspeed_env").chmod(0o644)
+    env = clean_env(LPTRAIN_DRY_RUN="1", WANDB_API_KEY="secret", HF_TOKEN="hf-secret")
+    proc = subprocess.run(
+        ["bash", str(REPO / "launch/multi_node.sh"), "hostfile", "recipe.yaml", "--run-dir", "r"],
+        cwd=tmp_path,
+        env={**env, "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("deepspeed --hostfile hostfile ")
+    assert proc.stdout.rstrip().endswith("--module lptrain train recipe.yaml --run-dir r")
+    written = tmp_path / ".deepspeed_env"
+    assert written.stat().st_mode & 0o777 == 0o600
+    assert {"WANDB_API_KEY=secret", "HF_TOKEN=hf-secret"} <= set(written.read_text().split())
+    assert "OLD=1" not in written.read_text()
