@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fnmatch
 import os
 import signal
 import sys
@@ -23,9 +24,11 @@ import torch
 import torch.distributed as dist
 
 from lptrain import observe, recipes
-from lptrain.checkpoint import lock, resume, rundir
+from lptrain.checkpoint import base as bases
+from lptrain.checkpoint import lock, resume, rundir, store
 from lptrain.config import schema
 from lptrain.config.inherit import tokenizer_spec
+from lptrain.config.init_source import locate
 from lptrain.config.schema import TrainConfig, _key, to_yaml
 from lptrain.data import dataset
 from lptrain.distributed import engine, memory
@@ -254,18 +257,41 @@ def _agree(value):
 def _prepare(args):
     """Everything that can fail on user input, before any heavy work."""
     cfg = schema.load(args.recipe, args.overrides)
-    tok = dataset.load_tokenizer(tokenizer_spec(cfg))  # a fine-tune's base may set it
-    decoder.model_args(cfg.model, vocab_size=tok.vocab_size, max_seq_len=cfg.data.block_size)
+    if cfg.init.from_ is not None and not _resumable(args.run_dir):
+        locate(cfg.init.from_)  # a fresh start needs its base: say so before anything starts
     info = engine.dist_env(args.local_rank)
     engine.check_batch(cfg, info)
     ds_config = engine.deepspeed_config(cfg, info.world)
-    convs = converters.build(cfg)
     observe.check(cfg)
-    return cfg, info, ds_config, convs, tok
+    return cfg, info, ds_config
+
+
+def _resumable(run_dir: str | None) -> bool:
+    return run_dir is not None and store.has_checkpoints(Path(run_dir) / "checkpoints")
+
+
+def _with_base(cfg: TrainConfig, plan, allow: list[str], say):
+    """The run's base (checkpoint/base.py): resolved and hashed on a fresh start, the recorded
+    one on a resume; then what depends on it: the tokenizer and the converters. `init.from`
+    becomes the base's absolute path (what config.yaml keeps)."""
+    if plan.source is None:
+        base = bases.resolve(cfg.init.from_) if cfg.init.from_ is not None else None
+    else:
+        allowed = any(fnmatch.fnmatchcase("init.from", p) for p in allow)
+        base = bases.for_resume(cfg.init.from_, plan.source, allowed)
+    if base is not None:
+        for note in base.notes:
+            say(note)
+        init = dataclasses.replace(cfg.init, from_=base.record["path"])
+        cfg = dataclasses.replace(cfg, init=init)
+    source = base.source if base is not None else None
+    tok = dataset.load_tokenizer(tokenizer_spec(cfg, source))  # a fine-tune's base may set it
+    decoder.model_args(cfg.model, vocab_size=tok.vocab_size, max_seq_len=cfg.data.block_size)
+    return cfg, base, tok, converters.build(cfg, base=source)
 
 
 def cmd_train(args, signals, log) -> int:
-    cfg, info, ds_config, convs, tok = _prepare(args)
+    cfg, info, ds_config = _prepare(args)
     engine.init_distributed(info)
     run_dir = Path(_agree(args.run_dir or _default_run_dir(cfg.run.name)))
 
@@ -281,6 +307,7 @@ def cmd_train(args, signals, log) -> int:
     plan = resume.plan(cfg, run_dir, info.world, args.allow_change, args.archive)
     for note in plan.notes:
         say(note)
+    cfg, base, tok, convs = _with_base(cfg, plan, args.allow_change, say)
     if plan.universal:  # DeepSpeed reads this when the engine is built
         ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}),
                                                  "load_universal": True}}  # fmt: skip
@@ -289,6 +316,8 @@ def cmd_train(args, signals, log) -> int:
         prepared = None
         if info.rank == 0:
             prepared = rundir.prepare(run_dir, plan, to_yaml(cfg), ds_config, say)
+            if base is not None:  # what readers need of the base, carried by every checkpoint
+                bases.write_copy(run_dir / bases.DIR, base)
         wandb_id = _agree(prepared)
     log.attach(run_dir / "logs" / f"rank{info.rank}.log")
     monitor = Monitor(
@@ -320,6 +349,12 @@ def cmd_offline(args) -> int:
     return evaluate.main(args)
 
 
+def os_error(exc: OSError) -> str:
+    """`PATH: No space left on device [Errno 28]`: what a full disk, a read-only file system
+    or a missing permission says, in one line."""
+    return f"{exc.filename}: {exc.strerror or exc} [Errno {exc.errno}]"
+
+
 def _interrupted(exc) -> int:
     name = signal.Signals(exc.signum).name
     if exc.when == "during start-up":
@@ -348,6 +383,11 @@ def train(args) -> int:
         return 2
     except Interrupted as exc:
         return _interrupted(exc)
+    except OSError as exc:
+        if exc.filename is None:  # not a file the run wrote or read: a real failure
+            raise
+        print(f"error: {os_error(exc)} (earlier checkpoints are intact)", file=sys.stderr)
+        return 2
     except Exception as exc:
         if isinstance(exc, NonFiniteError):
             print(f"error: {exc}", file=sys.stderr)
@@ -372,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_offline(args)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            print(f"error: {os_error(exc)}", file=sys.stderr)
             return 2
     return train(args)
 

@@ -10,9 +10,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # module -> the test that exercises it (end to end, or beside the code it serves)
 COVERED_BY = {
+    "lptrain.checkpoint.base": "tests/checkpoint/test_trust.py",  # a fine-tune outlives its base
     "lptrain.config.finetune": "tests/config/test_schema.py",  # and tests/test_errors.py
     "lptrain.config.inherit": "tests/trainer/test_finetune.py",  # the base's tokenizer
-    "lptrain.config.init_source": "tests/config/test_schema.py",  # init.from errors at parse time
+    "lptrain.config.init_source": "tests/config/test_schema.py",  # what init.from names
     "lptrain.config.precision": "tests/models/test_converters.py",
     "lptrain.config.reference": "tests/test_docs.py",  # every key documented, page generated
     "lptrain.corpora": "tests/data/test_dataset.py",  # snapshots verified by SHA-256

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 import lptrain.nn as lpnn
+from lptrain import safeload
 from lptrain.checkpoint import manifest
 from lptrain.checkpoint.store import Found, Progress
 from lptrain.distributed.engine import universal_loaded
@@ -81,11 +82,27 @@ def ensure_universal(found: Found, say) -> Path:
     out = universal_path(found)
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        error = None if out.is_dir() else _convert(found, out, say)
+        error = None if _usable(out, say) else _convert(found, out, say)
     error = manifest.from_rank0(error)
     if error is not None:
         raise ConfigError("checkpoint.resume", error)
     return out
+
+
+def _usable(out: Path, say) -> bool:
+    """An existing universal copy is used only if it verifies like a checkpoint (its manifest,
+    written by `_convert`, and plain data in every file); anything else is made again."""
+    if not out.is_dir():
+        return False
+    _, why = manifest.problem_local(out)
+    why = why or safeload.problem_in(out)
+    if why is None:
+        return True
+    say(f"checkpoint: the universal copy {out} does not verify ({why}); converting again")
+    doomed = out.with_name(out.name + ".deleting")
+    os.replace(out, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+    return False
 
 
 def _convert(found: Found, out: Path, say) -> str | None:
@@ -107,6 +124,7 @@ def _convert(found: Found, out: Path, say) -> str | None:
         return f"converting {found.tag} to a universal checkpoint failed ({last}); run: " + (
             command(found)
         )
+    manifest.write_local(tmp, {"tag": found.tag, "universal_of": found.manifest.get("tag")})
     os.replace(tmp, out)
     return None
 
@@ -117,7 +135,7 @@ def _module_buffers(found: Found, model: nn.Module) -> dict:
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         path = found.path / name
         if path.exists():
-            module = torch.load(path, map_location="cpu", weights_only=False)["module"]
+            module = safeload.load(path, "checkpoint.resume")["module"]
             break
     else:
         raise ConfigError("checkpoint.resume", f"{found.path} has no model-states file")
@@ -144,7 +162,7 @@ def load(engine, model: nn.Module, found: Found, cfg, say) -> Progress:
     seed = cfg.run.seed
     lpnn.seed_quantizers(model, seed, rank)
     side = found.path / f"lptrain_rank{rank}.pt"
-    overflows = torch.load(side, weights_only=False)["quantizer"] if side.exists() else {}
+    overflows = safeload.load(side, "checkpoint.resume")["quantizer"] if side.exists() else {}
     for name, layer in lpnn.quantized_layers(model):
         layer.int32_overflows.fill_(int(overflows.get(name, {}).get("int32_overflows", 0)))
     fields = {k: v for k, v in client["lptrain"].items() if k in Progress.__dataclass_fields__}

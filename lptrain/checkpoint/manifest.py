@@ -93,6 +93,29 @@ def write(tag_dir: Path, meta: dict) -> dict:
     return manifest
 
 
+def write_local(tag_dir: Path, meta: dict) -> dict:
+    """`write` by this process alone (no collectives): for what one rank makes by itself,
+    such as the universal copy of a checkpoint or an export."""
+    names = _listing(tag_dir)
+    files = {n: {"bytes": (tag_dir / n).stat().st_size, "sha256": sha256(tag_dir / n)}
+             for n in names}  # fmt: skip
+    manifest = {"format": FORMAT, **meta, "files": files}
+    write_atomic(tag_dir / NAME, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def problem_local(tag_dir: Path) -> tuple[dict | None, str | None]:
+    """`problem` by this process alone (no collectives): every file fully checked here."""
+    manifest, why = read(tag_dir)
+    if why is not None:
+        return None, why
+    for name, entry in manifest["files"].items():
+        why = _check_file(tag_dir, name, entry, full=True)
+        if why is not None:
+            return None, why
+    return manifest, None
+
+
 def read(tag_dir: Path) -> tuple[dict | None, str | None]:
     """(manifest, None) or (None, why it cannot be read). Local, no collectives."""
     path = tag_dir / NAME

@@ -59,7 +59,8 @@ RULES: tuple[Rule, ...] = (
     Rule("deepspeed.zero_init", FREE, "how the model is built; the checkpoint holds its weights"),
     Rule("deepspeed.extra", FLAG, "merged into deepspeed.json as given"),
     Rule("deepspeed.*", NEVER, "the batch layout and engine dtype are in the saved state"),
-    Rule("init.from", FLAG, "the checkpoint holds the trained weights; init.from starts a run"),
+    # Compared by content, not by path: checkpoint/base.py (the base may have moved or gone).
+    Rule("init.from", FREE, "the checkpoint holds the weights; the base is checked by hash"),
     Rule("qat.*", NEVER, "the checkpoint holds the learned quantizer scales of this layout"),
     Rule("bitswitch.eval_bits", FREE, "which bit-width evaluation reports"),
     Rule("bitswitch.alrs_*", FLAG, "applied from the resumed step; learned scales kept"),
@@ -134,6 +135,8 @@ def diff(old: dict, new: TrainConfig) -> list[Change]:
     now = new.to_dict()
     out = []
     for key in config_keys():
+        if key == "init.from":  # compared by content, not path: checkpoint/base.py
+            continue
         a, b = _get(old, key), _get(now, key)
         if a != b:
             out.append(Change(key, a, b))

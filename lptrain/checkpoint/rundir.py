@@ -32,7 +32,7 @@ METRICS = "metrics.jsonl"
 SUPERSEDED = "metrics-superseded.jsonl"
 RUN_JSON = "run.json"
 # What an earlier run left and a fresh start must not overwrite (W&B's own local store stays).
-_RUN_FILES = ("config.yaml", "deepspeed.json", METRICS, SUPERSEDED, RUN_JSON, "logs")
+_RUN_FILES = ("config.yaml", "deepspeed.json", METRICS, SUPERSEDED, RUN_JSON, "logs", "base")
 LOCK = "lptrain.lock"  # lock.py
 # Only an lptrain run directory holds one of these (not config.yaml: any tool may write one).
 _MARKERS = ("checkpoints", "deepspeed.json", METRICS, RUN_JSON, LOCK, "archive")

@@ -16,6 +16,8 @@ The side file exists because DeepSpeed saves no RNG state and, in ZeRO stages 0-
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import shutil
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 import lptrain.nn as lpnn
+from lptrain import safeload
 from lptrain.checkpoint import manifest
 
 FORMAT = 2  # client_state / side-file format
@@ -107,21 +110,36 @@ def save(
     keep_last: int,
     config_yaml: str,
     extra: dict | None = None,
+    base_dir: Path | None = None,
 ) -> Path:
     """`extra`: the trainer's own state beside the model (the monitoring's guard and spike
-    state), kept in every rank's side file and read back with `peek` before `load`."""
+    state), kept in every rank's side file and read back with `peek` before `load`.
+    `base_dir`: the run's copy of its `init.from` base (checkpoint/base.py), carried along."""
     rank = _rank()
     tag = tag_for(progress.step)
     final, tmp = ckpt_dir / tag, ckpt_dir / f"{tag}.tmp"
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     _barrier()
+    with _disk_errors(tmp):
+        _write(engine, model, tmp, progress, config_yaml, extra, base_dir)
+    if rank == 0:
+        _move_into_place(ckpt_dir, tmp, final)
+        write_latest(ckpt_dir, tag)
+        _prune(ckpt_dir, keep_last, progress.step)
+    _barrier()
+    return final
+
+
+def _write(engine, model, tmp: Path, progress: Progress, config_yaml, extra, base_dir) -> None:
+    """Collective: every file of the checkpoint into `tmp`, the manifest last."""
+    rank = _rank()
     client = {
         "lptrain": {**asdict(progress), "format": FORMAT},
         # Lets `ds_to_universal` convert stage 1/2 checkpoints without --inject_missing_state.
         "universal_checkpoint_info": {"universal_checkpoint_version": 0.4},
     }
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client, save_latest=False)
+    engine.save_checkpoint(str(tmp.parent), tag=tmp.name, client_state=client, save_latest=False)
     _barrier()
     side = {
         "rng": _rng_state(),
@@ -133,17 +151,35 @@ def save(
     torch.save(side, tmp / f"lptrain_rank{rank}.pt")
     if rank == 0:
         (tmp / CONFIG).write_text(config_yaml)
+        if base_dir is not None and base_dir.is_dir():
+            shutil.copytree(base_dir, tmp / base_dir.name)
     _barrier()
     world = dist.get_world_size() if dist.is_initialized() else 1
-    meta = {"tag": tag, "step": progress.step, "world_size": world,
+    meta = {"tag": tag_for(progress.step), "step": progress.step, "world_size": world,
             "zero_stage": engine.zero_optimization_stage()}  # fmt: skip
     manifest.write(tmp, meta)
-    if rank == 0:
-        _move_into_place(ckpt_dir, tmp, final)
-        write_latest(ckpt_dir, tag)
-        _prune(ckpt_dir, keep_last, progress.step)
-    _barrier()
-    return final
+
+
+# Below this much free space a failed write is taken for a full disk: torch's zip writer
+# reports one as a RuntimeError ("unexpected pos ..."), not as an OSError.
+_NEARLY_FULL = 16 << 20
+
+
+@contextlib.contextmanager
+def _disk_errors(tmp: Path):
+    """A save that fails to write (disk full, read-only, quota) removes its partial `.tmp`,
+    which leaves every earlier checkpoint and `latest` as they were, and raises an OSError that
+    names the path and the OS error (the CLI prints it in one line and exits 2)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, exc.strerror, exc.filename or str(tmp)) from None
+        if free < _NEARLY_FULL:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from None
+        raise
 
 
 def _move_into_place(ckpt_dir: Path, tmp: Path, final: Path) -> None:
@@ -220,11 +256,39 @@ def newest_verified(ckpt_dir: Path) -> tuple[Found | None, list[tuple[str, str]]
 
 
 def verify(ckpt_dir: Path, tag: str) -> tuple[Found | None, str | None]:
-    """Collective: (Found, None) if `tag`'s manifest verifies, else (None, why)."""
+    """Collective: (Found, None) if `tag` verifies, else (None, why). Verified means: its
+    manifest lists every file a checkpoint of its layout needs, each file has the size and
+    SHA-256 the manifest records, and every pickled file holds plain data only (safeload.py).
+    """
     meta, why = manifest.problem(ckpt_dir / tag)
     if meta is None:
         return None, why
+    absent = [n for n in required_files(meta) if n not in meta["files"]]
+    if not any(n in meta["files"] for n in MODEL_STATES):
+        absent.append(" or ".join(MODEL_STATES))
+    if absent:
+        return None, f"{manifest.NAME} lacks {absent[0]}, which every checkpoint has"
+    unsafe = safeload.problem_in(ckpt_dir / tag)
+    if unsafe is not None:
+        return None, unsafe
     return Found(ckpt_dir, tag, meta), None
+
+
+# DeepSpeed's module file: one for ZeRO stages 0-2, one per rank for stage 3.
+MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def required_files(meta: dict) -> list[str]:
+    """The files a checkpoint with this manifest's layout cannot be without (a manifest that
+    lists fewer was not written by a complete save)."""
+    world = int(meta.get("world_size") or 1)
+    need = [CONFIG, *(f"lptrain_rank{r}.pt" for r in range(world))]
+    stage = meta.get("zero_stage")
+    if stage in (1, 2, 3):
+        need += [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    if stage == 3:
+        need += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
+    return need
 
 
 def has_checkpoints(ckpt_dir: Path) -> bool:
@@ -245,15 +309,20 @@ def saved_config(found: Found) -> str | None:
 def peek(found: Found) -> dict:
     """The `extra` saved with a checkpoint, read before `load`: the precision guard's fallbacks
     change which quantizer-state keys the model has, so they must be in place first."""
-    side = torch.load(found.path / f"lptrain_rank{_rank()}.pt", weights_only=False)
+    side = _side(found.path / f"lptrain_rank{_rank()}.pt")
     return side.get("extra", {})
 
 
 def peek_rank0(found: Found) -> dict:
     """`peek` of the old rank 0's side file (a resume on another world size, whose ranks need
     not have a side file of their own)."""
-    side = torch.load(found.path / "lptrain_rank0.pt", weights_only=False)
+    side = _side(found.path / "lptrain_rank0.pt")
     return side.get("extra", {})
+
+
+def _side(path: Path) -> dict:
+    """A side file, through the restricted unpickler (it holds tensors and plain data)."""
+    return safeload.load(path, "checkpoint.resume")
 
 
 def _is_quantizer_key(key: str) -> bool:
@@ -275,7 +344,7 @@ def load(engine, model: nn.Module, found: Found, reset_quantizers: bool = False)
     _, client = engine.load_checkpoint(str(found.ckpt_dir), tag=found.tag, custom_load_fn=custom)
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {found.path}")
-    side = torch.load(found.path / f"lptrain_rank{_rank()}.pt", weights_only=False)
+    side = _side(found.path / f"lptrain_rank{_rank()}.pt")
     _set_rng_state(side["rng"])
     if side["quantizer"] and not reset_quantizers:
         lpnn.load_quantizer_state(model, side["quantizer"])

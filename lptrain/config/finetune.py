@@ -53,7 +53,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from lptrain.config.init_source import locate
 from lptrain.config.precision import is_high_precision
 from lptrain.errors import ConfigError
 from lptrain.lora import AdapterConfig
@@ -210,5 +209,3 @@ def check(cfg: "TrainConfig") -> None:
             raise ConfigError(
                 "init.from", "adapters fine-tune a pretrained model: give its run directory"
             )
-    if cfg.init.from_ is not None:
-        locate(cfg.init.from_)  # raises ConfigError('init.from', ...) if unusable

@@ -23,6 +23,9 @@ class Source:
     ckpt_dir: Path | None = None  # lptrain: the checkpoints directory and the tag in it
     tag: str | None = None
     run_dir: Path | None = None  # lptrain: the run directory (its config.yaml), if known
+    # A run's copy of its base without weights (checkpoint/base.py): a Hugging Face base's
+    # architecture and tokenizer, an lptrain base's config; the weights are the checkpoint's.
+    config_only: bool = False
 
 
 def _is_hf_dir(p: Path) -> bool:

@@ -26,7 +26,7 @@ from torch import nn
 import lptrain.nn as lpnn
 from lptrain import lora, qat
 from lptrain.config import finetune
-from lptrain.config.init_source import locate
+from lptrain.config.init_source import Source, locate
 from lptrain.config.precision import is_high_precision, resolve_recipe
 from lptrain.config.schema import PrecisionConfig, TrainConfig
 from lptrain.errors import ConfigError
@@ -111,17 +111,19 @@ def _precision(cfg: TrainConfig) -> Converter | None:
 
 class InitConverter:
     """Load `init.from`: an lptrain checkpoint into the built model (same architecture: shapes
-    are checked), or a Hugging Face model directory, which replaces the model."""
+    are checked), or a Hugging Face model directory, which replaces the model. A run's copy of
+    its base (`source.config_only`, checkpoint/base.py) gives the architecture only: the
+    checkpoint about to be loaded holds the weights."""
 
     name = "init"
 
-    def __init__(self, spec: str):
-        self.source = locate(spec)
+    def __init__(self, source: Source):
+        self.source = source
 
     def convert(self, model: nn.Module, ctx: ConvertContext) -> nn.Module:
         src = self.source
         if src.kind == "hf":
-            model = hf.load(src.path)
+            model = hf.from_config(src.path) if src.config_only else hf.load(src.path)
             vocab = hf.vocab_size(model)
             if ctx.vocab_size is not None and ctx.vocab_size > vocab:
                 raise ConfigError(
@@ -130,6 +132,8 @@ class InitConverter:
                 )
             ctx.say(f"init: Hugging Face model {src.path} ({type(model.model).__name__})")
             return model
+        if src.config_only:
+            return model  # an lptrain base has this architecture; the checkpoint its weights
         state = init_from.load_state(src.ckpt_dir, src.tag)
         n = init_from.load_into(model, state, str(src.ckpt_dir / src.tag))
         ctx.say(f"init: {n} tensors from {src.ckpt_dir / src.tag}")
@@ -169,7 +173,7 @@ class AdapterConverter:
 
 
 def _init(cfg: TrainConfig) -> Converter | None:
-    return InitConverter(cfg.init.from_) if cfg.init.from_ is not None else None
+    return InitConverter(locate(cfg.init.from_)) if cfg.init.from_ is not None else None
 
 
 def _qat(cfg: TrainConfig) -> Converter | None:
@@ -200,13 +204,18 @@ REGISTRY: dict[str, Callable[[TrainConfig], Converter | None]] = {
 }
 
 
-def build(cfg: TrainConfig, names: tuple[str, ...] = ORDER) -> list[Converter]:
+def build(
+    cfg: TrainConfig, names: tuple[str, ...] = ORDER, base: Source | None = None
+) -> list[Converter]:
     """The converters this config asks for, in ORDER, among `names`; raises ConfigError on bad
     sections. Only the named ones are built: an export's skeleton (precision only) must not
-    look for an `init.from` base that may be gone."""
+    look for an `init.from` base that may be gone. `base`: `init.from` as resolved already
+    (checkpoint/base.py), instead of locating it here."""
     out = []
     for name in (n for n in ORDER if n in names):
         factory = REGISTRY.get(name)
+        if name == "init" and base is not None:
+            factory = lambda _cfg: InitConverter(base)  # noqa: E731
         conv = factory(cfg) if factory else None
         if conv is not None:
             out.append(conv)

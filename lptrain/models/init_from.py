@@ -13,17 +13,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lptrain import safeload
 from lptrain.config.init_source import KEY, MODEL_STATES
 from lptrain.errors import ConfigError
 
 
 def load_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """The module state (parameters and buffers) of a DeepSpeed checkpoint, without DeepSpeed's
-    engine: the rank-0 module file for stages 0-2, `zero_to_fp32` for ZeRO-3."""
+    engine: the rank-0 module file for stages 0-2, `zero_to_fp32` for ZeRO-3. The caller has
+    verified the checkpoint (checkpoint/store.py `verify`: its manifest and plain data in every
+    pickled file, which is what makes handing it to `zero_to_fp32` safe)."""
     tag_dir = ckpt_dir / tag
     if (tag_dir / MODEL_STATES).is_file():
-        blob = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
-        return blob["module"]
+        return safeload.load(tag_dir / MODEL_STATES, KEY)["module"]
+    problem = safeload.problem_in(tag_dir)  # zero_to_fp32 unpickles with weights_only=False
+    if problem is not None:
+        raise ConfigError(KEY, f"{tag_dir}: {problem}")
     from deepspeed.utils.zero_to_fp32 import (
         get_fp32_state_dict_from_zero_checkpoint,  # optional dependency (the train extra)
     )

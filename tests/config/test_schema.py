@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from lptrain.config.init_source import locate
 from lptrain.config.schema import ConfigError, TrainConfig, parse
 from tests.helpers import RECIPES
 
@@ -34,10 +35,14 @@ def test_finetune_sections_round_trip_with_the_from_key(tmp_path):
         parse({"run": {"max_steps": 1}, "qat": {"method": "lsq", "act_bits": 12}})
     with pytest.raises(ConfigError, match=r"^adapters.type: expected 'lora' \| 'l4q' or null"):
         parse({"run": {"max_steps": 1}, "adapters": {"type": "dora"}})
+    # A run's saved config parses after its base is gone (checkpoint/base.py); whether the base
+    # exists is checked when a run starts from it (lptrain/config/init_source.py locate).
+    gone = parse({"run": {"max_steps": 1}, "init": {"from": str(tmp_path / "none")}})
+    assert gone.init.from_ == str(tmp_path / "none")
     with pytest.raises(ConfigError, match=r"^init.from: no such run directory"):
-        parse({"run": {"max_steps": 1}, "init": {"from": str(tmp_path / "none")}})
+        locate(str(tmp_path / "none"))
     with pytest.raises(ConfigError, match=r"^init.from: .* is not an lptrain run directory"):
-        parse({"run": {"max_steps": 1}, "init": {"from": str(tmp_path)}})
+        locate(str(tmp_path))
 
 
 def test_bf16_recipe_needs_the_bf16_dtype():

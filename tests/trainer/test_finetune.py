@@ -140,9 +140,10 @@ def test_hugging_face_llama_fine_tunes_and_exports_back(work, tmp_path, capsys):
 
 
 def test_bad_input_is_one_line_and_writes_nothing(work, tmp_path, capsys):
-    run = tmp_path / "existing"
+    run = tmp_path / "existing"  # an earlier start that saved nothing yet
     run.mkdir()
     (run / "config.yaml").write_text("sentinel\n")
+    (run / "run.json").write_text('{"wandb_run_id": "abc"}\n')
     base, cache = work["base"], work["cache"]
     recipe = FINETUNE / "l4q-4bit.yaml"
     parse_time = [  # caught when the recipe is read: in this process
@@ -162,7 +163,7 @@ def test_bad_input_is_one_line_and_writes_nothing(work, tmp_path, capsys):
     assert lines == [
         "error: adapters.group_size: 48 does not divide in_features 64 (layer layers.0.attn.wq)"
     ]
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "lptrain.lock", "run.json"]
     assert (run / "config.yaml").read_text() == "sentinel\n"
 
 
