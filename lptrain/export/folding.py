@@ -18,7 +18,7 @@ from lptrain.lora import L4QLinear, LoRALinear
 from lptrain.qat import LSQQuantizer, QATLinear, QuantizedLinear, bitswitch
 from lptrain.qat.bitswitch import BitSwitchLinear, SwitchInfo
 
-FORMAT = 1  # the layout version an export records
+FORMAT = 2  # the export version: 2 has its own tokenizer and a manifest (validate.py)
 
 
 # -- folding ------------------------------------------------------------------------------

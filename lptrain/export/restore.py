@@ -8,7 +8,6 @@ train` did (seed, build, the converter chain) and loads the checkpoint's module 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,13 +20,13 @@ from lptrain.config.init_source import locate
 from lptrain.config.schema import TrainConfig
 from lptrain.data import dataset
 from lptrain.errors import ConfigError
-from lptrain.export import folding
+from lptrain.export import standalone, validate
 from lptrain.models import converters, hf, init_from
 from lptrain.models.decoder import build_model
-from lptrain.nn.select import set_module
 
-EXPORT_JSON = "lptrain_export.json"
-EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_JSON = validate.EXPORT_JSON
+EXPORT_WEIGHTS = validate.EXPORT_WEIGHTS
+EXPORT_MANIFEST = validate.MANIFEST
 
 
 @dataclass
@@ -87,23 +86,26 @@ def is_export(path: str | Path) -> bool:
 
 
 def open_export(path: str | Path) -> Opened:
-    """An export: the run's model skeleton (precision converters only; a Hugging Face base
-    from the saved config), each exported layer rebuilt from its layout, then the tensors."""
-    from safetensors.torch import load_model  # optional dependency (the train extra)
-
+    """An export, verified (validate.py) before anything is read, and built from it alone
+    (standalone.py): the model skeleton (precision converters only; a Hugging Face base from
+    the saved config), each exported layer rebuilt from its layout, then the tensors."""
     d = Path(path)
-    meta = json.loads((d / EXPORT_JSON).read_text())
-    cfg = schema.parse(meta["config"])
-    tok = dataset.load_tokenizer(meta["tokenizer"])
-    if meta.get("hf_config"):
+    meta = validate.verified_meta(d)
+    tok = dataset.load_tokenizer(standalone.tokenizer_spec(meta, d))
+    try:
+        cfg = standalone.config(meta["config"], tok.name)
+    except ConfigError as exc:
+        raise ConfigError("PATH", f"{d / EXPORT_JSON}: config.{exc.path}: {exc.problem}") from None
+    if meta["hf_config"]:
         model = hf.from_config(d / "hf", key="export")
         precision = converters.build(cfg, ("precision",))
         model = converters.apply(model, precision, _ctx(cfg, tok))
     else:
         model = skeleton(cfg, tok, names=("precision",))
     for name, layout in meta["layers"].items():
-        set_module(model, name, folding.shell(layout))
-    load_model(model, str(d / EXPORT_WEIGHTS), strict=True)
+        validate.place(model, name, layout, d / EXPORT_JSON)
+    validate.load_weights(model, d / EXPORT_WEIGHTS)
+    validate.check_tensors(model, meta["layers"], d / EXPORT_WEIGHTS)
     return Opened(cfg, model.eval(), tok, str(d))
 
 

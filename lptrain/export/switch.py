@@ -12,11 +12,14 @@ average over all switched weights is at most AVG bits and the estimated loss inc
 Σ_l HMT_l·‖Ŵ_l,b − Ŵ_l,h‖² is minimal (budget.py: an exact dynamic program; HMT_l is the
 layer's average Hessian trace measured by HASB, or 1 for every layer of a run without HASB),
 and prints the per-layer table. The output is an export like `lptrain export`'s (`lptrain
-eval` reads it), written atomically; nothing is written over an existing directory.
+eval` reads it), written atomically and checked first as `lptrain export --out` is (write.py);
+nothing is written over an existing path. A switched export records `switch` and has no int8
+store left: switch again from the original export or the run.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -34,7 +37,7 @@ from lptrain.qat.bitswitch import store_weight, switch_store
 def open_stores(path: Path) -> tuple[restore.Opened, dict[str, QuantizedLinear]]:
     """The model with every bit-switching layer as its int8 store, and {name: store}."""
     if restore.is_export(path):
-        opened = restore.open_export(path)
+        opened = restore.open_export(path)  # verified: its JSON is read below as it is
     else:
         opened = restore.open_run(path)
         fold(opened.model)
@@ -43,11 +46,27 @@ def open_stores(path: Path) -> tuple[restore.Opened, dict[str, QuantizedLinear]]
         for name, m in opened.model.named_modules()
         if isinstance(m, QuantizedLinear) and getattr(m, "switch", None) is not None
     }
+    if not stores and restore.is_export(path) and "switch" in _meta(path):
+        raise ConfigError(
+            "PATH",
+            f"{path} is an export already switched to {_switched_to(_meta(path)['switch'])}: "
+            "it keeps no int8 store; switch from the original export or the run",
+        )
     if not stores:
         raise ConfigError(
             "PATH", f"{path} has no bit-switching layers (train with a bitswitch.bits recipe)"
         )
     return opened, stores
+
+
+def _meta(export: Path) -> dict:
+    return json.loads((export / restore.EXPORT_JSON).read_text())
+
+
+def _switched_to(record: dict) -> str:
+    if "bits" in record:
+        return f"{record['bits']} bits"
+    return f"a budget of {record.get('budget')} bits (average {record.get('average_bits')})"
 
 
 def candidates(stores: dict[str, QuantizedLinear]) -> list[int]:
@@ -105,25 +124,28 @@ def main(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise ConfigError("PATH", f"no such run directory, checkpoint or export: {path}")
-    opened, stores = open_stores(path)
-    bits = candidates(stores)
-    chosen, label, record = assign(stores, bits, args)
+    label = f"b{args.bits}" if args.bits is not None else f"avg{args.budget:g}"
     parent = path.parent if restore.is_export(path) else restore.locate_checkpoint(path)[0]
     target = Path(args.out) if args.out else parent / f"export-{label}"
-    if target.exists():
-        raise ConfigError("--out", f"{target} already exists; choose another --out")
-    model, cfg, tok = opened.model, opened.cfg, opened.tok
-    blocks, rows, data_name = evaluate.val_blocks(cfg, tok)
-    micro = cfg.deepspeed.micro_batch
-    before = evaluate.mean_loss(model, blocks, rows, micro, args.blocks)
-    how = {}
-    for name, store in stores.items():
-        set_module(model, name, switch_store(store, chosen[name]).eval())
-        how[name] = f"switched to {chosen[name]} bits from the int{bits[0]} store"
-    after = evaluate.mean_loss(model, blocks, rows, micro, args.blocks)
-    losses = {"stored": before, "export": after, "data": data_name}
-    with write.staging(target) as tmp:
-        write.write_int(model, opened, how, losses, tmp, extra={"switch": record})
+    write.check_target(target)
+    with write.staging(target) as tmp:  # made first: an unwritable target fails before the work
+        opened, stores = open_stores(path)
+        bits = candidates(stores)
+        chosen, label, record = assign(stores, bits, args)
+        model, cfg, tok = opened.model, opened.cfg, opened.tok
+        blocks, rows, data_name = evaluate.val_blocks(cfg, tok)
+        micro = cfg.deepspeed.micro_batch
+        before = evaluate.mean_loss(model, blocks, rows, micro, args.blocks)
+        how = {}
+        for name, store in stores.items():
+            set_module(model, name, switch_store(store, chosen[name]).eval())
+            how[name] = f"switched to {chosen[name]} bits from the int{bits[0]} store"
+        after = evaluate.mean_loss(model, blocks, rows, micro, args.blocks)
+        losses = {"stored": before, "export": after, "data": data_name}
+        extra = {"switch": record}
+        if restore.is_export(path):  # the run's config as recorded, not the one loading made
+            extra["config"] = _meta(path)["config"]
+        write.write_int(model, opened, how, losses, tmp, extra=extra)
     print(
         f"val_loss int{bits[0]} {before:.4f} -> {label} {after:.4f} ({after - before:+.4f}) "
         f"on {data_name}"

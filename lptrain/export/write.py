@@ -18,8 +18,14 @@ load it. The fold (lptrain/export/fold.py) per layer kind:
 
 `hf` (only for a base loaded from a Hugging Face directory) writes a directory that
 `transformers` loads: every linear weight set to its deployable values (dequantized), plus
-the base's tokenizer files. A precision recipe's quantized GEMMs cannot be expressed there.
-Nothing is written over an existing directory; the output appears atomically (tmp + rename).
+the run's tokenizer files. A precision recipe's quantized GEMMs cannot be expressed there.
+
+An export stands alone (standalone.py): it holds its tokenizer (`tokenizer/`), and loading it
+never looks at the run or its `init.from` base. Its `manifest.json` (every file's size and
+SHA-256, written last) is verified by every read (validate.py). The target is checked before
+any work (nothing is written over an existing path, its folder must be writable); the output
+is staged in `<out>.tmp<PID>` and appears in one rename. Staging folders left by killed
+exports are removed by the next export to the same target.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,12 +42,10 @@ import torch
 from torch import nn
 
 import lptrain.nn as lpnn
-from lptrain.config.inherit import tokenizer_spec
-from lptrain.config.init_source import locate
+from lptrain.checkpoint import manifest
 from lptrain.errors import ConfigError
-from lptrain.export import evaluate, restore
+from lptrain.export import evaluate, restore, standalone
 from lptrain.export.folding import FORMAT, fold, layout
-from lptrain.models.hf import TOKENIZER_FILES
 from lptrain.nn.select import set_module
 from lptrain.qat import QuantizedLinear
 
@@ -50,9 +55,16 @@ from lptrain.qat import QuantizedLinear
 def _target(run_path: Path, out: str | None, fmt: str) -> Path:
     run_dir, _, _ = restore.locate_checkpoint(run_path)
     target = Path(out) if out else run_dir / ("export" if fmt == "int" else "export-hf")
-    if target.exists():
-        raise ConfigError("--out", f"{target} already exists; choose another --out")
+    check_target(target)
     return target
+
+
+def check_target(target: Path) -> None:
+    """Refuse, before any work, a target that exists: a directory, a file, or a symbolic link,
+    dangling or not (`lexists`: `exists` follows the link and says no)."""
+    if os.path.lexists(target):
+        what = " (a symbolic link to nothing)" if not target.exists() else ""
+        raise ConfigError("--out", f"{target} already exists{what}; choose another --out")
 
 
 def write_int(model, opened, how, losses, tmp: Path, extra: dict | None = None) -> None:
@@ -67,7 +79,7 @@ def write_int(model, opened, how, losses, tmp: Path, extra: dict | None = None) 
         "format": FORMAT,
         "source": opened.source,
         "config": opened.cfg.to_dict(),
-        "tokenizer": tokenizer_spec(opened.cfg),
+        "tokenizer": standalone.copy_tokenizer(opened.tok.name, opened.tok, tmp),
         "hf_config": hf_base,
         "layers": layers,
         "fold": how,
@@ -92,36 +104,72 @@ def _write_hf(model, opened, tmp: Path) -> None:
             set_module(model, name, lin)
     lpnn.unconvert(model)
     model.model.save_pretrained(str(tmp))
-    base = locate(opened.cfg.init.from_).path
-    for f in TOKENIZER_FILES:
-        if (base / f).is_file():
-            shutil.copy2(base / f, tmp / f)
+    # The run's tokenizer, wherever it is (the base's directory, or a tokenizer.json).
+    spec = opened.tok.name
+    if spec != "byte":
+        standalone.copy_tokenizer(spec, opened.tok, tmp, sub="")
+    if spec != "byte" and not (tmp / "tokenizer_config.json").is_file():
+        # A bare tokenizer.json: tell transformers' AutoTokenizer which class reads it.
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
 
 
 @contextlib.contextmanager
 def staging(target: Path) -> Iterator[Path]:
-    """A directory beside `target` to write into; it becomes `target` in one rename when the
-    block succeeds and is removed when it fails: an export appears whole or not at all."""
+    """A directory beside `target` to write into, made at once (a target that cannot be
+    written fails here, before the work); it gets a manifest, written last, and becomes
+    `target` in one rename when the block succeeds, and is removed when it fails: an export
+    appears whole or not at all."""
+    remove_stale(target)
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise ConfigError("--out", f"{target}: cannot write there ({exc.strerror})") from None
     try:
         yield tmp
+        manifest.write(tmp, {"kind": "lptrain export"})
+        check_target(target)  # nothing appeared there meanwhile (a rename would replace it)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_stale(target: Path) -> None:
+    """Remove the staging folders of earlier exports to `target` whose process is gone (a
+    killed export). A live process's folder is left alone: it may still be writing."""
+    if not target.parent.is_dir():
+        return
+    name = re.compile(re.escape(target.name) + r"\.tmp(\d+)")
+    for p in target.parent.iterdir():
+        m = name.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():  # ours from an earlier process with this PID: we write it now
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 def main(args) -> int:
     run_path = Path(args.run_dir)
     target = _target(run_path, args.out, args.format)
-    opened = restore.open_run(run_path)
-    model, cfg, tok = opened.model, opened.cfg, opened.tok
-    blocks, rows, name = evaluate.val_blocks(cfg, tok)
-    before = evaluate.mean_loss(model, blocks, rows, cfg.deepspeed.micro_batch, args.blocks)
-    how = fold(model)
-    after = evaluate.mean_loss(model, blocks, rows, cfg.deepspeed.micro_batch, args.blocks)
-    losses = {"trained": before, "export": after, "data": name}
-    with staging(target) as tmp:
+    with staging(target) as tmp:  # made first: an unwritable target fails before the work
+        opened = restore.open_run(run_path)
+        model, cfg, tok = opened.model, opened.cfg, opened.tok
+        blocks, rows, name = evaluate.val_blocks(cfg, tok)
+        before = evaluate.mean_loss(model, blocks, rows, cfg.deepspeed.micro_batch, args.blocks)
+        how = fold(model)
+        after = evaluate.mean_loss(model, blocks, rows, cfg.deepspeed.micro_batch, args.blocks)
+        losses = {"trained": before, "export": after, "data": name}
         if args.format == "hf":
             _write_hf(model, opened, tmp)
         else:

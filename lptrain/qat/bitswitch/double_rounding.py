@@ -50,6 +50,8 @@ def work_dtype(t: torch.Tensor) -> torch.dtype:
 def second_round(i_h: torch.Tensor, d: int, bits: int, rounding: str = "nearest") -> torch.Tensor:
     """I_b from the h-bit integers (as floats or ints): round(I_h/2^d) or floor (right shift),
     clamped to the b-bit grid. Division by 2^d is exact in floating point."""
+    if rounding not in ROUNDINGS:  # any other name once fell through to floor, silently
+        raise ValueError(f"rounding: expected one of {ROUNDINGS}, got {rounding!r}")
     n, p = signed_bounds(bits)
     x = i_h if i_h.is_floating_point() else i_h.to(torch.float32)
     if d:
