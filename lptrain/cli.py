@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import fnmatch
 import os
 import signal
@@ -349,10 +350,22 @@ def cmd_offline(args) -> int:
     return evaluate.main(args)
 
 
+# What the file system says about where lptrain writes or reads: the user's to fix, so one
+# line; any other OSError is a failure of lptrain's and keeps its traceback.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST}  # fmt: skip
+
+
+def _is_disk_error(exc: OSError) -> bool:
+    return exc.errno in _DISK_ERRORS and (exc.filename is not None or exc.errno in
+                                          (errno.ENOSPC, errno.EDQUOT, errno.EROFS))  # fmt: skip
+
+
 def os_error(exc: OSError) -> str:
     """`PATH: No space left on device [Errno 28]`: what a full disk, a read-only file system
     or a missing permission says, in one line."""
-    return f"{exc.filename}: {exc.strerror or exc} [Errno {exc.errno}]"
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    return f"{where}{exc.strerror or exc} [Errno {exc.errno}]"
 
 
 def _interrupted(exc) -> int:
@@ -384,7 +397,7 @@ def train(args) -> int:
     except Interrupted as exc:
         return _interrupted(exc)
     except OSError as exc:
-        if exc.filename is None:  # not a file the run wrote or read: a real failure
+        if not _is_disk_error(exc):  # not the file system saying no: a real failure
             raise
         print(f"error: {os_error(exc)} (earlier checkpoints are intact)", file=sys.stderr)
         return 2
@@ -414,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         except OSError as exc:
-            if exc.filename is None:
+            if not _is_disk_error(exc):
                 raise
             print(f"error: {os_error(exc)}", file=sys.stderr)
             return 2

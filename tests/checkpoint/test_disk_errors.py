@@ -68,3 +68,23 @@ def test_disk_full_during_a_save(tmp_path, data_cache):
     assert "Traceback" not in proc.stderr
     latest, *listing = proc.stdout.split()
     assert latest == "step00000002" and listing == ["latest", "step00000001", "step00000002"]
+
+
+def test_read_only_run_directory_fails_before_any_work(tmp_path, data_cache):
+    """A run directory on a read-only file system (a bind mount made read-only) is refused in
+    one line naming it and the OS error, before the model is built."""
+    cmd = _unshare()
+    if cmd is None:
+        pytest.skip("no private mount namespace here (unshare -m / -rm) to mount read-only")
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    train = [sys.executable, "-m", "lptrain", "train", str(TINY / "tiny-fp32.yaml"),
+             "--run-dir", str(disk / "run"),
+             *sets(*FAST, f"data.cache_dir={data_cache}", "run.max_steps=1")]  # fmt: skip
+    script = f"mount --bind {disk} {disk} && mount -o remount,bind,ro {disk} && {' '.join(train)}"
+    proc = subprocess.run([*cmd, "sh", "-c", script], cwd=REPO, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert str(disk / "run") in errors[0] and "Read-only file system" in errors[0]
+    assert "model:" not in proc.stderr and "Traceback" not in proc.stderr
