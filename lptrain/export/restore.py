@@ -1,22 +1,25 @@
 """Rebuild a trained model without DeepSpeed, for `lptrain eval` and `lptrain export`.
 
-`open_run(path)` takes a run directory (its latest checkpoint), a `checkpoints/` directory or
-one checkpoint tag, reads the run's `config.yaml`, rebuilds the model exactly as `lptrain
-train` did (seed, build, the converter chain) and loads the checkpoint's module state.
+`open_run(path)` takes a run directory or its `checkpoints/` directory (the newest checkpoint
+that verifies, as a resume picks it) or one checkpoint tag (verified or refused), reads the
+checkpoint's own `config.yaml` and base copy, rebuilds the model exactly as `lptrain train`
+did (seed, build, the converter chain) and loads the checkpoint's module state.
 `open_export(path)` rebuilds an export (write.py, fold.py) from its layout JSON and safetensors.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from lptrain.checkpoint import base as bases
+from lptrain.checkpoint import manifest, store
 from lptrain.config import schema
 from lptrain.config.inherit import tokenizer_spec
-from lptrain.config.init_source import locate
 from lptrain.config.schema import TrainConfig
 from lptrain.data import dataset
 from lptrain.errors import ConfigError
@@ -41,44 +44,85 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def skeleton(cfg: TrainConfig, tok: dataset.Tokenizer, *, names=converters.ORDER, say=_quiet):
+def skeleton(
+    cfg: TrainConfig, tok: dataset.Tokenizer, *, names=converters.ORDER, say=_quiet, base=None
+):
     """The run's model as `lptrain train` builds it, through the converters in `names`. An
-    lptrain base's weights are not loaded (the checkpoint has them); a Hugging Face base is."""
+    lptrain base's weights are not loaded (the checkpoint has them); a Hugging Face base's
+    architecture comes from `base` (the checkpoint's copy, checkpoint/base.py) or, for a
+    checkpoint from before such copies, from `init.from` itself."""
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, tok.vocab_size, cfg.data.block_size)
     ctx = converters.ConvertContext(cfg.run.seed, 0, 1, say, vocab_size=tok.vocab_size)
-    for conv in converters.build(cfg, names):
+    for conv in converters.build(cfg, names, base=base):
         if conv.name == "init" and conv.source.kind != "hf":
             continue
         model = converters.apply(model, [conv], ctx)
     return model
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _where(p: Path) -> tuple[Path | None, Path, str | None]:
+    """(run dir, checkpoints dir, the tag `p` names or None) for a run directory, its
+    `checkpoints/` directory or one checkpoint tag directory."""
+    if (p / "checkpoints").is_dir():
+        return p, p / "checkpoints", None
+    if store.step_of(p.name) is not None or (p / manifest.NAME).is_file():
+        run = p.parent.parent
+        return (run if (run / "config.yaml").is_file() else None), p.parent, p.name
+    if store.has_checkpoints(p):
+        return (p.parent if (p.parent / "config.yaml").is_file() else None), p, None
+    raise ConfigError("PATH", f"{p} is not an lptrain run directory, checkpoint or export")
+
+
+def find_checkpoint(path: Path, note=_stderr) -> tuple[Path | None, store.Found]:
+    """(run dir, the checkpoint to read). A tag is verified (store.verify) or refused; a
+    directory gives its newest checkpoint that verifies, saying in one line which newer ones
+    did not. `latest` is not trusted, as on a resume."""
+    if not path.exists():
+        raise ConfigError("PATH", f"no such run directory, checkpoint or export: {path}")
+    run_dir, ckpt_dir, tag = _where(path)
+    if tag is not None:
+        found, why = store.verify(ckpt_dir, tag)
+        if found is None:
+            raise ConfigError("PATH", f"{path} does not verify: {why}")
+        return run_dir, found
+    found, rejected = store.newest_verified(ckpt_dir)
+    reasons = "; ".join(f"{t}: {w}" for t, w in rejected)
+    if found is None:
+        raise ConfigError("PATH", f"no checkpoint in {ckpt_dir} verifies ({reasons or 'none'})")
+    if rejected:
+        note(f"checkpoint: reading {found.tag}, the newest that verifies ({reasons})")
+    return run_dir, found
+
+
 def locate_checkpoint(path: Path) -> tuple[Path, Path, str]:
-    """(run dir, checkpoints dir, tag) for a run dir, a checkpoints dir or a tag dir."""
-    try:
-        src = locate(path)
-    except ConfigError as exc:
-        raise ConfigError("PATH", exc.problem) from None
-    if src.kind != "lptrain" or src.run_dir is None:
-        raise ConfigError("PATH", f"{path} is not in an lptrain run directory (no config.yaml)")
-    return src.run_dir, src.ckpt_dir, src.tag
+    """(run dir, checkpoints dir, tag) of the checkpoint `path` names or holds (verified)."""
+    run_dir, found = find_checkpoint(path, note=_quiet)
+    return (run_dir if run_dir is not None else found.ckpt_dir.parent), found.ckpt_dir, found.tag
 
 
-def open_run(path: str | Path, say=_quiet) -> Opened:
-    run_dir, ckpt_dir, tag = locate_checkpoint(Path(path))
-    cfg = schema.load(run_dir / "config.yaml")
-    tok = dataset.load_tokenizer(tokenizer_spec(cfg))
-    model = skeleton(cfg, tok, say=say)
-    state = init_from.load_state(ckpt_dir, tag)
+def open_run(path: str | Path, say=_quiet, note=_stderr) -> Opened:
+    """A checkpoint that verifies, rebuilt from what it carries: its own config.yaml (not the
+    run's, which a later resume may have changed) and its copy of the base."""
+    _, found = find_checkpoint(Path(path), note)
+    cfg = schema.load(found.path / store.CONFIG)
+    base = bases.read_copy(found.path)
+    src = base.source if base is not None else None
+    tok = dataset.load_tokenizer(tokenizer_spec(cfg, src))
+    model = skeleton(cfg, tok, say=say, base=src)
+    state = init_from.load_state(found.ckpt_dir, found.tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(
             "PATH",
-            f"{ckpt_dir / tag} does not match its config.yaml "
+            f"{found.path} does not match its config.yaml "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
         )
-    return Opened(cfg, model.eval(), tok, str(ckpt_dir / tag))
+    return Opened(cfg, model.eval(), tok, str(found.path))
 
 
 def is_export(path: str | Path) -> bool:

@@ -150,7 +150,13 @@ def evaluate(s: Session) -> float:
 def _save(s: Session, p: Progress, say) -> None:
     extra = {"monitoring": s.monitoring.state_dict()} if s.monitoring is not None else None
     path = store.save(
-        s.engine, s.model, s.ckpt_dir, p, s.cfg.checkpoint.keep_last, s.config_yaml, extra,
+        s.engine,
+        s.model,
+        s.ckpt_dir,
+        p,
+        s.cfg.checkpoint.keep_last,
+        s.config_yaml,
+        extra,
         base_dir=s.ckpt_dir.parent / bases.DIR,
     )
     say(f"checkpoint: {path}")
