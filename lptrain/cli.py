@@ -256,19 +256,32 @@ def _agree(value):
 
 
 def _prepare(args):
-    """Everything that can fail on user input, before any heavy work."""
+    """Everything that can fail on user input, before any heavy work. Without `init.from`
+    that includes the tokenizer and the converters (`early`); a base is resolved once the run
+    knows whether it starts fresh or resumes (`_with_base`)."""
     cfg = schema.load(args.recipe, args.overrides)
-    if cfg.init.from_ is not None and not _resumable(args.run_dir):
+    early = None
+    if cfg.init.from_ is None:
+        early = _inputs(cfg, None)
+    elif not _resumable(args.run_dir):
         locate(cfg.init.from_)  # a fresh start needs its base: say so before anything starts
     info = engine.dist_env(args.local_rank)
     engine.check_batch(cfg, info)
     ds_config = engine.deepspeed_config(cfg, info.world)
     observe.check(cfg)
-    return cfg, info, ds_config
+    return cfg, info, ds_config, early
 
 
 def _resumable(run_dir: str | None) -> bool:
     return run_dir is not None and store.has_checkpoints(Path(run_dir) / "checkpoints")
+
+
+def _inputs(cfg: TrainConfig, base):
+    """(tokenizer, converters) of a run whose base, if any, is `base`."""
+    source = base.source if base is not None else None
+    tok = dataset.load_tokenizer(tokenizer_spec(cfg, source))  # a fine-tune's base may set it
+    decoder.model_args(cfg.model, vocab_size=tok.vocab_size, max_seq_len=cfg.data.block_size)
+    return tok, converters.build(cfg, base=source)
 
 
 def _with_base(cfg: TrainConfig, plan, allow: list[str], say):
@@ -276,7 +289,7 @@ def _with_base(cfg: TrainConfig, plan, allow: list[str], say):
     one on a resume; then what depends on it: the tokenizer and the converters. `init.from`
     becomes the base's absolute path (what config.yaml keeps)."""
     if plan.source is None:
-        base = bases.resolve(cfg.init.from_) if cfg.init.from_ is not None else None
+        base = bases.resolve(cfg.init.from_)
     else:
         allowed = any(fnmatch.fnmatchcase("init.from", p) for p in allow)
         base = bases.for_resume(cfg.init.from_, plan.source, allowed)
@@ -285,14 +298,11 @@ def _with_base(cfg: TrainConfig, plan, allow: list[str], say):
             say(note)
         init = dataclasses.replace(cfg.init, from_=base.record["path"])
         cfg = dataclasses.replace(cfg, init=init)
-    source = base.source if base is not None else None
-    tok = dataset.load_tokenizer(tokenizer_spec(cfg, source))  # a fine-tune's base may set it
-    decoder.model_args(cfg.model, vocab_size=tok.vocab_size, max_seq_len=cfg.data.block_size)
-    return cfg, base, tok, converters.build(cfg, base=source)
+    return cfg, base, *_inputs(cfg, base)
 
 
 def cmd_train(args, signals, log) -> int:
-    cfg, info, ds_config = _prepare(args)
+    cfg, info, ds_config, early = _prepare(args)
     engine.init_distributed(info)
     run_dir = Path(_agree(args.run_dir or _default_run_dir(cfg.run.name)))
 
@@ -301,34 +311,44 @@ def cmd_train(args, signals, log) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     # One writer per run directory, decided before any heavy work: a second start, a foreign
-    # or an unwritable directory fail here in one line. Rank 0 holds it until the process exits.
-    lock.take(run_dir, say)  # its descriptor stays open: the OS releases it at exit
-    # Decide what the run starts from, and build everything, before the run directory is
-    # touched (beyond its lock file): a refused resume or bad data leaves it as it was.
-    plan = resume.plan(cfg, run_dir, info.world, args.allow_change, args.archive)
-    for note in plan.notes:
-        say(note)
-    cfg, base, tok, convs = _with_base(cfg, plan, args.allow_change, say)
-    if plan.universal:  # DeepSpeed reads this when the engine is built
-        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}),
-                                                 "load_universal": True}}  # fmt: skip
-    s = loop.setup(cfg, ds_config, convs, tok, info, run_dir, say)
-    with signals.deferred():
-        prepared = None
-        if info.rank == 0:
-            prepared = rundir.prepare(run_dir, plan, to_yaml(cfg), ds_config, say)
-            if base is not None:  # what readers need of the base, carried by every checkpoint
-                bases.write_copy(run_dir / bases.DIR, base)
-        wandb_id = _agree(prepared)
-    log.attach(run_dir / "logs" / f"rank{info.rank}.log")
-    monitor = Monitor(
-        cfg.logging, run_dir, loop.describe_config(cfg), s.total_steps, info.rank,
-        wandb_id=wandb_id,
-    )  # fmt: skip
+    # or an unwritable directory fail here in one line. Rank 0 holds it until this returns or
+    # the process ends; a start that fails before writing anything takes its lock file away.
+    held = lock.take(run_dir, say)
+    started = False
     try:
-        p = loop.run(s, monitor, monitor.say, plan, signals)
+        # Decide what the run starts from, and build everything, before the run directory is
+        # touched (beyond its lock file): a refused resume or bad data leaves it as it was.
+        plan = resume.plan(cfg, run_dir, info.world, args.allow_change, args.archive)
+        for note in plan.notes:
+            say(note)
+        if early is None:
+            cfg, base, tok, convs = _with_base(cfg, plan, args.allow_change, say)
+        else:
+            base, (tok, convs) = None, early
+        if plan.universal:  # DeepSpeed reads this when the engine is built
+            ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}),
+                                                     "load_universal": True}}  # fmt: skip
+        s = loop.setup(cfg, ds_config, convs, tok, info, run_dir, say)
+        with signals.deferred():
+            prepared = None
+            if info.rank == 0:
+                prepared = rundir.prepare(run_dir, plan, to_yaml(cfg), ds_config, say)
+                if base is not None:  # what readers need of the base, carried by checkpoints
+                    bases.write_copy(run_dir / bases.DIR, base)
+            started = True
+            wandb_id = _agree(prepared)
+        log.attach(run_dir / "logs" / f"rank{info.rank}.log")
+        monitor = Monitor(
+            cfg.logging, run_dir, loop.describe_config(cfg), s.total_steps, info.rank,
+            wandb_id=wandb_id,
+        )  # fmt: skip
+        try:
+            p = loop.run(s, monitor, monitor.say, plan, signals)
+        finally:
+            monitor.close()
     finally:
-        monitor.close()
+        if held is not None:
+            held.release(abandon=not started)
     if info.rank == 0:
         print(f"done: {p.step} steps, {p.tokens} tokens, {p.skipped} skipped", file=log.stdout)
         print(f"run directory: {run_dir.resolve()}", file=log.stdout, flush=True)

@@ -47,12 +47,20 @@ class RunLock:
 
     run_dir: Path
     fd: int | None
+    created: bool = False  # `run_dir` did not exist before this lock made it
 
-    def release(self) -> None:
-        """Let go before the process ends (a process that exits needs no call)."""
-        if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor releases the flock
-            self.fd = None
+    def release(self, abandon: bool = False) -> None:
+        """Let go before the process ends (a process that exits needs no call). `abandon`: the
+        start failed before writing anything, so a lock file that is the directory's only
+        content goes, and the directory too if this lock made it: nothing was written."""
+        if self.fd is None:
+            return
+        if abandon and [p.name for p in self.run_dir.iterdir()] == [NAME]:
+            (self.run_dir / NAME).unlink()  # while held: no other start can have it
+            if self.created:
+                self.run_dir.rmdir()
+        os.close(self.fd)  # closing the last descriptor releases the flock
+        self.fd = None
 
 
 def holder_text() -> str:
@@ -64,6 +72,7 @@ def holder_text() -> str:
 def acquire(run_dir: Path, say=None) -> RunLock:
     """Create `run_dir` if needed and lock it for this process, or raise ConfigError
     (`--run-dir`): in use by a live process, or not creatable / writable."""
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         # No O_TRUNC: a start that is refused must leave the holder's text as it is.
@@ -91,7 +100,7 @@ def acquire(run_dir: Path, say=None) -> RunLock:
         return RunLock(run_dir, None)
     os.ftruncate(fd, 0)
     os.pwrite(fd, (holder_text() + "\n").encode(), 0)
-    return RunLock(run_dir, fd)
+    return RunLock(run_dir, fd, created)
 
 
 def _read(fd: int) -> str:
