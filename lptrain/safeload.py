@@ -80,7 +80,12 @@ def load(path: Path, key: str, mmap: bool = False):
 
 def problem_in(tag_dir: Path) -> str | None:
     """Why a `.pt` file under `tag_dir` may not be unpickled (the first such file), or None.
-    Tensors are memory-mapped, not read: this costs the unpickling only."""
+    Tensors are memory-mapped, not read: this costs the unpickling only. A symbolic link
+    anywhere under `tag_dir` is refused too: a check that does not follow it would miss what
+    a loader that does (DeepSpeed lists folders and loads what it finds) reads through it."""
+    for path in sorted(tag_dir.rglob("*")):
+        if path.is_symlink():
+            return f"{path.relative_to(tag_dir)}: refused: a symbolic link (checkpoints hold files)"
     for path in sorted(tag_dir.rglob("*.pt")):
         try:
             load(path, "checkpoint", mmap=True)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lptrain import safeload
+from lptrain.checkpoint import store
 from lptrain.errors import ConfigError
 from tests.helpers import FAST, TINY, lptrain, sets
 
@@ -45,16 +46,34 @@ def test_truncated_file_is_one_line(tmp_path):
         safeload.load(path, "PATH")
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])
-def test_deepspeed_checkpoints_of_every_stage_load(tmp_path, data_cache, stage):
+def test_a_symbolic_link_is_refused(tmp_path):
+    """A loader that lists folders (DeepSpeed's universal checkpoint) follows a link the scan
+    would not: a link anywhere in a checkpoint is refused."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    torch.save({"x": Payload(tmp_path / "ran")}, outside / "fp32.pt")
+    tag = tmp_path / "tag" / "zero"
+    tag.mkdir(parents=True)
+    (tag / "embed.weight").symlink_to(outside, target_is_directory=True)
+    assert safeload.problem_in(tmp_path / "tag") == (
+        "zero/embed.weight: refused: a symbolic link (checkpoints hold files)"
+    )
+
+
+@pytest.mark.parametrize(
+    "recipe,stage", [("fp32", 0), ("fp32", 1), ("fp32", 3), ("bf16", 1), ("bf16", 3)]
+)
+def test_deepspeed_checkpoints_of_every_stage_load(tmp_path, data_cache, recipe, stage):
     """ZeRO 1-3 optimizer files hold DeepSpeed records (a loss scaler, the stage enum): the
-    allow-list lets exactly those through, and the tensors come back equal."""
+    allow-list lets exactly those through; every layout verifies (bf16's optimizer files are
+    named `bf16_zero_pp_rank_*`)."""
     run = tmp_path / "run"
-    lptrain("train", TINY / "tiny-fp32.yaml", "--run-dir", run,
+    lptrain("train", TINY / f"tiny-{recipe}.yaml", "--run-dir", run,
             *sets(*FAST, f"data.cache_dir={data_cache}", "run.max_steps=1",
                   f"deepspeed.zero_stage={stage}"))  # fmt: skip
     (tag,) = (run / "checkpoints").glob("step*")
     assert safeload.problem_in(tag) is None
+    assert store.verify(tag.parent, tag.name)[1] is None
     loaded = {f.name: safeload.load(f, "PATH") for f in tag.glob("*.pt")}
     assert loaded["lptrain_rank0.pt"]["progress"]["step"] == 1
     states = (
@@ -62,5 +81,6 @@ def test_deepspeed_checkpoints_of_every_stage_load(tmp_path, data_cache, stage):
     )
     assert any(k.endswith("weight") for k in loaded[states]["module"])
     if stage:
-        optim = loaded["zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+        prefix = "bf16_" if recipe == "bf16" else ""
+        optim = loaded[f"{prefix}zero_pp_rank_0_mp_rank_00_optim_states.pt"]
         assert "optimizer_state_dict" in optim

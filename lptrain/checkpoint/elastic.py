@@ -110,7 +110,9 @@ def _convert(found: Found, out: Path, say) -> str | None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     say(f"checkpoint: converting {found.path} to a universal checkpoint (ds_to_universal)")
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+    # -P: the working directory (perhaps the received run directory) is not put on sys.path,
+    # so no `deepspeed/` folder there can stand in for DeepSpeed's converter.
+    cmd = [sys.executable, "-P", "-m", "deepspeed.checkpoint.ds_to_universal",
            "--input_folder", str(found.path), "--output_folder", str(tmp)]  # fmt: skip
     env = dict(os.environ)
     if not torch.cuda.is_available():

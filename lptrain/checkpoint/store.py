@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
 
 import lptrain.nn as lpnn
@@ -121,7 +122,7 @@ def save(
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     _barrier()
-    with _disk_errors(tmp):
+    with disk_errors(tmp):
         _write(engine, model, tmp, progress, config_yaml, extra, base_dir)
     if rank == 0:
         _move_into_place(ckpt_dir, tmp, final)
@@ -166,18 +167,21 @@ _NEARLY_FULL = 16 << 20
 
 
 @contextlib.contextmanager
-def _disk_errors(tmp: Path):
-    """A save that fails to write (disk full, read-only, quota) removes its partial `.tmp`,
-    which leaves every earlier checkpoint and `latest` as they were, and raises an OSError that
-    names the path and the OS error (the CLI prints it in one line and exits 2)."""
+def disk_errors(tmp: Path):
+    """A write into the staging directory `tmp` (a checkpoint's `.tmp`, an export's) that
+    fails for the disk (full, read-only, quota) removes `tmp`, which leaves everything written
+    before as it was, and raises an OSError that names the path and the OS error (the CLI
+    prints it in one line and exits 2). Writers that are not Python's own report a full disk
+    their way: torch's zip writer as a RuntimeError, safetensors with "os error 28"."""
     try:
         yield
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:
         free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
             raise OSError(exc.errno, exc.strerror, exc.filename or str(tmp)) from None
-        if free < _NEARLY_FULL:
+        full = "os error 28" in str(exc) or (isinstance(exc, RuntimeError) and free < _NEARLY_FULL)
+        if full:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from None
         raise
 
@@ -263,32 +267,49 @@ def verify(ckpt_dir: Path, tag: str) -> tuple[Found | None, str | None]:
     meta, why = manifest.problem(ckpt_dir / tag)
     if meta is None:
         return None, why
-    absent = [n for n in required_files(meta) if n not in meta["files"]]
-    if not any(n in meta["files"] for n in MODEL_STATES):
-        absent.append(" or ".join(MODEL_STATES))
-    if absent:
-        return None, f"{manifest.NAME} lacks {absent[0]}, which every checkpoint has"
-    unsafe = safeload.problem_in(ckpt_dir / tag)
-    if unsafe is not None:
-        return None, unsafe
+    why = _layout_problem(meta) or _config_problem(ckpt_dir / tag)
+    why = why or safeload.problem_in(ckpt_dir / tag)
+    if why is not None:
+        return None, why
     return Found(ckpt_dir, tag, meta), None
+
+
+def _layout_problem(meta: dict) -> str | None:
+    if "zero_stage" not in meta and not meta.get("adopted"):  # lptrain always records it
+        return f"{manifest.NAME} lacks zero_stage, which lptrain records with every save"
+    for names in required_files(meta):
+        if not any(n in meta["files"] for n in names):
+            return f"{manifest.NAME} lacks {' or '.join(names)}, which this checkpoint needs"
+    return None
+
+
+def _config_problem(tag_dir: Path) -> str | None:
+    """The config a checkpoint carries must read as a YAML mapping (readers build from it)."""
+    try:
+        raw = yaml.safe_load((tag_dir / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return f"{CONFIG} unreadable ({type(exc).__name__})"
+    return None if isinstance(raw, dict) else f"{CONFIG} is not a mapping of sections"
+
+
+def required_files(meta: dict) -> list[tuple[str, ...]]:
+    """The files a checkpoint with this manifest's layout cannot be without, each as its
+    alternative names (a manifest that lists fewer was not written by a complete save)."""
+    world = int(meta.get("world_size") or 1)
+    need = [(CONFIG,), *((f"lptrain_rank{r}.pt",) for r in range(world))]
+    stage = meta.get("zero_stage")
+    if stage is None or stage in (0, 1, 2):
+        need.append(("mp_rank_00_model_states.pt",) if stage is not None else MODEL_STATES)
+    if stage in (1, 2, 3):  # DeepSpeed's bf16 optimizer prefixes its files with `bf16_`
+        need += [tuple(f"{p}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for p in ("", "bf16_"))
+                 for r in range(world)]  # fmt: skip
+    if stage == 3:
+        need += [(f"zero_pp_rank_{r}_mp_rank_00_model_states.pt",) for r in range(world)]
+    return need
 
 
 # DeepSpeed's module file: one for ZeRO stages 0-2, one per rank for stage 3.
 MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
-
-
-def required_files(meta: dict) -> list[str]:
-    """The files a checkpoint with this manifest's layout cannot be without (a manifest that
-    lists fewer was not written by a complete save)."""
-    world = int(meta.get("world_size") or 1)
-    need = [CONFIG, *(f"lptrain_rank{r}.pt" for r in range(world))]
-    stage = meta.get("zero_stage")
-    if stage in (1, 2, 3):
-        need += [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
-    if stage == 3:
-        need += [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world)]
-    return need
 
 
 def has_checkpoints(ckpt_dir: Path) -> bool:

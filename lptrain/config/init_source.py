@@ -38,14 +38,11 @@ def locate(spec: str | Path) -> Source:
     if not p.exists():
         raise ConfigError(KEY, f"no such run directory, checkpoint or model directory: {spec}")
     if p.is_dir() and (p / "checkpoints").is_dir():  # a run directory
-        p_ckpt = p / "checkpoints"
-        if not (p_ckpt / "latest").is_file():
-            raise ConfigError(KEY, f"{spec} has no finished checkpoint (checkpoints/latest)")
-        tag = (p_ckpt / "latest").read_text().strip()
-        return _checked(Source("lptrain", p, p_ckpt, tag, p), spec)
-    if (p / "latest").is_file():  # a checkpoints directory
+        ckpt = p / "checkpoints"
+        return _checked(Source("lptrain", p, ckpt, _newest(ckpt), p), spec, named=False)
+    if (p / "latest").is_file() or _newest(p) is not None:  # a checkpoints directory
         run = p.parent if (p.parent / "config.yaml").is_file() else None
-        return _checked(Source("lptrain", p, p, (p / "latest").read_text().strip(), run), spec)
+        return _checked(Source("lptrain", p, p, _newest(p), run), spec, named=False)
     if any(p.glob("lptrain_rank*.pt")):  # one checkpoint tag
         run = p.parent.parent if (p.parent.parent / "config.yaml").is_file() else None
         return _checked(Source("lptrain", p, p.parent, p.name, run), spec)
@@ -63,7 +60,26 @@ def locate(spec: str | Path) -> Source:
     )
 
 
-def _checked(src: Source, spec) -> Source:
+def _newest(ckpt_dir: Path) -> str | None:
+    """`latest` when it names a tag that is there, else the newest tag directory: which one
+    verifies is decided later (checkpoint/store.py), and `latest` is not trusted for that."""
+    try:
+        latest = (ckpt_dir / "latest").read_text().strip()
+    except OSError:
+        latest = ""
+    if latest and (ckpt_dir / latest).is_dir():
+        return latest
+    tags = [q.name for q in ckpt_dir.glob("step*") if q.is_dir() and q.name[4:].isdigit()]
+    return max(tags, key=lambda t: int(t[4:])) if tags else None
+
+
+def _checked(src: Source, spec, named: bool = True) -> Source:
+    """A tag `spec` names must hold model states; for a directory, which of its checkpoints
+    is read is decided by verification (checkpoint/base.py), not here."""
+    if src.tag is None:
+        raise ConfigError(KEY, f"{spec} has no finished checkpoint ({src.ckpt_dir} is empty)")
+    if not named:
+        return src
     tag_dir = src.ckpt_dir / src.tag
     if not tag_dir.is_dir():
         raise ConfigError(KEY, f"{spec}: checkpoint {src.tag} is missing")

@@ -122,7 +122,19 @@ def open_run(path: str | Path, say=_quiet, note=_stderr) -> Opened:
             f"{found.path} does not match its config.yaml "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
         )
+    _check_finite(model, found.path)
     return Opened(cfg, model.eval(), tok, str(found.path))
+
+
+def _check_finite(model: nn.Module, where: Path) -> None:
+    """A weight that holds NaN or Inf makes every loss NaN: refuse it by name instead of
+    printing `val_loss nan` (or exporting it) with exit 0."""
+    bad = [
+        n for n, p in model.named_parameters() if p.is_floating_point() and not p.isfinite().all()
+    ]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ConfigError("PATH", f"{where}: {bad[0]}{more} hold NaN or Inf: not a usable model")
 
 
 def is_export(path: str | Path) -> bool:
@@ -150,6 +162,7 @@ def open_export(path: str | Path) -> Opened:
         validate.place(model, name, layout, d / EXPORT_JSON)
     validate.load_weights(model, d / EXPORT_WEIGHTS)
     validate.check_tensors(model, meta["layers"], d / EXPORT_WEIGHTS)
+    _check_finite(model, d)
     return Opened(cfg, model.eval(), tok, str(d))
 
 

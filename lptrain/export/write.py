@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 import lptrain.nn as lpnn
-from lptrain.checkpoint import manifest
+from lptrain.checkpoint import manifest, store
 from lptrain.errors import ConfigError
 from lptrain.export import evaluate, restore, standalone
 from lptrain.export.folding import FORMAT, fold, layout
@@ -127,8 +127,9 @@ def staging(target: Path) -> Iterator[Path]:
     except OSError as exc:
         raise ConfigError("--out", f"{target}: cannot write there ({exc.strerror})") from None
     try:
-        yield tmp
-        manifest.write(tmp, {"kind": "lptrain export"})
+        with store.disk_errors(tmp):  # a full disk: one line, no partial export left
+            yield tmp
+            manifest.write(tmp, {"kind": "lptrain export"})
         check_target(target)  # nothing appeared there meanwhile (a rename would replace it)
         os.replace(tmp, target)
     finally:

@@ -136,6 +136,57 @@ def test_corruption_falls_back_in_one_line(copy):
     assert "manifest.json lacks config.yaml" in ev.stderr and val_loss(ev) == good
 
 
+def test_sealed_damage_falls_back_or_is_refused(copy, tmp_path, data_cache):
+    """Damage a sender re-seals (the manifest re-written to match): a config.yaml that builds a
+    Python object, a manifest without the ZeRO stage; `latest` naming a missing tag; a NaN
+    weight. Each reader falls back to step 1 in one line, or refuses; init.from as well."""
+    good = val_loss(evaluate(tag(copy, 1)))
+    newest = tag(copy, 2)
+    config = (newest / "config.yaml").read_text()
+    (newest / "config.yaml").write_text(config + "x: !!python/object/apply:os.system ['true']\n")
+    reseal(newest)
+    ev = evaluate(copy)
+    assert "step00000002: config.yaml unreadable (ConstructorError)" in ev.stderr
+    assert val_loss(ev) == good
+    resumed = train(copy, data_cache, "run.max_steps=2", "deepspeed.zero_stage=1",
+                    "checkpoint.keep_last=3")  # fmt: skip
+    assert "resuming from step00000001, the newest that verifies" in resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    shutil.rmtree(newest)  # the resume just wrote a good step 2: damage it another way
+    shutil.copytree(tag(copy, 1), newest)
+    meta = json.loads((newest / manifest.NAME).read_text())
+    del meta["zero_stage"]
+    (newest / manifest.NAME).write_text(json.dumps({**meta, "step": 2, "tag": newest.name}))
+    ev = evaluate(copy)
+    assert "step00000002: manifest.json lacks zero_stage" in ev.stderr and val_loss(ev) == good
+    shutil.rmtree(newest)
+    (copy / "checkpoints" / "latest").write_text("step00000009")
+    ft = train(tmp_path / "ft", data_cache, f"init.from={copy}", "run.max_steps=1",
+               recipe=REPO / "recipes" / "finetune" / "lora-bf16base.yaml")  # fmt: skip
+    assert "init: using step00000001" in ft.stderr and "step00000009" in ft.stderr
+    state = torch.load(tag(copy, 1) / MODEL_STATES, weights_only=True)
+    state["module"]["embed.weight"][3, 5] = float("nan")
+    torch.save(state, tag(copy, 1) / MODEL_STATES)
+    reseal(tag(copy, 1))
+    refused = lptrain("eval", copy, check=False)
+    assert refused.returncode == 2 and "embed.weight hold NaN or Inf" in refused.stderr
+
+
+def test_the_converter_never_imports_from_the_working_directory(two_saves, tmp_path, monkeypatch):
+    """`ds_to_universal` runs as `python -P -m ...`: a `deepspeed/` package in the working
+    directory (a received run directory) is not imported in its place."""
+    from lptrain.checkpoint import elastic, store
+
+    work = tmp_path / "received"
+    shutil.copytree(two_saves, work)
+    (work / "deepspeed").mkdir()
+    (work / "deepspeed" / "__init__.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n")
+    monkeypatch.chdir(work)
+    found, _ = store.newest_verified(work / "checkpoints")
+    out = elastic.ensure_universal(found, say=lambda _m: None)
+    assert (out / manifest.NAME).is_file() and not (tmp_path / "ran").exists()
+
+
 def test_a_checkpoint_is_read_with_its_own_config(two_saves, tmp_path, data_cache):
     """An fp8 run's checkpoint placed, as the newest, in an fp32 run: eval reads it as fp8 (its
     own config.yaml), exactly as in its own run."""
