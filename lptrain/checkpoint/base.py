@@ -29,7 +29,7 @@ import torch.distributed as dist
 from lptrain.checkpoint import manifest, store
 from lptrain.config.init_source import KEY, Source, locate
 from lptrain.errors import ConfigError
-from lptrain.models.hf import TOKENIZER_FILES
+from lptrain.models.hf import EXTRA_TOKENIZER_FILES, TOKENIZER_FILES
 
 DIR = "base"  # in a run directory and in every checkpoint
 RECORD = "base.json"
@@ -109,7 +109,7 @@ def write_copy(dest: Path, base: Base) -> None:
     if src.config_only:  # a resume without the base: the checkpoint's copy, as it is
         shutil.copytree(src.path, tmp, dirs_exist_ok=True)
     elif src.kind == "hf":
-        for name in (*_HF_CONFIG, *TOKENIZER_FILES, "added_tokens.json"):
+        for name in (*_HF_CONFIG, *TOKENIZER_FILES, *EXTRA_TOKENIZER_FILES):
             if (src.path / name).is_file():
                 shutil.copy2(src.path / name, tmp / name)
     else:

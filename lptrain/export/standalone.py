@@ -21,12 +21,9 @@ from lptrain.config import schema
 from lptrain.config.schema import TrainConfig
 from lptrain.data import dataset
 from lptrain.errors import ConfigError
-from lptrain.models.hf import TOKENIZER_FILES
+from lptrain.models.hf import EXTRA_TOKENIZER_FILES, TOKENIZER_FILES
 
 TOKENIZER_DIR = "tokenizer"
-# A save_pretrained directory may hold these too (added tokens, the chat template): a deployed
-# tokenizer needs them, evaluation does not.
-EXTRA_TOKENIZER_FILES = ("added_tokens.json", "chat_template.jinja", "chat_template.json")
 # The fold bakes these into the exported layers: the export's model is built without them.
 FOLDED_SECTIONS = ("init", "qat", "bitswitch", "adapters")
 # Encoded by the original and the copied tokenizer: the copy must give the same ids.

@@ -60,3 +60,6 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
+# A save_pretrained directory may hold these too (added tokens, the chat template): a deployed
+# tokenizer needs them, evaluation does not.
+EXTRA_TOKENIZER_FILES = ("added_tokens.json", "chat_template.jinja", "chat_template.json")
