@@ -95,3 +95,20 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen, timeout: float = 180) -
             return steps[0]
         time.sleep(0.05)
     raise AssertionError(f"no training step logged within {timeout} s")
+
+
+def tiny_llama(out: Path) -> Path:
+    """A 2-layer, 64-wide Llama with random weights (seed 0) and the byte vocabulary (257),
+    saved with `save_pretrained` to `out`: the Hugging Face base of the fine-tuning tests
+    (nothing is downloaded). Skips the test without transformers."""
+    import pytest
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(out))
+    return out

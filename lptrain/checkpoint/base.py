@@ -58,24 +58,16 @@ def content_hash(src: Source) -> str:
 
 
 def _verified(src: Source, spec: str) -> tuple[Source, list[str]]:
-    """The checkpoint of an lptrain base that verifies: the one `spec` names when it names a
-    tag, else the newest of its checkpoints that does (with a note when newer ones did not)."""
+    """The checkpoint of an lptrain base that verifies (store.pick: the tag `spec` names, or
+    the newest of its checkpoints that does, with a note when newer ones did not)."""
     if src.kind != "lptrain":
         return src, []
-    if Path(spec).expanduser().resolve() == (src.ckpt_dir / src.tag).resolve():
-        found, why = store.verify(src.ckpt_dir, src.tag)
-        if found is None:
-            raise ConfigError(KEY, f"{spec} does not verify: {why}")
-        return src, []
-    found, rejected = store.newest_verified(src.ckpt_dir)
-    if found is None:
-        why = "; ".join(f"{t}: {w}" for t, w in rejected) or "no checkpoints"
-        raise ConfigError(KEY, f"no checkpoint of {spec} verifies ({why})")
+    found, rejected = store.pick(Path(spec).expanduser(), KEY)
     notes = []
     if rejected:
-        skipped = "; ".join(f"{t}: {w}" for t, w in rejected)
-        notes.append(f"init: using {found.tag} of {spec}, the newest that verifies ({skipped})")
-    return dataclasses.replace(src, path=found.path, tag=found.tag), notes
+        notes.append(f"init: using {found.tag} of {spec}, the newest that verifies "
+                     f"({store.reasons(rejected)})")  # fmt: skip
+    return dataclasses.replace(src, path=found.path, ckpt_dir=found.ckpt_dir, tag=found.tag), notes
 
 
 def resolve(spec: str) -> Base:

@@ -58,6 +58,10 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
 def _listing(tag_dir: Path) -> list[str]:
     return sorted(
         p.relative_to(tag_dir).as_posix()
@@ -84,8 +88,7 @@ def write_atomic(path: Path, text: str) -> None:
 def write(tag_dir: Path, meta: dict) -> dict:
     """Collective: hash every file under `tag_dir`; rank 0 writes the manifest. Returns it."""
     names = from_rank0(_listing(tag_dir) if _world()[0] == 0 else None)
-    mine = {n: {"bytes": (tag_dir / n).stat().st_size, "sha256": sha256(tag_dir / n)}
-            for n in _my_share(names)}  # fmt: skip
+    mine = {n: _entry(tag_dir / n) for n in _my_share(names)}
     files = {k: v for part in _from_all(mine) for k, v in part.items()}
     manifest = {"format": FORMAT, **meta, "files": {n: files[n] for n in names}}
     if _world()[0] == 0:
@@ -96,9 +99,7 @@ def write(tag_dir: Path, meta: dict) -> dict:
 def write_local(tag_dir: Path, meta: dict) -> dict:
     """`write` by this process alone (no collectives): for what one rank makes by itself,
     such as the universal copy of a checkpoint or an export."""
-    names = _listing(tag_dir)
-    files = {n: {"bytes": (tag_dir / n).stat().st_size, "sha256": sha256(tag_dir / n)}
-             for n in names}  # fmt: skip
+    files = {n: _entry(tag_dir / n) for n in _listing(tag_dir)}
     manifest = {"format": FORMAT, **meta, "files": files}
     write_atomic(tag_dir / NAME, json.dumps(manifest, indent=1) + "\n")
     return manifest

@@ -204,10 +204,6 @@ def _span(tags: list[str]) -> str:
     return f"{len(tags)} checkpoints, {tags[0]}..{tags[-1]}"
 
 
-def _reasons(rejected: list[tuple[str, str]]) -> str:
-    return "; ".join(f"{tag}: {why}" for tag, why in rejected)
-
-
 def _archive_hint(run_dir: Path, what: str = "them") -> str:
     where = run_dir / "archive" / "<date-time>"
     return f"add --archive (moves {what} to {where}/), or use another --run-dir"
@@ -233,7 +229,7 @@ def plan(cfg: TrainConfig, run_dir: Path, world: int, allow: list[str], archive:
             if store.has_checkpoints(own) and not archive:
                 raise ConfigError(
                     "checkpoint.resume",
-                    f"no checkpoint in {own} verifies ({_reasons(rejected)}); "
+                    f"no checkpoint in {own} verifies ({store.reasons(rejected)}); "
                     f"to start fresh here {_archive_hint(run_dir)}",
                 )
             return Plan(None, archive_all=store.has_checkpoints(own))
@@ -244,7 +240,7 @@ def plan(cfg: TrainConfig, run_dir: Path, world: int, allow: list[str], archive:
             if older is None:
                 raise
             raise ConfigError(exc.path, exc.problem + _go_back(found, older, run_dir)) from None
-    found, rejected = _explicit(Path(resume))
+    found, rejected = store.pick(Path(resume), "checkpoint.resume")
     base = Plan(found)
     if found.ckpt_dir.resolve() == own.resolve():
         newer = tuple(t for t in earlier if store.step_of(t) > found.step)
@@ -299,19 +295,6 @@ def _go_back(newest: Found, older: Found, run_dir: Path) -> str:
     )
 
 
-def _explicit(path: Path) -> tuple[Found, list[tuple[str, str]]]:
-    if store.step_of(path.name) is not None or (path / manifest.NAME).exists():
-        found, why = store.verify(path.parent, path.name)
-        if found is None:
-            raise ConfigError("checkpoint.resume", f"{path} does not verify: {why}")
-        return found, []
-    found, rejected = store.newest_verified(path)
-    if found is None:
-        why = _reasons(rejected) or "no checkpoints"
-        raise ConfigError("checkpoint.resume", f"no checkpoint in {path} verifies ({why})")
-    return found, rejected
-
-
 def _resume(cfg, found: Found, rejected, world: int, allow: list[str], base: Plan) -> Plan:
     elastic_note = None
     if found.manifest.get("world_size", world) != world:
@@ -335,7 +318,7 @@ def _resume(cfg, found: Found, rejected, world: int, allow: list[str], base: Pla
         notes.append("config: batch layout changed: " + ", ".join(c.text() for c in layout))
     if rejected:
         notes.append(f"checkpoint: resuming from {found.tag}, the newest that verifies "
-                     f"({_reasons(rejected)})")  # fmt: skip
+                     f"({store.reasons(rejected)})")  # fmt: skip
     if changes:
         said = ", ".join(c.text() + (f" ({c.rule.why})" if c.rule.change == FLAG else "")
                          for c in changes)  # fmt: skip

@@ -32,6 +32,7 @@ from torch import nn
 import lptrain.nn as lpnn
 from lptrain import safeload
 from lptrain.checkpoint import manifest
+from lptrain.errors import ConfigError
 
 FORMAT = 2  # client_state / side-file format
 CONFIG = "config.yaml"  # the config the saved state was trained with
@@ -257,6 +258,29 @@ def newest_verified(ckpt_dir: Path) -> tuple[Found | None, list[tuple[str, str]]
             return found, rejected
         rejected.append((tag, why))
     return None, rejected
+
+
+def reasons(rejected: list[tuple[str, str]]) -> str:
+    """`tag: why; tag: why`, for the one line that says what did not verify."""
+    return "; ".join(f"{tag}: {why}" for tag, why in rejected)
+
+
+def pick(path: Path, key: str) -> tuple[Found, list[tuple[str, str]]]:
+    """Collective: the checkpoint `path` names, for every reader (resume, eval, export,
+    switch, init.from) alike. A tag directory verifies or is refused; a run directory or a
+    `checkpoints/` directory gives its newest checkpoint that verifies, with the newer ones that
+    did not. Refusals are ConfigError(key, ...)."""
+    if step_of(path.name) is not None or (path / manifest.NAME).exists():
+        found, why = verify(path.parent, path.name)
+        if found is None:
+            raise ConfigError(key, f"{path} does not verify: {why}")
+        return found, []
+    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    found, rejected = newest_verified(ckpt_dir)
+    if found is None:
+        why = reasons(rejected) or "no checkpoints"
+        raise ConfigError(key, f"no checkpoint in {ckpt_dir} verifies ({why})")
+    return found, rejected
 
 
 def verify(ckpt_dir: Path, tag: str) -> tuple[Found | None, str | None]:

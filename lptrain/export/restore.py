@@ -65,38 +65,20 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _where(p: Path) -> tuple[Path | None, Path, str | None]:
-    """(run dir, checkpoints dir, the tag `p` names or None) for a run directory, its
-    `checkpoints/` directory or one checkpoint tag directory."""
-    if (p / "checkpoints").is_dir():
-        return p, p / "checkpoints", None
-    if store.step_of(p.name) is not None or (p / manifest.NAME).is_file():
-        run = p.parent.parent
-        return (run if (run / "config.yaml").is_file() else None), p.parent, p.name
-    if store.has_checkpoints(p):
-        return (p.parent if (p.parent / "config.yaml").is_file() else None), p, None
-    raise ConfigError("PATH", f"{p} is not an lptrain run directory, checkpoint or export")
-
-
 def find_checkpoint(path: Path, note=_stderr) -> tuple[Path | None, store.Found]:
-    """(run dir, the checkpoint to read). A tag is verified (store.verify) or refused; a
-    directory gives its newest checkpoint that verifies, saying in one line which newer ones
-    did not. `latest` is not trusted, as on a resume."""
+    """(run dir or None, the checkpoint to read), picked as a resume picks it (store.pick),
+    saying in one line which newer checkpoints did not verify."""
     if not path.exists():
         raise ConfigError("PATH", f"no such run directory, checkpoint or export: {path}")
-    run_dir, ckpt_dir, tag = _where(path)
-    if tag is not None:
-        found, why = store.verify(ckpt_dir, tag)
-        if found is None:
-            raise ConfigError("PATH", f"{path} does not verify: {why}")
-        return run_dir, found
-    found, rejected = store.newest_verified(ckpt_dir)
-    reasons = "; ".join(f"{t}: {w}" for t, w in rejected)
-    if found is None:
-        raise ConfigError("PATH", f"no checkpoint in {ckpt_dir} verifies ({reasons or 'none'})")
+    named = store.step_of(path.name) is not None or (path / manifest.NAME).is_file()
+    if not (named or (path / "checkpoints").is_dir() or store.has_checkpoints(path)):
+        raise ConfigError("PATH", f"{path} is not an lptrain run directory, checkpoint or export")
+    found, rejected = store.pick(path, "PATH")
     if rejected:
-        note(f"checkpoint: reading {found.tag}, the newest that verifies ({reasons})")
-    return run_dir, found
+        note(f"checkpoint: reading {found.tag}, the newest that verifies "
+             f"({store.reasons(rejected)})")  # fmt: skip
+    run_dir = found.ckpt_dir.parent
+    return (run_dir if (run_dir / "config.yaml").is_file() else None), found
 
 
 def locate_checkpoint(path: Path) -> tuple[Path, Path, str]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lptrain.checkpoint import manifest
-from tests.helpers import FAST, REPO, TINY, lptrain, sets, train_losses
+from tests.helpers import FAST, REPO, TINY, lptrain, sets, tiny_llama, train_losses
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -227,14 +227,7 @@ def test_a_hugging_face_fine_tune_outlives_its_base(tmp_path, data_cache):
     """The run keeps the Hugging Face base's config.json and tokenizer files (RUN/base and
     every checkpoint): with the model directory deleted, eval is unchanged and a resume
     continues bit for bit."""
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf_dir = tmp_path / "hf-llama"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(hf_dir))
+    hf_dir = tiny_llama(tmp_path / "hf-llama")
     recipe = REPO / "recipes" / "finetune" / "l4q-4bit.yaml"
     whole, ft = tmp_path / "whole", tmp_path / "ft"
     train(whole, data_cache, f"init.from={hf_dir}", "run.max_steps=2", recipe=recipe)
@@ -246,3 +239,4 @@ def test_a_hugging_face_fine_tune_outlives_its_base(tmp_path, data_cache):
     proc = train(ft, data_cache, f"init.from={hf_dir}", "run.max_steps=2", recipe=recipe)
     assert "is not readable from here; not needed" in proc.stderr
     assert train_losses(ft) == train_losses(whole)
+

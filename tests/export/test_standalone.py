@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.helpers import FAST, REPO, clean_env, sets
+from tests.helpers import FAST, REPO, clean_env, sets, tiny_llama
 from tests.trainer.test_finetune import in_process
 
 L4Q = REPO / "recipes" / "finetune" / "l4q-4bit.yaml"  # init.from: runs/base (relative)
@@ -93,12 +92,7 @@ def test_an_lptrain_finetune_export_loads_alone(
 def test_a_hugging_face_finetune_export_loads_alone(data_cache, tmp_path, monkeypatch, capsys):
     transformers = pytest.importorskip("transformers")
     work = tmp_path / "work"
-    cfg = transformers.LlamaConfig(
-        vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(work / "runs" / "base"))
+    tiny_llama(work / "runs" / "base")
     bpe = byte_level_bpe()
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
     hf_tok.save_pretrained(str(work / "runs" / "base"))  # the run inherits the base's tokenizer

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import FAST, REPO, free_port, lptrain, sets, train_losses
+from tests.helpers import FAST, REPO, free_port, lptrain, sets, tiny_llama, train_losses
 
 FINETUNE = REPO / "recipes" / "finetune"
 NAMES = ["lora-bf16base", "qlora-int4", "lora-fp8base", "l4q-4bit", "l4q-3bit", "lsq-w4a8"]
@@ -110,13 +110,7 @@ def test_export_round_trip_and_eval(work, name, capsys):
 
 def test_hugging_face_llama_fine_tunes_and_exports_back(work, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf_dir = tmp_path / "hf-llama"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(hf_dir))
+    hf_dir = tiny_llama(tmp_path / "hf-llama")
     run = tmp_path / "run"
     finetune("l4q-4bit", run, hf_dir, work["cache"])
     assert len(train_losses(run)) == STEPS
