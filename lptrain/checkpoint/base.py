@@ -113,15 +113,22 @@ def write_copy(dest: Path, base: Base) -> None:
     tmp.rename(dest)
 
 
-def read_copy(where: Path) -> Base | None:
-    """The base recorded in `where/base/` (a checkpoint or a run directory); None if none.
-    Its Source reads the copy: the architecture and tokenizer, never weights."""
+def read_copy(where: Path, key: str) -> Base | None:
+    """The base recorded in `where/base/` (a checkpoint or a run directory); None if there is
+    none (a run without init.from, or from before base records); ConfigError(key, ...) for a
+    record that is there but malformed. Its Source reads the copy: the architecture and the
+    tokenizer, never weights."""
     d = where / DIR
+    if not (d / RECORD).exists():
+        return None
     try:
         record = json.loads((d / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    if record.get("kind") == "hf":
+    except (OSError, ValueError) as exc:
+        raise ConfigError(key, f"{d / RECORD}: unreadable ({type(exc).__name__})") from None
+    ok = isinstance(record, dict) and record.get("kind") in ("hf", "lptrain")
+    if not ok or not all(isinstance(record.get(k), str) for k in ("path", "sha256")):
+        raise ConfigError(key, f"{d / RECORD}: malformed (needs kind hf|lptrain, path, sha256)")
+    if record["kind"] == "hf":
         return Base(Source("hf", d, config_only=True), record)
     return Base(Source("lptrain", d, run_dir=d, config_only=True), record)
 
@@ -129,7 +136,7 @@ def read_copy(where: Path) -> Base | None:
 def for_resume(spec: str | None, found: store.Found, allow_change: bool) -> Base | None:
     """The base of a resume from `found`: the recorded one; the recipe's `init.from` must be the
     same content unless the change is allowed. None for a run without a base."""
-    saved = read_copy(found.path)
+    saved = read_copy(found.path, "checkpoint.resume")
     if saved is None:  # a run without init.from, or a checkpoint from before base records
         return resolve(spec) if spec is not None else None
     rec = saved.record

@@ -92,7 +92,7 @@ def open_run(path: str | Path, say=_quiet, note=_stderr) -> Opened:
     run's, which a later resume may have changed) and its copy of the base."""
     _, found = find_checkpoint(Path(path), note)
     cfg = schema.load(found.path / store.CONFIG)
-    base = bases.read_copy(found.path)
+    base = bases.read_copy(found.path, "PATH")
     src = base.source if base is not None else None
     tok = dataset.load_tokenizer(tokenizer_spec(cfg, src))
     model = skeleton(cfg, tok, say=say, base=src)

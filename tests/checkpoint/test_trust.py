@@ -240,3 +240,23 @@ def test_a_hugging_face_fine_tune_outlives_its_base(tmp_path, data_cache):
     assert "is not readable from here; not needed" in proc.stderr
     assert train_losses(ft) == train_losses(whole)
 
+
+def test_a_malformed_base_record_is_one_line(tmp_path):
+    """RUN/base/base.json is read from checkpoints others made: absent means no base;
+    unreadable or incomplete is a ConfigError naming the file, never a KeyError."""
+    from lptrain.checkpoint import base
+    from lptrain.errors import ConfigError
+
+    assert base.read_copy(tmp_path, "PATH") is None
+    (tmp_path / "base").mkdir()
+    for text in (
+        "{not json",
+        '{"kind": "hf"}',
+        '["path"]',
+        '{"kind": "x", "path": "p", "sha256": "h"}',
+    ):
+        (tmp_path / "base" / "base.json").write_text(text)
+        with pytest.raises(ConfigError, match=r"^PATH: .*base\.json: (unreadable|malformed)"):
+            base.read_copy(tmp_path, "PATH")
+    (tmp_path / "base" / "base.json").write_text('{"kind": "hf", "path": "/p", "sha256": "h"}')
+    assert base.read_copy(tmp_path, "PATH").source.config_only
