@@ -112,7 +112,7 @@ def test_hugging_face_llama_fine_tunes_and_exports_back(work, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     hf_dir = tiny_llama(tmp_path / "hf-llama")
     run = tmp_path / "run"
-    finetune("l4q-4bit", run, hf_dir, work["cache"])
+    finetune("l4q-4bit", run, hf_dir, work["cache"], "data.tokenizer=byte")  # it ships none
     assert len(train_losses(run)) == STEPS
     assert (
         in_process(
