@@ -186,7 +186,9 @@ class RunConfig:
     stop_at_step: int | None = None
     seed: int = 0  # model init, data order and stochastic rounding
     eval_interval: int = 0  # 0 disables evaluation during training
-    eval_batches: int = 4  # validation batches per evaluation
+    # Validation micro-batches per rank per evaluation: the split's first eval_batches x
+    # micro_batch x ranks blocks, each once (a smaller split is read whole, with a warning).
+    eval_batches: int = 4
     name: str | None = None  # default: the recipe file's stem
     nonfinite_limit: int = 3  # consecutive skipped steps before reloading the last checkpoint
     max_reloads: int = 2  # reloads before giving up with an error

@@ -14,7 +14,6 @@ import json
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -41,15 +40,13 @@ def val_blocks(cfg: TrainConfig, tok: dataset.Tokenizer, data_path: str | None =
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, blocks, rows, batch: int, max_blocks: int | None = None) -> float:
-    """Token-weighted mean loss over `rows` of `blocks` (every block has the same length)."""
+    """The mean loss over the first `max_blocks` of `rows` (all by default), each block once,
+    in batches of `batch`: the training log's val_loss on one rank (dataset.mean_loss)."""
     rows = rows[:max_blocks] if max_blocks else rows
     model.eval()
-    total = 0.0
-    for i in range(0, len(rows), batch):
-        idx = rows[i : i + batch]
-        tokens = torch.from_numpy(np.stack([blocks[r] for r in idx]).astype(np.int64))
-        total += float(model(tokens)) * len(idx)
-    return total / max(len(rows), 1)
+    return dataset.mean_loss(
+        model, dataset.val_batches(blocks, rows, dataset.Layout(batch, 1, 1, 0))
+    )
 
 
 def evaluate(model, cfg, tok, data_path=None, max_blocks=None) -> EvalResult:

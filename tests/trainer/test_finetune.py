@@ -173,3 +173,26 @@ def test_base_of_other_shapes_is_refused(work):
     ctx = converters.ConvertContext(0, 0, 1, print)
     with pytest.raises(ConfigError, match=r"^init.from: embed.weight: the base has shape"):
         init.convert(tiny, ctx)
+
+
+def test_logged_val_loss_is_lptrain_evals(work, tmp_path, capsys):
+    """A validation split smaller than run.eval_batches x micro_batch (14 blocks < 3 x 8): each
+    block counts once (it used to wrap), said once, and the training log's val_loss is
+    `lptrain eval`'s on the checkpoint, to the last bit (both read from JSON)."""
+    import json
+
+    from tests.helpers import metrics
+
+    run = tmp_path / "run"
+    proc = finetune("lora-bf16base", run, work["base"], work["cache"], "data.val_fraction=0.002",
+                    "run.eval_batches=3", "run.eval_interval=2", "run.max_steps=2")  # fmt: skip
+    warnings = [ln for ln in proc.stderr.splitlines() if "warning: run.eval_batches" in ln]
+    assert warnings == [
+        "warning: run.eval_batches: 3 x 8 blocks = 24 exceed the 14 validation blocks: "
+        "each evaluation reads those 14 once"
+    ]
+    (logged,) = [row["val_loss"] for row in metrics(run) if "val_loss" in row]
+    code, out, _ = in_process(capsys, "eval", run, "--json")
+    result = json.loads(out.splitlines()[-1])
+    assert code == 0 and result["blocks"] == 14
+    assert result["loss"] == logged
