@@ -423,9 +423,14 @@ def _check_files(cfg: TrainConfig) -> None:
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none") and not Path(resume).exists():
         raise ConfigError("checkpoint.resume", f"no such checkpoint: {resume}")
-    path = cfg.data.path
+    check_data_path(cfg.data.path)
+
+
+def check_data_path(path: str | None, key: str = "data.path") -> None:
+    """A local corpus path that matches nothing is one line naming `key` (a hub name is
+    looked up in the cache later)."""
     if path is not None and _looks_local(path) and not _local_matches(path):
-        raise ConfigError("data.path", f"no such file or directory: {path}")
+        raise ConfigError(key, f"no such file or directory: {path}")
 
 
 def _looks_local(path: str) -> bool:

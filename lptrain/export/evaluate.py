@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lptrain.config.schema import TrainConfig
+from lptrain.config.schema import DataConfig, TrainConfig, check_data_path
 from lptrain.data import dataset
+from lptrain.errors import ConfigError
 from lptrain.export import restore
 
 
@@ -32,7 +33,19 @@ class EvalResult:
 
 
 def val_blocks(cfg: TrainConfig, tok: dataset.Tokenizer, data_path: str | None = None):
-    dcfg = cfg.data if data_path is None else dataclasses.replace(cfg.data, path=data_path)
+    """(blocks, validation rows, corpus name) of the run's data, or of `data_path` (--data)."""
+    if data_path is None:
+        return _val_blocks(cfg.data, tok)
+    check_data_path(data_path, "--data")
+    try:
+        return _val_blocks(dataclasses.replace(cfg.data, path=data_path), tok)
+    except ConfigError as exc:  # the corpus is --data's, not the run's data.path
+        if exc.path != "data.path":
+            raise
+        raise ConfigError("--data", exc.problem) from None
+
+
+def _val_blocks(dcfg: DataConfig, tok: dataset.Tokenizer):
     blocks = dataset.load_blocks(dcfg, tok, True, lambda: None)
     split = dataset.split(len(blocks), dcfg.val_fraction)
     return blocks, split.val, dcfg.path or "embedded:stdlib"

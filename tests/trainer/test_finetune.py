@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lptrain.errors import ConfigError
 from tests.helpers import FAST, REPO, free_port, lptrain, sets, tiny_llama, train_losses
 
 FINETUNE = REPO / "recipes" / "finetune"
@@ -144,6 +145,8 @@ def test_bad_input_is_one_line_and_writes_nothing(work, tmp_path, capsys):
         (["init.from=" + str(tmp_path / "nope")], "init.from: no such run directory"),
         (["adapters.bits=9"], "adapters.bits: must be in 2..8, got 9"),
         (["qat.method=lsq"], "adapters.type: l4q with qat.method lsq is not supported"),
+        (["adapters.alpha=0"], "adapters.alpha: must be > 0, got 0.0: "),  # a no-op fine-tune
+        (["adapters.alpha=-32"], "adapters.alpha: must be > 0, got -32.0: "),
     ]
     for overrides, message in parse_time:
         argv = ["train", recipe, "--run-dir", run, *sets(f"init.from={base}", *overrides)]
@@ -196,3 +199,28 @@ def test_logged_val_loss_is_lptrain_evals(work, tmp_path, capsys):
     result = json.loads(out.splitlines()[-1])
     assert code == 0 and result["blocks"] == 14
     assert result["loss"] == logged
+
+
+def test_more_bad_input_is_one_line(work, tmp_path, capsys):
+    """eval --data of a missing file, an adapter rank beyond the layers (it ran out of memory),
+    named by their key; export of a run without adapter/QAT layers says that nothing folded."""
+    from lptrain.config import schema
+    from lptrain.models import converters
+    from lptrain.models.decoder import build_model
+
+    missing = tmp_path / "nonexistent.txt"
+    code, _, err = in_process(capsys, "eval", work["base"], "--data", missing)
+    assert (code, err) == (2, f"error: --data: no such file or directory: {missing}\n")
+
+    raw = {"run": {"max_steps": 1}, "model": {"preset": "nano"},
+           "init": {"from": str(work["base"])},
+           "adapters": {"type": "lora", "r": 10**9}}  # fmt: skip
+    cfg = schema.parse(raw)
+    (adapters,) = converters.build(cfg, ("adapters",))
+    model = build_model(cfg.model, 257, 64)
+    with pytest.raises(ConfigError, match=r"^adapters.r: 1000000000 exceeds min\(in_features, "):
+        adapters.convert(model, converters.ConvertContext(0, 0, 1, print))
+
+    out_dir = tmp_path / "export"
+    code, out, _ = in_process(capsys, "export", work["base"], "--out", out_dir, "--blocks", 2)
+    assert code == 0 and "folded 0 layers: the run has no adapter, QAT or bit-switching" in out
