@@ -97,16 +97,17 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen, timeout: float = 180) -
     raise AssertionError(f"no training step logged within {timeout} s")
 
 
-def tiny_llama(out: Path) -> Path:
+def tiny_llama(out: Path, vocab_size: int = 257) -> Path:
     """A 2-layer, 64-wide Llama with random weights (seed 0) and the byte vocabulary (257),
     saved with `save_pretrained` to `out`: the Hugging Face base of the fine-tuning tests
-    (nothing is downloaded). Skips the test without transformers."""
+    (nothing is downloaded). It ships no tokenizer: a run on it sets `data.tokenizer=byte`.
+    Skips the test without transformers."""
     import pytest
     import torch
 
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
-        vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
     )  # fmt: skip
     torch.manual_seed(0)

@@ -12,7 +12,6 @@ REPO = Path(__file__).resolve().parents[1]
 COVERED_BY = {
     "lptrain.checkpoint.base": "tests/checkpoint/test_trust.py",  # a fine-tune outlives its base
     "lptrain.config.finetune": "tests/config/test_schema.py",  # and tests/test_errors.py
-    "lptrain.config.inherit": "tests/trainer/test_finetune.py",  # the base's tokenizer
     "lptrain.config.init_source": "tests/config/test_schema.py",  # what init.from names
     "lptrain.config.precision": "tests/models/test_converters.py",
     "lptrain.config.reference": "tests/test_docs.py",  # every key documented, page generated

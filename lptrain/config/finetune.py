@@ -32,8 +32,8 @@ schema.py).
         hessian_batches: 1   # micro-batches of the first training batch the traces see
     adapters:
       type: null          # null (off) | lora | l4q
-      r: 8
-      alpha: 16.0         # scaling alpha / r
+      r: 8                # 1 .. min(in, out) of every target layer
+      alpha: 16.0         # scaling alpha / r; > 0
       dropout: 0.0        # lora only
       targets: ['*']      # module-name globs (full name or last part)
       skip: [lm_head]
@@ -115,8 +115,8 @@ class BitSwitchSection:
 @dataclass(frozen=True)
 class AdaptersSection:
     type: Literal["lora", "l4q"] | None = None  # null (off) | lora | l4q (lptrain.lora)
-    r: int = 8  # adapter rank
-    alpha: float = 16.0  # scaling alpha / r (peft's convention)
+    r: int = 8  # adapter rank, 1 .. min(in, out) of every target layer (B·A has no more)
+    alpha: float = 16.0  # scaling alpha / r (peft's convention); > 0: 0 would train nothing
     dropout: float = 0.0  # on the adapter input (lora only)
     # module-name globs (full dotted name or its last part)
     targets: list[str] = field(default_factory=lambda: ["*"])

@@ -87,7 +87,10 @@ class DataConfig:
     # .txt/.md/.py/.jsonl/.json/.parquet files, or a hub dataset name already in cache_dir/hf.
     path: str | None = None
     text_key: str = "text"  # the text column of .jsonl/.parquet files
-    tokenizer: str = "byte"  # byte (257 ids), a local tokenizer.json or transformers directory
+    # byte (lptrain's 257 ids), a local tokenizer.json or transformers directory. null: the
+    # base's (`init.from`: an lptrain run's tokenizer, a Hugging Face directory's own; one that
+    # ships none is refused, set byte to mean it); byte without a base.
+    tokenizer: str | None = None
     block_size: int = 128  # tokens per training sequence
     val_fraction: float = 0.02  # held-out blocks (a fixed split, independent of run.seed)
     cache_dir: str | None = None  # tokenized blocks cache; null: ~/.cache/lptrain
@@ -183,7 +186,9 @@ class RunConfig:
     stop_at_step: int | None = None
     seed: int = 0  # model init, data order and stochastic rounding
     eval_interval: int = 0  # 0 disables evaluation during training
-    eval_batches: int = 4  # validation batches per evaluation
+    # Validation micro-batches per rank per evaluation: the split's first eval_batches x
+    # micro_batch x ranks blocks, each once (a smaller split is read whole, with a warning).
+    eval_batches: int = 4
     name: str | None = None  # default: the recipe file's stem
     nonfinite_limit: int = 3  # consecutive skipped steps before reloading the last checkpoint
     max_reloads: int = 2  # reloads before giving up with an error
@@ -412,14 +417,20 @@ def _check_guard(g: GuardConfig) -> None:
 
 def _check_files(cfg: TrainConfig) -> None:
     tok = cfg.data.tokenizer
-    if tok != "byte" and not Path(tok).exists():
-        raise ConfigError("data.tokenizer", f"no such file or directory: {tok}")
+    if tok not in (None, "byte") and not Path(tok).exists():
+        hint = " (lptrain's byte tokenizer is spelled `byte`)" if tok == "bytes" else ""
+        raise ConfigError("data.tokenizer", f"no such file or directory: {tok}{hint}")
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none") and not Path(resume).exists():
         raise ConfigError("checkpoint.resume", f"no such checkpoint: {resume}")
-    path = cfg.data.path
+    check_data_path(cfg.data.path)
+
+
+def check_data_path(path: str | None, key: str = "data.path") -> None:
+    """A local corpus path that matches nothing is one line naming `key` (a hub name is
+    looked up in the cache later)."""
     if path is not None and _looks_local(path) and not _local_matches(path):
-        raise ConfigError("data.path", f"no such file or directory: {path}")
+        raise ConfigError(key, f"no such file or directory: {path}")
 
 
 def _looks_local(path: str) -> bool:
@@ -440,6 +451,8 @@ def _local_matches(path: str) -> bool:
 
 def parse(raw: dict) -> TrainConfig:
     cfg = _build(TrainConfig, raw, "")
+    if cfg.data.tokenizer is None and cfg.init.from_ is None:  # no base to take one from
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer="byte"))
     _check(cfg)
     return cfg
 

@@ -9,6 +9,7 @@ from lptrain.data.dataset import (
     Tokenizer,
     load_blocks,
     load_tokenizer,
+    mean_loss,
     split,
     val_batches,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "Tokenizer",
     "load_blocks",
     "load_tokenizer",
+    "mean_loss",
     "split",
     "val_batches",
 ]

@@ -343,12 +343,33 @@ class Layout:
         return sample_base + micro_index * self.micro * self.world + self.rank * self.micro
 
 
-def val_batches(blocks: np.ndarray, s: Split, layout: Layout, n_batches: int) -> list[torch.Tensor]:
-    """A fixed validation set, sharded by rank; the same blocks at every evaluation."""
-    n = len(s.val)
+def val_batches(
+    blocks: np.ndarray, rows: np.ndarray, layout: Layout
+) -> list[tuple[torch.Tensor, int]]:
+    """`rows` (validation block indices) in micro-batches sharded by rank, each block once:
+    rank r's batch b holds rows[b*micro*world + r*micro :][:micro]. Pairs (tokens, count).
+    Every rank gets the same number of batches, since a forward under ZeRO-3 is collective:
+    a rank past the end of `rows` runs rows[:1] with count 0 (it weighs nothing)."""
+    step = layout.micro * layout.world
     out = []
-    for b in range(n_batches):
-        start = b * layout.micro * layout.world + layout.rank * layout.micro
-        rows = [s.val[(start + i) % n] for i in range(layout.micro)]  # wraps if val is small
-        out.append(torch.from_numpy(np.stack([blocks[r] for r in rows]).astype(np.int64)))
+    for b in range(-(-len(rows) // step)):  # ceil: the last batches may be short
+        idx = rows[b * step + layout.rank * layout.micro :][: layout.micro]
+        count = len(idx)
+        idx = idx if count else rows[:1]
+        out.append((torch.from_numpy(np.stack([blocks[r] for r in idx]).astype(np.int64)), count))
     return out
+
+
+def mean_loss(forward: Callable, batches, reduce: Callable = lambda v: v) -> float:
+    """The validation loss, the one implementation behind the training log's `val_loss` and
+    `lptrain eval`: each batch's mean next-token loss `forward(tokens)` weighted by its block
+    count (blocks have one length, so this is the mean over tokens), every block once.
+    `reduce` sums [total, count] over ranks."""
+    total = count = 0.0
+    for tokens, n in batches:
+        loss = float(forward(tokens))
+        if n:  # a rank's padding batch keeps the ranks in step and adds nothing (not even NaN)
+            total += loss * n
+            count += n
+    total, count = reduce([total, count])
+    return total / count

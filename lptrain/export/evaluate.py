@@ -14,12 +14,12 @@ import json
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
-from lptrain.config.schema import TrainConfig
+from lptrain.config.schema import DataConfig, TrainConfig, check_data_path
 from lptrain.data import dataset
+from lptrain.errors import ConfigError
 from lptrain.export import restore
 
 
@@ -33,7 +33,19 @@ class EvalResult:
 
 
 def val_blocks(cfg: TrainConfig, tok: dataset.Tokenizer, data_path: str | None = None):
-    dcfg = cfg.data if data_path is None else dataclasses.replace(cfg.data, path=data_path)
+    """(blocks, validation rows, corpus name) of the run's data, or of `data_path` (--data)."""
+    if data_path is None:
+        return _val_blocks(cfg.data, tok)
+    check_data_path(data_path, "--data")
+    try:
+        return _val_blocks(dataclasses.replace(cfg.data, path=data_path), tok)
+    except ConfigError as exc:  # the corpus is --data's, not the run's data.path
+        if exc.path != "data.path":
+            raise
+        raise ConfigError("--data", exc.problem) from None
+
+
+def _val_blocks(dcfg: DataConfig, tok: dataset.Tokenizer):
     blocks = dataset.load_blocks(dcfg, tok, True, lambda: None)
     split = dataset.split(len(blocks), dcfg.val_fraction)
     return blocks, split.val, dcfg.path or "embedded:stdlib"
@@ -41,15 +53,13 @@ def val_blocks(cfg: TrainConfig, tok: dataset.Tokenizer, data_path: str | None =
 
 @torch.no_grad()
 def mean_loss(model: nn.Module, blocks, rows, batch: int, max_blocks: int | None = None) -> float:
-    """Token-weighted mean loss over `rows` of `blocks` (every block has the same length)."""
+    """The mean loss over the first `max_blocks` of `rows` (all by default), each block once,
+    in batches of `batch`: the training log's val_loss on one rank (dataset.mean_loss)."""
     rows = rows[:max_blocks] if max_blocks else rows
     model.eval()
-    total = 0.0
-    for i in range(0, len(rows), batch):
-        idx = rows[i : i + batch]
-        tokens = torch.from_numpy(np.stack([blocks[r] for r in idx]).astype(np.int64))
-        total += float(model(tokens)) * len(idx)
-    return total / max(len(rows), 1)
+    return dataset.mean_loss(
+        model, dataset.val_batches(blocks, rows, dataset.Layout(batch, 1, 1, 0))
+    )
 
 
 def evaluate(model, cfg, tok, data_path=None, max_blocks=None) -> EvalResult:

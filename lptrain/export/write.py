@@ -175,6 +175,11 @@ def main(args) -> int:
             _write_hf(model, opened, tmp)
         else:
             write_int(model, opened, how, losses, tmp)
+    if not how:  # adapters, QAT and bit switching each refuse to select no layer: none ran
+        print(
+            "folded 0 layers: the run has no adapter, QAT or bit-switching layer (a full "
+            "fine-tune or a pretraining run); the export holds its weights as trained"
+        )
     for what in sorted(set(how.values())):
         print(f"folded {sum(v == what for v in how.values())} layers: {what}")
     print(f"val_loss trained {before:.4f} -> export {after:.4f} ({after - before:+.4f}) on {name}")

@@ -48,6 +48,12 @@ class AdapterConfig:
             raise AdapterConfigError("type", f"{self.type!r} is not one of {KINDS}")
         if self.r < 1:
             raise AdapterConfigError("r", f"must be >= 1, got {self.r}")
+        if not self.alpha > 0:  # NaN too
+            raise AdapterConfigError(
+                "alpha",
+                f"must be > 0, got {self.alpha}: the adapter's output is scaled by alpha/r, so 0 "
+                "fine-tunes nothing and a negative alpha only flips the sign B·A learns",
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise AdapterConfigError("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.base not in BASES:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lptrain.errors import ConfigError
+from lptrain.lora.layer import check_rank
 from lptrain.nn.chunked import chunked_matmul, row_chunks, work_dtype
 from lptrain.qat import lsq as L
 from lptrain.qat.layers import features, weight_nk
@@ -124,8 +125,7 @@ class L4QLinear(nn.Module):
             raise ConfigError(
                 "group_size", f"{group_size} does not divide in_features {self.in_features}"
             )
-        if r < 1:
-            raise ConfigError("r", f"must be >= 1, got {r}")
+        check_rank(r, self.in_features, self.out_features)
         self.r, self.lora_alpha, self.scaling = r, alpha, alpha / r
         self.bits, self.group_size = bits, group_size
         self.n, self.p = L.bounds(bits, signed=True)

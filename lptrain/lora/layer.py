@@ -35,6 +35,21 @@ def quantized_base(layer: nn.Module, fmt: str, group_size: int) -> QuantizedLine
     return q
 
 
+def check_rank(r: int, in_features: int, out_features: int) -> None:
+    """1 <= r <= min(in, out). peft accepts a larger r, but B·A (out x r)(r x in) has rank at
+    most min(in, out): the extra rank adds parameters and memory, never capacity (and r=1e9
+    ran out of memory instead of saying so)."""
+    if r < 1:
+        raise ConfigError("r", f"must be >= 1, got {r}")
+    limit = min(in_features, out_features)
+    if r > limit:
+        raise ConfigError(
+            "r",
+            f"{r} exceeds min(in_features, out_features) = {limit}: B·A has rank <= {limit}, "
+            "so a larger r adds parameters, not capacity",
+        )
+
+
 class LoRALinear(nn.Module):
     def __init__(
         self,
@@ -46,11 +61,10 @@ class LoRALinear(nn.Module):
         group_size: int = 64,
     ):
         super().__init__()
-        if r < 1:
-            raise ConfigError("r", f"must be >= 1, got {r}")
         if base_format not in BASES:
             raise ConfigError("base", f"{base_format!r} is not one of {BASES}")
         self.in_features, self.out_features = features(base)
+        check_rank(r, self.in_features, self.out_features)
         self.r, self.lora_alpha, self.scaling = r, alpha, alpha / r
         self.base_format, self.group_size = base_format, group_size
         w = weight_nk(base)

@@ -4,13 +4,22 @@ y = base(x) + (alpha/r)·B·A·dropout(x); not rsLoRA, DoRA or per-layer ranks).
 peft writes `adapter_config.json` and `adapter_model.safetensors` whose keys are
 `base_model.model.<module path>.lora_A.weight` (r, in) and `...lora_B.weight` (out, r), the
 adapter name stripped. lptrain's LoRALinear holds the same tensors as `lora_A` / `lora_B`.
-peft itself is not needed for either direction.
+peft itself is not needed for either direction. Module paths are those of the model peft
+wraps: for lptrain's wrapper of a Hugging Face model (lptrain/models/hf.py), the transformers
+model inside it (`peft_root`), so the adapter loads onto the plain model with peft.
+
+An adapter fits the base it was trained on: B·A learned to correct an int4 base's rounding
+is not the update a float base needs. `lptrain_base.json` beside the adapter records the
+base's storage (format and group size); peft never reads it (adapter_config.json stays
+peft's own: peft warns about a key it does not know), and `load_peft` warns when the
+model's base is stored otherwise.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,10 +30,30 @@ from lptrain.lora.layer import LoRALinear
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+BASE_RECORD = "lptrain_base.json"
+
+
+def peft_module(model: nn.Module) -> nn.Module:
+    """The module peft wraps for `model`: a wrapper names the attribute that holds it
+    (`peft_root`, lptrain/models/hf.py's HFCausalLM: the transformers model); else the model."""
+    root = getattr(model, "peft_root", None)
+    return getattr(model, root) if root else model
 
 
 def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """The LoRA layers by their path in the module peft wraps."""
+    return {n: m for n, m in peft_module(model).named_modules() if isinstance(m, LoRALinear)}
+
+
+def _storage(m: LoRALinear) -> tuple[str, int | None]:
+    """How the layer's frozen base is stored: (format, group size where it has one)."""
+    return m.base_format, m.group_size if m.base_format == "int4" else None
+
+
+def _describe(fmt: str, group: int | None) -> str:
+    if fmt == "none":
+        return "none (the float weights)"
+    return f"{fmt}, group {group}" if group else fmt
 
 
 def save_peft(model: nn.Module, out_dir: str | os.PathLike, base_model: str | None = None) -> Path:
@@ -37,9 +66,12 @@ def save_peft(model: nn.Module, out_dir: str | os.PathLike, base_model: str | No
         raise ValueError("save_peft: the model has no lptrain LoRA layers")
     ranks = {(m.r, m.lora_alpha) for m in layers.values()}
     drops = {getattr(m.lora_dropout, "p", 0.0) for m in layers.values()}
-    if len(ranks) != 1 or len(drops) != 1:
-        raise ValueError("save_peft: peft's format needs one r, alpha and dropout for all layers")
-    (r, alpha), (dropout,) = ranks.pop(), drops
+    storages = {_storage(m) for m in layers.values()}
+    if len(ranks) != 1 or len(drops) != 1 or len(storages) != 1:
+        raise ValueError(
+            "save_peft: peft's format needs one r, alpha, dropout and base storage for all layers"
+        )
+    (r, alpha), (dropout,), ((fmt, group),) = ranks.pop(), drops, storages
     tensors = {}
     for name, m in layers.items():
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous()
@@ -64,6 +96,8 @@ def save_peft(model: nn.Module, out_dir: str | os.PathLike, base_model: str | No
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS))
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    record = {"base_storage": {"format": fmt, "group_size": group}}
+    (out / BASE_RECORD).write_text(json.dumps(record) + "\n")
     return out
 
 
@@ -86,9 +120,11 @@ def read_peft(adapter_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Ten
 
 @torch.no_grad()
 def load_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
-    """Copy a peft LoRA adapter into the model's LoRALinear layers (same r and alpha)."""
+    """Copy a peft LoRA adapter into the model's LoRALinear layers (same r and alpha); warn
+    when the adapter was trained on a base stored otherwise than this model's."""
     config, tensors = read_peft(adapter_dir)
     layers = _lora_layers(model)
+    _warn_other_base(adapter_dir, layers)
     for name, m in layers.items():
         if (m.r, float(m.lora_alpha)) != (config["r"], float(config["lora_alpha"])):
             raise ValueError(
@@ -109,3 +145,25 @@ def load_peft(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     if extra:
         raise ValueError(f"{adapter_dir}: adapters for layers the model lacks: {sorted(extra)[:3]}")
     return model
+
+
+def _warn_other_base(adapter_dir, layers: dict[str, LoRALinear]) -> None:
+    """A warning naming both storages when the adapter's recorded base (lptrain_base.json;
+    absent for an adapter peft wrote: nothing to compare) is not this model's."""
+    path = Path(adapter_dir) / BASE_RECORD
+    if not path.is_file():
+        return
+    try:
+        rec = json.loads(path.read_text())["base_storage"]
+        trained = (rec["format"], rec.get("group_size"))
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: malformed (expected a base_storage format)") from None
+    here = {_storage(m) for m in layers.values()}
+    others = sorted(_describe(*s) for s in here if s != trained)
+    if others:
+        warnings.warn(
+            f"{adapter_dir}: the adapter was trained on a base stored as {_describe(*trained)}; "
+            f"this model's base is stored as {', '.join(others)}: B·A corrects its own base's "
+            "rounding, so the outputs (and loss) differ from the trained model's",
+            stacklevel=3,
+        )

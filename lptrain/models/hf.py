@@ -14,6 +14,10 @@ from lptrain.errors import ConfigError, first_line
 
 
 class HFCausalLM(nn.Module):
+    # What peft (and a transformers user) sees is the model inside: lora.save_peft/load_peft
+    # name adapter layers by their path in it (no `model.` prefix of this wrapper).
+    peft_root = "model"
+
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.model = hf_model

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -45,7 +46,7 @@ class Session:
     engine: object
     model: torch.nn.Module
     train_src: dataset.BatchSource
-    val: list[torch.Tensor]
+    val: list[tuple[torch.Tensor, int]]  # this rank's validation batches (dataset.val_batches)
     layout: dataset.Layout
     total_steps: int
     ckpt_dir: Path
@@ -106,7 +107,7 @@ def setup(
         engine=engine,
         model=model,
         train_src=train_src,
-        val=dataset.val_batches(blocks, split, layout, cfg.run.eval_batches),
+        val=dataset.val_batches(blocks, eval_rows(cfg, split, layout, say), layout),
         layout=layout,
         total_steps=steps,
         ckpt_dir=run_dir / "checkpoints",
@@ -124,7 +125,7 @@ def make_monitoring(cfg: TrainConfig, model, blocks, split, layout, device) -> M
     probe = None
     if cfg.monitor.fidelity and cfg.monitor.interval:
         first = dataset.Layout(layout.micro, layout.accum, layout.world, 0)
-        probe = dataset.val_batches(blocks, split, first, 1)[0].to(device)
+        probe = dataset.val_batches(blocks, split.val[: layout.micro], first)[0][0].to(device)
     base = None if is_high_precision(cfg.precision) else resolve_recipe(cfg.precision)
     return Monitoring(cfg, model, layout.world, probe, guard_base=base)
 
@@ -138,13 +139,32 @@ def step_function(convs: list):
     return step_fn
 
 
+def eval_rows(cfg: TrainConfig, split: dataset.Split, layout: dataset.Layout, say) -> np.ndarray:
+    """The validation blocks every evaluation reads, each once: the first `run.eval_batches`
+    micro-batches of every rank, or the whole split when it holds fewer blocks (said once: the
+    setting then asks for more than there is; it used to wrap and count blocks twice)."""
+    want = cfg.run.eval_batches * layout.micro * layout.world
+    n_val = len(split.val)
+    if cfg.run.eval_interval and want > n_val:
+        ranks = f" x {layout.world} ranks" if layout.world > 1 else ""
+        say(
+            f"warning: run.eval_batches: {cfg.run.eval_batches} x {layout.micro} blocks{ranks} = "
+            f"{want} exceed the {n_val} validation blocks: each evaluation reads those {n_val} once"
+        )
+    return split.val[:want]
+
+
 @torch.no_grad()
 def evaluate(s: Session) -> float:
+    """The validation loss, as `lptrain eval` computes it (dataset.mean_loss)."""
     s.engine.eval()
-    total = sum(float(s.engine(b.to(s.engine.device))) for b in s.val)
+    loss = dataset.mean_loss(
+        lambda tokens: s.engine(tokens.to(s.engine.device)),
+        s.val,
+        lambda values: eng.all_reduce(values, dist.ReduceOp.SUM),
+    )
     s.engine.train()
-    (total,) = eng.all_reduce([total], dist.ReduceOp.SUM)
-    return total / (len(s.val) * s.layout.world)
+    return loss
 
 
 def _save(s: Session, p: Progress, say) -> None:

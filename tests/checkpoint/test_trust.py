@@ -230,13 +230,14 @@ def test_a_hugging_face_fine_tune_outlives_its_base(tmp_path, data_cache):
     hf_dir = tiny_llama(tmp_path / "hf-llama")
     recipe = REPO / "recipes" / "finetune" / "l4q-4bit.yaml"
     whole, ft = tmp_path / "whole", tmp_path / "ft"
-    train(whole, data_cache, f"init.from={hf_dir}", "run.max_steps=2", recipe=recipe)
-    train(ft, data_cache, f"init.from={hf_dir}", "run.max_steps=1", recipe=recipe)
+    byte = "data.tokenizer=byte"  # the model ships no tokenizer
+    train(whole, data_cache, f"init.from={hf_dir}", byte, "run.max_steps=2", recipe=recipe)
+    train(ft, data_cache, f"init.from={hf_dir}", byte, "run.max_steps=1", recipe=recipe)
     assert (tag(ft, 1) / "base" / "config.json").is_file()
     before = val_loss(evaluate(ft))
     shutil.rmtree(hf_dir)
     assert val_loss(evaluate(ft)) == before
-    proc = train(ft, data_cache, f"init.from={hf_dir}", "run.max_steps=2", recipe=recipe)
+    proc = train(ft, data_cache, f"init.from={hf_dir}", byte, "run.max_steps=2", recipe=recipe)
     assert "is not readable from here; not needed" in proc.stderr
     assert train_losses(ft) == train_losses(whole)
 

@@ -184,3 +184,27 @@ def test_block_size_larger_than_the_corpus_names_block_size(tmp_path):
         dataset.load_blocks(cfg, dataset.byte_tokenizer(), True, lambda: None)
     assert exc.value.path == "data.block_size"
     assert exc.value.problem.startswith("200 is too large for this corpus: it makes 1 block(s)")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_validation_batches_read_each_block_once_on_any_number_of_ranks(world):
+    """10 validation blocks in micro-batches of 4: each block once over all ranks (it used to
+    wrap to a full batch and count blocks twice), every rank the same number of forwards
+    (ZeRO-3), and mean_loss the block-weighted mean whatever the split."""
+    blocks = np.arange(20 * 3).reshape(20, 3)  # block i holds 3i, 3i+1, 3i+2
+    rows = np.arange(3, 13)
+    per_rank = [
+        dataset.val_batches(blocks, rows, dataset.Layout(4, 1, world, r)) for r in range(world)
+    ]
+    assert len({len(b) for b in per_rank}) == 1
+    seen = [int(t[i, 0]) // 3 for b in per_rank for t, n in b for i in range(n)]
+    assert sorted(seen) == list(range(3, 13))
+
+    def forward(t):  # a stand-in for the model's loss: the batch's mean first token
+        return t[:, 0].double().mean()
+
+    sums = []  # each rank's [total, count], as the all-reduce receives them
+    for b in per_rank:
+        dataset.mean_loss(forward, b, lambda v: sums.append(v) or [1.0, 1.0])
+    total, count = np.sum(sums, axis=0)
+    assert count == 10 and total / count == 3 * 7.5  # blocks 3..12, each once

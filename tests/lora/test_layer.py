@@ -137,3 +137,22 @@ def test_bad_input_names_the_field():
         lora.apply(_model(), AdapterConfig(type="l4q", group_size=48, skip=[]))
     with pytest.raises(AdapterConfigError, match="^targets: .* matches no linear layer"):
         lora.apply(_model(), AdapterConfig(targets=["nothing"]))
+
+
+@pytest.mark.parametrize("kind", ["lora", "l4q"])
+def test_a_rank_beyond_the_layer_is_refused_before_any_allocation(kind):
+    """B·A has rank <= min(in, out): r above it is refused by name (r=1e9 ran out of memory);
+    r = min(in, out) still builds."""
+    cfg = AdapterConfig(type=kind, r=10**9, group_size=32, skip=[])
+    with pytest.raises(AdapterConfigError, match=r"^r: 1000000000 exceeds min\(in_features, "
+                       r"out_features\) = 64: .* \(layer 0\)$"):  # fmt: skip
+        lora.apply(_model(), cfg)
+    with pytest.raises(AdapterConfigError, match=r"^r: 33 exceeds .* = 32: .* \(layer 2\)$"):
+        lora.apply(_model(), AdapterConfig(type=kind, r=33, group_size=32, skip=[]))
+    assert lora.apply(_model(), AdapterConfig(type=kind, r=32, group_size=32, skip=[]))
+
+
+@pytest.mark.parametrize("alpha", [0.0, -8.0, float("nan")])
+def test_an_alpha_that_fine_tunes_nothing_is_refused(alpha):
+    with pytest.raises(AdapterConfigError, match=rf"^alpha: must be > 0, got {alpha}: "):
+        AdapterConfig(alpha=alpha)

@@ -83,3 +83,67 @@ def test_mismatched_adapter_is_refused(tmp_path):
     other = lora.apply(_decoder(), lora.AdapterConfig(r=8, alpha=8, targets=TARGETS))
     with pytest.raises(ValueError, match="adapter has r=4"):
         lora.load_peft(copy.deepcopy(other), tmp_path / "a")
+
+
+def _hf_llama():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_save_peft_of_the_hugging_face_model_lptrain_returns_loads_in_peft(tmp_path):
+    """lptrain wraps a Hugging Face model (models/hf.py, names `model.<HF path>`); the adapter
+    is saved by the HF model's own paths, so peft loads it onto the plain model (it raised
+    NoMatchingPeftModuleError), and gives lptrain's logits bit for bit."""
+    from lptrain.models.hf import HFCausalLM
+
+    plain = _hf_llama()
+    ours = HFCausalLM(copy.deepcopy(plain))
+    lora.apply(ours, lora.AdapterConfig(r=4, alpha=8, targets=HF_TARGETS))
+    g = torch.Generator().manual_seed(3)
+    for _, m in lora.adapter_layers(ours):
+        with torch.no_grad():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+    lora.save_peft(ours.eval(), tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(plain, str(tmp_path / "adapter")).eval()
+    ids = _tokens(4)[:, :32]
+    with torch.no_grad():
+        want = ours.model(input_ids=ids).logits
+        got = theirs(input_ids=ids).logits
+        assert torch.equal(got, want)
+        assert not torch.allclose(_hf_llama()(input_ids=ids).logits, want)  # the adapter matters
+    # ... and back: lptrain's wrapper reads what peft wrote by those paths.
+    theirs.save_pretrained(str(tmp_path / "from-peft"))
+    back = HFCausalLM(_hf_llama())
+    lora.apply(back, lora.AdapterConfig(r=4, alpha=8, targets=HF_TARGETS))
+    lora.load_peft(back, tmp_path / "from-peft")
+    with torch.no_grad():
+        assert torch.equal(back.eval().model(input_ids=ids).logits, want)
+
+
+def test_the_adapter_records_its_base_and_another_base_warns(tmp_path):
+    """lptrain_base.json beside peft's files: peft's own config stays as peft writes it (no
+    unknown key to warn about); loading onto a base stored otherwise warns with both."""
+    import json
+    import warnings
+
+    int4 = lora.AdapterConfig(r=4, alpha=8, targets=TARGETS, base="int4", base_group_size=32)
+    lora.save_peft(lora.apply(_decoder(), int4), tmp_path / "a")
+    record = json.loads((tmp_path / "a" / "lptrain_base.json").read_text())
+    assert record == {"base_storage": {"format": "int4", "group_size": 32}}
+    assert "lptrain_base" not in (tmp_path / "a" / "adapter_config.json").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft reads the directory without a word
+        peft.PeftConfig.from_pretrained(str(tmp_path / "a"))
+        lora.load_peft(lora.apply(_decoder(), int4), tmp_path / "a")
+    float_base = lora.apply(_decoder(), lora.AdapterConfig(r=4, alpha=8, targets=TARGETS))
+    with pytest.warns(UserWarning, match=r"trained on a base stored as int4, group 32; this "
+                      r"model's base is stored as none \(the float weights\)"):  # fmt: skip
+        lora.load_peft(float_base, tmp_path / "a")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lptrain.errors import ConfigError
 from tests.helpers import FAST, REPO, free_port, lptrain, sets, tiny_llama, train_losses
 
 FINETUNE = REPO / "recipes" / "finetune"
@@ -112,7 +113,7 @@ def test_hugging_face_llama_fine_tunes_and_exports_back(work, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     hf_dir = tiny_llama(tmp_path / "hf-llama")
     run = tmp_path / "run"
-    finetune("l4q-4bit", run, hf_dir, work["cache"])
+    finetune("l4q-4bit", run, hf_dir, work["cache"], "data.tokenizer=byte")  # it ships none
     assert len(train_losses(run)) == STEPS
     assert (
         in_process(
@@ -144,6 +145,8 @@ def test_bad_input_is_one_line_and_writes_nothing(work, tmp_path, capsys):
         (["init.from=" + str(tmp_path / "nope")], "init.from: no such run directory"),
         (["adapters.bits=9"], "adapters.bits: must be in 2..8, got 9"),
         (["qat.method=lsq"], "adapters.type: l4q with qat.method lsq is not supported"),
+        (["adapters.alpha=0"], "adapters.alpha: must be > 0, got 0.0: "),  # a no-op fine-tune
+        (["adapters.alpha=-32"], "adapters.alpha: must be > 0, got -32.0: "),
     ]
     for overrides, message in parse_time:
         argv = ["train", recipe, "--run-dir", run, *sets(f"init.from={base}", *overrides)]
@@ -173,3 +176,51 @@ def test_base_of_other_shapes_is_refused(work):
     ctx = converters.ConvertContext(0, 0, 1, print)
     with pytest.raises(ConfigError, match=r"^init.from: embed.weight: the base has shape"):
         init.convert(tiny, ctx)
+
+
+def test_logged_val_loss_is_lptrain_evals(work, tmp_path, capsys):
+    """A validation split smaller than run.eval_batches x micro_batch (14 blocks < 3 x 8): each
+    block counts once (it used to wrap), said once, and the training log's val_loss is
+    `lptrain eval`'s on the checkpoint, to the last bit (both read from JSON)."""
+    import json
+
+    from tests.helpers import metrics
+
+    run = tmp_path / "run"
+    proc = finetune("lora-bf16base", run, work["base"], work["cache"], "data.val_fraction=0.002",
+                    "run.eval_batches=3", "run.eval_interval=2", "run.max_steps=2")  # fmt: skip
+    warnings = [ln for ln in proc.stderr.splitlines() if "warning: run.eval_batches" in ln]
+    assert warnings == [
+        "warning: run.eval_batches: 3 x 8 blocks = 24 exceed the 14 validation blocks: "
+        "each evaluation reads those 14 once"
+    ]
+    (logged,) = [row["val_loss"] for row in metrics(run) if "val_loss" in row]
+    code, out, _ = in_process(capsys, "eval", run, "--json")
+    result = json.loads(out.splitlines()[-1])
+    assert code == 0 and result["blocks"] == 14
+    assert result["loss"] == logged
+
+
+def test_more_bad_input_is_one_line(work, tmp_path, capsys):
+    """eval --data of a missing file, an adapter rank beyond the layers (it ran out of memory),
+    named by their key; export of a run without adapter/QAT layers says that nothing folded."""
+    from lptrain.config import schema
+    from lptrain.models import converters
+    from lptrain.models.decoder import build_model
+
+    missing = tmp_path / "nonexistent.txt"
+    code, _, err = in_process(capsys, "eval", work["base"], "--data", missing)
+    assert (code, err) == (2, f"error: --data: no such file or directory: {missing}\n")
+
+    raw = {"run": {"max_steps": 1}, "model": {"preset": "nano"},
+           "init": {"from": str(work["base"])},
+           "adapters": {"type": "lora", "r": 10**9}}  # fmt: skip
+    cfg = schema.parse(raw)
+    (adapters,) = converters.build(cfg, ("adapters",))
+    model = build_model(cfg.model, 257, 64)
+    with pytest.raises(ConfigError, match=r"^adapters.r: 1000000000 exceeds min\(in_features, "):
+        adapters.convert(model, converters.ConvertContext(0, 0, 1, print))
+
+    out_dir = tmp_path / "export"
+    code, out, _ = in_process(capsys, "export", work["base"], "--out", out_dir, "--blocks", 2)
+    assert code == 0 and "folded 0 layers: the run has no adapter, QAT or bit-switching" in out
