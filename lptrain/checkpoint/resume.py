@@ -138,9 +138,18 @@ def diff(old: dict, new: TrainConfig) -> list[Change]:
         if key == "init.from":  # compared by content, not path: checkpoint/base.py
             continue
         a, b = _get(old, key), _get(now, key)
-        if a != b:
+        if a != b and not _same_tokenizer(key, a, b, old):
             out.append(Change(key, a, b))
     return out
+
+
+def _same_tokenizer(key: str, old, new, saved: dict) -> bool:
+    """Before data.tokenizer could be unset, a fine-tune's config recorded the default `byte`,
+    which then meant what unset means now: the base's tokenizer (config/inherit.py)."""
+    return (
+        key == "data.tokenizer" and old == "byte" and new is None
+        and _get(saved, "init.from") not in (None, _ABSENT)
+    )  # fmt: skip
 
 
 def check_allow(patterns: list[str]) -> None:

@@ -236,3 +236,14 @@ def test_resume_refuses_changes_keeps_the_run_dir_and_allows_a_recipe_switch(cli
     assert json.loads((run_dir / "run.json").read_text()) != json.loads(
         (archived / "run.json").read_text()
     )
+
+
+def test_a_fine_tune_saved_before_data_tokenizer_could_be_unset_resumes(tmp_path):
+    # Its config.yaml recorded the default `byte`, which meant "the base's tokenizer".
+    new = _cfg(init__from=str(tmp_path))
+    assert new.data.tokenizer is None
+    old = yaml.safe_load(to_yaml(new))
+    old["data"]["tokenizer"] = "byte"
+    assert resume.diff(old, new) == []
+    del old["init"]  # a pretraining run's byte was byte: unsetting it is a change
+    assert [c.key for c in resume.diff(old, new)] == ["data.tokenizer"]
