@@ -14,7 +14,9 @@ tensors dequantizes W = (q - z)·s per group with the integer code q in [-2^(b-1
 * fp8 base (E4M3 + a scale per row): `float-quantized` per channel: E4M3 codes + s.
 * LSQ input quantizer (per tensor): the scheme's `input_activations`, static, per tensor: s
   (+ z for LSQ+'s offset or an unsigned grid).
-* bf16 and nvfp4 bases, GPT-2's Conv1D: dense float32, and the report says why.
+* bf16 and nvfp4 bases, GPT-2's Conv1D: dense float32, and the report says why (nvfp4:
+  compressed-tensors 0.20.1 decompresses it to bf16 in any model, and a float32 model's
+  forward then fails on the dtype mismatch).
 
 The zero point: compressed-tensors packs only integer zero points, and L4Q's learned offset β
 is any float, so an L4Q layer goes to the unpacked format (1 byte per code, not b/8) and keeps
@@ -124,9 +126,11 @@ def plan(q: QuantizedLinear) -> Stored | str:
         stored = _fp8(q)
     elif q.fmt == "bf16":
         return "dense float32: a bf16 weight is not a quantization format"
-    else:
-        # compressed-tensors has nvfp4-pack-quantized; lptrain does not write it (yet)
-        return f"dense float32: lptrain does not map {q.fmt} to compressed-tensors"
+    else:  # nvfp4: its nvfp4-pack-quantized decompresses to bf16 whatever the model's dtype
+        return (
+            f"dense float32: compressed-tensors 0.20 decompresses {q.fmt} to bf16, which the "
+            "float32 model cannot run"
+        )
     if q.input_quantizer is not None:
         _inputs(q, stored)
     return stored

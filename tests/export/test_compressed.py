@@ -56,10 +56,11 @@ def mixed_llama(path) -> HFCausalLM:
                 p.copy_(torch.randn_like(p) * 0.02)
     qat.calibrate(hf, input_ids=TOKENS)
     fold(hf)
-    for name, fmt in [("self_attn.v_proj", "fp8"), ("self_attn.o_proj", "int8"),
-                      ("mlp.gate_proj", "int4"), ("mlp.up_proj", "bf16")]:  # fmt: skip
-        w = hf.get_submodule(f"{layer0}.{name}").weight
-        set_module(hf, f"{layer0}.{name}", QuantizedLinear.from_weight(w, fmt, group_size=32))
+    for name, fmt in [(f"{layer0}.self_attn.v_proj", "fp8"), (f"{layer0}.self_attn.o_proj", "int8"),
+                      (f"{layer0}.mlp.gate_proj", "int4"), (f"{layer0}.mlp.up_proj", "bf16"),
+                      (f"{layer1}.mlp.up_proj", "nvfp4")]:  # fmt: skip
+        w = hf.get_submodule(name).weight
+        set_module(hf, name, QuantizedLinear.from_weight(w, fmt, group_size=32))
     return HFCausalLM(hf.eval())
 
 
@@ -85,7 +86,8 @@ def test_every_layer_kind_is_stored_quantized_and_reloads_to_the_same_logits(tmp
     assert how[l0 + "self_attn.v_proj"] == "float-quantized fp8 e4m3 per channel"
     assert how[l0 + "self_attn.o_proj"] == "pack-quantized int8 per channel"
     assert how[l0 + "mlp.up_proj"].startswith("dense float32: a bf16 weight")
-    assert len(how) == 11  # layer 1's MLP was never quantized: not in the report
+    assert how[l1 + "mlp.up_proj"].startswith("dense float32: compressed-tensors 0.20 decompre")
+    assert len(how) == 12  # layer 1's gate and down projections stay as they were
 
     state = load_file(str(tmp_path / "ct" / "model.safetensors"))
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -127,6 +129,18 @@ def test_conv1d_is_written_dense_in_its_own_layout(tmp_path):
     set_module(hf, "transformer.h.0.attn.c_attn", q)
     with pytest.raises(ConfigError, match=r"quantizes no Conv1D \(GPT-2\)\); use --format hf"):
         compressed.write(HFCausalLM(hf), BYTE, tmp_path / "ct2")
+
+
+def test_a_precision_recipe_is_reported_as_not_expressible(tmp_path):
+    import lptrain.nn as lpnn
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama(tmp_path / "base")))
+    q = QuantizedLinear.from_weight(hf.model.layers[0].mlp.up_proj.weight, "int4", group_size=32)
+    q.recipe_layer = lpnn.Linear(64, 128, False, recipe="fp8-current")  # as qat.convert keeps it
+    set_module(hf, "model.layers.0.mlp.up_proj", q)
+    how = compressed.write(HFCausalLM(hf), BYTE, tmp_path / "ct")
+    assert how == {"model.layers.0.mlp.up_proj": "pack-quantized int4 per group 32; the "
+                   "precision recipe's GEMMs are not expressible (float32 GEMM)"}  # fmt: skip
 
 
 def test_nothing_to_store_quantized_is_refused(tmp_path):
