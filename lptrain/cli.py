@@ -134,11 +134,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Fold adapters and quantizers of a run's latest checkpoint into the "
         "deployable model: integer codes, scales and offsets in safetensors plus a layout "
         "JSON (--format int), or a transformers directory for a Hugging Face base (--format "
-        "hf). Prints the validation loss before and after folding.",
+        "hf: dequantized weights; --format compressed-tensors: the quantized layers stay "
+        "quantized, loadable without lptrain). Prints the validation loss before and after "
+        "folding.",
     )
     ex.add_argument("run_dir", metavar="RUN_DIR", help="run directory or one checkpoint")
-    ex.add_argument("--out", metavar="DIR", help="output directory (default RUN_DIR/export)")
-    ex.add_argument("--format", choices=("int", "hf"), default="int")
+    ex.add_argument("--out", metavar="DIR",
+                    help="output directory (default RUN_DIR/export[-hf|-ct])")  # fmt: skip
+    ex.add_argument("--format", choices=("int", "hf", "compressed-tensors"), default="int")
     ex.add_argument("--blocks", type=int, default=None, metavar="N",
                     help="validation blocks for the before/after loss (default: all)")  # fmt: skip
     ev = sub.add_parser(

@@ -12,6 +12,7 @@ read from any working directory or another machine.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from pathlib import Path
 
@@ -58,6 +59,18 @@ def copy_tokenizer(spec: str, tok: dataset.Tokenizer, dest: Path, sub: str = TOK
         rel = sub or "."
     _check_copy(spec, tok, dataset.load_tokenizer(str(dest / rel)))
     return rel
+
+
+def copy_hf_tokenizer(tok: dataset.Tokenizer, dest: Path) -> None:
+    """The run's tokenizer, wherever it is (the base's directory, or a tokenizer.json), into
+    the Hugging Face directory `dest`, where `transformers`' AutoTokenizer finds it."""
+    if tok.name == "byte":
+        return
+    copy_tokenizer(tok.name, tok, dest, sub="")
+    if not (dest / "tokenizer_config.json").is_file():
+        # A bare tokenizer.json: tell AutoTokenizer which class reads it.
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        (dest / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
 
 
 def _check_copy(spec: str, tok: dataset.Tokenizer, copied: dataset.Tokenizer) -> None:

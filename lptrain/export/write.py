@@ -1,4 +1,5 @@
-"""`lptrain export RUN_DIR [--out DIR] [--format int|hf]`: the deployable model of a run.
+"""`lptrain export RUN_DIR [--out DIR] [--format int|hf|compressed-tensors]`: the deployable
+model of a run.
 
 `int` (default) writes `model.safetensors` (integer codes, steps, offsets, scales, and the
 float tensors of layers that stay in float) and `lptrain_export.json` (the run's config, the
@@ -19,6 +20,9 @@ load it. The fold (lptrain/export/fold.py) per layer kind:
 `hf` (only for a base loaded from a Hugging Face directory) writes a directory that
 `transformers` loads: every linear weight set to its deployable values (dequantized), plus
 the run's tokenizer files. A precision recipe's quantized GEMMs cannot be expressed there.
+`compressed-tensors` (compressed.py) writes such a directory with the quantized layers kept
+quantized (codes + scales), which `transformers` loads without lptrain; the export reloads it
+and records its validation loss.
 
 An export stands alone (standalone.py): it holds its tokenizer (`tokenizer/`), and loading it
 never looks at the run or its `init.from` base. Its `manifest.json` (every file's size and
@@ -39,22 +43,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import lptrain.nn as lpnn
 from lptrain.checkpoint import manifest, store
 from lptrain.errors import ConfigError
-from lptrain.export import evaluate, restore, standalone
-from lptrain.export.folding import FORMAT, fold, layout
+from lptrain.export import compressed, evaluate, restore, standalone
+from lptrain.export.folding import FORMAT, dense_linear, fold, layout
 from lptrain.nn.select import set_module
 from lptrain.qat import QuantizedLinear
 
 # -- writing ------------------------------------------------------------------------------
 
 
+DEFAULT_OUT = {"int": "export", "hf": "export-hf", "compressed-tensors": "export-ct"}
+
+
 def _target(run_path: Path, out: str | None, fmt: str) -> Path:
     run_dir, _, _ = restore.locate_checkpoint(run_path)
-    target = Path(out) if out else run_dir / ("export" if fmt == "int" else "export-hf")
+    target = Path(out) if out else run_dir / DEFAULT_OUT[fmt]
     check_target(target)
     return target
 
@@ -97,21 +103,10 @@ def _write_hf(model, opened, tmp: Path) -> None:
         )
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantizedLinear):
-            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-            lin.weight.copy_(m.dequantize())
-            if m.bias is not None:
-                lin.bias.copy_(m.bias)
-            set_module(model, name, lin)
+            set_module(model, name, dense_linear(m))
     lpnn.unconvert(model)
     model.model.save_pretrained(str(tmp))
-    # The run's tokenizer, wherever it is (the base's directory, or a tokenizer.json).
-    spec = opened.tok.name
-    if spec != "byte":
-        standalone.copy_tokenizer(spec, opened.tok, tmp, sub="")
-    if spec != "byte" and not (tmp / "tokenizer_config.json").is_file():
-        # A bare tokenizer.json: tell transformers' AutoTokenizer which class reads it.
-        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    standalone.copy_hf_tokenizer(opened.tok, tmp)
 
 
 @contextlib.contextmanager
@@ -173,6 +168,13 @@ def main(args) -> int:
         losses = {"trained": before, "export": after, "data": name}
         if args.format == "hf":
             _write_hf(model, opened, tmp)
+        elif args.format == "compressed-tensors":
+            ct_layers = compressed.write(model, tok, tmp)
+            # What transformers computes from the written files, not the model in memory.
+            losses["compressed-tensors"] = compressed.reloaded_loss(
+                tmp, blocks, rows, cfg.deepspeed.micro_batch, args.blocks
+            )
+            compressed.write_report(tmp, ct_layers, losses)
         else:
             write_int(model, opened, how, losses, tmp)
     if not how:  # adapters, QAT and bit switching each refuse to select no layer: none ran
@@ -183,5 +185,9 @@ def main(args) -> int:
     for what in sorted(set(how.values())):
         print(f"folded {sum(v == what for v in how.values())} layers: {what}")
     print(f"val_loss trained {before:.4f} -> export {after:.4f} ({after - before:+.4f}) on {name}")
+    if args.format == "compressed-tensors":
+        print("\n".join(compressed.summary(ct_layers)))
+        ct = losses["compressed-tensors"]
+        print(f"val_loss in transformers {ct:.4f} ({ct - after:+.2e} vs the int export)")
     print(f"export: {target.resolve()}")
     return 0
