@@ -141,10 +141,11 @@ def plan(q: QuantizedLinear) -> Stored | str:
 
 def _library():
     try:
-        import compressed_tensors  # noqa: F401  optional dependency (the hf extra)
+        import compressed_tensors  # noqa: F401  optional dependency (the ct extra)
     except ImportError:
         raise ConfigError(
-            "--format", "compressed-tensors needs the compressed-tensors package (the hf extra)"
+            "--format",
+            "compressed-tensors needs the compressed-tensors package (the ct extra: pip install 'lptrain[ct]')",
         ) from None
 
 
@@ -193,7 +194,7 @@ def _replace(hf: nn.Module) -> tuple[dict[str, Stored], dict[str, str]]:
 
 def _config(stored: dict[str, Stored]):
     """One config group per distinct scheme, its targets the exact layer names."""
-    from compressed_tensors.quantization import (  # optional dependency (the hf extra)
+    from compressed_tensors.quantization import (  # optional dependency (the ct extra)
         QuantizationArgs,
         QuantizationConfig,
         QuantizationScheme,
@@ -237,7 +238,7 @@ def write(model: nn.Module, tok, tmp: Path) -> dict[str, str]:
             "compressed-tensors needs a base loaded from a Hugging Face directory (init.from)",
         )
     _library()
-    from compressed_tensors.compressors import ModelCompressor  # optional (the hf extra)
+    from compressed_tensors.compressors import ModelCompressor  # optional (the ct extra)
     from compressed_tensors.quantization import apply_quantization_config
 
     hf = model.model

@@ -184,6 +184,7 @@ def test_a_fine_tune_loads_without_lptrain_within_the_bound(data_cache, tmp_path
     proc = subprocess.run(
         [sys.executable, "-m", "lptrain", "train", REPO / "recipes/finetune/l4q-4bit.yaml",
          "--run-dir", run, *sets(*FAST, f"data.cache_dir={data_cache}", "run.max_steps=2",
+                                 "data.tokenizer=byte",
                                  f"init.from={tiny_llama(tmp_path / 'base')}")],
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
