@@ -48,6 +48,26 @@ def from_config(config_dir: str | Path, key: str = "init.from") -> HFCausalLM:
     return HFCausalLM(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
 
 
+def skeleton(config) -> nn.Module:
+    """The Hugging Face model `config` describes, on the meta device (no memory, no weights):
+    which class each layer is and every tensor's name and shape, as `from_pretrained` reads
+    them."""
+    from transformers import AutoModelForCausalLM  # optional dependency (the hf extra)
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence the model embeds positions for (GPT-2's `n_positions`, most
+    others' `max_position_embeddings`); None when its config states none."""
+    for key in ("n_positions", "max_position_embeddings"):
+        limit = getattr(config, key, None)
+        if isinstance(limit, int):
+            return limit
+    return None
+
+
 def vocab_size(model: HFCausalLM) -> int:
     return model.model.get_input_embeddings().weight.shape[0]
 
