@@ -68,6 +68,30 @@ def position_limit(config) -> int | None:
     return None
 
 
+def check_positions(path: str | Path, block_size: int) -> None:
+    """Refuse a block longer than the model embeds positions for (GPT-2's position table
+    would be indexed out of range in the first step), from its config.json alone."""
+    from transformers import AutoConfig  # optional dependency (the hf extra)
+
+    try:
+        cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            "init.from", f"{path}: cannot read config.json ({first_line(exc)})"
+        ) from None
+    limit = position_limit(cfg)
+    if limit is not None and block_size > limit:
+        key = (
+            "n_positions"
+            if getattr(cfg, "n_positions", None) == limit
+            else "max_position_embeddings"
+        )
+        raise ConfigError(
+            "data.block_size",
+            f"{block_size} is longer than the model at {path} handles ({key}: {limit})",
+        )
+
+
 def vocab_size(model: HFCausalLM) -> int:
     return model.model.get_input_embeddings().weight.shape[0]
 
