@@ -68,6 +68,7 @@ def _plain_layer(q: QuantizedLinear, slot: nn.Module, name: str) -> nn.Module:
     return layer
 
 
+@torch.no_grad()
 def plain_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
     """The folded `model` (an HFCausalLM) as its plain Hugging Face model, in place, and
     what it drops (one line each)."""

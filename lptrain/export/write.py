@@ -96,8 +96,7 @@ def _write_hf(model, opened, tmp: Path, eval_loss) -> tuple[float, list[str]]:
             "--format", "hf needs a base loaded from a Hugging Face directory (init.from)"
         )
     probe = eval_loss.probe()
-    with torch.no_grad():
-        model, dropped = to_hf.plain_model(model)
+    model, dropped = to_hf.plain_model(model)
     to_hf.save(model, opened, tmp)
     return eval_loss(to_hf.verify(model, tmp, probe)), dropped
 
