@@ -75,13 +75,14 @@ def plain_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
     net = model.model
     skeleton = hf.skeleton(net.config)
     dropped = set()
+    # Before the swap: a folded layer's recipe lives in its QuantizedLinear's recipe_layer.
+    if any(isinstance(m, lpnn.Linear) and m.recipe.quantizes for m in net.modules()):
+        dropped.add("the precision recipe's quantized GEMMs: fp32 GEMMs")
     for name, m in list(net.named_modules()):
         if isinstance(m, QuantizedLinear):
             if m.input_quantizer is not None:
                 dropped.add("the layer inputs' quantizers (qat.act_bits): inputs stay in float")
             set_module(net, name, _plain_layer(m, skeleton.get_submodule(name), name))
-    if any(isinstance(m, lpnn.Linear) and m.recipe.quantizes for m in net.modules()):
-        dropped.add("the precision recipe's quantized GEMMs: fp32 GEMMs")
     lpnn.unconvert(net)
     _check_shapes(net, skeleton)
     return model, sorted(dropped)

@@ -50,6 +50,20 @@ def test_conv1d_layers_get_their_layout_and_the_logits(folded, tmp_path):
     assert type(back.model.transformer.h[0].mlp.c_fc).__name__ == "Conv1D"
 
 
+def test_a_precision_recipe_is_named_and_its_layers_keep_their_bias(tmp_path):
+    """Under a precision recipe a quantized base keeps the bias in its recipe layer."""
+    import lptrain
+
+    model = hf.load(tiny_gpt2(tmp_path / "gpt2"))
+    bias = model.model.transformer.h[0].attn.c_attn.bias.detach().clone()
+    lptrain.convert(model, "fp8-current")
+    lora.apply(model, lora.AdapterConfig(type="lora", r=4, alpha=8, base="int4"))
+    fold(model)
+    model, dropped = to_hf.plain_model(model)
+    assert dropped == ["the precision recipe's quantized GEMMs: fp32 GEMMs"]
+    assert torch.equal(model.model.transformer.h[0].attn.c_attn.bias, bias)
+
+
 def test_a_layer_in_the_wrong_layout_is_refused(folded, monkeypatch):
     """What the export did before: (out, in) nn.Linear in every place, Conv1D or not."""
 
