@@ -36,7 +36,7 @@ from lptrain.distributed import engine, memory
 from lptrain.errors import ConfigError
 from lptrain.export import evaluate, switch, write
 from lptrain.liblog import LibraryLog
-from lptrain.models import converters, decoder
+from lptrain.models import converters, decoder, hf
 from lptrain.observe.metrics import Monitor
 from lptrain.report import RunError, build
 from lptrain.trainer import loop
@@ -284,6 +284,8 @@ def _inputs(cfg: TrainConfig, base):
     source = base.source if base is not None else None
     tok = dataset.load_tokenizer(tokenizer_spec(cfg, source))  # a fine-tune's base may set it
     decoder.model_args(cfg.model, vocab_size=tok.vocab_size, max_seq_len=cfg.data.block_size)
+    if source is not None and source.kind == "hf":
+        hf.check_positions(source.path, cfg.data.block_size)
     return tok, converters.build(cfg, base=source)
 
 

@@ -97,19 +97,43 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen, timeout: float = 180) -
     raise AssertionError(f"no training step logged within {timeout} s")
 
 
-def tiny_llama(out: Path, vocab_size: int = 257) -> Path:
-    """A 2-layer, 64-wide Llama with random weights (seed 0) and the byte vocabulary (257),
-    saved with `save_pretrained` to `out`: the Hugging Face base of the fine-tuning tests
-    (nothing is downloaded). It ships no tokenizer: a run on it sets `data.tokenizer=byte`.
-    Skips the test without transformers."""
+def _save_tiny(out: Path, config_class: str, model_class: str, vocab_size: int = 257,
+               **config) -> Path:  # fmt: skip
+    """A model of `transformers.<model_class>` with random weights (seed 0) and the byte
+    vocabulary (257) unless told, saved with `save_pretrained` to `out` (nothing is
+    downloaded). It ships no tokenizer: a run on it sets `data.tokenizer=byte`. Skips the test
+    without transformers."""
     import pytest
     import torch
 
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-    )  # fmt: skip
+    cfg = getattr(transformers, config_class)(vocab_size=vocab_size, **config)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(out))
+    getattr(transformers, model_class)(cfg).save_pretrained(str(out))
     return out
+
+
+def tiny_llama(out: Path, vocab_size: int = 257) -> Path:
+    """A 2-layer, 64-wide Llama: the Hugging Face base of the fine-tuning tests."""
+    return _save_tiny(
+        out, "LlamaConfig", "LlamaForCausalLM", vocab_size, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+        max_position_embeddings=128,
+    )  # fmt: skip
+
+
+def tiny_gpt2(out: Path, n_positions: int = 128) -> Path:
+    """A 2-layer, 64-wide GPT-2: its linear layers are transformers' Conv1D (W stored (in,
+    out)), with biases, learned positions (at most `n_positions`) and a tied output head."""
+    return _save_tiny(out, "GPT2Config", "GPT2LMHeadModel", n_embd=64, n_layer=2, n_head=2,
+                      n_positions=n_positions, bos_token_id=256, eos_token_id=256)  # fmt: skip
+
+
+def tiny_qwen2(out: Path) -> Path:
+    """A 2-layer, 64-wide Qwen2: Llama-like, but q/k/v have biases and one key/value head
+    serves both query heads (grouped-query attention)."""
+    return _save_tiny(
+        out, "Qwen2Config", "Qwen2ForCausalLM", hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=128,
+    )  # fmt: skip

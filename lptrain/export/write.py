@@ -42,14 +42,13 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
-import lptrain.nn as lpnn
 from lptrain.checkpoint import manifest, store
 from lptrain.errors import ConfigError
-from lptrain.export import compressed, evaluate, restore, standalone
-from lptrain.export.folding import FORMAT, dense_linear, fold, layout
-from lptrain.nn.select import set_module
+from lptrain.export import compressed, evaluate, restore, standalone, to_hf
+from lptrain.export.folding import FORMAT, fold, layout
 from lptrain.qat import QuantizedLinear
 
 # -- writing ------------------------------------------------------------------------------
@@ -95,18 +94,17 @@ def write_int(model, opened, how, losses, tmp: Path, extra: dict | None = None) 
     (tmp / restore.EXPORT_JSON).write_text(json.dumps(meta, indent=1) + "\n")
 
 
-@torch.no_grad()
-def _write_hf(model, opened, tmp: Path) -> None:
+def _write_hf(model, opened, tmp: Path, eval_loss) -> tuple[float, list[str]]:
+    """to_hf.py: the plain Hugging Face model, written, reloaded and checked; (the reloaded
+    model's validation loss, what the plain model drops)."""
     if type(model).__name__ != "HFCausalLM":
         raise ConfigError(
             "--format", "hf needs a base loaded from a Hugging Face directory (init.from)"
         )
-    for name, m in list(model.named_modules()):
-        if isinstance(m, QuantizedLinear):
-            set_module(model, name, dense_linear(m))
-    lpnn.unconvert(model)
-    model.model.save_pretrained(str(tmp))
-    standalone.copy_hf_tokenizer(opened.tok, tmp)
+    probe = eval_loss.probe()
+    model, dropped = to_hf.plain_model(model)
+    to_hf.save(model, opened, tmp)
+    return eval_loss(to_hf.verify(model, tmp, probe)), dropped
 
 
 @contextlib.contextmanager
@@ -155,24 +153,40 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class _EvalLoss:
+    """The export's validation loss: `args.blocks` blocks of the run's validation split."""
+
+    def __init__(self, cfg, tok, max_blocks: int | None):
+        self.blocks, self.rows, self.name = evaluate.val_blocks(cfg, tok)
+        self.batch, self.max_blocks = cfg.deepspeed.micro_batch, max_blocks
+
+    def __call__(self, model: nn.Module) -> float:
+        return evaluate.mean_loss(model, self.blocks, self.rows, self.batch, self.max_blocks)
+
+    def probe(self) -> torch.Tensor:
+        """The first micro-batch's inputs (B, T), for comparing logits."""
+        rows = self.rows[: self.batch]
+        return torch.from_numpy(np.stack([self.blocks[r] for r in rows]).astype(np.int64))[:, :-1]
+
+
 def main(args) -> int:
     run_path = Path(args.run_dir)
     target = _target(run_path, args.out, args.format)
     with staging(target) as tmp:  # made first: an unwritable target fails before the work
         opened = restore.open_run(run_path)
         model, cfg, tok = opened.model, opened.cfg, opened.tok
-        blocks, rows, name = evaluate.val_blocks(cfg, tok)
-        before = evaluate.mean_loss(model, blocks, rows, cfg.deepspeed.micro_batch, args.blocks)
+        eval_loss = _EvalLoss(cfg, tok, args.blocks)
+        before = eval_loss(model)
         how = fold(model)
-        after = evaluate.mean_loss(model, blocks, rows, cfg.deepspeed.micro_batch, args.blocks)
-        losses = {"trained": before, "export": after, "data": name}
+        after = eval_loss(model)
+        losses = {"trained": before, "export": after, "data": eval_loss.name}
         if args.format == "hf":
-            _write_hf(model, opened, tmp)
+            reloaded, dropped = _write_hf(model, opened, tmp, eval_loss)
         elif args.format == "compressed-tensors":
             ct_layers = compressed.write(model, tok, tmp)
             # What transformers computes from the written files, not the model in memory.
             losses["compressed-tensors"] = compressed.reloaded_loss(
-                tmp, blocks, rows, cfg.deepspeed.micro_batch, args.blocks
+                tmp, eval_loss.blocks, eval_loss.rows, eval_loss.batch, args.blocks
             )
             compressed.write_report(tmp, ct_layers, losses)
         else:
@@ -184,7 +198,13 @@ def main(args) -> int:
         )
     for what in sorted(set(how.values())):
         print(f"folded {sum(v == what for v in how.values())} layers: {what}")
-    print(f"val_loss trained {before:.4f} -> export {after:.4f} ({after - before:+.4f}) on {name}")
+    print(f"val_loss trained {before:.4f} -> export {after:.4f} ({after - before:+.4f}) "
+          f"on {eval_loss.name}")  # fmt: skip
+    if args.format == "hf":
+        for what in dropped:
+            print(f"hf: not expressible in transformers, dropped: {what}")
+        print(f"hf: reloaded by transformers: val_loss {reloaded:.4f} ({reloaded - after:+.4f} "
+              "against the folded model)")  # fmt: skip
     if args.format == "compressed-tensors":
         print("\n".join(compressed.summary(ct_layers)))
         ct = losses["compressed-tensors"]

@@ -130,7 +130,10 @@ class L4QLinear(nn.Module):
         self.bits, self.group_size = bits, group_size
         self.n, self.p = L.bounds(bits, signed=True)
         w0 = weight_nk(base).detach()
-        self.weight = nn.Parameter(w0.clone(), requires_grad=False)
+        # Our own (out, in) copy, contiguous: a GPT-2 Conv1D's weight_nk is a transposed view,
+        # and DeepSpeed views every parameter as bytes (stride(-1) must be 1).
+        self.weight = nn.Parameter(w0.clone(memory_format=torch.contiguous_format),
+                                   requires_grad=False)  # fmt: skip
         bias = getattr(base, "bias", None)
         self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=w0.device))

@@ -17,7 +17,7 @@ from torch import nn
 
 import lptrain.nn as lpnn
 from lptrain.errors import ConfigError
-from lptrain.qat.layers import features, is_hf_conv1d, weight_nk
+from lptrain.qat.layers import features, weight_nk
 from lptrain.qat.quantized import QuantizedLinear
 
 BASES = ("none", "bf16", "fp8", "int8", "int4", "nvfp4")
@@ -121,10 +121,8 @@ class LoRALinear(nn.Module):
             )  # fmt: skip
             new.recipe_layer = base.recipe_layer
             self.base_layer = new
-        elif is_hf_conv1d(base):
-            base.weight.add_(delta.T.to(base.weight.dtype))
-        else:
-            base.weight.add_(delta.to(base.weight.dtype))
+        else:  # (out, in) as the GEMM sees it: a Conv1D's (transformers' or ours) is a view
+            weight_nk(base).add_(delta.to(base.weight.dtype))
 
     def extra_repr(self) -> str:
         return (

@@ -39,17 +39,52 @@ def load(path: str | Path, key: str = "init.from") -> HFCausalLM:
     return HFCausalLM(hf.train())
 
 
-def from_config(config_dir: str | Path, key: str = "init.from") -> HFCausalLM:
-    """The architecture without weights (an export's skeleton)."""
-    from transformers import AutoConfig, AutoModelForCausalLM  # optional dependency (the hf extra)
+def _config(path: str | Path, key: str):
+    from transformers import AutoConfig  # optional dependency (the hf extra)
 
     try:
-        cfg = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ConfigError(
-            key, f"{config_dir}: cannot read config.json ({first_line(exc)})"
-        ) from None
+        raise ConfigError(key, f"{path}: cannot read config.json ({first_line(exc)})") from None
+
+
+def from_config(config_dir: str | Path, key: str = "init.from") -> HFCausalLM:
+    """The architecture without weights (an export's skeleton)."""
+    from transformers import AutoModelForCausalLM  # optional dependency (the hf extra)
+
+    cfg = _config(config_dir, key)
     return HFCausalLM(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
+
+
+def skeleton(config) -> nn.Module:
+    """The Hugging Face model `config` describes, on the meta device (no memory, no weights):
+    which class each layer is and every tensor's name and shape, as `from_pretrained` reads
+    them."""
+    from transformers import AutoModelForCausalLM  # optional dependency (the hf extra)
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def position_limit(config) -> tuple[str, int] | None:
+    """(key, value) of the longest sequence the model embeds positions for: GPT-2's
+    `n_positions`, most others' `max_position_embeddings`; None when its config states none."""
+    for key in ("n_positions", "max_position_embeddings"):
+        limit = getattr(config, key, None)
+        if isinstance(limit, int):
+            return key, limit
+    return None
+
+
+def check_positions(path: str | Path, block_size: int) -> None:
+    """Refuse a block longer than the model embeds positions for (GPT-2's position table
+    would be indexed out of range in the first step), from its config.json alone."""
+    limit = position_limit(_config(path, "init.from"))
+    if limit is not None and block_size > limit[1]:
+        raise ConfigError(
+            "data.block_size",
+            f"{block_size} is longer than the model at {path} handles ({limit[0]}: {limit[1]})",
+        )
 
 
 def vocab_size(model: HFCausalLM) -> int:

@@ -15,13 +15,25 @@ import sys
 import torch
 from torch import nn
 
+from lptrain.qat import QuantizedLinear
+from lptrain.qat.layers import is_hf_conv1d
+
+
+def _linear_weights(model: nn.Module) -> int:
+    """Weights of every linear layer: float ones (ZeRO-3 partitioned: their full size), GPT-2's
+    Conv1D, and the frozen stored bases of adapters (`QuantizedLinear`, whose precision recipe
+    sits in a weightless `recipe_layer`, not counted twice)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            total += m.in_features * m.out_features
+        elif (isinstance(m, nn.Linear) or is_hf_conv1d(m)) and m.weight is not None:
+            total += getattr(m.weight, "ds_numel", m.weight.numel())
+    return total
+
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    linear = sum(
-        getattr(m.weight, "ds_numel", m.weight.numel())
-        for m in model.modules()
-        if isinstance(m, nn.Linear)
-    )
+    linear = _linear_weights(model)
     args = getattr(model, "args", None)
     attention = 12 * args.n_layers * args.dim * seq_len if args is not None else 0
     return 6.0 * linear + attention

@@ -109,13 +109,13 @@ def test_a_hugging_face_finetune_export_loads_alone(data_cache, tmp_path, monkey
 
     # --format hf with a tokenizer.json run: the run's tokenizer, not the base's files.
     from lptrain.data import dataset
-    from lptrain.export import fold, restore, write
+    from lptrain.export import fold, restore, to_hf, write
 
     opened = restore.open_run("runs/l4q")
     fold(opened.model)
     as_json = dataclasses.replace(opened, tok=dataset.load_tokenizer(str(work / "tokenizer.json")))
     with write.staging(work / "exported-hf-json") as tmp:
-        write._write_hf(opened.model, as_json, tmp)
+        to_hf.save(to_hf.plain_model(opened.model)[0], as_json, tmp)
 
     away = tmp_path / "elsewhere"
     away.mkdir()

@@ -113,6 +113,23 @@ def test_merge_quantized_base_requantizes():
         m.unmerge()
 
 
+@pytest.mark.parametrize("recipe", [None, "bf16", "fp8-current"])
+def test_merge_into_a_conv1d_base(recipe):
+    """GPT-2's Conv1D stores W as (in, out), transformers' own and lptrain's (a recipe): the
+    merge adds (alpha/r)·B·A in that layout (a (64, 192) layer; lptrain's crashed here)."""
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(0)
+    model = nn.Sequential(pytorch_utils.Conv1D(192, 64))
+    if recipe is not None:
+        lptrain.convert(model, recipe, skip=[])
+    w0 = model[0].weight.detach().clone()  # (in, out)
+    lora.apply(model, AdapterConfig(r=4, alpha=8, skip=[]))
+    nn.init.normal_(model[0].lora_B, std=0.1)
+    want = w0.double() + 2.0 * (model[0].lora_B.double() @ model[0].lora_A.double()).T
+    lora.merge(model)
+    torch.testing.assert_close(model[0].base_layer.weight.double(), want, rtol=0, atol=1e-6)
+
+
 def test_lptrain_linear_base_keeps_its_recipe():
     model = _model()
     lptrain.convert(model, "fp8-current")
