@@ -145,7 +145,8 @@ def _library():
     except ImportError:
         raise ConfigError(
             "--format",
-            "compressed-tensors needs the compressed-tensors package (the ct extra: pip install 'lptrain[ct]')",
+            "compressed-tensors needs the compressed-tensors package (the ct extra: "
+            "pip install 'lptrain[ct]')",
         ) from None
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from lptrain.checkpoint import manifest, store
 from lptrain.errors import ConfigError
