@@ -187,6 +187,15 @@ class Linear(nn.Linear):
         """This layer's three GEMMs, run as its recipe says, with `weight_nk` (out, in) as the
         weight: QAT and adapters (lptrain.qat, lptrain.lora) hand their own weight here (a
         fake-quantized or dequantized copy) and keep the recipe, its state and its counters."""
+        call = self.call_context(x)
+        if call is None:
+            return F.linear(x, weight_nk, self.bias)
+        return LinearFunction.apply(x, weight_nk, self.bias, call)
+
+    def call_context(self, x: torch.Tensor) -> CallContext | None:
+        """The context of one call of this layer's quantized GEMMs on `x` (a training call
+        advances `step`), or None where `gemm` runs plain math. Public for layers that run
+        the GEMMs of nn/function.py themselves (L4Q builds its weight in the Function)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: expected input with last dim "
@@ -195,8 +204,8 @@ class Linear(nn.Linear):
         # No quantization, or no tokens (an empty micro-batch or MoE expert): plain math gives
         # the empty output and zero weight gradients, and no quantizer state is touched.
         if not (self.recipe.quantizes and self.quantization_enabled) or x.numel() == 0:
-            return F.linear(x, weight_nk, self.bias)
-        return LinearFunction.apply(x, weight_nk, self.bias, self._begin_call())
+            return None
+        return self._begin_call()
 
     def weight_nk(self) -> torch.Tensor:
         """The weight as the GEMMs see it: (out_features, in_features)."""
