@@ -15,13 +15,23 @@ import sys
 import torch
 from torch import nn
 
+from lptrain.lora import L4QLinear
+from lptrain.qat import QuantizedLinear
+
+
+def _gemm_weights(m: nn.Module) -> int:
+    """The weights one layer multiplies by: an nn.Linear's own (a ZeRO-3 partitioned one's full
+    count), a stored-quantized or L4Q layer's in x out. A weightless lptrain.nn.Linear runs
+    such a layer's recipe GEMMs and is counted there."""
+    if isinstance(m, (QuantizedLinear, L4QLinear)):
+        return m.in_features * m.out_features
+    if isinstance(m, nn.Linear) and m.weight is not None:
+        return getattr(m.weight, "ds_numel", m.weight.numel())
+    return 0
+
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    linear = sum(
-        getattr(m.weight, "ds_numel", m.weight.numel())
-        for m in model.modules()
-        if isinstance(m, nn.Linear)
-    )
+    linear = sum(_gemm_weights(m) for m in model.modules())
     args = getattr(model, "args", None)
     attention = 12 * args.n_layers * args.dim * seq_len if args is not None else 0
     return 6.0 * linear + attention

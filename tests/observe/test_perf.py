@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import lptrain.nn as lpnn
+from lptrain import lora
 from lptrain.config.schema import ModelConfig
 from lptrain.models.decoder import build_model
 from lptrain.observe import perf
@@ -17,3 +19,13 @@ def test_flops_per_token_and_mfu():
     assert perf.flops_per_token(model, 64) == want
     assert perf.mfu(1000.0, want, peak_flops=1e12, world=2) == pytest.approx(1000 * want / 2e12)
     assert perf.peak_memory_gib()["perf/peak_rss_gib"] > 0.05
+
+
+@pytest.mark.parametrize("adapters", [dict(type="l4q", group_size=32), dict(base="int4")])
+def test_adapter_layers_count_their_gemms(adapters):
+    """L4Q and stored-quantized LoRA bases under an FP8 recipe: the same FLOPs as the plain
+    model (their recipe layers hold no weight: this raised AttributeError)."""
+    model = build_model(ModelConfig(preset="nano"), vocab_size=257, max_seq_len=64)
+    want = perf.flops_per_token(model, 64)
+    lora.apply(lpnn.convert(model, "fp8-current", backend="emulated"), adapters)
+    assert perf.flops_per_token(model, 64) == want
