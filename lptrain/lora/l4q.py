@@ -73,9 +73,11 @@ class _Rows:
         return torch.where(torch.isfinite(wc), self.quantized(v, r0, r1), wc)
 
     def dense(self) -> torch.Tensor:
-        """The whole W_q (out, in), built row chunk by row chunk (the same values)."""
-        chunks = row_chunks(self.out_features, self.in_features)
-        return torch.cat([self.weight_rows(r0, r1) for r0, r1 in chunks])
+        """The whole W_q (out, in), written row chunk by row chunk (the same values)."""
+        wq = self.w0.new_empty(self.w0.shape, dtype=self.wd)
+        for r0, r1 in row_chunks(self.out_features, self.in_features):
+            wq[r0:r1] = self.weight_rows(r0, r1)
+        return wq
 
     def new_grads(self) -> tuple[torch.Tensor, ...]:
         """Zeroed dA (accumulated over chunks) and dB, ds, db (written row by row)."""
@@ -158,10 +160,11 @@ class L4QRecipeFunction(torch.autograd.Function):
         if _reads_forward_copies(call):
             _, xq, wq_q, mx, mw, _ = forward_gemm(_replay(call), x, wq, None)
         operands = backward_operands(call, x, wq, xq, wq_q)
+        del wq, xq, wq_q  # only what `operands` holds lives on (an aliased W_q goes now)
         want_dx, want_dw = ctx.needs_input_grad[0], any(ctx.needs_input_grad[2:6])
         tk = (x.shape[:-1].numel(), x.shape[-1])
         dx, dwq = backward_gemms(call, dy, operands, (mx, mw), ctx.fwd_signs, tk, want_dx, want_dw)
-        del wq, xq, wq_q, operands
+        del operands
         grads = (None,) * 4
         if dwq is not None:
             grads = R.new_grads()

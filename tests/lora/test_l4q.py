@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 import lptrain.nn as lpnn
 import lptrain.nn.chunked as chunked
+from lptrain import recipes
 from lptrain.lora import L4QFunction, L4QLinear, l4q_init_step
 from lptrain.nn.backends.emulated import EmulatedBackend
 from lptrain.numerics import QuantSpec, fake_quantize
@@ -215,11 +216,12 @@ def _reference(layer: L4QLinear) -> lpnn.Linear:
     return ref
 
 
-@pytest.mark.parametrize("name", ["fp8-current", "fp8-delayed", "nvfp4", "quartet", "int16-dfp"])
+@pytest.mark.parametrize("name", [r for r in recipes.names() if recipes.get(r).quantizes])
 def test_recipe_gemms_equal_lptrain_linear_on_wq(name):
-    """y and dx bit for bit, dA, dB, ds, db to rounding, against lptrain.nn.Linear's GEMMs
-    run on W_q with §6's surrogate behind it (stochastic rounding, Hadamards, reuse, a trust
-    mask, delayed state, INT32 accumulation); the state is updated once per call."""
+    """Every recipe composes: y and dx bit for bit, dA, dB, ds, db to rounding, against
+    lptrain.nn.Linear's GEMMs run on W_q with §6's surrogate behind it (block scales across
+    the L4Q groups, Hadamards, stochastic rounding, reuse, a trust mask, delayed state, INT32
+    accumulation); the quantizer state is updated once per call."""
     layer = _recipe_l4q(name)
     ref = _reference(layer)
     gen = torch.Generator().manual_seed(1)
