@@ -110,11 +110,19 @@ class Linear(nn.Linear):
         self.recipe = resolve(recipe)
         self.backend, self.backend_reason = backend or resolve_backend("auto", self.recipe)
         counters = {k: getattr(self, k).clone() for k in ("step", "int32_overflows")}
-        self.init_quantizer_state(int(self.seed), self.weight.device)
+        self.init_quantizer_state(int(self.seed), self._state_device())
         for k, v in counters.items():
             getattr(self, k).copy_(v)
         for state in self.quant_state.values() if self.quant_state is not None else ():
             state.amax_reduce = reduce  # the data-parallel MAX-reduction carries over
+
+    def _state_device(self) -> torch.device:
+        """Where quantizer state lives: the weight's device, or for a weightless layer (the GEMMs
+        of an L4Q or stored-quantized layer) its other buffers'; the counters stay on the CPU."""
+        if self.weight is not None:
+            return self.weight.device
+        kept = [b.device for k, b in self.named_buffers() if k.split(".")[0] not in _CPU_BUFFERS]
+        return kept[0] if kept else torch.device("cpu")
 
     def init_quantizer_state(self, seed: int, device=None) -> None:
         """(Re)build every quantizer buffer at its initial value for the current recipe."""

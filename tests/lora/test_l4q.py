@@ -290,3 +290,16 @@ def test_recipe_house_rules_and_export():
     exported = layer.eval().export()
     assert exported.recipe_layer.recipe.name == "fp8-delayed" and exported.bias is None
     assert torch.equal(exported(x), layer(x))
+
+
+def test_precision_guard_switches_an_l4q_recipe_in_place():
+    """The guard's fallback (Linear.set_recipe) on the weightless recipe layer: new state for
+    the new recipe, and bf16 (no quantization) gives the FP32 L4Q forward."""
+    layer = _recipe_l4q("nvfp4")
+    x = torch.randn(3, 32)
+    layer.recipe_layer.set_recipe("fp8-delayed")
+    layer(x)
+    assert layer.recipe_layer.quant_state is not None and int(layer.recipe_layer.step) == 1
+    layer.recipe_layer.set_recipe("bf16")
+    with torch.no_grad():
+        assert torch.equal(layer(x), x @ layer.export().dequantize().T + layer.bias)
