@@ -142,9 +142,9 @@ class L4QRecipeFunction(torch.autograd.Function):
     runs the two backward GEMMs, and turns ∂L/∂W_q into the §6 gradients chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, x, w0, A, B, s, b, bias, consts: tuple, call: CallContext):
+    def forward(ctx, x, w0, A, B, s, b, consts: tuple, call: CallContext):
         rows = _Rows(w0, A, B, s, b, *consts[:4], work_dtype(x))
-        y, _, _, _, _, fwd_signs = forward_gemm(call, x, rows.dense().to(x.dtype), bias)
+        y, _, _, _, _, fwd_signs = forward_gemm(call, x, rows.dense().to(x.dtype), None)
         ctx.save_for_backward(x, w0, A, B, s, b)
         ctx.consts, ctx.call, ctx.fwd_signs = consts, call, fwd_signs
         return y
@@ -173,7 +173,7 @@ class L4QRecipeFunction(torch.autograd.Function):
                 R.add_grads(grads, r0, r1, v, dwq[r0:r1].to(R.wd).reshape(v.shape), g)
             grads = _cast(grads, (A, B, s, b))
         dx = dx.to(x.dtype).reshape(x.shape) if dx is not None else None
-        return (dx, None, *grads, None, None, None)
+        return (dx, None, *grads, None, None)
 
 
 def _cast(grads, like) -> list[torch.Tensor]:
@@ -250,9 +250,10 @@ class L4QLinear(nn.Module):
         tensors = (x, self.weight, self.lora_A, self.lora_B, self.step, self.offset)
         consts = (self.scaling, self.n, self.p, self.group_size, self.grad_scale())
         call = self.recipe_layer.call_context(x) if self.recipe_layer is not None else None
-        if call is not None:  # the recipe's GEMMs; the bias is added as lptrain.nn.Linear does
-            return L4QRecipeFunction.apply(*tensors, self.bias, consts, call)
-        y = L4QFunction.apply(*tensors, *consts)
+        if call is not None:  # the recipe's three GEMMs
+            y = L4QRecipeFunction.apply(*tensors, consts, call)
+        else:
+            y = L4QFunction.apply(*tensors, *consts)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     @torch.no_grad()
@@ -270,12 +271,9 @@ class L4QLinear(nn.Module):
         m = QuantizedLinear(self.in_features, self.out_features, "affine")
         m.set_affine(q, self.step, self.offset, bits=self.bits, group_size=self.group_size,
                      n=self.n)  # fmt: skip
-        if self.recipe_layer is None:
-            m.set_bias(self.bias)
-        else:  # the recipe's GEMMs, state and bias: the same forward (QuantizedLinear.forward)
+        m.set_bias(self.bias)
+        if self.recipe_layer is not None:  # the recipe's GEMMs and state: the same forward
             m.recipe_layer = copy.deepcopy(self.recipe_layer)
-            if self.bias is not None:
-                m.recipe_layer.bias = nn.Parameter(self.bias.clone(), requires_grad=False)
         return m.to(self.weight.device)
 
     def extra_repr(self) -> str:

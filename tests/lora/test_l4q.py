@@ -210,10 +210,8 @@ def _ste_wq(layer: L4QLinear) -> torch.Tensor:
 
 def _reference(layer: L4QLinear) -> lpnn.Linear:
     """lptrain.nn.Linear's own path: a copy of the recipe layer (same seed, counter and state,
-    so the same call) with the L4Q bias, to run on W_q."""
-    ref = copy.deepcopy(layer.recipe_layer)
-    ref.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-    return ref
+    so the same call), to run on W_q."""
+    return copy.deepcopy(layer.recipe_layer)
 
 
 @pytest.mark.parametrize("name", [r for r in recipes.names() if recipes.get(r).quantizes])
@@ -232,14 +230,13 @@ def test_recipe_gemms_equal_lptrain_linear_on_wq(name):
         y = layer(x)
         got = torch.autograd.grad(y, (x, *params), dy)
         xr = x.detach().clone().requires_grad_()
-        y_ref = ref.gemm(xr, _ste_wq(layer))
+        y_ref = ref.gemm(xr, _ste_wq(layer)) + layer.bias
         want = torch.autograd.grad(y_ref, (xr, *params), dy)
         assert torch.equal(y, y_ref) and torch.equal(got[0], want[0])
         for what, a, w in zip(("A", "B", "s", "b"), got[1:], want[1:], strict=True):
             torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5, msg=f"d{what}")
     for k, v in ref.state_dict().items():
-        if k not in ("bias", "seed"):
-            assert torch.equal(v, layer.recipe_layer.state_dict()[k]), k
+        assert torch.equal(v, layer.recipe_layer.state_dict()[k]), k
     assert int(layer.recipe_layer.step) == 2
 
 
@@ -288,7 +285,8 @@ def test_recipe_house_rules_and_export():
     # The empty call counts nothing (plain math), the replay counts nothing a second time.
     assert int(layer.recipe_layer.step) == int(twin.recipe_layer.step) == 2
     exported = layer.eval().export()
-    assert exported.recipe_layer.recipe.name == "fp8-delayed" and exported.bias is None
+    # The bias stays in `bias` (added after the GEMM, as in training), where `--format hf` reads it.
+    assert exported.recipe_layer.recipe.name == "fp8-delayed" and exported.bias is not None
     assert torch.equal(exported(x), layer(x))
 
 
