@@ -6,8 +6,9 @@ float tensors of layers that stay in float) and `lptrain_export.json` (the run's
 tokenizer and each quantized layer's layout); `lptrain eval DIR` and `restore.open_export`
 load it. The fold (lptrain/export/fold.py) per layer kind:
 
-* L4Q: I = round(clamp(V)) as b-bit integers + (s, b) per group. The loaded forward is the
-  training forward bit for bit (same values, same GEMM chunks).
+* L4Q: I = round(clamp(V)) as b-bit integers + (s, b) per group, and the precision recipe's
+  GEMMs and state when the run had one. The loaded forward is the training forward bit for bit
+  (same values, same GEMM chunks or the same recipe GEMMs).
 * LSQ / LSQ+ (full QAT): integer codes + step (+ offset), the input quantizer and the base's
   precision-recipe GEMMs kept: bit for bit the training model's (eval) forward.
 * Bit switching (double rounding): the int8 store, I_h and the per-channel scale plus each

@@ -110,11 +110,19 @@ class Linear(nn.Linear):
         self.recipe = resolve(recipe)
         self.backend, self.backend_reason = backend or resolve_backend("auto", self.recipe)
         counters = {k: getattr(self, k).clone() for k in ("step", "int32_overflows")}
-        self.init_quantizer_state(int(self.seed), self.weight.device)
+        self.init_quantizer_state(int(self.seed), self._state_device())
         for k, v in counters.items():
             getattr(self, k).copy_(v)
         for state in self.quant_state.values() if self.quant_state is not None else ():
             state.amax_reduce = reduce  # the data-parallel MAX-reduction carries over
+
+    def _state_device(self) -> torch.device:
+        """Where quantizer state lives: the weight's device, or for a weightless layer (the GEMMs
+        of an L4Q or stored-quantized layer) its other buffers'; the counters stay on the CPU."""
+        if self.weight is not None:
+            return self.weight.device
+        kept = [b.device for k, b in self.named_buffers() if k.split(".")[0] not in _CPU_BUFFERS]
+        return kept[0] if kept else torch.device("cpu")
 
     def init_quantizer_state(self, seed: int, device=None) -> None:
         """(Re)build every quantizer buffer at its initial value for the current recipe."""
@@ -187,6 +195,15 @@ class Linear(nn.Linear):
         """This layer's three GEMMs, run as its recipe says, with `weight_nk` (out, in) as the
         weight: QAT and adapters (lptrain.qat, lptrain.lora) hand their own weight here (a
         fake-quantized or dequantized copy) and keep the recipe, its state and its counters."""
+        call = self.call_context(x)
+        if call is None:
+            return F.linear(x, weight_nk, self.bias)
+        return LinearFunction.apply(x, weight_nk, self.bias, call)
+
+    def call_context(self, x: torch.Tensor) -> CallContext | None:
+        """The context of one call of this layer's quantized GEMMs on `x` (a training call
+        advances `step`), or None where `gemm` runs plain math. Public for layers that run
+        the GEMMs of nn/function.py themselves (L4Q builds its weight in the Function)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__}: expected input with last dim "
@@ -195,8 +212,8 @@ class Linear(nn.Linear):
         # No quantization, or no tokens (an empty micro-batch or MoE expert): plain math gives
         # the empty output and zero weight gradients, and no quantizer state is touched.
         if not (self.recipe.quantizes and self.quantization_enabled) or x.numel() == 0:
-            return F.linear(x, weight_nk, self.bias)
-        return LinearFunction.apply(x, weight_nk, self.bias, self._begin_call())
+            return None
+        return self._begin_call()
 
     def weight_nk(self) -> torch.Tensor:
         """The weight as the GEMMs see it: (out_features, in_features)."""

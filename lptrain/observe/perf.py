@@ -15,25 +15,24 @@ import sys
 import torch
 from torch import nn
 
+from lptrain.lora import L4QLinear
 from lptrain.qat import QuantizedLinear
 from lptrain.qat.layers import is_hf_conv1d
 
 
-def _linear_weights(model: nn.Module) -> int:
-    """Weights of every linear layer: float ones (ZeRO-3 partitioned: their full size), GPT-2's
-    Conv1D, and the frozen stored bases of adapters (`QuantizedLinear`, whose precision recipe
-    sits in a weightless `recipe_layer`, not counted twice)."""
-    total = 0
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            total += m.in_features * m.out_features
-        elif (isinstance(m, nn.Linear) or is_hf_conv1d(m)) and m.weight is not None:
-            total += getattr(m.weight, "ds_numel", m.weight.numel())
-    return total
+def _gemm_weights(m: nn.Module) -> int:
+    """The weights one layer multiplies by: an nn.Linear's or GPT-2 Conv1D's own (a ZeRO-3
+    partitioned one's full count), a stored-quantized or L4Q layer's in x out. A weightless
+    lptrain.nn.Linear runs such a layer's recipe GEMMs and is counted there."""
+    if isinstance(m, (QuantizedLinear, L4QLinear)):
+        return m.in_features * m.out_features
+    if (isinstance(m, nn.Linear) or is_hf_conv1d(m)) and m.weight is not None:
+        return getattr(m.weight, "ds_numel", m.weight.numel())
+    return 0
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    linear = _linear_weights(model)
+    linear = sum(_gemm_weights(m) for m in model.modules())
     args = getattr(model, "args", None)
     attention = 12 * args.n_layers * args.dim * seq_len if args is not None else 0
     return 6.0 * linear + attention

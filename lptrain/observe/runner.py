@@ -57,6 +57,12 @@ class Monitoring:
         self.world = world
         self.probe = probe
         self.layers = L.linear_layers(model, self.cfg.layers)
+        # Weight metrics (gradient norm, update ratio, fidelity) for the weights that train: a
+        # base frozen under adapters has none, the recipe layer inside an L4Q or stored-
+        # quantized LoRA layer holds no weight at all (its statistics are still collected).
+        self.trained = {
+            n: m for n, m in self.layers.items() if m.weight is not None and m.weight.requires_grad
+        }
         g = cfg.precision.guard
         self.guard = PrecisionGuard(g, guard_base) if g.enabled and guard_base else None
         self.spikes = SpikeDetector(self.cfg.spike)
@@ -93,7 +99,7 @@ class Monitoring:
                 return step_fn(s, p)
             before = None
             if plan.layers and self.cfg.update_ratio:
-                before = weights.snapshot(self.layers)
+                before = weights.snapshot(self.trained)
             self._armed = plan.layers and self.cfg.grad_norm
             try:
                 with stats_window(self._stat_layers(plan)) as stats:
@@ -108,7 +114,7 @@ class Monitoring:
     def before_update(self) -> None:
         """Called by the step between the last backward and the optimizer update."""
         if self._armed:
-            self._norms = weights.grad_norms(self.layers)
+            self._norms = weights.grad_norms(self.trained)
 
     def after_step(self, step: int, result) -> tuple[dict | None, list[dict]]:
         """(the layers.jsonl row or None, events) once step `step` is done."""
@@ -130,11 +136,11 @@ class Monitoring:
             row[f"grad/{name}/norm"] = norm
         self._norms = {}
         if pending.before is not None:
-            for name, r in weights.update_ratios(self.layers, pending.before).items():
+            for name, r in weights.update_ratios(self.trained, pending.before).items():
                 row[f"weight/{name}/update_ratio"] = r
-        if self.cfg.fidelity and self.probe is not None:
+        if self.cfg.fidelity and self.probe is not None and self.trained:
             for name, (cos, align) in gradient_fidelity(
-                self.model, self.probe, self.layers
+                self.model, self.probe, self.trained
             ).items():
                 row[f"grad/{name}/cosine"] = cos
                 row[f"grad/{name}/alignment"] = align

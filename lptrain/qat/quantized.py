@@ -174,10 +174,13 @@ class QuantizedLinear(nn.Module):
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         if self.recipe_layer is not None:
-            return self.recipe_layer.gemm(x, self.dequantize().to(x.dtype))
-        if self.gemm == "full":
+            # A QAT or LoRA base's bias is the recipe layer's (added inside its GEMM); an L4Q
+            # export's is ours, added after the GEMM as the L4Q layer did in training.
+            y = self.recipe_layer.gemm(x, self.dequantize().to(x.dtype))
+        elif self.gemm == "full":
             return F.linear(x, self.dequantize().to(x.dtype), self._bias(x))
-        y = frozen_linear(x, self)
+        else:
+            y = frozen_linear(x, self)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _bias(self, x):

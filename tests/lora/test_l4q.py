@@ -3,25 +3,37 @@ and x, every leading dim summed, chunked = unchunked, W0 frozen, export bit for 
 
 from __future__ import annotations
 
+import copy
+import hashlib
+
 import pytest
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+import lptrain.nn as lpnn
 import lptrain.nn.chunked as chunked
+from lptrain import recipes
 from lptrain.lora import L4QFunction, L4QLinear, l4q_init_step
+from lptrain.nn.backends.emulated import EmulatedBackend
+from lptrain.numerics import QuantSpec, fake_quantize
 from lptrain.qat import bounds, grad_scale
 from lptrain.testing.memory import live_bytes, peak_bytes_during
 
 
-def surrogate(x, w0, A, B, s, b, alpha, n, p, group, g):
-    """Autograd through the straight-through surrogate of §6 (the spec of the backward)."""
+def surrogate_weight(w0, A, B, s, b, alpha, n, p, group, g):
+    """W_q through the straight-through surrogate of §6 (the spec of the backward)."""
     sg = s * g + (s - s * g).detach()
     bg = b * g + (b - b * g).detach()
     wc = (w0 + alpha * (B @ A)).reshape(w0.shape[0], -1, group)
     v = ((wc - bg.unsqueeze(-1)) / sg.unsqueeze(-1)).clamp(n, p)
     q = v + (torch.round(v) - v).detach()
-    wq = (q * sg.unsqueeze(-1) + bg.unsqueeze(-1)).reshape(w0.shape)
-    return x @ wq.T
+    return (q * sg.unsqueeze(-1) + bg.unsqueeze(-1)).reshape(w0.shape)
+
+
+def surrogate(x, w0, A, B, s, b, alpha, n, p, group, g):
+    """Autograd through the straight-through surrogate of §6 (the spec of the backward)."""
+    return x @ surrogate_weight(w0, A, B, s, b, alpha, n, p, group, g).T
 
 
 def _tensors(out=12, inp=32, r=4, group=8, seed=0):
@@ -141,3 +153,151 @@ def test_l4q_step_memory_near_lora_far_below_full_qat():
     print(f"MiB: lora {lora / 2**20:.1f}, l4q {l4q / 2**20:.1f}, qat {qat / 2**20:.1f}")
     assert l4q <= 1.25 * lora, (l4q / 2**20, lora / 2**20)
     assert qat >= 3 * w_bytes and qat > 2.5 * l4q, (qat / 2**20, l4q / 2**20)
+
+
+# -- under a precision recipe (an lptrain.nn.Linear base) ---------------------------------
+
+
+def _dyadic(gen, shape, lo: int, hi: int, exp: int) -> torch.Tensor:
+    """Integers in [lo, hi) times 2^exp: every GEMM and group sum of the L4Q below is exact,
+    so its result does not depend on the BLAS or the CPU's instruction set."""
+    return torch.ldexp(torch.randint(lo, hi, shape, generator=gen).float(), torch.tensor(exp))
+
+
+def test_fp32_path_is_bit_identical_to_before():
+    """Golden: sha256 of y, dx, dA, dB, ds, db computed by l4q.py before the recipe path
+    (commit 7441c85), on dyadic inputs with clipped codes; the same on every CPU."""
+    gen = torch.Generator().manual_seed(23)
+    layer = L4QLinear(nn.Linear(32, 12), r=4, alpha=8.0, bits=4, group_size=8)
+    with torch.no_grad():
+        layer.weight.copy_(_dyadic(gen, (12, 32), -64, 64, -6))
+        layer.bias.copy_(_dyadic(gen, (12,), -8, 8, -3))
+        layer.lora_A.copy_(_dyadic(gen, (4, 32), -4, 4, -2))
+        layer.lora_B.copy_(_dyadic(gen, (12, 4), -4, 4, -3))
+        exps = torch.randint(-4, -1, (12, 4), generator=gen)
+        layer.step.copy_(torch.ldexp(torch.ones(12, 4), exps))
+        layer.offset.copy_(_dyadic(gen, (12, 4), -2, 2, -6))
+    x = _dyadic(gen, (2, 3, 32), -8, 8, -3).requires_grad_()
+    y = layer(x)
+    y.backward(_dyadic(gen, (2, 3, 12), -8, 8, -3))
+    assert (layer.offset.grad != 0).any()  # some codes clip
+    h = hashlib.sha256()
+    for t in (y, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.step.grad, layer.offset.grad):
+        h.update(t.detach().contiguous().numpy().tobytes())
+    assert h.hexdigest() == "63b63fe3584aea937bd426b8a32db148abb1ca8e922572ebad2efdd710de4655"
+
+
+def _recipe_l4q(recipe: str, out: int = 12, inp: int = 32) -> L4QLinear:
+    torch.manual_seed(0)
+    base = lpnn.Linear(inp, out, recipe=recipe, backend="emulated")
+    layer = L4QLinear(base, r=4, alpha=8, bits=4, group_size=16)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.05)
+        layer.offset.normal_(0, 0.01)
+        layer.step.mul_(0.8)  # some codes clip
+    return layer
+
+
+def _ste_wq(layer: L4QLinear) -> torch.Tensor:
+    """W_q's value exactly (the export's dequantized codes), with §6's surrogate gradient."""
+    value = layer.export().dequantize()
+    w = surrogate_weight(
+        layer.weight, layer.lora_A, layer.lora_B, layer.step, layer.offset, layer.scaling,
+        layer.n, layer.p, layer.group_size, layer.grad_scale(),
+    )  # fmt: skip
+    return value + (w - w.detach())
+
+
+def _reference(layer: L4QLinear) -> lpnn.Linear:
+    """lptrain.nn.Linear's own path: a copy of the recipe layer (same seed, counter and state,
+    so the same call), to run on W_q."""
+    return copy.deepcopy(layer.recipe_layer)
+
+
+@pytest.mark.parametrize("name", [r for r in recipes.names() if recipes.get(r).quantizes])
+def test_recipe_gemms_equal_lptrain_linear_on_wq(name):
+    """Every recipe composes: y and dx bit for bit, dA, dB, ds, db to rounding, against
+    lptrain.nn.Linear's GEMMs run on W_q with §6's surrogate behind it (block scales across
+    the L4Q groups, Hadamards, stochastic rounding, reuse, a trust mask, delayed state, INT32
+    accumulation); the quantizer state is updated once per call."""
+    layer = _recipe_l4q(name)
+    ref = _reference(layer)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 32, generator=gen, requires_grad=True)
+    dy = torch.randn(2, 5, 12, generator=gen)
+    params = (layer.lora_A, layer.lora_B, layer.step, layer.offset)
+    for _ in range(2):  # the second call sees the first one's state (histories, counters)
+        y = layer(x)
+        got = torch.autograd.grad(y, (x, *params), dy)
+        xr = x.detach().clone().requires_grad_()
+        y_ref = ref.gemm(xr, _ste_wq(layer)) + layer.bias
+        want = torch.autograd.grad(y_ref, (xr, *params), dy)
+        assert torch.equal(y, y_ref) and torch.equal(got[0], want[0])
+        for what, a, w in zip(("A", "B", "s", "b"), got[1:], want[1:], strict=True):
+            torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5, msg=f"d{what}")
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, layer.recipe_layer.state_dict()[k]), k
+    assert int(layer.recipe_layer.step) == 2
+
+
+def test_fp8_current_quantizes_every_operand(monkeypatch):
+    """The check that catches the recipe being dropped: the output is the float GEMM of the
+    E4M3 fake-quantized x and W_q (not the FP32 one), and the recipe's quantizer sees x and
+    W_q (output) and dy (grad_input; grad_weight reuses the copies, nn/reuse.py)."""
+    seen = []
+    quantize = EmulatedBackend.quantize
+
+    def spy(self, call, gemm, operand, t, spec, **kw):
+        if spec is not None:
+            seen.append((gemm, operand))
+        return quantize(self, call, gemm, operand, t, spec, **kw)
+
+    monkeypatch.setattr(EmulatedBackend, "quantize", spy)
+    layer = _recipe_l4q("fp8-current")
+    x = torch.randn(3, 32, requires_grad=True)  # all three GEMMs run
+    y = layer(x)
+    e4m3 = QuantSpec("fp8_e4m3")
+    wq = layer.export().dequantize()
+    assert torch.equal(y, fake_quantize(x, e4m3) @ fake_quantize(wq, e4m3).T + layer.bias)
+    assert not torch.equal(y, x @ wq.T + layer.bias)
+    y.square().sum().backward()
+    assert {("output", "input"), ("output", "weight"), ("grad_input", "grad_output")} == set(seen)
+    layer.recipe_layer.quantization_enabled = False  # lptrain.nn.observe's switch: FP32 GEMMs
+    with torch.no_grad():
+        assert torch.equal(layer(x), x @ wq.T + layer.bias)
+
+
+def test_recipe_house_rules_and_export():
+    """Non-finite stays non-finite, empty works, a checkpointed (recomputed) forward gives the
+    same gradients and counts one call, the export is the eval forward bit for bit."""
+    layer = _recipe_l4q("fp8-delayed")
+    assert layer(torch.zeros(0, 5, 32)).shape == (0, 5, 12)
+    x = torch.randn(2, 32)
+    x[0, 3] = float("inf")
+    y = layer(x)
+    assert not torch.isfinite(y[0]).any() and torch.isfinite(y[1]).all()
+    twin = copy.deepcopy(layer)
+    x = torch.randn(4, 32)
+    layer(x).square().sum().backward()
+    checkpoint(twin, x, use_reentrant=False).square().sum().backward()
+    for a, b in zip(layer.parameters(), twin.parameters(), strict=True):
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+    # The empty call counts nothing (plain math), the replay counts nothing a second time.
+    assert int(layer.recipe_layer.step) == int(twin.recipe_layer.step) == 2
+    exported = layer.eval().export()
+    # The bias stays in `bias` (added after the GEMM, as in training), where `--format hf` reads it.
+    assert exported.recipe_layer.recipe.name == "fp8-delayed" and exported.bias is not None
+    assert torch.equal(exported(x), layer(x))
+
+
+def test_precision_guard_switches_an_l4q_recipe_in_place():
+    """The guard's fallback (Linear.set_recipe) on the weightless recipe layer: new state for
+    the new recipe, and bf16 (no quantization) gives the FP32 L4Q forward."""
+    layer = _recipe_l4q("nvfp4")
+    x = torch.randn(3, 32)
+    layer.recipe_layer.set_recipe("fp8-delayed")
+    layer(x)
+    assert layer.recipe_layer.quant_state is not None and int(layer.recipe_layer.step) == 1
+    layer.recipe_layer.set_recipe("bf16")
+    with torch.no_grad():
+        assert torch.equal(layer(x), x @ layer.export().dequantize().T + layer.bias)

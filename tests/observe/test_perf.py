@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+import lptrain.nn as lpnn
+from lptrain import lora
 from lptrain.config.schema import ModelConfig
 from lptrain.models.decoder import build_model
 from lptrain.observe import perf
@@ -19,15 +21,11 @@ def test_flops_per_token_and_mfu():
     assert perf.peak_memory_gib()["perf/peak_rss_gib"] > 0.05
 
 
-def test_flops_count_stored_bases_once():
-    """LoRA on an int4 base under a precision recipe: the base is a QuantizedLinear whose
-    recipe layer has no weight (this crashed the trainer's set-up on None.numel()). MFU
-    counts the model's GEMMs: the base once, the small adapter GEMMs not."""
-    import lptrain
-    from lptrain import lora
-
+@pytest.mark.parametrize("adapters", [dict(type="l4q", group_size=32), dict(base="int4")])
+def test_adapter_layers_count_their_gemms(adapters):
+    """L4Q and stored-quantized LoRA bases under an FP8 recipe: the same FLOPs as the plain
+    model (their recipe layers hold no weight: this raised AttributeError)."""
     model = build_model(ModelConfig(preset="nano"), vocab_size=257, max_seq_len=64)
     want = perf.flops_per_token(model, 64)
-    lptrain.convert(model, "fp8-current")
-    lora.apply(model, lora.AdapterConfig(type="lora", r=4, base="int4"))
-    assert perf.flops_per_token(model, 64) == want  # the base's weights, once; B·A not counted
+    lora.apply(lpnn.convert(model, "fp8-current", backend="emulated"), adapters)
+    assert perf.flops_per_token(model, 64) == want

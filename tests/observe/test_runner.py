@@ -45,3 +45,34 @@ def test_rows_hold_every_layer_and_step_metric(monitored_runs):
                 "perf/step_time_s", "perf/peak_rss_gib"):  # fmt: skip
         assert key in train[-1], key
     assert train[-1]["stability/diverged"] == 0.0 and train[-1]["perf/peak_rss_gib"] > 0.1
+
+
+def test_adapter_model_rows_skip_weights_that_do_not_train():
+    """L4Q under fp8-current: the frozen lm_head and the weightless recipe layers have no
+    weight metrics (snapshotting them raised AttributeError), their GEMM statistics are kept."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import lptrain.nn as lpnn
+    from lptrain import lora
+    from lptrain.config import schema
+    from lptrain.models.decoder import build_model
+    from lptrain.observe.runner import Monitoring
+
+    cfg = schema.parse({"run": {"max_steps": 1}, "monitor": {"interval": 1, "fidelity": True}})
+    model = build_model(cfg.model.__class__(preset="nano"), vocab_size=257, max_seq_len=16)
+    lora.apply(
+        lpnn.convert(model, "fp8-current", backend="emulated"), {"type": "l4q", "group_size": 32}
+    )
+    tokens = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
+    mon = Monitoring(cfg, model, 1, probe=tokens)
+
+    def step(s, p):
+        model(tokens).backward()
+        mon.before_update()
+        return SimpleNamespace(loss=1.0, skipped=False)
+
+    row, _ = mon.after_step(1, mon.wrap(step)(None, SimpleNamespace(step=0)))
+    assert set(row) - {"step"} and all(k.startswith("quant/") for k in set(row) - {"step"})
+    assert "quant/layers.0.attn.wq.recipe_layer/output.weight/amax" in row

@@ -109,6 +109,28 @@ def test_export_round_trip_and_eval(work, name, capsys):
     assert code == 2 and "already exists" in err
 
 
+def test_l4q_keeps_the_precision_recipe_through_export(
+    data_cache, pretrained_base, tmp_path, capsys
+):
+    """precision.recipe fp8-current reaches the L4Q layers' GEMMs (it was dropped: FP32) and
+    the export keeps it: the exported logits are the trained model's bit for bit."""
+    from lptrain.export import restore
+    from lptrain.lora import L4QLinear
+
+    run = tmp_path / "l4q-fp8"
+    finetune("l4q-4bit", run, pretrained_base, data_cache, "precision.recipe=fp8-current")
+    trained = restore.open_run(run)
+    recipes = {m.recipe_layer.recipe.name for m in trained.model.modules()
+               if isinstance(m, L4QLinear)}  # fmt: skip
+    assert recipes == {"fp8-current"}
+    code, out, _ = in_process(capsys, "export", run, "--blocks", 16)
+    assert code == 0, out
+    exported = restore.open_export(run / "export")
+    tokens = torch.randint(1, 257, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(trained.model.logits(tokens), exported.model.logits(tokens))
+
+
 def test_hugging_face_llama_fine_tunes_and_exports_back(work, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     hf_dir = tiny_llama(tmp_path / "hf-llama")
