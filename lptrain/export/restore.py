@@ -155,4 +155,12 @@ def _ctx(cfg: TrainConfig, tok) -> converters.ConvertContext:
 def open_any(path: str | Path, say=_quiet) -> Opened:
     if not Path(path).exists():
         raise ConfigError("PATH", f"no such run directory, checkpoint or export: {path}")
+    if not is_export(path) and (Path(path) / "config.json").is_file():
+        raise ConfigError(
+            "PATH",
+            f"{path} is a Hugging Face model directory (an `export --format hf` or "
+            "`compressed-tensors` export, or a base): lptrain evaluates runs, checkpoints and "
+            "int exports; the export printed its reloaded loss (lptrain_compressed.json keeps "
+            "it), or load it with transformers",
+        )
     return open_export(path) if is_export(path) else open_run(path, say)

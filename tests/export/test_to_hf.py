@@ -93,3 +93,10 @@ class _Opened:
 
     class tok:
         name = "byte"
+
+
+def test_eval_of_a_hugging_face_directory_is_one_line(tmp_path):
+    from lptrain.export import restore
+
+    with pytest.raises(ConfigError, match="is a Hugging Face model directory .* int exports"):
+        restore.open_any(tiny_gpt2(tmp_path / "gpt2"))  # was: manifest.json lacks zero_stage
