@@ -61,6 +61,8 @@ def test_joint_step_runs_every_bit_with_alrs_and_hasb(work):
         losses = [r[f"loss_b{b}"] for b in BITS]
         assert all(math.isfinite(x) for x in losses)
         assert r["loss"] == pytest.approx(sum(losses) / 4)
+        # grad_norm is the largest pass's (before its clip); each pass's is in the row.
+        assert r["grad_norm"] == max(r[f"grad_norm_b{b}"] for b in BITS)
         for k, b in enumerate(BITS):  # what the torch optimizer saw at each of the 4 updates
             assert r[f"lr_b{b}"] == pytest.approx(cfg.optim.lr * factor(t), rel=1e-12)
             want = cfg.optim.lr * factor(t) * 0.1**k  # ALRS: alpha^k on the quantizer group
