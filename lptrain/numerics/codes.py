@@ -121,6 +121,11 @@ def pack_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
     if not 1 <= width <= 8:
         raise ValueError(f"pack_bits: width must be 1..8, got {width}")
     n = codes.shape[-1]
+    if 8 % width == 0:  # 1, 2, 4, 8 bits: whole codes per byte, no 64-bit words (faster)
+        k = 8 // width
+        c = torch.nn.functional.pad(codes.to(torch.uint8), (0, -n % k)).unflatten(-1, (-1, k))
+        shifts = torch.arange(k, device=c.device, dtype=torch.uint8) * width
+        return (c << shifts).sum(-1, dtype=torch.uint8)  # disjoint bit fields: the sum is an OR
     # Eight codes are exactly `width` bytes: build each group of eight as one 64-bit integer.
     c = codes.to(torch.int64) & ((1 << width) - 1)
     c = torch.nn.functional.pad(c, (0, -n % 8)).unflatten(-1, (-1, 8))  # (..., G, 8)
@@ -140,10 +145,15 @@ def unpack_bits(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
             f"unpack_bits: {count} codes of {width} bits take {packed_bytes(count, width)} "
             f"bytes per row, got {packed.shape[-1]}"
         )
+    mask = (1 << width) - 1
+    if 8 % width == 0:  # whole codes per byte
+        k = 8 // width
+        shifts = torch.arange(k, device=packed.device, dtype=torch.uint8) * width
+        return ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)[..., :count]
     b = packed.to(torch.int64)
     b = torch.nn.functional.pad(b, (0, -b.shape[-1] % width)).unflatten(-1, (-1, width))
     byte_shifts = torch.arange(width, device=b.device, dtype=torch.int64) * 8
     word = (b << byte_shifts).sum(-1, keepdim=True)  # (..., G, 1): eight codes
     shifts = torch.arange(8, device=b.device, dtype=torch.int64) * width
-    codes = ((word >> shifts) & ((1 << width) - 1)).to(torch.uint8).flatten(-2)
+    codes = ((word >> shifts) & mask).to(torch.uint8).flatten(-2)
     return codes[..., :count]
