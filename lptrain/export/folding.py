@@ -18,7 +18,10 @@ from lptrain.lora import L4QLinear, LoRALinear
 from lptrain.qat import LSQQuantizer, QATLinear, QuantizedLinear, bitswitch
 from lptrain.qat.bitswitch import BitSwitchLinear, SwitchInfo
 
-FORMAT = 2  # the export version: 2 has its own tokenizer and a manifest (validate.py)
+# The export version: 2 has its own tokenizer and a manifest (validate.py); 3 packs integer
+# codes at their bit-width (`code_bits` in each layout). Format 2 still loads (`legacy_code_bits`).
+FORMAT = 3
+READS = (2, 3)
 
 
 # -- folding ------------------------------------------------------------------------------
@@ -77,6 +80,7 @@ def layout(q: QuantizedLinear) -> dict:
         "group_size": q.group_size,
         "n": q.n,
         "packed": q.fmt in ("int4", "int8", "affine") and q.codes.dtype == torch.uint8,
+        "code_bits": q.code_bits if q.fmt in ("int4", "int8", "affine") else None,
         "offset": getattr(q, "offset", None) is not None,
         "bias": q.bias is not None,
         "recipe": q.recipe_layer.recipe.to_dict() if q.recipe_layer is not None else None,
@@ -107,7 +111,8 @@ def shell(lay: dict) -> QuantizedLinear:
         g = lay["group_size"]
         codes = torch.zeros(o, i, dtype=torch.int16)
         off = torch.zeros(o, i // g) if lay["offset"] else None
-        q.set_affine(codes, torch.zeros(o, i // g), off, bits=lay["bits"], group_size=g, n=lay["n"])
+        q.set_affine(codes, torch.zeros(o, i // g), off, bits=lay["bits"], group_size=g, n=lay["n"],
+                     code_bits=code_bits(lay))  # fmt: skip
         q.fmt = fmt
     if lay["bias"]:
         q.register_buffer("bias", torch.zeros(o))
@@ -123,3 +128,11 @@ def shell(lay: dict) -> QuantizedLinear:
     if lay.get("switch"):  # absent in exports written before bit switching
         q.switch = SwitchInfo.from_layout(lay["switch"])
     return q
+
+
+def code_bits(lay: dict) -> int:
+    """The width each integer code occupies in the layer's `codes`: recorded since format 3;
+    format 2 packed two 4-bit slots per byte when `packed` (bits <= 4) and used int8 otherwise."""
+    if lay.get("code_bits") is not None:
+        return lay["code_bits"]
+    return 4 if lay["packed"] else 8

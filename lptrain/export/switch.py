@@ -8,10 +8,14 @@ float weights afterwards). Every switched layer is `switch_store(store, b)`: the
 rounding of the stored integers, bit for bit the training model's forward at b.
 
 `--bits B` puts every layer at B. `--budget AVG` chooses each layer's bit-width so that the
-average over all switched weights is at most AVG bits and the estimated loss increase
+switched layers store at most AVG bits per weight and the estimated loss increase
 Σ_l HMT_l·‖Ŵ_l,b − Ŵ_l,h‖² is minimal (budget.py: an exact dynamic program; HMT_l is the
 layer's average Hessian trace measured by HASB, or 1 for every layer of a run without HASB),
-and prints the per-layer table. The output is an export like `lptrain export`'s (`lptrain
+and prints the per-layer table. The budget counts stored bits, not nominal ones: 8 × the
+bytes the export writes for each switched layer at b bits (its packed codes, its per-row step
+and its input step: `QuantizedLinear.stored_bytes` of the very layer written), so scales count
+and a budget of 4 does not fit every layer at 4 bits. Both commands print what the switched
+layers store. The output is an export like `lptrain export`'s (`lptrain
 eval` reads it), written atomically and checked first as `lptrain export --out` is (write.py);
 nothing is written over an existing path. A switched export records `switch` and has no int8
 store left: switch again from the original export or the run.
@@ -31,7 +35,9 @@ from lptrain.export.folding import fold
 from lptrain.nn.select import set_module
 from lptrain.qat import QuantizedLinear
 from lptrain.qat.bitswitch import budget as bud
-from lptrain.qat.bitswitch import store_weight, switch_store
+from lptrain.qat.bitswitch import switch_store
+
+UNIT = "stored bits per weight (packed codes + steps + input steps)"
 
 
 def open_stores(path: Path) -> tuple[restore.Opened, dict[str, QuantizedLinear]]:
@@ -76,17 +82,20 @@ def candidates(stores: dict[str, QuantizedLinear]) -> list[int]:
     return list(sets.pop())
 
 
-def layer_costs(stores: dict[str, QuantizedLinear], bits: list[int]) -> tuple[list, bool]:
-    """cost[l][k] = HMT_l · ‖Ŵ_l,bits[k] − Ŵ_l,h‖² from the stores alone; whether the traces
-    were measured (HASB) or every layer weighs 1."""
+def layer_costs(stores: dict[str, QuantizedLinear], bits: list[int]) -> tuple[list, list, bool]:
+    """cost[l][k] = HMT_l · ‖Ŵ_l,bits[k] − Ŵ_l,h‖² from the stores alone; stored[l][k], the
+    bits layer l's export holds at bits[k]; whether the traces were measured (HASB) or every
+    layer weighs 1."""
     hmt = [float(m.switch.hmt) for m in stores.values()]
     measured = all(math.isfinite(h) for h in hmt)
-    costs = []
+    costs, stored = [], []
     for m, h in zip(stores.values(), hmt, strict=True):
-        top = store_weight(m, bits[0]).double()
-        errs = [float((store_weight(m, b).double() - top).square().sum()) for b in bits]
+        layers = [switch_store(m, b) for b in bits]  # what the export would write at each b
+        top = layers[0].dequantize().double()
+        errs = [float((q.dequantize().double() - top).square().sum()) for q in layers]
         costs.append([max(h, 0.0) * e if measured else e for e in errs])
-    return costs, measured
+        stored.append([8 * q.stored_bytes() for q in layers])
+    return costs, stored, measured
 
 
 def assign(stores, bits: list[int], args) -> tuple[dict[str, int], str, dict]:
@@ -95,18 +104,23 @@ def assign(stores, bits: list[int], args) -> tuple[dict[str, int], str, dict]:
         if args.bits not in bits:
             raise ConfigError("--bits", f"{args.bits} is not a candidate bit-width {bits}")
         return dict.fromkeys(stores, args.bits), f"b{args.bits}", {"bits": args.bits}
-    if not bits[-1] <= args.budget <= bits[0]:
-        raise ConfigError("--budget", f"must be in [{bits[-1]}, {bits[0]}] bits, got {args.budget}")
-    costs, measured = layer_costs(stores, bits)
+    costs, stored, measured = layer_costs(stores, bits)
     sizes = [m.in_features * m.out_features for m in stores.values()]
+    low, high = (sum(row[k] for row in stored) / sum(sizes) for k in (-1, 0))
+    if not low <= args.budget <= high:
+        span = f"[{low:.4f}, {high:.4f}] stored bits per weight"
+        raise ConfigError("--budget", f"must be in {span} ({bits[-1]} to {bits[0]} bits with "
+                          f"their scales), got {args.budget:g}")  # fmt: skip
     try:
-        sol = bud.solve(costs, sizes, bits, args.budget)
+        sol = bud.solve(costs, sizes, bits, args.budget, stored)
     except ConfigError as exc:  # the library's `budget` is this command's --budget
         raise ConfigError("--budget", exc.problem) from None
     chosen = dict(zip(stores, sol.bits, strict=True))
     _print_table(stores, chosen, sizes, measured, sol)
-    record = {"budget": args.budget, "average_bits": sol.average_bits, "layers": chosen,
-              "cost": sol.cost, "hessian": measured}  # fmt: skip
+    nominal = sum(n * b for n, b in zip(sizes, sol.bits, strict=True)) / sum(sizes)
+    record = {"budget": args.budget, "unit": UNIT, "average_bits": sol.average_bits,
+              "nominal_bits": nominal, "layers": chosen, "cost": sol.cost,
+              "hessian": measured}  # fmt: skip
     return chosen, f"avg{args.budget:g}", record
 
 
@@ -117,7 +131,7 @@ def _print_table(stores, chosen, sizes, measured: bool, sol) -> None:
     print(f"  {'layer':<{width}}  {'weights':>9}  {'trace/weight':>12}  bits")
     for (name, m), n in zip(stores.items(), sizes, strict=True):
         print(f"  {name:<{width}}  {n:>9}  {float(m.switch.hmt):>12.4g}  {chosen[name]}")
-    print(f"average {sol.average_bits:.4f} bits per weight; estimated cost {sol.cost:.6g}")
+    print(f"average {sol.average_bits:.4f} {UNIT}; estimated cost {sol.cost:.6g}")
 
 
 def main(args) -> int:
@@ -141,6 +155,7 @@ def main(args) -> int:
             set_module(model, name, switch_store(store, chosen[name]).eval())
             how[name] = f"switched to {chosen[name]} bits from the int{bits[0]} store"
         after = evaluate.mean_loss(model, blocks, rows, micro, args.blocks)
+        stored = _stored(model, stores)
         losses = {"stored": before, "export": after, "data": data_name}
         extra = {"switch": record}
         if restore.is_export(path):  # the run's config as recorded, not the one loading made
@@ -150,8 +165,17 @@ def main(args) -> int:
         f"val_loss int{bits[0]} {before:.4f} -> {label} {after:.4f} ({after - before:+.4f}) "
         f"on {data_name}"
     )
+    print(f"switched layers: {stored[0]} bytes stored, {stored[1]:.4f} {UNIT}")
     print(f"export: {target.resolve()}")
     return 0
+
+
+def _stored(model, stores) -> tuple[int, float]:
+    """(bytes, bits per weight) the switched layers of `model` store, as the export writes
+    them."""
+    layers = [model.get_submodule(name) for name in stores]
+    total = sum(m.stored_bytes() for m in layers)
+    return total, 8 * total / sum(m.in_features * m.out_features for m in layers)
 
 
 @torch.no_grad()

@@ -76,8 +76,9 @@ def check_meta(meta: dict, d: Path) -> None:
     """The record's keys and every layer's layout (no tensors needed)."""
     path = d / EXPORT_JSON
     fmt = meta.get("format")
-    if fmt != folding.FORMAT:
-        raise _bad(path, f"format {fmt!r}: this lptrain reads format {folding.FORMAT}; export "
+    if fmt not in folding.READS:
+        known = " and ".join(map(str, folding.READS))
+        raise _bad(path, f"format {fmt!r}: this lptrain reads formats {known}; export "
                    "the run again with this lptrain")  # fmt: skip
     for key, kind in (("config", dict), ("tokenizer", str), ("layers", dict), ("hf_config", bool)):
         if not isinstance(meta.get(key), kind):
@@ -125,8 +126,13 @@ def _grid_problem(lay: dict) -> str | None:
     if lay["fmt"] not in ("int8", "int4", "affine"):
         return None
     bits, group, n = lay.get("bits"), lay.get("group_size"), lay.get("n")
-    if not (_is_int(bits) and 1 <= bits <= 8):  # codes are stored in int8 (or nibbles)
+    if not (_is_int(bits) and 1 <= bits <= 8):  # codes are stored in int8 or packed
         return f"bits: must be an integer in 1..8, got {bits!r}"
+    width = lay.get("code_bits")
+    if width is not None and not (_is_int(width) and bits <= width <= 8):
+        return f"code_bits: must be an integer in {bits}..8 (bits..8), got {width!r}"
+    if width is None and not isinstance(lay.get("packed"), bool):
+        return f"packed: must be true or false, got {lay.get('packed')!r}"
     if not (_is_int(group) and group > 0 and lay["in_features"] % group == 0):
         return f"group_size: must divide in_features {lay['in_features']}, got {group!r}"
     lows = (-(2 ** (bits - 1)), -(2 ** (bits - 1)) + 1, 0)  # signed, symmetric, unsigned

@@ -4,7 +4,16 @@ Public API (names relied upon): get_format, Format, round_to_format, QuantSpec, 
 QuantizedTensor, hadamard, hadamard_matrix, and the DFP functions.
 """
 
-from lptrain.numerics.codes import decode, decode_table, encode, pack_nibbles, unpack_nibbles
+from lptrain.numerics.codes import (
+    decode,
+    decode_table,
+    encode,
+    pack_bits,
+    pack_nibbles,
+    packed_bytes,
+    unpack_bits,
+    unpack_nibbles,
+)
 from lptrain.numerics.dfp import (
     DFPMatmulResult,
     DFPTensor,
@@ -41,9 +50,12 @@ __all__ = [
     "get_format",
     "hadamard",
     "hadamard_matrix",
+    "pack_bits",
     "pack_nibbles",
+    "packed_bytes",
     "quantize",
     "random_signs",
     "round_to_format",
+    "unpack_bits",
     "unpack_nibbles",
 ]

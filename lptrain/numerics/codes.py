@@ -1,8 +1,9 @@
-"""Bit codes of the formats: decode tables, encode of on-grid values, FP4 packing.
+"""Bit codes of the formats: decode tables, encode of on-grid values, bit packing.
 
 Codes are the format's own bit patterns (sign | exponent | mantissa), so an FP8 code tensor
 viewed as `torch.float8_e4m3fn` is the same number, and 4-bit codes pack two per byte (element
 2i in the low nibble, 2i+1 in the high nibble, as the OCP MX and NVFP4 layouts do).
+`pack_bits` is the same little-endian layout for any width 1..8 (integer exports).
 """
 
 from __future__ import annotations
@@ -104,3 +105,55 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     lo = packed & 0xF
     hi = packed >> 4
     return torch.stack((lo, hi), dim=-1).flatten(-2)
+
+
+def packed_bytes(count: int, width: int) -> int:
+    """Bytes of `count` codes of `width` bits packed by `pack_bits` (whole bytes per row)."""
+    return (count * width + 7) // 8
+
+
+def pack_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
+    """Unsigned `width`-bit codes (1..8; uint8, < 2^width) packed along the last axis,
+    little-endian: code i occupies bits [i·w, (i+1)·w) of the row's bit stream, whose byte j
+    holds bits [8j, 8j+8), lowest bit first. Each row ends on a whole byte (zero bits pad it):
+    (..., n) -> (..., ceil(n·w/8)) uint8, so rows slice like the unpacked codes. Width 4 is
+    `pack_nibbles`; width 8 the codes themselves. The exact inverse is `unpack_bits`."""
+    if not 1 <= width <= 8:
+        raise ValueError(f"pack_bits: width must be 1..8, got {width}")
+    n = codes.shape[-1]
+    if 8 % width == 0:  # 1, 2, 4, 8 bits: whole codes per byte, no 64-bit words (faster)
+        k = 8 // width
+        c = torch.nn.functional.pad(codes.to(torch.uint8), (0, -n % k)).unflatten(-1, (-1, k))
+        shifts = torch.arange(k, device=c.device, dtype=torch.uint8) * width
+        return (c << shifts).sum(-1, dtype=torch.uint8)  # disjoint bit fields: the sum is an OR
+    # Eight codes are exactly `width` bytes: build each group of eight as one 64-bit integer.
+    c = codes.to(torch.int64) & ((1 << width) - 1)
+    c = torch.nn.functional.pad(c, (0, -n % 8)).unflatten(-1, (-1, 8))  # (..., G, 8)
+    shifts = torch.arange(8, device=c.device, dtype=torch.int64) * width
+    word = (c << shifts).sum(-1, keepdim=True)  # disjoint bit fields: the sum is an OR
+    byte_shifts = torch.arange(width, device=c.device, dtype=torch.int64) * 8
+    out = ((word >> byte_shifts) & 0xFF).to(torch.uint8).flatten(-2)  # (..., G·width)
+    return out[..., : packed_bytes(n, width)]
+
+
+def unpack_bits(packed: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    """The `count` codes per row that `pack_bits(codes, width)` packed, as uint8."""
+    if not 1 <= width <= 8:
+        raise ValueError(f"unpack_bits: width must be 1..8, got {width}")
+    if packed.shape[-1] != packed_bytes(count, width):
+        raise ValueError(
+            f"unpack_bits: {count} codes of {width} bits take {packed_bytes(count, width)} "
+            f"bytes per row, got {packed.shape[-1]}"
+        )
+    mask = (1 << width) - 1
+    if 8 % width == 0:  # whole codes per byte
+        k = 8 // width
+        shifts = torch.arange(k, device=packed.device, dtype=torch.uint8) * width
+        return ((packed.unsqueeze(-1) >> shifts) & mask).flatten(-2)[..., :count]
+    b = packed.to(torch.int64)
+    b = torch.nn.functional.pad(b, (0, -b.shape[-1] % width)).unflatten(-1, (-1, width))
+    byte_shifts = torch.arange(width, device=b.device, dtype=torch.int64) * 8
+    word = (b << byte_shifts).sum(-1, keepdim=True)  # (..., G, 1): eight codes
+    shifts = torch.arange(8, device=b.device, dtype=torch.int64) * width
+    codes = ((word >> shifts) & mask).to(torch.uint8).flatten(-2)
+    return codes[..., :count]

@@ -10,9 +10,14 @@ folded into its base). Storage formats, with bytes per weight for an (out, in) l
 | `int8` | int8 codes, symmetric, one fp32 step per output row | 1 + 4/in |
 | `int4` | 4-bit codes, two per byte, symmetric, fp32 step per group | 0.5 + 4/group |
 | `nvfp4` | E2M1 codes, two per byte, E4M3 scale per 16, fp32 tensor scale | 0.5625 |
-| `affine` | b-bit codes (packed for b <= 4), fp32 step (+ offset) per group | b/8 + 4/group |
+| `affine` | b-bit codes, packed at b bits, fp32 step (+ offset) per group | b/8 + 4/group |
 
-`affine` is W = s·I + b per group: the export of L4Q and LSQ layers.
+`affine` is W = s·I + b per group: the export of L4Q and LSQ layers. Integer codes of b < 8
+bits are stored as I - n (n the lowest code) packed at b bits per code (`pack_codes`:
+little-endian along each row, rows padded to whole bytes, numerics/codes.py `pack_bits`): 2-bit
+codes four per byte, 3-bit eight per 3 bytes, 6-bit four per 3 bytes. 8-bit codes are int8.
+`code_bits` is the width each code occupies (b, or 8 for int8; exports written before packing
+at b bits used 4 for b <= 4 and 8 above, and say so by leaving `code_bits` out of their layout).
 
 Buffers only (never parameters): ZeRO never partitions or casts them, `state_dict` and
 safetensors carry them. The weight is dequantized on the fly, one row chunk at a time
@@ -29,7 +34,15 @@ from torch import nn
 
 from lptrain.errors import ConfigError
 from lptrain.nn.chunked import frozen_linear
-from lptrain.numerics import QuantSpec, decode, get_format, quantize, unpack_nibbles
+from lptrain.numerics import (
+    QuantSpec,
+    decode,
+    get_format,
+    pack_bits,
+    quantize,
+    unpack_bits,
+    unpack_nibbles,
+)
 from lptrain.qat import lsq as L
 
 FORMATS = ("bf16", "fp8", "int8", "int4", "nvfp4", "affine")
@@ -37,14 +50,19 @@ FP8_SPEC = QuantSpec("fp8_e4m3", scaling="row")  # one scale per output row
 NVFP4_SPEC = QuantSpec("fp4_e2m1", scaling="block", block_size=16, scale_format="ue4m3")
 
 
-def pack_codes(q: torch.Tensor, n: int) -> torch.Tensor:
-    """Integer codes in [n, n+15] -> unsigned nibbles, two per byte (low nibble first)."""
-    u = (q.to(torch.int16) - n).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4)
+def pack_codes(q: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """Integer codes (out, in) in [n, n + 2^width) -> how they are stored: int8 at width 8,
+    else I - n packed at `width` bits per code along each row (uint8, `pack_bits`)."""
+    if width == 8:
+        return q.to(torch.int8)
+    return pack_bits((q.to(torch.int16) - n).to(torch.uint8), width)
 
 
-def unpack_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
-    return unpack_nibbles(packed).to(torch.int16) + n
+def unpack_codes(stored: torch.Tensor, n: int, width: int, count: int) -> torch.Tensor:
+    """The inverse of `pack_codes`: (rows, count) int16 codes."""
+    if width == 8:
+        return stored.to(torch.int16)
+    return unpack_bits(stored, width, count).to(torch.int16) + n
 
 
 def symmetric_codes(w: torch.Tensor, bits: int, group: int):
@@ -69,6 +87,7 @@ class QuantizedLinear(nn.Module):
             gemm,
         )
         self.bits, self.group_size, self.n = 0, in_features, 0
+        self.code_bits = 8  # the width each stored integer code occupies (pack_codes)
         self.recipe_layer: nn.Module | None = None  # an lptrain.nn.Linear with no weight
         self.input_quantizer: nn.Module | None = None  # QAT exports with quantized inputs
         self.register_buffer("bias", None)
@@ -114,11 +133,14 @@ class QuantizedLinear(nn.Module):
         m.set_bias(bias)
         return m.to(w.device)
 
-    def set_affine(self, q, step, offset, *, bits: int, group_size: int, n: int) -> None:
-        """Store integer codes `q` (out, in) with per-group `step`/`offset` (out, in/group)."""
+    def set_affine(
+        self, q, step, offset, *, bits: int, group_size: int, n: int, code_bits: int | None = None
+    ) -> None:
+        """Store integer codes `q` (out, in) with per-group `step`/`offset` (out, in/group),
+        packed at `bits` bits per code (`code_bits`: another width, for an older export)."""
         self.bits, self.group_size, self.n = bits, group_size, n
-        packed = bits <= 4 and self.in_features % 2 == 0
-        codes = pack_codes(q, n) if packed else q.to(torch.int8)
+        self.code_bits = code_bits or bits
+        codes = pack_codes(q, n, self.code_bits)
         self.register_buffer("codes", codes.contiguous().clone())
         self.register_buffer("step", step.detach().float().reshape(self.out_features, -1).clone())
         if offset is not None:
@@ -142,8 +164,7 @@ class QuantizedLinear(nn.Module):
             q = q.reshape(rows, -1, 16)
             s_b = self.block_scale[r0:r1].view(torch.float8_e4m3fn).float().unsqueeze(-1)
             return ((q * s_b) * self.global_scale).reshape(rows, self.in_features)
-        codes = self.codes[r0:r1]
-        q = unpack_codes(codes, self.n) if codes.dtype == torch.uint8 else codes
+        q = unpack_codes(self.codes[r0:r1], self.n, self.code_bits, self.in_features)
         qg = q.float().reshape(rows, -1, self.group_size)  # (rows, G, group)
         step = self.step[r0:r1].unsqueeze(-1)
         off = self.offset[r0:r1].unsqueeze(-1) if self.offset is not None else None
@@ -156,12 +177,17 @@ class QuantizedLinear(nn.Module):
         """The stored integer codes as int16 (out, in), for affine/int formats."""
         if self.fmt not in ("int8", "int4", "affine"):
             return None
-        c = self.codes
-        return unpack_codes(c, self.n) if c.dtype == torch.uint8 else c.to(torch.int16)
+        return unpack_codes(self.codes, self.n, self.code_bits, self.in_features)
+
+    def stored_bytes(self) -> int:
+        """Bytes of the weight as an export writes it (the layer's state dict, what safetensors
+        saves): codes, scales or steps (+ offsets), the input quantizer's step; not the bias,
+        which stays float whatever the format."""
+        return sum(t.numel() * t.element_size() for k, t in self.state_dict().items()
+                   if k != "bias")  # fmt: skip
 
     def bytes_per_param(self) -> float:
-        stored = sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "bias")
-        return stored / (self.out_features * self.in_features)
+        return self.stored_bytes() / (self.out_features * self.in_features)
 
     # -- forward --------------------------------------------------------------------------
 

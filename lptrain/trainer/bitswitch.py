@@ -10,6 +10,11 @@ layers return to `eval_bits` afterwards (evaluation, checkpoints). With `distill
 below the highest bit-width learn from the highest pass's predictions of the same micro-batch
 (PSKD: (1 - α_t)·CE + α_t·CE(p_high, p_b), α_t = distill·(step+1)/steps, §7.2).
 
+`optim.grad_clip` clips each pass's update by that update's whole gradient norm (DeepSpeed),
+quantizer steps included: measured against leaving them out (BENCHMARKS.md "Bit switching:
+the gradient clip"), no alternative won at every bit-width. The row logs each pass's pre-clip
+norm as `grad_norm_b<B>` and the largest as `grad_norm`.
+
 Nothing here keeps state across steps: the draws come from (seed, step, pass), so a resume
 from a checkpoint (weights, scales, `active_bits` and `hmt` buffers, optimizer) is exact.
 """
@@ -63,6 +68,7 @@ class JointStep:
                         r = self.inner(s, p)
                     results.append(r)
                     extra[f"loss_b{b}"] = r.loss
+                    extra[f"grad_norm_b{b}"] = r.grad_norm
                     used = _merged(seen[n_seen:])  # empty: the update was skipped
                     extra[f"lr_b{b}"] = used.get("0", math.nan)
                     extra[f"lr_quantizer_b{b}"] = used.get("quantizer", math.nan)
@@ -72,6 +78,8 @@ class JointStep:
         if sigma_t > 0:
             extra["hasb_sigma"] = sigma_t
         loss = sum(r.loss for r in results) / len(results)
+        # The row's grad_norm: the largest of the passes' norms (each before its clip, over
+        # every trainable parameter, quantizer steps included); grad_norm_b<B> has each.
         norms = [r.grad_norm for r in results]
         norm = next((x for x in norms if not math.isfinite(x)), max(norms))  # non-finite wins
         return StepResult(loss, norm, any(r.skipped for r in results), extra)

@@ -64,3 +64,26 @@ def test_bitswitch_convert_at_a_bit_width_is_the_switched_store():
         want = bitswitch.switch_store(store[0], 4)(x)
         assert torch.equal(at4[0](x), want)
         assert not torch.equal(at4[0](x), store[0](x))  # 4 bits is not the 8-bit store
+
+
+def test_a_format_2_layout_reads_its_nibble_packed_codes():
+    """Exports written before codes were packed at their bit-width (format 2) kept 2- and
+    3-bit codes in 4-bit slots and 5-7-bit codes in int8, and their layouts have no
+    `code_bits`: `shell` rebuilds that storage, so they load as they were written."""
+    from lptrain.export.folding import layout, shell
+    from lptrain.numerics import pack_nibbles
+
+    q = torch.randint(-2, 2, (4, 32), generator=torch.Generator().manual_seed(0))
+    new = QuantizedLinear(32, 4, "affine")
+    new.set_affine(q, torch.ones(4, 1), None, bits=2, group_size=32, n=-2)
+    lay = layout(new)
+    assert lay["code_bits"] == 2 and new.codes.shape == (4, 8)  # four codes per byte
+    old = {**lay, "packed": True, "bytes_per_param": 0.5 + 4 / 32}
+    del old["code_bits"]
+    legacy = shell(old)
+    assert legacy.codes.shape == (4, 16) and legacy.code_bits == 4
+    legacy.load_state_dict({"codes": pack_nibbles((q + 2).to(torch.uint8)),
+                            "step": torch.ones(4, 1)})  # fmt: skip
+    assert torch.equal(legacy.integer_codes(), q.to(torch.int16))
+    six = shell({**old, "bits": 6, "n": -32, "packed": False})
+    assert six.codes.dtype == torch.int8 and six.codes.shape == (4, 32)

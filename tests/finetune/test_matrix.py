@@ -11,6 +11,10 @@ process), and both formats export it. What each format must give:
   the folded model bit for bit), and for L4Q and LSQ the run's own `lptrain eval` exactly
   (their fold is the training forward). LoRA folds re-quantize W + BA into the base's format:
   that cost is reported, not bounded here.
+* `compressed-tensors`: the export's own reload in transformers (recorded in
+  lptrain_compressed.json) equals the int export's loss within CT_BOUND; a run with nothing to
+  store quantized (a bf16 or nvfp4 base, GPT-2 whose layers are all Conv1D) is refused in one
+  line.
 * `hf`: `AutoModelForCausalLM.from_pretrained` of the export gives the folded model's loss
   within HF_BOUND. The weights are the same fp32 values; only the GEMMs differ (lptrain's
   row-chunked dequantizing GEMM against `F.linear`: another summation order of at most 256
@@ -55,6 +59,9 @@ SMALL = [*FAST, "data.block_size=32", "deepspeed.micro_batch=4", "run.max_steps=
          "data.tokenizer=byte"]  # fmt: skip
 BLOCKS = 4  # validation blocks for every loss below
 HF_BOUND = 1e-5  # nats: see the module docstring
+# nats: compressed-tensors dequantizes (q - z)·s where lptrain computes s·q + b, in fp32, then
+# the same F.linear difference as hf (measured up to 5.3e-8 on a tiny Llama)
+CT_BOUND = 1e-5
 FIGURES: dict[tuple[str, str], dict] = {}  # (arch, recipe) -> losses, printed at the end
 
 # Every run through the CLI's main, one process for all of them (imports paid once).
@@ -85,11 +92,12 @@ def runs(tmp_path_factory, data_cache) -> dict[tuple[str, str], Path]:
 
 
 def _print_figures() -> None:
-    print("\narch  recipe      run eval  int export  hf reload  |hf - int|")
+    print("\narch  recipe      run eval  int export  hf reload  |hf - int|  ct reload  |ct - int|")
     for (arch, recipe), f in sorted(FIGURES.items()):
         if {"run", "int", "hf"} <= f.keys():
+            ct = f"{f['ct']:10.4f} {abs(f['ct'] - f['int']):10.2e}" if "ct" in f else "   refused"
             print(f"{arch:5} {recipe:10} {f['run']:9.4f} {f['int']:11.4f} {f['hf']:10.4f} "
-                  f"{abs(f['hf'] - f['int']):10.2e}")  # fmt: skip
+                  f"{abs(f['hf'] - f['int']):10.2e} {ct}")  # fmt: skip
 
 
 def _main(capsys, *argv) -> str:
@@ -167,7 +175,32 @@ def check_hf(capsys, runs, arch: str, recipe: str) -> None:
     FIGURES[arch, recipe]["hf"] = loss.loss
 
 
-FORMATS = {"int": check_int, "hf": check_hf}  # compressed-tensors: one more entry
+def check_ct(capsys, runs, arch: str, recipe: str) -> None:
+    """compressed-tensors: what `from_pretrained` computes from the written files (the export
+    reloads itself and records it) equals the int export's `lptrain eval` within CT_BOUND. A
+    run with nothing to store quantized is refused: a bf16 base; GPT-2, all Conv1D; an nvfp4
+    base, which compressed-tensors 0.20 decompresses to bf16 in any model."""
+    from lptrain.cli import main
+
+    out = runs[arch, recipe].parent / f"{arch}-{recipe}-ct"
+    argv = ["export", runs[arch, recipe], "--format", "compressed-tensors", "--out", out,
+            "--blocks", BLOCKS]  # fmt: skip
+    if arch == "gpt2" or recipe in ("lora-bf16", "lora-nvfp4"):
+        capsys.readouterr()
+        assert main([str(a) for a in argv]) == 2
+        assert "no layer can be stored quantized" in capsys.readouterr().err
+        assert not out.exists()
+        return
+    _export(capsys, arch, recipe, "compressed-tensors", runs[arch, recipe], out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    got = json.loads((out / "lptrain_compressed.json").read_text())["val_loss"]
+    ref = int_export(capsys, runs, arch, recipe)
+    assert abs(got["compressed-tensors"] - ref["int"]) <= CT_BOUND, (got, ref["int"])
+    FIGURES[arch, recipe]["ct"] = got["compressed-tensors"]
+
+
+FORMATS = {"int": check_int, "hf": check_hf, "compressed-tensors": check_ct}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -1,5 +1,5 @@
 """Bit codes (numerics/codes.py): decode tables against ml_dtypes, encode round trips, FP4
-packing."""
+packing, the bit packer of integer codes (every width, odd lengths, its byte layout)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from lptrain.numerics import decode, decode_table, encode, get_format, round_to_format
+from lptrain.numerics import (
+    decode,
+    decode_table,
+    encode,
+    get_format,
+    pack_bits,
+    pack_nibbles,
+    packed_bytes,
+    round_to_format,
+    unpack_bits,
+)
 
 from .conftest import ML_DTYPES, assert_bits_equal
 
@@ -71,3 +81,30 @@ def test_fp8_codes_equal_torch_float8_bits():
     for name, dt in (("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)):
         codes = torch.arange(256, dtype=torch.uint8)
         assert_bits_equal(decode(codes, name), codes.view(dt).float())
+
+
+@pytest.mark.parametrize("width", range(1, 9))
+def test_pack_bits_is_exactly_inverted_for_every_width_and_odd_length(width):
+    gen = torch.Generator().manual_seed(width)
+    for n in (1, 3, 7, 8, 9, 31, 65):
+        codes = torch.randint(0, 2**width, (3, n), generator=gen).to(torch.uint8)
+        codes[0, 0], codes[-1, -1] = 0, 2**width - 1  # both ends of the grid
+        packed = pack_bits(codes, width)
+        assert packed.dtype == torch.uint8 and packed.shape == (3, (n * width + 7) // 8)
+        assert packed.shape[-1] == packed_bytes(n, width)
+        assert torch.equal(unpack_bits(packed, width, n), codes), (width, n)
+        assert torch.equal(unpack_bits(packed[1:2], width, n), codes[1:2])  # rows slice
+
+
+def test_pack_bits_layout_is_little_endian():
+    # 3 bits: codes 1, 2, 5 at bit offsets 0, 3, 6: 1 + (2 << 3) + (5 << 6) = 337 = 81 + 256.
+    assert pack_bits(torch.tensor([1, 2, 5], dtype=torch.uint8), 3).tolist() == [81, 1]
+    assert pack_bits(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [57]
+    six = torch.tensor([63, 0, 1, 32], dtype=torch.uint8)  # four 6-bit codes in three bytes
+    assert pack_bits(six, 6).tolist() == [63, 1 << 4, 1 << 7]  # 1 at bit 12, 32 at bit 23
+    nib = torch.randint(0, 16, (4, 64), dtype=torch.uint8)
+    assert torch.equal(pack_bits(nib, 4), pack_nibbles(nib))  # the FP4/int4 layout
+    byte = torch.randint(0, 256, (4, 7), dtype=torch.uint8)
+    assert torch.equal(pack_bits(byte, 8), byte)
+    with pytest.raises(ValueError, match="7 codes of 3 bits take 3 bytes per row, got 2"):
+        unpack_bits(torch.zeros(2, dtype=torch.uint8), 3, 7)

@@ -88,3 +88,25 @@ def test_house_rules(w):
         q(torch.zeros(3, 64))
     with pytest.raises(ValueError, match="group_size: 48 does not divide in_features 128"):
         QuantizedLinear.from_weight(w, "int4", group_size=48)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("n_of", ["signed", "symmetric"])
+def test_affine_codes_are_packed_at_their_bit_width(bits, n_of):
+    """b-bit codes take ceil(in·b/8) bytes per row (int8 at 8 bits), odd widths included, and
+    come back exactly, the grid's edges too; the dequantized weight is unchanged by packing."""
+    n = -(2 ** (bits - 1)) if n_of == "signed" else -(2 ** (bits - 1)) + 1
+    gen = torch.Generator().manual_seed(bits)
+    out_f, in_f = 5, 37
+    q = torch.randint(n, 2 ** (bits - 1), (out_f, in_f), generator=gen, dtype=torch.int16)
+    q[0, 0], q[-1, -1] = n, 2 ** (bits - 1) - 1
+    step = torch.rand(out_f, 1, generator=gen) + 0.1
+    m = QuantizedLinear(in_f, out_f, "affine")
+    m.set_affine(q, step, None, bits=bits, group_size=in_f, n=n)
+    assert m.code_bits == bits
+    row_bytes = -(-in_f * bits // 8)  # ceil(37·b/8)
+    assert m.codes.shape == (out_f, row_bytes)
+    assert m.codes.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert torch.equal(m.integer_codes(), q)
+    assert torch.equal(m.weight_rows(2, 4), q[2:4].float() * step[2:4])
+    assert m.stored_bytes() == out_f * row_bytes + 4 * out_f  # codes + steps

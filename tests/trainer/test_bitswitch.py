@@ -61,6 +61,8 @@ def test_joint_step_runs_every_bit_with_alrs_and_hasb(work):
         losses = [r[f"loss_b{b}"] for b in BITS]
         assert all(math.isfinite(x) for x in losses)
         assert r["loss"] == pytest.approx(sum(losses) / 4)
+        # grad_norm is the largest pass's (before its clip); each pass's is in the row.
+        assert r["grad_norm"] == max(r[f"grad_norm_b{b}"] for b in BITS)
         for k, b in enumerate(BITS):  # what the torch optimizer saw at each of the 4 updates
             assert r[f"lr_b{b}"] == pytest.approx(cfg.optim.lr * factor(t), rel=1e-12)
             want = cfg.optim.lr * factor(t) * 0.1**k  # ALRS: alpha^k on the quantizer group
@@ -121,12 +123,30 @@ def test_switch_every_bit_and_budgets_from_the_int8_export(work, capsys):
         assert torch.equal(got, want), b  # the deployable model is the training forward
     meta = json.loads((run / "export-b2/lptrain_export.json").read_text())
     assert meta["switch"] == {"bits": 2} and meta["layers"]["layers.0.mlp.w1"]["bits"] == 2
+    # Codes packed at their bit-width: the exports shrink with it (2 bits: four per byte).
+    size = {b: (run / f"export-b{b}" / "model.safetensors").stat().st_size for b in BITS}
+    assert size[8] > size[6] > size[4] > size[2], size
+    for b in BITS:
+        lay = json.loads((run / f"export-b{b}/lptrain_export.json").read_text())["layers"]
+        w1 = restore.open_export(run / f"export-b{b}").model.get_submodule("layers.0.mlp.w1")
+        assert lay["layers.0.mlp.w1"]["code_bits"] == b
+        assert w1.codes.numel() == w1.out_features * w1.in_features * b // 8
     for budget in (3, 4.5):
         code, out, _ = in_process(capsys, "switch", run, "--budget", budget, "--blocks", 8)
         assert code == 0 and "per-layer bit-widths" in out and "layers.1.mlp.w2" in out
         meta = json.loads((run / f"export-avg{budget:g}/lptrain_export.json").read_text())
         rec = meta["switch"]
         assert rec["hessian"] and rec["average_bits"] <= budget and len(rec["layers"]) == 14
+        # The budget counts what the export stores: packed codes, steps and input steps.
+        model = restore.open_export(run / f"export-avg{budget:g}").model
+        layers = [model.get_submodule(name) for name in rec["layers"]]
+        weights = sum(m.in_features * m.out_features for m in layers)
+        assert rec["average_bits"] == 8 * sum(m.stored_bytes() for m in layers) / weights
+        assert (
+            rec["unit"].startswith("stored bits per weight")
+            and f"average {rec['average_bits']:.4f} stored bits per weight" in out
+        )
+        assert rec["nominal_bits"] < rec["average_bits"]
         code, ev, _ = in_process(capsys, "eval", run / f"export-avg{budget:g}", "--blocks", 8)
         assert code == 0 and "perplexity" in ev
         # The budgeted model equals the training model with those per-layer bit-widths.
@@ -138,7 +158,8 @@ def test_switch_every_bit_and_budgets_from_the_int8_export(work, capsys):
     code, _, err = in_process(capsys, "switch", run, "--bits", 3)
     assert code == 2 and err == "error: --bits: 3 is not a candidate bit-width [8, 6, 4, 2]\n"
     code, _, err = in_process(capsys, "switch", run, "--budget", 9)
-    assert code == 2 and err.startswith("error: --budget: must be in [2, 8] bits, got 9")
+    assert code == 2 and err.startswith("error: --budget: must be in [2.")
+    assert err.endswith("stored bits per weight (2 to 8 bits with their scales), got 9\n")
     code, _, err = in_process(capsys, "switch", work["base"], "--bits", 4)
     assert code == 2 and "has no bit-switching layers" in err
     code, _, err = in_process(capsys, "switch", run, "--bits", 4)

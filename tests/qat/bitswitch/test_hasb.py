@@ -146,12 +146,41 @@ def test_budget_solver_equals_brute_force():
         )
 
 
+def test_budget_solver_counts_stored_bits():
+    """With `stored` (the bits each layer's export holds, scales included) the budget counts
+    those: the same exact program, against brute force, and a case where nominal bits and
+    stored bits choose differently."""
+    rng = random.Random(1)
+    bits = [8, 6, 4, 2]
+    for case in range(30):
+        L = rng.randint(1, 5)
+        sizes = [rng.choice([64, 128, 192]) * rng.choice([1, 3]) for _ in range(L)]
+        rows = [rng.choice([1, 2, 4]) for _ in range(L)]  # scale bits per weight, per layer
+        stored = [[n * (b + r) for b in bits] for n, r in zip(sizes, rows, strict=True)]
+        costs = [[0.0, *sorted(rng.random() * 10 for _ in bits[1:])] for _ in range(L)]
+        budget = rng.choice([3.0, 4.5, 5.0, 6.9, 9.0])
+        if budget * sum(sizes) < sum(r[-1] for r in stored):
+            continue
+        got = bs.solve(costs, sizes, bits, budget, stored)
+        assert got.average_bits <= budget + 1e-12, case
+        assert got.cost == pytest.approx(bs.brute_force(costs, sizes, bits, budget, stored))
+    # Two layers of 100 weights, 1 scale bit per weight each: 4 and 4 bits fit a nominal
+    # budget of 4 but not a stored one (5 + 5 > 4 · 200); the stored budget takes 4 and 2.
+    costs, sizes = [[0, 1, 2, 9], [0, 1, 2, 3]], [100, 100]
+    stored = [[100 * (b + 1) for b in bits]] * 2
+    assert bs.solve(costs, sizes, bits, 4).bits == [4, 4]
+    got = bs.solve(costs, sizes, bits, 4, stored)
+    assert got.bits == [4, 2] and got.average_bits == 4.0
+    with pytest.raises(ValueError, match="^budget: 2.5 is below the smallest possible 3 bits"):
+        bs.solve(costs, sizes, bits, 2.5, stored)
+
+
 def test_budget_solver_edges():
     costs, sizes, bits = [[0, 1, 2, 3], [0, 5, 6, 7]], [100, 300], [8, 6, 4, 2]
     assert bs.solve(costs, sizes, bits, 8).bits == [8, 8]
     assert bs.solve(costs, sizes, bits, 2).bits == [2, 2]
     assert bs.solve(costs, sizes, bits, 6.5).bits == [2, 8]  # (100·2 + 300·8)/400 = 6.5
-    with pytest.raises(ValueError, match="^budget: 1.5 is below the smallest bit-width 2"):
+    with pytest.raises(ValueError, match="^budget: 1.5 is below the smallest possible 2 bits"):
         bs.solve(costs, sizes, bits, 1.5)
     # Ties are broken the same way every time.
     flat = [[0, 0, 0, 0]] * 3
