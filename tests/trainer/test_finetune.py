@@ -110,11 +110,13 @@ def test_export_round_trip_and_eval(work, name, capsys):
     assert code == 2 and "already exists" in err
 
 
-def test_hugging_face_llama_fine_tunes_and_exports_back(work, tmp_path, capsys):
+@pytest.mark.parametrize("name", ["l4q-4bit", "qlora-nf4"])
+def test_hugging_face_llama_fine_tunes_and_exports_back(work, tmp_path, capsys, name):
+    """--format hf writes the deployable weights dequantized (nf4: W + BA re-quantized first)."""
     transformers = pytest.importorskip("transformers")
     hf_dir = tiny_llama(tmp_path / "hf-llama")
     run = tmp_path / "run"
-    finetune("l4q-4bit", run, hf_dir, work["cache"])
+    finetune(name, run, hf_dir, work["cache"])
     assert len(train_losses(run)) == STEPS
     assert (
         in_process(
@@ -125,10 +127,11 @@ def test_hugging_face_llama_fine_tunes_and_exports_back(work, tmp_path, capsys):
     back = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path / "out"), local_files_only=True
     )
-    from lptrain.export import restore
+    from lptrain.export import fold, restore
 
     tokens = torch.randint(1, 257, (2, 33), generator=torch.Generator().manual_seed(1))
     trained = restore.open_run(run).model
+    fold(trained)  # the deployable layers (l4q: its training forward; nf4: W + BA re-quantized)
     with torch.no_grad():
         ref = trained.model(input_ids=tokens).logits
         got = back(input_ids=tokens).logits
