@@ -37,8 +37,8 @@ schema.py).
       dropout: 0.0        # lora only
       targets: ['*']      # module-name globs (full name or last part)
       skip: [lm_head]
-      base: none          # lora: frozen base storage none | bf16 | fp8 | int8 | int4 | nvfp4
-      base_group_size: 64 # lora with base int4: inputs per scale
+      base: none          # lora: frozen base storage none | bf16 | fp8 | int8 | int4 | nvfp4 | nf4
+      base_group_size: 64 # lora with base int4 or nf4: inputs per scale
       bits: 4             # l4q: 2-8
       group_size: 128     # l4q: inputs per step/offset group
 
@@ -122,9 +122,9 @@ class AdaptersSection:
     targets: list[str] = field(default_factory=lambda: ["*"])
     # module-name globs left without adapters
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
-    # lora: the frozen base weight as is (none) or stored in bf16 / fp8 / int8 / int4 / nvfp4
-    base: Literal["none", "bf16", "fp8", "int8", "int4", "nvfp4"] = "none"
-    base_group_size: int = 64  # lora with base int4: inputs per scale
+    # lora: the frozen base weight as is (none) or stored in bf16 / fp8 / int8 / int4 / nvfp4 / nf4
+    base: Literal["none", "bf16", "fp8", "int8", "int4", "nvfp4", "nf4"] = "none"
+    base_group_size: int = 64  # lora with base int4 or nf4: inputs per scale
     bits: int = 4  # l4q: weight bits, 2-8
     group_size: int = 128  # l4q: inputs per step/offset group
 

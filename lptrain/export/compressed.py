@@ -126,6 +126,8 @@ def plan(q: QuantizedLinear) -> Stored | str:
         stored = _fp8(q)
     elif q.fmt == "bf16":
         return "dense float32: a bf16 weight is not a quantization format"
+    elif q.fmt == "nf4":
+        return "dense float32: compressed-tensors has no NF4 format (bitsandbytes serves NF4)"
     else:  # nvfp4: its nvfp4-pack-quantized decompresses to bf16 whatever the model's dtype
         return (
             f"dense float32: compressed-tensors 0.20 decompresses {q.fmt} to bf16, which the "

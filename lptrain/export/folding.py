@@ -15,6 +15,7 @@ from torch import nn
 import lptrain.nn as lpnn
 from lptrain import lora, qat
 from lptrain.lora import L4QLinear, LoRALinear
+from lptrain.numerics import nf4
 from lptrain.qat import LSQQuantizer, QATLinear, QuantizedLinear, bitswitch
 from lptrain.qat.bitswitch import BitSwitchLinear, SwitchInfo
 
@@ -107,6 +108,12 @@ def shell(lay: dict) -> QuantizedLinear:
         q.register_buffer("codes", torch.zeros(o, i // 2, dtype=u8))
         q.register_buffer("block_scale", torch.zeros(o, i // 16, dtype=u8))
         q.register_buffer("global_scale", torch.zeros((), dtype=f32))
+    elif fmt == "nf4":
+        g = lay["group_size"]
+        q.check_nf4(g)
+        blocks = -(-(o * i // g) // nf4.SCALE_BLOCK)
+        idx, scale_codes = torch.zeros(o, i, dtype=u8), torch.zeros(o, i // g, dtype=u8)
+        q.set_nf4(idx, scale_codes, torch.zeros(blocks), torch.zeros(()), group_size=g)
     else:
         g = lay["group_size"]
         codes = torch.zeros(o, i, dtype=torch.int16)

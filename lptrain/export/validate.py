@@ -6,7 +6,8 @@ In order, before anything is built: the folder is not a writer's staging folder
 (`lptrain.checkpoint.manifest`) and each one matches (a missing, truncated or altered file is
 named); `lptrain_export.json` parses and every layer's layout names known formats, GEMMs and
 roundings with consistent sizes. After the tensors load: every trained step is finite and
-nonzero, every fp8 / nvfp4 scale finite and positive, and every integer code lies in the range
+nonzero, every fp8 / nvfp4 scale finite and positive, every nf4 scale absmax finite and
+>= 0 (and its offset finite), and every integer code lies in the range
 of its bit-width. `lptrain eval`, `lptrain
 switch` and `restore.open_export` all go through `open_export`, so none of them reads a
 corrupted export. An export without a manifest (lptrain before exports were verified) is
@@ -123,6 +124,11 @@ def _grid_problem(lay: dict) -> str | None:
     """Bits, group and lowest code of the integer formats; the block size of nvfp4."""
     if lay["fmt"] == "nvfp4" and lay["in_features"] % 16:
         return f"in_features: nvfp4 needs a multiple of 16, got {lay['in_features']}"
+    if lay["fmt"] == "nf4":
+        group, i = lay.get("group_size"), lay["in_features"]
+        if not (_is_int(group) and group > 0 and i % group == 0 and i % 2 == 0):
+            return f"group_size: nf4 needs an even in_features {i} that it divides, got {group!r}"
+        return None
     if lay["fmt"] not in ("int8", "int4", "affine"):
         return None
     bits, group, n = lay.get("bits"), lay.get("group_size"), lay.get("n")
@@ -243,6 +249,10 @@ def tensor_problem(m: QuantizedLinear, lay: dict) -> str | None:
     if m.fmt == "nvfp4":
         block = m.block_scale.view(torch.float8_e4m3fn)
         return _positive(m.global_scale, "global_scale") or _nonnegative(block, "block_scale")
+    if m.fmt == "nf4":  # an all-zero block of scales has absmax 0; the offset is their mean
+        return _nonnegative(m.scale_absmax, "scale_absmax") or _finite(
+            m.scale_offset, "scale_offset"
+        )
     # Steps (L4Q, LSQ, a bit-switching store's scale and input steps) are trained parameters
     # with no sign constraint, and training does drive some below zero (a 3-step bit-switching
     # run of the tests ends with one at -0.0026): the forward, and the export's, is the same

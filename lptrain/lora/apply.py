@@ -28,8 +28,8 @@ class AdapterConfigError(ConfigError):
 class AdapterConfig:
     """type: lora | l4q (the YAML key `adapters.type`). r, alpha (scaling alpha/r), dropout
     (LoRA only). targets / skip: module-name globs (lptrain/nn/select.py). LoRA: `base`
-    storage of the frozen weight (none | bf16 | fp8 | int8 | int4 | nvfp4) and
-    `base_group_size` (int4). L4Q: `bits` (2-8) and `group_size` (inputs per step/offset
+    storage of the frozen weight (none | bf16 | fp8 | int8 | int4 | nvfp4 | nf4) and
+    `base_group_size` (int4, nf4). L4Q: `bits` (2-8) and `group_size` (inputs per step/offset
     group)."""
 
     type: str = "lora"

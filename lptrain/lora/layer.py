@@ -3,8 +3,9 @@ Kaiming-uniform like `nn.Linear`, scaling α/r, dropout on the adapter input onl
 
 The frozen base is either the original layer (`base="none"`: nn.Linear or an
 `lptrain.nn.Linear` running its recipe) or a `QuantizedLinear` that stores the weight in
-bf16 / fp8 / int8 / int4 / nvfp4 and dequantizes it on the fly; an `lptrain.nn.Linear` base
-keeps its recipe's GEMMs with the dequantized weight. Only `lora_A` and `lora_B` train.
+bf16 / fp8 / int8 / int4 / nvfp4 / nf4 (QLoRA's) and dequantizes it on the fly; an
+`lptrain.nn.Linear` base keeps its recipe's GEMMs with the dequantized weight. Only `lora_A`
+and `lora_B` train.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from lptrain.errors import ConfigError
 from lptrain.qat.layers import features, weight_nk
 from lptrain.qat.quantized import QuantizedLinear
 
-BASES = ("none", "bf16", "fp8", "int8", "int4", "nvfp4")
+BASES = ("none", "bf16", "fp8", "int8", "int4", "nvfp4", "nf4")
 
 
 def quantized_base(layer: nn.Module, fmt: str, group_size: int) -> QuantizedLinear:

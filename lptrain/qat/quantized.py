@@ -10,6 +10,7 @@ folded into its base). Storage formats, with bytes per weight for an (out, in) l
 | `int8` | int8 codes, symmetric, one fp32 step per output row | 1 + 4/in |
 | `int4` | 4-bit codes, two per byte, symmetric, fp32 step per group | 0.5 + 4/group |
 | `nvfp4` | E2M1 codes, two per byte, E4M3 scale per 16, fp32 tensor scale | 0.5625 |
+| `nf4` | NF4 codes, two per byte; 8-bit absmax per group, fp32 per 256 | 0.5 + 1/g + 1/(64g) |
 | `affine` | b-bit codes, packed at b bits, fp32 step (+ offset) per group | b/8 + 4/group |
 
 `affine` is W = s·I + b per group: the export of L4Q and LSQ layers. Integer codes of b < 8
@@ -18,6 +19,8 @@ little-endian along each row, rows padded to whole bytes, numerics/codes.py `pac
 codes four per byte, 3-bit eight per 3 bytes, 6-bit four per 3 bytes. 8-bit codes are int8.
 `code_bits` is the width each code occupies (b, or 8 for int8; exports written before packing
 at b bits used 4 for b <= 4 and 8 above, and say so by leaving `code_bits` out of their layout).
+`nf4` is QLoRA's storage, bit-equal to bitsandbytes' (lptrain/numerics/nf4.py): 0.5 + 1/64 +
+1/4096 bytes (4.127 bits) per weight at group 64, plus one fp32 offset per layer.
 
 Buffers only (never parameters): ZeRO never partitions or casts them, `state_dict` and
 safetensors carry them. The weight is dequantized on the fly, one row chunk at a time
@@ -38,14 +41,16 @@ from lptrain.numerics import (
     QuantSpec,
     decode,
     get_format,
+    nf4,
     pack_bits,
+    pack_nibbles,
     quantize,
     unpack_bits,
     unpack_nibbles,
 )
 from lptrain.qat import lsq as L
 
-FORMATS = ("bf16", "fp8", "int8", "int4", "nvfp4", "affine")
+FORMATS = ("bf16", "fp8", "int8", "int4", "nvfp4", "nf4", "affine")
 FP8_SPEC = QuantSpec("fp8_e4m3", scaling="row")  # one scale per output row
 NVFP4_SPEC = QuantSpec("fp4_e2m1", scaling="block", block_size=16, scale_format="ue4m3")
 
@@ -117,6 +122,10 @@ class QuantizedLinear(nn.Module):
             block = qt.scales.reshape(out_f, in_f // 16).to(torch.float8_e4m3fn)
             m.register_buffer("block_scale", block.view(torch.uint8).clone())
             m.register_buffer("global_scale", qt.global_scale.reshape(()).float().clone())
+        elif fmt == "nf4":
+            m.check_nf4(group_size)
+            idx, absmax = nf4.quantize(w32, group_size)  # absmax per group, then quantized:
+            m.set_nf4(idx, *nf4.quantize_scales(absmax), group_size=group_size)
         elif fmt in ("int8", "int4"):
             bits = 8 if fmt == "int8" else 4
             group = in_f if fmt == "int8" else group_size
@@ -147,6 +156,24 @@ class QuantizedLinear(nn.Module):
             offset = offset.detach().float().reshape(self.out_features, -1).clone()
         self.register_buffer("offset", offset)
 
+    def check_nf4(self, group_size: int) -> None:
+        if self.in_features % group_size or self.in_features % 2:
+            raise ConfigError(
+                "group_size",
+                f"nf4 needs an even in_features that {group_size} divides, got "
+                f"{self.in_features} (a ({self.out_features}, {self.in_features}) weight)",
+            )
+
+    def set_nf4(self, idx, scale_codes, scale_absmax, scale_offset, *, group_size: int) -> None:
+        """Store NF4 indices `idx` (out, in) and the double-quantized absmax per group: 8-bit
+        `scale_codes` (out, in/group), fp32 `scale_absmax` per 256 of them, fp32 `scale_offset`."""
+        self.bits, self.group_size = 4, group_size
+        self.register_buffer("codes", pack_nibbles(idx).contiguous().clone())
+        codes = scale_codes.to(torch.uint8).reshape(self.out_features, -1).clone()
+        self.register_buffer("scale_codes", codes)
+        self.register_buffer("scale_absmax", scale_absmax.detach().float().reshape(-1).clone())
+        self.register_buffer("scale_offset", scale_offset.detach().float().reshape(()).clone())
+
     def set_bias(self, bias: torch.Tensor | None) -> None:
         self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
 
@@ -164,6 +191,12 @@ class QuantizedLinear(nn.Module):
             q = q.reshape(rows, -1, 16)
             s_b = self.block_scale[r0:r1].view(torch.float8_e4m3fn).float().unsqueeze(-1)
             return ((q * s_b) * self.global_scale).reshape(rows, self.in_features)
+        if self.fmt == "nf4":
+            first = r0 * (self.in_features // self.group_size)  # the chunk's first group
+            s = nf4.dequantize_scales(
+                self.scale_codes[r0:r1].reshape(-1), self.scale_absmax, self.scale_offset, first
+            )
+            return nf4.dequantize(unpack_nibbles(self.codes[r0:r1]), s, self.group_size)
         q = unpack_codes(self.codes[r0:r1], self.n, self.code_bits, self.in_features)
         qg = q.float().reshape(rows, -1, self.group_size)  # (rows, G, group)
         step = self.step[r0:r1].unsqueeze(-1)

@@ -253,6 +253,26 @@ def test_a_code_outside_its_bit_width_is_refused(export, capsys):
     )
 
 
+def test_nf4_layouts_and_scales_are_checked():
+    """An nf4 layer (QLoRA's base, folded): its group must divide an even in_features; its
+    second-level scales must be finite and >= 0 (an all-zero block has 0), its offset finite."""
+    from lptrain.export import folding, validate
+    from lptrain.qat import QuantizedLinear
+
+    q = QuantizedLinear.from_weight(torch.randn(8, 64), "nf4", group_size=32)
+    lay = folding.layout(q)
+    assert validate.layout_problem(lay) is None and validate.tensor_problem(q, lay) is None
+    assert validate.layout_problem({**lay, "group_size": 48}) == (
+        "group_size: nf4 needs an even in_features 64 that it divides, got 48"
+    )
+    q.scale_absmax.fill_(0.0)
+    assert validate.tensor_problem(q, lay) is None
+    q.scale_offset.fill_(math.inf)
+    assert validate.tensor_problem(q, lay) == "scale_offset: not finite"
+    q.scale_absmax.fill_(-1.0)
+    assert validate.tensor_problem(q, lay) == "scale_absmax -1.0: must be finite and >= 0"
+
+
 # -- switching a switched export ----------------------------------------------------------
 
 

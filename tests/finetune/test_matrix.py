@@ -13,8 +13,8 @@ process), and both formats export it. What each format must give:
   that cost is reported, not bounded here.
 * `compressed-tensors`: the export's own reload in transformers (recorded in
   lptrain_compressed.json) equals the int export's loss within CT_BOUND; a run with nothing to
-  store quantized (a bf16 or nvfp4 base, GPT-2 whose layers are all Conv1D) is refused in one
-  line.
+  store quantized (a bf16, nvfp4 or nf4 base, GPT-2 whose layers are all Conv1D) is refused
+  in one line.
 * `hf`: `AutoModelForCausalLM.from_pretrained` of the export gives the folded model's loss
   within HF_BOUND. The weights are the same fp32 values; only the GEMMs differ (lptrain's
   row-chunked dequantizing GEMM against `F.linear`: another summation order of at most 256
@@ -48,8 +48,7 @@ RECIPES = {  # name: (recipes/finetune/<file>.yaml, overrides)
     "lora-fp8": ("lora-fp8base", ()),
     "lora-int4": ("qlora-int4", ()),
     "lora-nvfp4": ("qlora-int4", ("adapters.base=nvfp4",)),
-    # The nf4 base (QLoRA's NF4 + double-quantized scales, issue 23) goes here:
-    # "lora-nf4": ("qlora-int4", ("adapters.base=nf4",)),
+    "lora-nf4": ("qlora-nf4", ()),
     "l4q-4bit": ("l4q-4bit", ()),
     "lsq-w4a8": ("lsq-w4a8", ()),
 }
@@ -179,13 +178,14 @@ def check_ct(capsys, runs, arch: str, recipe: str) -> None:
     """compressed-tensors: what `from_pretrained` computes from the written files (the export
     reloads itself and records it) equals the int export's `lptrain eval` within CT_BOUND. A
     run with nothing to store quantized is refused: a bf16 base; GPT-2, all Conv1D; an nvfp4
-    base, which compressed-tensors 0.20 decompresses to bf16 in any model."""
+    base, which compressed-tensors 0.20 decompresses to bf16 in any model; nf4, which it
+    lacks."""
     from lptrain.cli import main
 
     out = runs[arch, recipe].parent / f"{arch}-{recipe}-ct"
     argv = ["export", runs[arch, recipe], "--format", "compressed-tensors", "--out", out,
             "--blocks", BLOCKS]  # fmt: skip
-    if arch == "gpt2" or recipe in ("lora-bf16", "lora-nvfp4"):
+    if arch == "gpt2" or recipe in ("lora-bf16", "lora-nvfp4", "lora-nf4"):
         capsys.readouterr()
         assert main([str(a) for a in argv]) == 2
         assert "no layer can be stored quantized" in capsys.readouterr().err

@@ -28,7 +28,7 @@ def test_peft_conventions():
     assert torch.equal(m(x), m.base_layer(x))  # B = 0: the base model at init
 
 
-@pytest.mark.parametrize("base", ["none", "bf16", "fp8", "int8", "int4", "nvfp4"])
+@pytest.mark.parametrize("base", ["none", "bf16", "fp8", "int8", "int4", "nvfp4", "nf4"])
 def test_grads_of_a_b_x_equal_float64_autograd(base):
     torch.manual_seed(1)
     lin = nn.Linear(64, 32).double()
@@ -101,14 +101,17 @@ def test_merge_and_unload_leaves_plain_layers_computing_the_adapted_model():
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-6)
 
 
-def test_merge_quantized_base_requantizes():
-    m = LoRALinear(nn.Linear(64, 32), r=4, base_format="int4", group_size=32)
+@pytest.mark.parametrize("base", ["int4", "nf4"])
+def test_merge_quantized_base_requantizes(base):
+    m = LoRALinear(nn.Linear(64, 32), r=4, base_format=base, group_size=32)
     nn.init.normal_(m.lora_B, std=0.05)
     want = QuantizedLinear.from_weight(
-        m.base_layer.dequantize() + m.delta_weight().detach(), "int4", group_size=32
+        m.base_layer.dequantize() + m.delta_weight().detach(), base, group_size=32
     ).dequantize()
+    assert torch.equal(lora.merged_layer(m).dequantize(), want)  # what the export folds
     m.merge()
-    assert m.merged and torch.equal(m.base_layer.dequantize(), want)
+    assert m.merged and m.base_layer.fmt == base and m.base_layer.group_size == 32
+    assert torch.equal(m.base_layer.dequantize(), want)
     with pytest.warns(UserWarning, match="re-quantizes"):
         m.unmerge()
 

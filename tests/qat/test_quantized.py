@@ -44,14 +44,17 @@ def test_int_formats_symmetric_groups(w, fmt, bits, group):
 def test_bytes_per_param(w):
     big = torch.randn(256, 1024) * 0.02
     got = {f: QuantizedLinear.from_weight(big, f).bytes_per_param() for f in
-           ("bf16", "fp8", "int8", "int4", "nvfp4")}  # fmt: skip
+           ("bf16", "fp8", "int8", "int4", "nvfp4", "nf4")}  # fmt: skip
     assert got["bf16"] == 2.0
     assert got["fp8"] == got["int8"] == pytest.approx(1 + 4 / 1024)
     assert got["int4"] == pytest.approx(0.5 + 4 / 64) and got["int4"] <= 0.6  # group 64
     assert got["nvfp4"] == pytest.approx(0.5 + 1 / 16 + 4 / big.numel())
+    # nf4: codes, an 8-bit absmax per 64, an fp32 absmax per 256 of those, one fp32 offset
+    assert got["nf4"] == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256) + 4 / big.numel())
+    assert 8 * got["nf4"] == pytest.approx(4.127, abs=1e-3)  # QLoRA's 4.127 bits per weight
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int4", "nvfp4", "bf16"])
+@pytest.mark.parametrize("fmt", ["fp8", "int4", "nvfp4", "bf16", "nf4"])
 @pytest.mark.parametrize("chunk_elems", [None, 256], ids=["one-chunk", "chunks"])
 def test_frozen_gemm_backward_equals_autograd_float64(w, fmt, chunk_elems, monkeypatch):
     if chunk_elems:
@@ -68,11 +71,12 @@ def test_frozen_gemm_backward_equals_autograd_float64(w, fmt, chunk_elems, monke
     torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-12)
 
 
-def test_state_dict_is_tensors_and_safetensors_round_trip(tmp_path, w):
-    q = QuantizedLinear.from_weight(w, "nvfp4", bias=torch.ones(48))
+@pytest.mark.parametrize("fmt", ["nvfp4", "nf4"])
+def test_state_dict_is_tensors_and_safetensors_round_trip(tmp_path, w, fmt):
+    q = QuantizedLinear.from_weight(w, fmt, bias=torch.ones(48))
     path = tmp_path / "q.safetensors"
     save_file({k: v.contiguous() for k, v in q.state_dict().items()}, str(path))
-    fresh = QuantizedLinear.from_weight(torch.zeros_like(w), "nvfp4", bias=torch.zeros(48))
+    fresh = QuantizedLinear.from_weight(torch.zeros_like(w), fmt, bias=torch.zeros(48))
     fresh.load_state_dict(load_file(str(path)))
     x = torch.randn(5, 128)
     assert torch.equal(fresh(x), q(x))
@@ -110,3 +114,16 @@ def test_affine_codes_are_packed_at_their_bit_width(bits, n_of):
     assert torch.equal(m.integer_codes(), q)
     assert torch.equal(m.weight_rows(2, 4), q[2:4].float() * step[2:4])
     assert m.stored_bytes() == out_f * row_bytes + 4 * out_f  # codes + steps
+
+
+def test_nf4_rows_are_the_whole_weight_and_shapes_are_checked(w):
+    """A row chunk decodes its own scales (its first group's place among the 256-blocks): every
+    split equals the whole, which is bitsandbytes' (tests/numerics/test_nf4.py)."""
+    q = QuantizedLinear.from_weight(torch.randn(96, 128), "nf4", group_size=32)  # 384 scales
+    whole = q.dequantize()
+    assert q.scale_absmax.shape == (2,) and q.scale_codes.shape == (96, 4)
+    assert torch.equal(torch.cat([q.weight_rows(0, 7), q.weight_rows(7, 96)]), whole)
+    with pytest.raises(ValueError, match="group_size: nf4 needs an even in_features that 48"):
+        QuantizedLinear.from_weight(w, "nf4", group_size=48)
+    with pytest.raises(ValueError, match="nf4 needs an even in_features that 1 divides, got 5"):
+        QuantizedLinear.from_weight(torch.randn(4, 5), "nf4", group_size=1)

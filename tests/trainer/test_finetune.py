@@ -15,7 +15,8 @@ from lptrain.errors import ConfigError
 from tests.helpers import FAST, REPO, free_port, lptrain, sets, tiny_llama, train_losses
 
 FINETUNE = REPO / "recipes" / "finetune"
-NAMES = ["lora-bf16base", "qlora-int4", "lora-fp8base", "l4q-4bit", "l4q-3bit", "lsq-w4a8"]
+NAMES = ["lora-bf16base", "qlora-int4", "qlora-nf4", "lora-fp8base", "l4q-4bit", "l4q-3bit",
+         "lsq-w4a8"]  # fmt: skip
 STEPS = 3
 
 
@@ -57,11 +58,12 @@ def test_every_recipe_fine_tunes_only_its_tensors(work):
             )
 
 
-def test_resume_is_exact(work, tmp_path):
+@pytest.mark.parametrize("name", ["l4q-4bit", "qlora-nf4"])
+def test_resume_is_exact(work, tmp_path, name):
     run = tmp_path / "resumed"
-    finetune("l4q-4bit", run, work["base"], work["cache"], "run.stop_at_step=2")
-    finetune("l4q-4bit", run, work["base"], work["cache"])
-    assert train_losses(run) == train_losses(work["runs"]["l4q-4bit"])
+    finetune(name, run, work["base"], work["cache"], "run.stop_at_step=2")
+    finetune(name, run, work["base"], work["cache"])
+    assert train_losses(run) == train_losses(work["runs"][name])
 
 
 @pytest.mark.slow
@@ -86,7 +88,7 @@ def in_process(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.mark.parametrize("name", ["l4q-4bit", "lsq-w4a8", "qlora-int4"])
+@pytest.mark.parametrize("name", ["l4q-4bit", "lsq-w4a8", "qlora-int4", "qlora-nf4"])
 def test_export_round_trip_and_eval(work, name, capsys):
     from lptrain.export import restore
 
@@ -98,8 +100,8 @@ def test_export_round_trip_and_eval(work, name, capsys):
     with torch.no_grad():
         a = trained.model.logits(tokens[:, :-1])
         b = exported.model.logits(tokens[:, :-1])
-    if name == "qlora-int4":  # folded into the int4 base: close, not equal (the export says so)
-        assert "re-quantized to int4" in out
+    if name.startswith("qlora"):  # folded into the 4-bit base: close, not equal (it says so)
+        assert f"re-quantized to {name.removeprefix('qlora-')}" in out
         assert 0 < (a - b).abs().mean() < 0.05 * a.std()
     else:  # L4Q and LSQ: the deployable model is the training forward, bit for bit
         assert torch.equal(a, b)
@@ -146,10 +148,11 @@ def test_hugging_face_llama_fine_tunes_and_exports_back(work, tmp_path, capsys):
     back = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path / "out"), local_files_only=True
     )
-    from lptrain.export import restore
+    from lptrain.export import fold, restore
 
     tokens = torch.randint(1, 257, (2, 33), generator=torch.Generator().manual_seed(1))
     trained = restore.open_run(run).model
+    fold(trained)  # the deployable layers (l4q: its training forward; nf4: W + BA re-quantized)
     with torch.no_grad():
         ref = trained.model(input_ids=tokens).logits
         got = back(input_ids=tokens).logits
