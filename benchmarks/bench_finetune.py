@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from machine import cpu_model  # noqa: E402
 
-RECIPES = ["lora-bf16base", "qlora-int4", "lora-fp8base", "l4q-4bit", "l4q-3bit", "lsq-w4a8"]
+RECIPES = [
+    "lora-bf16base", "qlora-int4", "qlora-nf4", "lora-fp8base", "l4q-4bit", "l4q-3bit", "lsq-w4a8",
+]  # fmt: skip
 ENV = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
 
 
