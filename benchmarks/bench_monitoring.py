@@ -85,14 +85,16 @@ def _split(s):
     return dataset.split(len(s.train_src.blocks), s.cfg.data.val_fraction)
 
 
-def _block(s, monitoring, step_fn, p, steps: int):
-    """`steps` optimizer steps; returns (cpu seconds, wall seconds, progress)."""
+def _block(s, monitoring, step_fn, p, steps: int, per_step: list | None = None):
+    """`steps` optimizer steps; returns (cpu seconds, wall seconds, progress). `per_step`
+    collects (step, cpu seconds) of every step, monitoring included (the per-step timers)."""
     from dataclasses import replace
 
     s.monitoring, s.step_fn = monitoring, step_fn
     g = s.layout.global_batch
     c0, w0 = time.process_time(), time.perf_counter()
     for _ in range(steps):
+        t0 = time.process_time()
         r = s.step_fn(s, p)
         p = replace(p, step=p.step + 1, sample_index=p.sample_index + g)
         if monitoring is not None:
@@ -100,7 +102,30 @@ def _block(s, monitoring, step_fn, p, steps: int):
             json.dumps(monitoring.step_metrics(1000.0, g * s.cfg.data.block_size))
             if row is not None:
                 json.dumps(row)
+        if per_step is not None:
+            per_step.append((p.step, time.process_time() - t0))
     return time.process_time() - c0, time.perf_counter() - w0, p
+
+
+def _mean_se(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) / len(xs) ** 0.5
+
+
+def timer_overhead(steps: dict[str, list], interval: int, name: str) -> tuple[float, float]:
+    """The overhead of monitoring at `interval` from the per-step timers of one process: the
+    extra CPU time of the steps it monitors (against the same variant's other steps), spread
+    over `interval` steps, plus what it adds to every step (its other steps against "off"
+    steps), as a fraction of an "off" step; and the standard error of that estimate. Whole-
+    block ratios cannot resolve 1% here (their round-to-round noise is about 10%); the mean of
+    hundreds of single-step timings can."""
+    off, off_se = _mean_se([t for _, t in steps["off"]])
+    mon = [t for k, t in steps[name] if k % interval == 0]
+    other = [t for k, t in steps[name] if k % interval != 0]
+    m, m_se = _mean_se(mon)
+    o, o_se = _mean_se(other) if other else (m, 0.0)
+    extra = (m - o) / interval + (o - off)
+    se = ((m_se**2 + o_se**2) / interval**2 + o_se**2 + off_se**2) ** 0.5
+    return extra / off, se / off
 
 
 def measure(recipe: str, block: int, rounds: int) -> dict:
@@ -112,16 +137,19 @@ def measure(recipe: str, block: int, rounds: int) -> dict:
         p = Progress()
         _, _, p = _block(s, *variants["off"], p, 10)  # warm-up: allocations, first steps
         times = {name: [] for name in variants}
+        steps = {name: [] for name in variants}
         for _ in range(rounds):
             for name, (m, fn) in variants.items():
-                cpu, wall, p = _block(s, m, fn, p, block)
+                cpu, wall, p = _block(s, m, fn, p, block, steps[name])
                 times[name].append((cpu, wall))
+    timers = {name: timer_overhead(steps, spec["interval"], name)
+              for name, spec in VARIANTS.items() if spec is not None}  # fmt: skip
     out = {}
     for name, ts in times.items():
         cpu = [t[0] / off[0] for t, off in zip(ts, times["off"], strict=True)]
         wall = [t[1] / off[1] for t, off in zip(ts, times["off"], strict=True)]
         ms = statistics.median(t[0] for t in ts) / block * 1e3
-        out[name] = (ms, statistics.median(cpu), statistics.median(wall))
+        out[name] = (ms, statistics.median(cpu), statistics.median(wall), timers.get(name))
     return out
 
 
@@ -137,11 +165,13 @@ def main() -> None:
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores (1 torch thread); torch "
           f"{torch.__version__}; {datetime.date.today()}; blocks of {args.block} steps, "
           f"median of {args.rounds} interleaved rounds; load average {load:.1f}\n")  # fmt: skip
-    print("| recipe | monitoring | CPU ms/step | CPU time vs off | wall time vs off |")
-    print("|---|---|---:|---:|---:|")
+    print("| recipe | monitoring | CPU ms/step | CPU time vs off | wall time vs off | "
+          "overhead from per-step timers (± 1 s.e.) |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|")
     for recipe, rows in results.items():
-        for name, (ms, cpu, wall) in rows.items():
-            print(f"| tiny-{recipe} | {name} | {ms:.0f} | {cpu:.3f}x | {wall:.3f}x |")
+        for name, (ms, cpu, wall, timer) in rows.items():
+            t = f"{100 * timer[0]:+.2f}% ± {100 * timer[1]:.2f}%" if timer else "-"
+            print(f"| tiny-{recipe} | {name} | {ms:.0f} | {cpu:.3f}x | {wall:.3f}x | {t} |")
     sys.stdout.flush()
 
 
