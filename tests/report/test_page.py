@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from lptrain.report import build
 from lptrain.testing import browser
 
 
@@ -14,8 +13,8 @@ from lptrain.testing import browser
     reason="chromium is not installed (./scripts/setup.sh train,dev installs Debian's "
     "package when apt-get is available as root)",
 )
-def test_the_page_renders_with_every_figure(monitored_runs, tmp_path):
-    page = build([monitored_runs["plain"], monitored_runs["monitored"]], tmp_path / "report")
+def test_the_page_renders_with_every_figure(report, tmp_path):
+    page = report[0] / "report.html"  # tests/report/conftest.py
     dom = browser.dump_dom(page)
     # loss, gap, and for the monitored run six heatmaps, the scale traces and the gradients
     # (five of them folded under "More statistics": collapsed, yet decoded)

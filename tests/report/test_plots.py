@@ -9,20 +9,13 @@ import matplotlib.pyplot as plt
 import pytest
 
 import lptrain.report as lpreport
-from lptrain.cli import main
 from lptrain.report import plots, read_runs
 
 from .synthetic import write_run
 
 PLAIN, MON = "tiny-fp32 (plain)", "tiny-fp32 (monitored)"
 
-
-@pytest.fixture(scope="module")
-def report(monitored_runs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("report")
-    dirs = [str(monitored_runs["plain"]), str(monitored_runs["monitored"])]
-    assert main(["report", *dirs, "--out", str(out)]) == 0
-    return out, dirs
+# `report`: tests/report/conftest.py
 
 
 def test_writes_the_pngs_the_page_and_the_manifest(report):
