@@ -242,6 +242,7 @@ def cmd_report(args) -> int:
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print((page.parent / "report.txt").read_text(), end="")  # the summary, in progress marked
     print(f"report: {page.resolve()}")
     return 0
 

@@ -41,7 +41,6 @@ COVERED_BY = {
     "lptrain.qat.quantizer": "tests/qat/test_lsq.py",
     "lptrain.recipes": "tests/nn/test_resolve.py",
     "lptrain.report": "tests/report/test_plots.py",  # build(): PNGs, page, manifest
-    "lptrain.report.summary": "tests/report/test_plots.py",
     "lptrain.trainer.step": "tests/trainer/test_loop.py",
     # test helpers, covered by the tests that use them
     "lptrain.testing": "tests/nn/test_linear.py",

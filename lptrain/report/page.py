@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
+from typing import NamedTuple
 
 from lptrain.report.summary import Summary
 
@@ -21,6 +22,8 @@ th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
 th { background: #f3f3f3; } td.l, th.l { text-align: left; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 .bad { color: #b00; font-weight: bold; } .note { color: #666; font-size: 0.85em; }
+.live { color: #a60; font-weight: bold; } figcaption { color: #444; font-size: 0.85em; }
+figure { margin: 0.5em 0 1.2em; } summary { cursor: pointer; margin: 0.6em 0; }
 """
 
 SCRIPT = """
@@ -42,6 +45,7 @@ def _summary_table(rows: list[Summary]) -> str:
     head = (
         "<tr><th class=l>run</th><th class=l>recipe</th><th>steps</th><th>tokens</th>"
         "<th>final train loss</th><th>final val loss</th><th>gap to first (%)</th>"
+        "<th class=l>gap basis</th>"
         "<th>tokens/s</th><th>skipped steps</th><th>loss spikes</th><th>diverged</th>"
         "<th>guard fallbacks</th></tr>"
     )
@@ -49,8 +53,9 @@ def _summary_table(rows: list[Summary]) -> str:
     for s in rows:
         body.append(
             f"<tr><td class=l>{html.escape(s.name)}</td><td class=l>{html.escape(s.recipe)}</td>"
-            f"<td>{s.steps}</td><td>{s.tokens:,.0f}</td><td>{_num(s.train_loss, '.4f')}</td>"
+            f"<td>{_steps(s)}</td><td>{s.tokens:,.0f}</td><td>{_num(s.train_loss, '.4f')}</td>"
             f"<td>{_num(s.val_loss, '.4f')}</td><td>{_num(s.gap_pct, '+.2f')}</td>"
+            f"<td class=l>{html.escape(s.gap_basis)}</td>"
             f"<td>{_num(s.tokens_per_s, ',.0f')}</td>"
             f"<td{' class=bad' if s.skipped else ''}>{s.skipped}</td>"
             f"<td{' class=bad' if s.spikes else ''}>{s.spikes}</td>"
@@ -58,11 +63,21 @@ def _summary_table(rows: list[Summary]) -> str:
             f"<td{' class=bad' if s.guard else ''}>{len(s.guard)}</td></tr>"
         )
     note = (
-        "<p class=note>Final train loss: mean over the last 10% of logged steps. Gap: final "
-        "validation loss against the first run's (training loss where a run has no "
-        "evaluation). Tokens/s: median over logged steps.</p>"
+        "<p class=note>Steps: the last logged step / the planned one (run.max_steps or "
+        "run.max_tokens); <span class=live>in progress</span> marks a run short of its plan "
+        "(still running, or stopped early). Final train loss: mean over the last 10% of logged "
+        "steps. Gap to the first run at a common step, like with like: validation loss at the "
+        "last step both evaluated, else the training loss (trailing mean over the last 10% of "
+        "steps) at the last step both reached; the basis column says which. Tokens/s: median "
+        "over logged steps.</p>"
     )
     return f"<table>{head}{''.join(body)}</table>{note}"
+
+
+def _steps(s: Summary) -> str:
+    planned = f" / {s.planned_steps}" if s.planned_steps is not None else ""
+    live = " <span class=live>in progress</span>" if s.in_progress else ""
+    return f"{s.steps}{planned}{live}"
 
 
 def _events_table(events: list[tuple[str, dict]]) -> str:
@@ -85,18 +100,49 @@ def _events_table(events: list[tuple[str, dict]]) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def _img(png: Path, alt: str) -> str:
-    data = base64.b64encode(png.read_bytes()).decode()
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+class Placed(NamedTuple):
+    """A figure on the page: its section heading, alt text, caption, whether it folds under
+    the section's collapsed "more statistics", and its PNG."""
+
+    section: str
+    alt: str
+    caption: str
+    folded: bool
+    png: Path
+
+
+def _img(f: Placed) -> str:
+    data = base64.b64encode(f.png.read_bytes()).decode()
+    return (
+        f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(f.alt)}">'
+        f"<figcaption>{html.escape(f.caption)}</figcaption></figure>"
+    )
+
+
+def _sections(figures: list[Placed]) -> list[str]:
+    """Each section's open figures, then its folded ones in one collapsed <details>."""
+    order = list(dict.fromkeys(f.section for f in figures))
+    parts = []
+    for section in order:
+        parts.append(f"<h2>{html.escape(section)}</h2>")
+        parts += [_img(f) for f in figures if f.section == section and not f.folded]
+        folded = [_img(f) for f in figures if f.section == section and f.folded]
+        if folded:
+            parts.append(
+                f"<details><summary>More statistics ({len(folded)} figures)</summary>"
+                + "".join(folded)
+                + "</details>"
+            )
+    return parts
 
 
 def render(
     title: str,
     summary: list[Summary],
-    figures: list[tuple[str, str, Path]],
+    figures: list[Placed],
     events: list[tuple[str, dict]],
 ) -> str:
-    """figures: (section heading, alt text, PNG path) in page order."""
+    """figures in page order."""
     parts = [
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
         f"<title>{html.escape(title)}</title><style>{CSS}</style>",
@@ -105,12 +151,7 @@ def render(
         "<h2>Summary</h2>",
         _summary_table(summary),
     ]
-    section = None
-    for heading, alt, png in figures:
-        if heading != section:
-            parts.append(f"<h2>{html.escape(heading)}</h2>")
-            section = heading
-        parts.append(_img(png, alt))
+    parts += _sections(figures)
     parts += ["<h2>Events</h2>", _events_table(events)]
     parts.append("<p class=note id=loaded>Figures are embedded PNG images.</p></body></html>")
     return "\n".join(parts)

@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # headless: files only, never a window
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import LogNorm, Normalize  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import EngFormatter  # noqa: E402
 
@@ -92,34 +93,39 @@ def loss_figure(runs: list[Run]) -> Figure:
     return fig
 
 
-def _curve(run: Run) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(tokens, loss, is_validation): validation if the run has it, else smoothed training."""
-    vx, vy = run.series(run.evals, "val_loss")
-    if len(vx) >= 1:
-        return np.asarray(vx), np.asarray(vy), True
+def _curve(run: Run, validation: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, loss): validation, or the trailing mean of the training loss."""
+    if validation:
+        x, y = run.series(run.evals, "val_loss")
+        return np.asarray(x), np.asarray(y)
     x, y = run.series(run.train, "loss")
-    return np.asarray(x), smooth(y, _window(len(y))), False
+    return np.asarray(x), smooth(y, _window(len(y)))
 
 
 def gap_figure(runs: list[Run]) -> Figure | None:
-    """Loss gap to the first run, in percent, at the same tokens."""
+    """Loss gap to the first run, in percent, at the same tokens, like with like: validation
+    where both runs evaluated, else the training loss's trailing mean (never one against the
+    other); only over the tokens both runs reached."""
     if len(runs) < 2:
         return None
     fig, ax = plt.subplots(figsize=(10, 4.5), layout="constrained")
-    rx, ry, rval = _curve(runs[0])
     ax.axhline(0, color=color(0), lw=1.5, label=f"{runs[0].name} (reference)")
+    ref_has_val = bool(runs[0].series(runs[0].evals, "val_loss")[0])
     for i, run in enumerate(runs[1:], start=1):
-        x, y, val = _curve(run)
+        val = ref_has_val and bool(run.series(run.evals, "val_loss")[0])
+        rx, ry = _curve(runs[0], val)
+        x, y = _curve(run, val)
         inside = (x >= rx.min()) & (x <= rx.max()) if len(rx) else x < 0
         if not inside.any():
             continue
         ref = np.interp(x[inside], rx, ry)
-        kind = "validation" if val and rval else "train, trailing mean"
+        kind = "validation" if val else "train, trailing mean"
         ax.plot(x[inside], 100 * (y[inside] - ref) / ref, "o-" if val else "-",
                 color=color(i), ms=4, label=f"{run.name} ({kind})")  # fmt: skip
     _tokens_axis(ax)
     ax.set_ylabel(f"loss gap to {runs[0].name} (%)")
-    ax.set_title(f"Gap to the first run, {runs[0].name}: 100 (L - L_ref) / L_ref")
+    ax.set_title(f"Gap to the first run, {runs[0].name}: 100 (L - L_ref) / L_ref, "
+                 "where both runs reached")  # fmt: skip
     ax.legend(fontsize=8)
     return fig
 
@@ -141,11 +147,9 @@ def _layer_ticks(ax, layers: list[str]) -> None:
     ax.set_yticklabels(layers[::every], fontsize=7)
 
 
-def heatmap_figure(run: Run, stat: str, label: str, cmap: str, scale: float = 1.0) -> Figure | None:
-    """Layers x steps of one statistic, one panel per GEMM operand, guard fallbacks marked."""
+def _grids(run: Run, stat: str, scale: float):
+    """(steps, layers, {operand: layers x steps array}) of one statistic; NaN where absent."""
     table = quant_table(run, stat)
-    if not table:
-        return None
     steps = sorted({s for layers in table.values() for per in layers.values() for s in per})
     layers = list(dict.fromkeys(n for per in table.values() for n in per))  # model order
     grids = {}
@@ -155,8 +159,41 @@ def heatmap_figure(run: Run, stat: str, label: str, cmap: str, scale: float = 1.
             for c, s in enumerate(steps):
                 g[r, c] = per.get(name, {}).get(s, np.nan) * scale
         grids[op] = g
-    finite = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
-    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    return steps, layers, grids
+
+
+def color_limits(runs: list[Run], stat: str, scale: float = 1.0, log: bool = False):
+    """(vmin, vmax) of one statistic over every run: one colour scale per statistic, so the
+    same colour means the same value in every run's heatmap. None without data."""
+    vals = [g[np.isfinite(g)] for run in runs for g in _grids(run, stat, scale)[2].values()]
+    v = np.concatenate(vals) if vals else np.zeros(0)
+    v = v[v > 0] if log else v  # a log colour scale has no place for zero
+    return (float(v.min()), float(v.max())) if v.size else None
+
+
+def _step_ticks(ax, steps: list[int]) -> None:
+    """Ticks on logged steps only (at most ~12): the cell edges are not steps."""
+    every = max(1, math.ceil(len(steps) / 12))
+    ax.set_xticks(steps[::every])
+    ax.set_xticklabels([str(s) for s in steps[::every]])
+
+
+def heatmap_figure(
+    run: Run,
+    stat: str,
+    label: str,
+    cmap: str,
+    scale: float = 1.0,
+    limits: tuple[float, float] | None = None,
+    log: bool = False,
+) -> Figure | None:
+    """Layers x steps of one statistic, one panel per GEMM operand, guard fallbacks marked.
+    `limits`: the colour scale (`color_limits` over all runs); default: this run's range."""
+    steps, layers, grids = _grids(run, stat, scale)
+    if not grids:
+        return None
+    vmin, vmax = limits or color_limits([run], stat, scale, log) or (1.0, 10.0)
+    norm = LogNorm(vmin, vmax) if log else Normalize(vmin, vmax)
     height = 0.6 + max(1.2, 0.16 * len(layers))
     fig, axes = plt.subplots(len(grids), 1, figsize=(10, height * len(grids) + 0.8),
                              sharex=True, squeeze=False, layout="constrained")  # fmt: skip
@@ -166,8 +203,8 @@ def heatmap_figure(run: Run, stat: str, label: str, cmap: str, scale: float = 1.
     x_edges = _edges(steps)
     y_edges = np.arange(len(layers) + 1) - 0.5
     for ax, (op, g) in zip(axes[:, 0], grids.items(), strict=True):
-        im = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(g), cmap=cm, vmin=vmin,
-                           vmax=vmax)  # fmt: skip
+        g = np.where(g > 0, g, np.nan) if log else g  # zero has no colour on a log scale
+        im = ax.pcolormesh(x_edges, y_edges, np.ma.masked_invalid(g), cmap=cm, norm=norm)
         ax.set_ylim(len(layers) - 0.5, -0.5)  # first layer on top
         for j, e in enumerate(guards):
             if e["layer"] in layers:
@@ -180,6 +217,7 @@ def heatmap_figure(run: Run, stat: str, label: str, cmap: str, scale: float = 1.
         if guards:
             ax.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel("step")
+    _step_ticks(axes[-1, 0], steps)
     fig.colorbar(im, ax=axes[:, 0].tolist(), label=label, shrink=0.9)
     fig.suptitle(f"{run.name}: {label} per layer and GEMM operand over training")
     return fig
@@ -194,32 +232,86 @@ def _edges(steps: list[int]) -> np.ndarray:
     return np.concatenate([[s[0] - (mid[0] - s[0])], mid, [s[-1] + (s[-1] - mid[-1])]])
 
 
-def scale_figure(run: Run) -> Figure | None:
-    """Scale traces: per-tensor scales, or the largest block scale, of every layer over time."""
-    tables = {**quant_table(run, "scale_max"), **quant_table(run, "scale")}
-    tables = {op: tables[op] for op in OPERANDS if op in tables}
-    if not tables:
-        return None
-    fig, axes = plt.subplots(len(tables), 1, figsize=(10, 2.6 * len(tables) + 0.8), sharex=True,
+# What "dec" means on the scale plots (algorithms.md, enc / dec): the page repeats it.
+DEC = "dec: the decode scale, x_hat = q * dec (1 / the encode scale)"
+
+
+def _layer_lines(ax, per: dict[str, dict[int, float]]) -> None:
+    """One line per layer over steps, coloured in model order (viridis: first dark)."""
+    cmap = plt.get_cmap("viridis")
+    for k, name in enumerate(per):
+        steps = sorted(per[name])
+        ax.plot(steps, [per[name][s] for s in steps], color=cmap(k / max(1, len(per) - 1)),
+                lw=1.2, label=name)  # fmt: skip
+    ax.grid(alpha=0.3)
+
+
+def _panels(run: Run, panels: list[tuple[str, dict, str, bool]], title: str) -> Figure:
+    """Stacked panels of per-layer lines: (panel title, {layer: {step: value}}, y label, log)."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels) + 0.8), sharex=True,
                              squeeze=False, layout="constrained")  # fmt: skip
-    for ax, (op, per) in zip(axes[:, 0], tables.items(), strict=True):
-        names = list(per)  # model order, as the rows list them
-        cmap = plt.get_cmap("viridis")
-        for k, name in enumerate(names):
-            steps = sorted(per[name])
-            ax.plot(steps, [per[name][s] for s in steps], color=cmap(k / max(1, len(names) - 1)),
-                    lw=1.2, label=name)  # fmt: skip
-        ax.set_yscale("log")
-        ax.set_ylabel("scale (dec)")
-        ax.set_title(op, fontsize=9, loc="left")
-        ax.grid(alpha=0.3)
+    for ax, (name, per, ylabel, log) in zip(axes[:, 0], panels, strict=True):
+        _layer_lines(ax, per)
+        if log:
+            ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.set_title(name, fontsize=9, loc="left")
     axes[-1, 0].set_xlabel("step")
+    steps = {s for _, per, _, _ in panels for by_step in per.values() for s in by_step}
+    _step_ticks(axes[-1, 0], sorted(steps))
     handles, labels = axes[0, 0].get_legend_handles_labels()
     if len(labels) > 24:  # a legend that long reads worse than the colour order alone
         handles, labels = handles[:: len(labels) // 12], labels[:: len(labels) // 12]
     fig.legend(handles, labels, loc="outside right upper", fontsize=7, title="layer")
-    fig.suptitle(f"{run.name}: scale per layer (per-tensor, or the largest block scale)")
+    fig.suptitle(f"{run.name}: {title}")
     return fig
+
+
+def scale_figure(run: Run) -> Figure | None:
+    """Scale traces: per-tensor scales, or the largest block scale, of every layer over time."""
+    tables = {**quant_table(run, "scale_max"), **quant_table(run, "scale")}
+    panels = [(op, tables[op], "scale (dec)", True) for op in OPERANDS if op in tables]
+    if not panels:
+        return None
+    fig = _panels(run, panels, "scale per layer (per-tensor, or the largest block scale)")
+    fig.text(0.01, 0.005, DEC, fontsize=8, color="#444")
+    return fig
+
+
+# Per-weight rows of layers.jsonl (observe/runner.py): key pattern -> (panel, y label, log).
+WEIGHT_STATS = {
+    "grad/{}/norm": ("gradient norm", "||g||", True),
+    "weight/{}/update_ratio": ("update ratio ||W_after - W_before|| / ||W_before||", "ratio", True),
+    "grad/{}/cosine": ("gradient fidelity: cosine to the high-precision gradient", "cosine", False),
+    "grad/{}/alignment": (
+        "gradient fidelity: alignment <g_hat, g> / <g, g> (1: unbiased)",
+        "alignment",
+        False,
+    ),
+}
+
+
+def weight_table(run: Run, pattern: str) -> dict[str, dict[int, float]]:
+    """{layer: {step: value}} of one per-weight statistic (`pattern` as in WEIGHT_STATS)."""
+    head, tail = pattern.split("{}")
+    out: dict[str, dict[int, float]] = {}
+    for row in run.layers:
+        for key, value in row.items():
+            if key.startswith(head) and key.endswith(tail) and value is not None:
+                out.setdefault(key[len(head) : -len(tail)], {})[row["step"]] = value
+    return out
+
+
+def weights_figure(run: Run) -> Figure | None:
+    """Gradient norms, update ratios and gradient fidelity per layer, those that were recorded."""
+    panels = []
+    for pattern, (name, ylabel, log) in WEIGHT_STATS.items():
+        per = weight_table(run, pattern)
+        if per:
+            panels.append((name, per, ylabel, log))
+    if not panels:
+        return None
+    return _panels(run, panels, "gradients and updates per layer")
 
 
 def series_labels(fig: Figure) -> list[str]:

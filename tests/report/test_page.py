@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-from lptrain.report import build
 from lptrain.testing import browser
 
 
@@ -14,10 +13,13 @@ from lptrain.testing import browser
     reason="chromium is not installed (./scripts/setup.sh train,dev installs Debian's "
     "package when apt-get is available as root)",
 )
-def test_the_page_renders_with_every_figure(monitored_runs, tmp_path):
-    page = build([monitored_runs["plain"], monitored_runs["monitored"]], tmp_path / "report")
+def test_the_page_renders_with_every_figure(report, tmp_path):
+    page = report[0] / "report.html"  # tests/report/conftest.py
     dom = browser.dump_dom(page)
-    assert 'data-images-loaded="5/5"' in dom and "All 5 figures loaded." in dom
+    # loss, gap, and for the monitored run six heatmaps, the scale traces and the gradients
+    # (five of them folded under "More statistics": collapsed, yet decoded)
+    assert 'data-images-loaded="10/10"' in dom and "All 10 figures loaded." in dom
+    assert "<summary>More statistics (5 figures)</summary>" in dom
     shot = browser.screenshot(page, tmp_path / "page.png")
     from PIL import Image  # matplotlib's own dependency
 

@@ -5,27 +5,25 @@ from __future__ import annotations
 
 import json
 
+import matplotlib.pyplot as plt
 import pytest
 
-from lptrain.cli import main
+import lptrain.report as lpreport
 from lptrain.report import plots, read_runs
+
+from .synthetic import write_run
 
 PLAIN, MON = "tiny-fp32 (plain)", "tiny-fp32 (monitored)"
 
-
-@pytest.fixture(scope="module")
-def report(monitored_runs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("report")
-    dirs = [str(monitored_runs["plain"]), str(monitored_runs["monitored"])]
-    assert main(["report", *dirs, "--out", str(out)]) == 0
-    return out, dirs
+# `report`: tests/report/conftest.py
 
 
 def test_writes_the_pngs_the_page_and_the_manifest(report):
     out, _ = report
     manifest = json.loads((out / "report.json").read_text())
-    pngs = ["loss.png", "gap.png", "sqnr-tiny-fp32-monitored.png",
-            "saturation-tiny-fp32-monitored.png", "scales-tiny-fp32-monitored.png"]  # fmt: skip
+    stats = ("sqnr", "saturation", "underflow", "clamped", "amax", "dynamic-range", "scales",
+             "weights")  # fmt: skip
+    pngs = ["loss.png", "gap.png", *(f"{s}-tiny-fp32-monitored.png" for s in stats)]
     assert sorted(manifest["figures"]) == sorted(pngs)  # no layer rows: no heatmaps for "plain"
     for name in pngs:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -64,3 +62,75 @@ def test_the_summary_table(report):
     )  # fmt: skip
     assert mon["gap_pct"] == 0.0  # monitoring changes no loss (test_runner.py)
     assert mon["val_loss"] == plain["val_loss"] and mon["guard"] == [] and mon["skipped"] == 0
+
+
+def _layer_rows(steps, sqnr, layers=("a", "b")):
+    """Layer rows: SQNR `sqnr(step, layer index)` of output.input, and weight statistics."""
+    rows = []
+    for s in steps:
+        row = {"step": s}
+        for k, name in enumerate(layers):
+            row[f"quant/{name}/output.input/sqnr_db"] = sqnr(s, k)
+            row[f"quant/{name}/output.input/underflow"] = 0.01 * k
+            row[f"quant/{name}/output.input/scale"] = 2.0**-k
+            row[f"grad/{name}/norm"] = s + k
+            row[f"grad/{name}/cosine"] = 0.9
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def layered(tmp_path):
+    """Two runs logging layer rows at steps 100, 200, 300: SQNR 10-11 dB and 30-31 dB."""
+    a = write_run(tmp_path / "a", "a", 300, 300, lambda s: 2.0,
+                  layers=_layer_rows((100, 200, 300), lambda s, k: 10 + k))  # fmt: skip
+    b = write_run(tmp_path / "b", "b", 300, 300, lambda s: 2.0,
+                  layers=_layer_rows((100, 200, 300), lambda s, k: 30 + k))  # fmt: skip
+    return read_runs([str(a), str(b)])
+
+
+def test_heatmaps_share_one_colour_scale_per_statistic_and_show_true_steps(layered):
+    figs = {f.file: f.fig for f in lpreport._figures(layered)}
+    for run in ("a", "b"):
+        mesh = figs[f"sqnr-{run}.png"].axes[0].collections[0]
+        assert mesh.get_clim() == (10.0, 31.0)  # both runs' range, in both heatmaps
+        ax = figs[f"sqnr-{run}.png"].axes[0]
+        assert list(ax.get_xticks()) == [100, 200, 300]  # cells are centred on logged steps
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["100", "200", "300"]
+    under = figs["underflow-a.png"].axes[0].collections[0].get_array()
+    assert under.tolist() == [[0.0] * 3, [1.0] * 3]  # percent, layer a then b
+    for f in figs.values():
+        plt.close(f)
+
+
+def test_gradient_statistics_are_plotted(layered):
+    fig = plots.weights_figure(layered[0])
+    titles = [ax.get_title(loc="left") for ax in fig.axes if ax.get_title(loc="left")]
+    assert titles == [
+        "gradient norm",
+        "gradient fidelity: cosine to the high-precision gradient",
+    ]  # only what was recorded: no update ratio, no alignment
+    norm = fig.axes[0].get_lines()
+    assert [line.get_label() for line in norm] == ["a", "b"]
+    assert norm[1].get_xydata().tolist() == [[100, 101], [200, 201], [300, 301]]
+    plt.close(fig)
+
+
+def test_the_page_explains_the_scale_and_folds_the_extra_statistics(layered, tmp_path):
+    page = lpreport.build([str(r.path) for r in layered], tmp_path / "out").read_text()
+    assert f"{plots.DEC}.</figcaption>" in page  # under the scale traces, whose axis says dec
+    assert page.count("<details>") == 2  # per run: underflow heatmap and gradients folded
+    assert page.count("<figcaption>") == page.count('<img src="data:image/png;base64,')
+
+
+def test_the_gap_plot_never_compares_validation_with_training_loss(tmp_path):
+    ref = write_run(tmp_path / "ref", "ref", 20, 20, lambda s: 2.0, val={10: 3.0, 20: 3.0})
+    other = write_run(tmp_path / "other", "other", 30, 30, lambda s: 2.2)  # no evaluation
+    fig = plots.gap_figure(read_runs([str(ref), str(other)]))
+    (line,) = [
+        ln for ln in fig.axes[0].get_lines() if ln.get_label() == "other (train, trailing mean)"
+    ]
+    x, y = line.get_xydata().T
+    assert x.max() == 20 * 100  # only the tokens both runs reached
+    assert y == pytest.approx([10.0] * 20)  # 2.2 against 2.0 (not against validation's 3.0)
+    plt.close(fig)
