@@ -265,8 +265,7 @@ def _monitor_step(s: Session, p: Progress, r: StepResult, monitor: Monitor) -> N
     row, events = s.monitoring.after_step(p.step, r)
     if row is not None:
         monitor.log_layers(row)
-    for ev in events:
-        monitor.event(ev)
+    monitor.events(events)  # one W&B alert per kind for the step, not one per layer
 
 
 def run(
