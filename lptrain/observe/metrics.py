@@ -59,6 +59,22 @@ SUMMARIES = {
 }
 
 
+def panel_key(key: str) -> str:
+    """The W&B name of a metric. W&B opens one panel section per first `/` segment, so every
+    `quant/<layer>/...` chart would share one `quant` section (560 for the tiny nvfp4 model).
+    In W&B the block joins the section name: `quant/layers.3.attn.wq/output.input/amax` becomes
+    `quant.layers.3/attn.wq/output.input/amax` (a section per block). A layer outside a numbered
+    block, and every other metric, keeps its name; the run directory's files keep the names."""
+    kind, _, rest = key.partition("/")
+    layer, _, tail = rest.partition("/")
+    parts = layer.split(".")
+    digits = [i for i, part in enumerate(parts) if part.isdigit()]
+    if kind != "quant" or not tail or not digits or digits[0] == len(parts) - 1:
+        return key
+    cut = digits[0] + 1
+    return f"quant.{'.'.join(parts[:cut])}/{'.'.join(parts[cut:])}/{tail}"
+
+
 def event_row(ev: dict) -> list:
     """One row of the events table: the columns the event has, the other fields as text."""
     detail = ", ".join(f"{k} {v}" for k, v in ev.items() if k not in EVENT_COLUMNS)
@@ -170,7 +186,7 @@ class _Wandb:
             return
         self.sent = row["step"]
         try:
-            self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            self.run.log({panel_key(k): v for k, v in row.items() if k != "step"}, step=row["step"])
         except Exception:  # noqa: BLE001
             self.run = None
 

@@ -8,7 +8,7 @@ import sys
 import types
 
 from lptrain.config.schema import WandbConfig
-from lptrain.observe.metrics import _Wandb
+from lptrain.observe.metrics import _Wandb, panel_key
 from lptrain.testing import wandb_file
 from tests.helpers import metrics
 
@@ -121,10 +121,12 @@ def test_offline_wandb_holds_the_layer_metrics_and_the_config(monitored_runs):
         logged = by_step[row["step"]]
         for key, value in row.items():
             if key != "step":
-                assert logged[key] == value, key  # null stays null: non-finite values
+                assert logged[panel_key(key)] == value, key  # null stays null: non-finite
                 checked += 1
     assert checked > 4 * 700
-    assert "quant/layers.1.mlp.w2/grad_weight.grad_output/sqnr_db" in by_step[4]
+    # A W&B panel section per block (the first `/` segment); layers.jsonl keeps the name.
+    assert "quant.layers.1/mlp.w2/grad_weight.grad_output/sqnr_db" in by_step[4]
+    assert "grad/layers.1.mlp.w2/norm" in by_step[4]
     assert wb.config["precision"]["recipe"] == "mxfp8"
     assert wb.config["precision_resolved"]["name"] == "mxfp8"
     assert wb.config["monitor"]["interval"] == 1 and wb.config["precision"]["guard"]["enabled"]
@@ -230,3 +232,11 @@ def test_wandb_group_job_type_and_name_are_config_keys():
            "logging": {"wandb": {"group": "g", "job_type": "finetune", "name": "n"}}}  # fmt: skip
     wb = parse(raw).logging.wandb
     assert (wb.group, wb.job_type, wb.name) == ("g", "finetune", "n")
+
+
+def test_panel_key_puts_each_block_in_its_own_w_and_b_section():
+    assert panel_key("quant/model.layers.12.self_attn.q_proj/output.input/amax") == (
+        "quant.model.layers.12/self_attn.q_proj/output.input/amax"
+    )
+    for same in ("quant/lm_head/output.input/amax", "quant/layers.3/output.weight/amax", "loss"):
+        assert panel_key(same) == same  # no block, or the block itself: nothing to split
