@@ -135,7 +135,9 @@ class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "disabled"
     project: str = "lptrain"  # W&B project
     entity: str | None = None  # W&B entity (team or user)
-    name: str | None = None  # run name; null: the run directory's
+    name: str | None = None  # W&B run name; null: run.name
+    group: str | None = None  # W&B group (e.g. one sweep or one comparison)
+    job_type: str | None = None  # W&B job type (e.g. pretrain, finetune, eval)
     tags: list[str] = field(default_factory=list)  # W&B tags
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lptrain.nn import Linear
+from lptrain.config.schema import MonitorConfig
+from lptrain.nn import Linear, stats_window
 from lptrain.nn.select import matches
 from lptrain.numerics.stats import (
     MAX_MOMENTS,
@@ -129,3 +130,28 @@ def quant_metrics(stats: Stats, wanted: list[str], layers: dict[str, Linear]) ->
                 else:
                     out[f"{prefix}/scale"] = d["scale_mean"]
     return out
+
+
+def keys_per_layer(recipe, wanted: list[str]) -> int:
+    """The `quant/` keys one layer of `recipe` gives per row, counted on a 64x64 probe layer
+    of that recipe (one emulated forward and backward on the CPU): the count follows the
+    recipe's operands, reused copies and scale kinds exactly, without a rule to keep in step."""
+    probe = Linear(64, 64, bias=False, recipe=recipe, backend="emulated", seed=0)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with stats_window({"probe": probe}) as stats:
+        probe(x).square().mean().backward()
+    return len(quant_metrics(stats, wanted, {"probe": probe}))
+
+
+def key_count(layers: dict[str, nn.Module], trained: dict, cfg: MonitorConfig) -> int:
+    """Keys of one per-layer row (layers.jsonl and W&B): `quant/` keys per quantizing layer,
+    and per trained layer its gradient norm, update ratio and gradient fidelity (two)."""
+    per_recipe: dict[str, int] = {}
+    n = 0
+    if cfg.stats:
+        for layer in quantizing(layers).values():
+            name = repr(layer.recipe.to_dict())
+            if name not in per_recipe:
+                per_recipe[name] = keys_per_layer(layer.recipe, list(cfg.stats))
+            n += per_recipe[name]
+    return n + len(trained) * (cfg.grad_norm + cfg.update_ratio + 2 * cfg.fidelity)

@@ -40,6 +40,52 @@ def resolve_wandb_mode(cfg: WandbConfig) -> tuple[str, str | None]:
 
 
 ALERTS = ("guard", "divergence", "reload")  # event kinds that raise a W&B alert (online)
+# The W&B events table: what an event records, one column each; the rest goes to `detail`.
+EVENT_COLUMNS = ("step", "kind", "layer", "gemm", "operand", "from", "to", "reason", "detail")
+# Alert titles are distinct per kind and step (see `Monitor.events`), so W&B's wait between
+# alerts of one title (default 1 minute) only stops a repeat of the same step after a reload.
+# Not 0: wandb reads 0 as "use the default".
+ALERT_WAIT_S = 1
+# define_metric: the loss curves also against tokens (runs with different batch sizes or
+# block sizes compare), and summaries that hold the best or worst value, not only the last.
+TOKEN_AXIS = ("loss", "val_loss")
+SUMMARIES = {
+    "loss": "min,last",
+    "val_loss": "min,last",
+    "grad_norm": "max,last",
+    "stability/spike_score": "max,last",
+    "perf/peak_mem_gib": "max",
+    "perf/peak_rss_gib": "max",
+}
+
+
+def panel_key(key: str) -> str:
+    """The W&B name of a metric. W&B opens one panel section per first `/` segment, so every
+    `quant/<layer>/...` chart would share one `quant` section (560 for the tiny nvfp4 model).
+    In W&B the block joins the section name: `quant/layers.3.attn.wq/output.input/amax` becomes
+    `quant.layers.3/attn.wq/output.input/amax` (a section per block). A layer outside a numbered
+    block, and every other metric, keeps its name; the run directory's files keep the names."""
+    kind, _, rest = key.partition("/")
+    layer, _, tail = rest.partition("/")
+    parts = layer.split(".")
+    digits = [i for i, part in enumerate(parts) if part.isdigit()]
+    if kind != "quant" or not tail or not digits or digits[0] == len(parts) - 1:
+        return key
+    cut = digits[0] + 1
+    return f"quant.{'.'.join(parts[:cut])}/{'.'.join(parts[cut:])}/{tail}"
+
+
+def event_row(ev: dict) -> list:
+    """One row of the events table: the columns the event has, the other fields as text."""
+    detail = ", ".join(f"{k} {v}" for k, v in ev.items() if k not in EVENT_COLUMNS)
+    return [ev.get(c) for c in EVENT_COLUMNS[:-1]] + [detail or None]
+
+
+def alert_text(evs: list[dict]) -> str:
+    """The alert for one kind at one step: a line per event (a layer per guard fallback)."""
+    return "\n".join(
+        ", ".join(f"{k} {v}" for k, v in ev.items() if k not in ("kind", "step")) for ev in evs
+    )
 
 
 def _finite_or_none(row: dict) -> dict:
@@ -60,6 +106,7 @@ class _Wandb:
         # keeps a run's steps increasing: a step it already holds (online it says where the
         # resumed run stands; after a non-finite reload we know what we sent) is not sent again.
         self.floor, self.sent = 0, 0
+        self.table = None  # the events table (INCREMENTAL: each log sends only the new rows)
         mode, note = resolve_wandb_mode(cfg)
         if note:
             say(note)
@@ -76,8 +123,11 @@ class _Wandb:
                     say(f"wandb: disabled ({type(exc2).__name__}: {exc2})")
             else:
                 say(f"wandb: disabled ({type(exc).__name__}: {exc})")
-        if self.run is not None and getattr(self.run, "resumed", False):
+        if self.run is None:
+            return
+        if getattr(self.run, "resumed", False):
             self.floor = int(getattr(self.run, "step", 0) or 0)
+        self._define_metrics()
 
     @staticmethod
     def _init(cfg: WandbConfig, mode: str, run_dir: Path, config: dict, run_id: str | None):
@@ -87,7 +137,9 @@ class _Wandb:
         return wandb.init(
             project=cfg.project,
             entity=cfg.entity,
-            name=cfg.name,
+            name=cfg.name or config.get("run", {}).get("name"),
+            group=cfg.group,
+            job_type=cfg.job_type,
             tags=cfg.tags or None,
             config=config,
             dir=str(run_dir),
@@ -98,6 +150,35 @@ class _Wandb:
             resume="allow" if run_id else None,
         )
 
+    def _define_metrics(self) -> None:
+        try:
+            self.run.define_metric("tokens", summary="max")
+            for name in TOKEN_AXIS:
+                self.run.define_metric(name, step_metric="tokens", summary=SUMMARIES[name])
+            for name, summary in SUMMARIES.items():
+                if name not in TOKEN_AXIS:
+                    self.run.define_metric(name, summary=summary)
+        except Exception:  # noqa: BLE001 - chart settings must never stop training
+            pass
+
+    def log_events(self, step: int, rows: list[list], counts: dict[str, int]) -> None:
+        """The new rows of the events table and the running counts, at `step`."""
+        if self.run is None:
+            return
+        try:
+            if self.table is None:
+                import wandb  # optional dependency (the train extra)
+
+                self.table = wandb.Table(
+                    columns=list(EVENT_COLUMNS), log_mode="INCREMENTAL", allow_mixed_types=True
+                )
+            for row in rows:
+                self.table.add_data(*row)
+        except Exception:  # noqa: BLE001
+            self.run = None
+            return
+        self.log({"step": step, **counts, "events/table": self.table})
+
     def log(self, row: dict) -> None:
         if self.run is None:
             return
@@ -105,7 +186,7 @@ class _Wandb:
             return
         self.sent = row["step"]
         try:
-            self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            self.run.log({panel_key(k): v for k, v in row.items() if k != "step"}, step=row["step"])
         except Exception:  # noqa: BLE001
             self.run = None
 
@@ -116,7 +197,9 @@ class _Wandb:
         try:
             import wandb  # optional dependency (the train extra)
 
-            self.run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+            self.run.alert(
+                title=title, text=text, level=wandb.AlertLevel.WARN, wait_duration=ALERT_WAIT_S
+            )
         except Exception:  # noqa: BLE001 - an alert must never stop training
             pass
 
@@ -224,19 +307,31 @@ class Monitor:
         self.wandb.log(row)
 
     def event(self, ev: dict[str, Any]) -> None:
-        """A spike, divergence, guard fallback, skipped step, reload or resume: one line in
-        `events.jsonl`, a console line, a running count per kind in W&B, an alert when online."""
-        if not self.enabled:
+        self.events([ev])
+
+    def events(self, evs: list[dict[str, Any]]) -> None:
+        """Spikes, divergences, guard fallbacks, skipped steps, reloads or resumes of one step:
+        a line each in `events.jsonl` and on the console; in W&B a row each in the `events/table`
+        table, a running count per kind (`events/<kind>`) and, online, one alert per kind
+        listing all of its events (every layer that fell back at this step)."""
+        if not self.enabled or not evs:
             return
-        ev = _finite_or_none(ev)
-        self._jsonl("events.jsonl").write(json.dumps(ev) + "\n")
-        kind = ev["kind"]
-        self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
-        self.wandb.log({"step": ev["step"], f"events/{kind}": self.event_counts[kind]})
-        text = ", ".join(f"{k} {v}" for k, v in ev.items() if k not in ("kind", "step"))
-        self.say(f"event at step {ev['step']}: {kind}: {text}")
-        if kind in ALERTS:
-            self.wandb.alert(f"lptrain: {kind} at step {ev['step']}", text)
+        evs = [_finite_or_none(ev) for ev in evs]
+        by_kind: dict[str, list[dict]] = {}
+        for ev in evs:
+            self._jsonl("events.jsonl").write(json.dumps(ev) + "\n")
+            kind = ev["kind"]
+            self.event_counts[kind] = self.event_counts.get(kind, 0) + 1
+            by_kind.setdefault(kind, []).append(ev)
+            self.say(f"event at step {ev['step']}: {kind}: {alert_text([ev])}")
+        step = evs[0]["step"]
+        counts = {f"events/{k}": self.event_counts[k] for k in by_kind}
+        self.wandb.log_events(step, [event_row(ev) for ev in evs], counts)
+        for kind, group in by_kind.items():
+            if kind in ALERTS:
+                n = len(group)
+                layers = f", {n} layer{'s' * (n > 1)}" if kind == "guard" else ""
+                self.wandb.alert(f"lptrain: {kind} at step {step}{layers}", alert_text(group))
 
     def _progress(self, row: dict) -> None:
         loss, norm = (_fmt(row[k], ".4f") for k in ("loss", "grad_norm"))

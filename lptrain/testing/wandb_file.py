@@ -62,6 +62,8 @@ class WandbRun:
     summary: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
     run_id: str | None = None
+    run: dict = field(default_factory=dict)  # name, group, job_type, tags
+    metrics: dict = field(default_factory=dict)  # define_metric: name -> step_metric, summary
 
 
 def read_wandb_file(path: str | Path) -> WandbRun:
@@ -81,6 +83,13 @@ def read_wandb_file(path: str | Path) -> WandbRun:
         elif kind == "run":
             run.config.update(_items(rec.run.config.update))
             run.run_id = run.run_id or rec.run.run_id
+            r = rec.run
+            run.run = {"name": r.display_name, "group": r.run_group, "job_type": r.job_type,
+                       "tags": list(r.tags)}  # fmt: skip
+        elif kind == "metric":
+            m = rec.metric
+            summary = sorted(f.name for f, on in m.summary.ListFields() if on)
+            run.metrics[m.name] = {"step_metric": m.step_metric or None, "summary": summary}
         elif kind == "config":
             run.config.update(_items(rec.config.update))
     return run

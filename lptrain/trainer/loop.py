@@ -28,6 +28,7 @@ from lptrain.models import converters
 from lptrain.models.bitswitch import BitSwitchConverter
 from lptrain.models.decoder import build_model, count_params
 from lptrain.observe import Monitoring
+from lptrain.observe.layers import key_count
 from lptrain.observe.metrics import Monitor
 from lptrain.trainer.bitswitch import JointStep
 from lptrain.trainer.step import StepResult, train_step
@@ -100,6 +101,10 @@ def setup(
     steps = total_steps(cfg, layout)
     engine, _ = eng.initialize(model, cfg, ds_config, steps)
     monitoring = make_monitoring(cfg, model, blocks, split, layout, engine.device)
+    if cfg.monitor.interval:  # W&B suggests at most ~10,000 keys per project: say the cost
+        n = key_count(monitoring.layers, monitoring.trained, cfg.monitor)
+        layers = len(monitoring.layers)
+        say(f"monitor: {n} per-layer keys per row (layers.jsonl, W&B), {layers} layers")
     # Dropout and stochastic rounding draw from per-rank streams from here on.
     torch.manual_seed(cfg.run.seed * 1000003 + info.rank)
     return Session(
@@ -265,8 +270,7 @@ def _monitor_step(s: Session, p: Progress, r: StepResult, monitor: Monitor) -> N
     row, events = s.monitoring.after_step(p.step, r)
     if row is not None:
         monitor.log_layers(row)
-    for ev in events:
-        monitor.event(ev)
+    monitor.events(events)  # one W&B alert per kind for the step, not one per layer
 
 
 def run(

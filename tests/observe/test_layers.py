@@ -91,3 +91,27 @@ def test_two_ranks_with_accumulation_match_one_process(monitored_runs):
             assert b == pytest.approx(a, rel=1e-5, abs=1e-9), key
         checked += 1
     assert checked > 500
+
+
+def test_the_key_count_said_at_start_is_the_rows_key_count(monitored_runs):
+    """mxfp8, all default statistics, fidelity on: the count printed before training equals
+    the keys of the first layers.jsonl row (and so of W&B, which gets the same row)."""
+    run_dir = monitored_runs["monitored"]
+    (line,) = [x for x in monitored_runs.stderr["monitored"].splitlines() if "keys per row" in x]
+    row = json.loads((run_dir / "layers.jsonl").read_text().splitlines()[0])
+    assert line == f"monitor: {len(row) - 1} per-layer keys per row (layers.jsonl, W&B), 15 layers"
+
+
+def test_keys_per_layer_follows_the_recipes_operands():
+    """fp8-delayed scales per tensor, so the backward reuses the forward's copies: 3 operands
+    (input, weight, grad_output) x 7 statistics. int16-dfp requantizes all 6 operands and
+    counts INT32 overflows in each of its 3 GEMMs' accumulators."""
+    from lptrain.config.precision import resolve_recipe
+    from lptrain.config.schema import STATS, PrecisionConfig
+    from lptrain.observe.layers import keys_per_layer
+
+    def keys(recipe: str) -> int:
+        return keys_per_layer(resolve_recipe(PrecisionConfig(recipe=recipe)), list(STATS))
+
+    assert keys("fp8-delayed") == 3 * 7
+    assert keys("int16-dfp") == 6 * 7 + 3

@@ -8,7 +8,7 @@ import sys
 import types
 
 from lptrain.config.schema import WandbConfig
-from lptrain.observe.metrics import _Wandb
+from lptrain.observe.metrics import _Wandb, panel_key
 from lptrain.testing import wandb_file
 from tests.helpers import metrics
 
@@ -121,10 +121,12 @@ def test_offline_wandb_holds_the_layer_metrics_and_the_config(monitored_runs):
         logged = by_step[row["step"]]
         for key, value in row.items():
             if key != "step":
-                assert logged[key] == value, key  # null stays null: non-finite values
+                assert logged[panel_key(key)] == value, key  # null stays null: non-finite
                 checked += 1
     assert checked > 4 * 700
-    assert "quant/layers.1.mlp.w2/grad_weight.grad_output/sqnr_db" in by_step[4]
+    # A W&B panel section per block (the first `/` segment); layers.jsonl keeps the name.
+    assert "quant.layers.1/mlp.w2/grad_weight.grad_output/sqnr_db" in by_step[4]
+    assert "grad/layers.1.mlp.w2/norm" in by_step[4]
     assert wb.config["precision"]["recipe"] == "mxfp8"
     assert wb.config["precision_resolved"]["name"] == "mxfp8"
     assert wb.config["monitor"]["interval"] == 1 and wb.config["precision"]["guard"]["enabled"]
@@ -141,3 +143,100 @@ def test_wandb_disabled_run_dir_still_has_everything(monitored_runs):
         keys = [{k for x in (d / name).read_text().splitlines() for k in json.loads(x)}
                 for d in (one, two)]  # fmt: skip
         assert keys[0] == keys[1] and len(keys[0]) > 10, name
+
+
+# ---------------------------------------------------------------- events as data, W&B conventions
+
+REASON = "sqnr_db 12.0 < 15.0 for 2 checks"
+FALLBACKS = [  # three layers fall back at one step, as the guard reports them
+    dict(kind="guard", step=5, layer=f"layers.{i}.mlp.w1", reason=REASON) for i in range(3)
+]
+for _ev in FALLBACKS:
+    _ev.update({"from": "nvfp4", "to": "mxfp8"})  # keywords in Python
+
+
+def test_offline_wandb_gets_events_as_table_rows_and_the_run_conventions(tmp_path, monkeypatch):
+    """Real wandb, offline, read back from its own files: each event is a row of the
+    `events/table` table; the run is named after run.name, with group and job type; loss is
+    charted against tokens with min/max summaries."""
+    from lptrain.config.schema import LoggingConfig
+    from lptrain.observe.metrics import Monitor
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    wb = WandbConfig(mode="offline", group="sweep-a", job_type="pretrain", tags=["fp4"])
+    m = Monitor(LoggingConfig(progress="lines", wandb=wb), tmp_path, {"run": {"name": "nvfp4"}},
+                10, rank=0)  # fmt: skip
+    m.events(FALLBACKS)
+    m.event({"kind": "spike", "step": 6, "loss": 9.5, "score": 6.25, "mean": 3.0})
+    m.close()
+    import wandb
+
+    wandb.teardown()  # finish() can return before wandb's service has written the run file
+    (path,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    run = wandb_file.read_wandb_file(path)
+    assert run.run == {"name": "nvfp4", "group": "sweep-a", "job_type": "pretrain",
+                       "tags": ["fp4"]}  # fmt: skip
+    assert run.metrics["loss"] == {"step_metric": "tokens", "summary": ["last", "min"]}
+    assert run.metrics["grad_norm"]["summary"] == ["last", "max"]
+    rows = []
+    for table in sorted(path.parent.glob("files/media/table/events/*.table.json")):
+        data = json.loads(table.read_text())
+        assert data["columns"] == [
+            "step", "kind", "layer", "gemm", "operand", "from", "to", "reason", "detail",
+        ]  # fmt: skip
+        rows += data["data"]
+    assert rows == [
+        *(
+            [5, "guard", f"layers.{i}.mlp.w1", None, None, "nvfp4", "mxfp8", REASON, None]
+            for i in range(3)
+        ),  # fmt: skip
+        [6, "spike", None, None, None, None, None, None, "loss 9.5, score 6.25, mean 3.0"],
+    ]
+    counts = [(r["_step"], r.get("events/guard"), r.get("events/spike")) for r in run.history]
+    assert counts == [(5, 3, None), (6, None, 1)]
+
+
+def test_one_alert_per_kind_and_step_listing_its_layers(monkeypatch, tmp_path):
+    """Online, three fallbacks at one step are one alert naming the three layers, under a
+    title no other step or kind uses (W&B drops a repeat of a title within wait_duration)."""
+    from lptrain.config.schema import LoggingConfig
+    from lptrain.observe.metrics import Monitor
+
+    alerts = []
+    run = FakeRun()
+    run.offline = False
+    run.alert = lambda **kw: alerts.append(kw)
+    run.define_metric = lambda *a, **kw: None
+    _fake_wandb(monkeypatch, run)
+    sys.modules["wandb"].AlertLevel = types.SimpleNamespace(WARN="WARN")
+    sys.modules["wandb"].Table = lambda **kw: types.SimpleNamespace(add_data=lambda *row: None)
+    m = Monitor(LoggingConfig(progress="lines", wandb=WandbConfig(mode="online")), tmp_path,
+                {}, 10, rank=0)  # fmt: skip
+    m.events(FALLBACKS)
+    m.events([{**FALLBACKS[0], "step": 9}, {"kind": "divergence", "step": 9, "loss": 7.0}])
+    assert [(a["title"], a["wait_duration"]) for a in alerts] == [
+        ("lptrain: guard at step 5, 3 layers", 1),
+        ("lptrain: guard at step 9, 1 layer", 1),
+        ("lptrain: divergence at step 9", 1),
+    ]
+    assert alerts[0]["text"].splitlines() == [
+        f"layer layers.{i}.mlp.w1, reason {REASON}, from nvfp4, to mxfp8" for i in range(3)
+    ]
+
+
+def test_wandb_group_job_type_and_name_are_config_keys():
+    from lptrain.config.schema import parse
+
+    raw = {"run": {"max_steps": 1},
+           "logging": {"wandb": {"group": "g", "job_type": "finetune", "name": "n"}}}  # fmt: skip
+    wb = parse(raw).logging.wandb
+    assert (wb.group, wb.job_type, wb.name) == ("g", "finetune", "n")
+
+
+def test_panel_key_puts_each_block_in_its_own_w_and_b_section():
+    assert panel_key("quant/model.layers.12.self_attn.q_proj/output.input/amax") == (
+        "quant.model.layers.12/self_attn.q_proj/output.input/amax"
+    )
+    for same in ("quant/lm_head/output.input/amax", "quant/layers.3/output.weight/amax", "loss"):
+        assert panel_key(same) == same  # no block, or the block itself: nothing to split
