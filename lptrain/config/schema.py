@@ -67,6 +67,9 @@ class GuardConfig:
     interval: int = 10  # steps between checks
     layers: list[str] = field(default_factory=lambda: ["*"])  # fnmatch globs on layer names
     operands: list[str] = field(default_factory=lambda: ["*"])  # globs on '<gemm>.<operand>'
+    # on resume, drop the checkpoint's fallbacks: every layer back on precision.recipe (kept
+    # otherwise, whatever `enabled` says)
+    reset: bool = False
 
 
 @dataclass(frozen=True)

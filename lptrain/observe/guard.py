@@ -10,7 +10,10 @@ statistics and stays there.
 
 The guard's state (each layer's position in the chain, the bad-check streaks, the events) is
 saved in checkpoints. A resumed model must get its fallbacks *before* the checkpoint's module
-state is loaded, since a layer's state keys depend on its recipe (`apply`).
+state is loaded, since a layer's state keys depend on its recipe (`apply`). The fallbacks are
+the run's state, not a setting: they are kept across a resume whatever `enabled` says (off: no
+new fallbacks, the old ones stay) and saved again, until `reset` puts every layer back on the
+run's recipe.
 """
 
 from __future__ import annotations
@@ -58,14 +61,15 @@ class PrecisionGuard:
     def __init__(self, cfg: GuardConfig, base: Recipe):
         self.cfg = cfg
         self.base = base  # the run's recipe, which every converted layer starts from
-        self.chain = _resolve_chain(cfg)
+        # A disabled guard makes no fallbacks (no chain) but still carries the earlier ones.
+        self.chain = _resolve_chain(cfg) if cfg.enabled else []
         self.state = GuardState()
 
     def watches(self, name: str) -> bool:
         return matches(name, self.cfg.layers) is not None
 
     def due(self, step: int) -> bool:
-        return step % self.cfg.interval == 0
+        return self.cfg.enabled and step % self.cfg.interval == 0
 
     def _problem(self, entries: dict[str, dict]) -> str | None:
         """The first watched operand out of bounds, described; None when all are fine."""
@@ -118,6 +122,12 @@ class PrecisionGuard:
             want = from_dict(recipes[name]) if name in recipes else self.base
             if layer.recipe != want:
                 layer.set_recipe(want)
+
+    def reset(self, model: nn.Module) -> None:
+        """Forget every fallback: all layers back on the run's recipe, with fresh quantizer
+        state (call after the checkpoint's module state is loaded)."""
+        self.state = GuardState()
+        self.apply(model, {})
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self.state)

@@ -64,7 +64,9 @@ class Monitoring:
             n: m for n, m in self.layers.items() if m.weight is not None and m.weight.requires_grad
         }
         g = cfg.precision.guard
-        self.guard = PrecisionGuard(g, guard_base) if g.enabled and guard_base else None
+        # Built for every quantized run, enabled or not: its fallbacks are state that a resume
+        # keeps and every checkpoint records (guard.py).
+        self.guard = PrecisionGuard(g, guard_base) if guard_base else None
         self.spikes = SpikeDetector(self.cfg.spike)
         self.per_token = perf.flops_per_token(model, cfg.data.block_size)
         self._armed = False
@@ -174,9 +176,18 @@ class Monitoring:
             self.guard.load_state_dict(d["guard"])
             self.guard.apply(self.model, self.guard.state.recipe)
 
+    def reset_guard(self) -> int:
+        """`precision.guard.reset`: forget the fallbacks (after the checkpoint's module state is
+        loaded); returns how many layers went back to the run's recipe."""
+        if self.guard is None:
+            return 0
+        n = len(self.guard.state.recipe)
+        self.guard.reset(self.model)
+        return n
+
     def summary_lines(self) -> list[str]:
         lines = []
-        if self.guard is not None:
+        if self.guard is not None and (self.guard.cfg.enabled or self.guard.state.events):
             evs = self.guard.state.events
             lines.append(f"precision guard: {len(evs)} fallback(s)")
             lines += [

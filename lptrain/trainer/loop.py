@@ -167,8 +167,11 @@ def evaluate(s: Session) -> float:
     return loss
 
 
-def _save(s: Session, p: Progress, say) -> None:
-    extra = {"monitoring": s.monitoring.state_dict()} if s.monitoring is not None else None
+def _save(s: Session, p: Progress, monitor: Monitor, say) -> None:
+    # The event counts ride along so that a resume continues them (W&B's events/<kind>).
+    extra = {"event_counts": monitor.event_counts_state()}
+    if s.monitoring is not None:
+        extra["monitoring"] = s.monitoring.state_dict()
     path = store.save(
         s.engine,
         s.model,
@@ -192,15 +195,30 @@ def _load(s: Session, found: store.Found, reset_quantizers: bool = False) -> Pro
 
 def _resume(s: Session, start: Plan, monitor: Monitor, say) -> Progress:
     if start.universal:  # saved on another world size (checkpoint/elastic.py)
+        extra = store.peek_rank0(start.source)
         if s.monitoring is not None:
-            s.monitoring.load_state_dict(store.peek_rank0(start.source).get("monitoring"))
+            s.monitoring.load_state_dict(extra.get("monitoring"))
         p = elastic.load(s.engine, s.model, start.source, s.cfg, say)
     else:
+        extra = store.peek(start.source)
         p = _load(s, start.source, start.reset_quantizers)
+    monitor.restore_event_counts(extra.get("event_counts", {}))
     eng.resume_optim(s.engine, s.cfg, s.total_steps, start.saved_section("optim"))
+    if s.cfg.precision.guard.reset:
+        _reset_guard(s, say)
     say(f"resumed from {start.source.path} at step {p.step}")
     monitor.event({"kind": "resume", "step": p.step, "checkpoint": start.source.tag})
     return p
+
+
+def _reset_guard(s: Session, say) -> None:
+    """`precision.guard.reset` on a resume: the checkpoint's fallbacks are loaded (its state
+    keys need them), then dropped."""
+    n = s.monitoring.reset_guard() if s.monitoring is not None else 0
+    if n:
+        say(f"precision.guard.reset: {n} layer(s) back on the run's recipe")
+    else:
+        say("warning: precision.guard.reset: the checkpoint holds no guard fallbacks to reset")
 
 
 def _reload(s: Session, p: Progress, start: Plan | None, monitor: Monitor, say) -> Progress:
@@ -280,6 +298,8 @@ def run(
     signal in `stop` asks to save and exit."""
     cfg, G = s.cfg, s.layout.global_batch
     has_source = start is not None and start.source is not None
+    if not has_source and cfg.precision.guard.reset:
+        say("warning: precision.guard.reset: a run from scratch has no guard fallbacks to reset")
     p = _resume(s, start, monitor, say) if has_source else Progress()
     monitor.start_at(p.step)
     stop = stop or Signals()
@@ -312,7 +332,7 @@ def run(
         periodic = cfg.checkpoint.interval and p.step % cfg.checkpoint.interval == 0
         final = p.step == s.total_steps and cfg.checkpoint.save_final
         if periodic or final or stopping:
-            _save(s, p, say)
+            _save(s, p, monitor, say)
         if stopping:
             say(f"stopped at step {p.step}; the same command resumes (checkpoint.resume=auto)")
             break

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import lptrain
-from lptrain import recipes
+from lptrain import recipes, safeload
 from lptrain.config.schema import ConfigError, GuardConfig, parse
 from lptrain.observe import check
 from lptrain.observe.guard import PrecisionGuard
@@ -110,6 +110,11 @@ GROW = textwrap.dedent("""
 """)
 
 
+def _guard_state(run_dir, step: int) -> dict:
+    side = run_dir / "checkpoints" / f"step{step:08d}" / "lptrain_rank0.pt"
+    return safeload.load(side, "test")["extra"]["monitoring"]["guard"]
+
+
 def test_a_saturating_layer_falls_back_and_a_resume_keeps_it(tmp_path, monitored_runs):
     run_dir = tmp_path / "run"
     sets = [
@@ -134,7 +139,9 @@ def test_a_saturating_layer_falls_back_and_a_resume_keeps_it(tmp_path, monitored
     key = "quant/layers.0.mlp.w1/output.weight"
     assert rows[2][f"{key}/saturated"] < 0.05 and rows[3][f"{key}/saturated"] > 0.5
     assert f"{key}/scale" in rows[5] and f"{key}/scale_max" not in rows[5]  # per-tensor now
-    second = runs.train("tiny-fp32.yaml", run_dir, *sets[:2], *sets[3:], code=GROW)
+    # Resumed with the guard off: no new fallbacks, the old one stays and is saved again.
+    off = [*sets[:2], *sets[3:], "precision.guard.enabled=false"]
+    second = runs.train("tiny-fp32.yaml", run_dir, *off, code=GROW)
     assert "resumed from" in second.stderr
     assert "precision guard: 1 fallback(s)" in second.stderr
     assert "step 4: layers.0.mlp.w1 nvfp4-held -> fp8-current" in second.stderr
@@ -142,8 +149,20 @@ def test_a_saturating_layer_falls_back_and_a_resume_keeps_it(tmp_path, monitored
     assert set(rows) == set(range(1, 9))
     assert f"{key}/scale" in rows[8] and rows[8][f"{key}/saturated"] < 0.05
     assert "quant/layers.1.mlp.w1/output.weight/scale_max" in rows[8]  # the rest stay NVFP4
+    assert _guard_state(run_dir, 8)["recipe"]["layers.0.mlp.w1"]["name"] == "fp8-current"
     again = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["kind"] for e in again if e["kind"] in ("guard", "resume")] == ["guard", "resume"]
+    # The event counts continue across the resume (they restarted at 0 before).
+    metrics = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").open())}
+    assert (metrics[5]["events/guard"], metrics[8]["events/guard"]) == (1, 1)
+    assert metrics[8]["events/resume"] == 1
+    # precision.guard.reset: the layer goes back to the run's recipe (per-block scales again).
+    third = runs.train("tiny-fp32.yaml", run_dir, *off, "run.max_steps=9",
+                       "precision.guard.reset=true", code=GROW)  # fmt: skip
+    assert "precision.guard.reset: 1 layer(s) back on the run's recipe" in third.stderr
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "layers.jsonl").open())}
+    assert f"{key}/scale_max" in rows[9] and f"{key}/scale" not in rows[9]
+    assert _guard_state(run_dir, 9)["recipe"] == {}
 
 
 def test_a_healthy_run_never_falls_back(monitored_runs):
