@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lptrain.config.schema import TrainConfig
-from lptrain.nn import stats_window
+from lptrain.nn import Linear, stats_window
 from lptrain.observe import layers as L
 from lptrain.observe import perf, weights
 from lptrain.observe.fidelity import gradient_fidelity
@@ -43,6 +43,18 @@ class _Pending:
     before: dict | None
 
 
+def check_model(cfg: TrainConfig, model: nn.Module) -> None:
+    """The layer globs that are in use match at least one layer of the converted model (call
+    before the heavy start-up work)."""
+    if cfg.monitor.interval:
+        names = list(L.linear_layers(model, ["*"]))
+        L.require_match("monitor.layers", cfg.monitor.layers, names, "linear layer")
+    if cfg.precision.guard.enabled:
+        names = [n for n, m in model.named_modules() if isinstance(m, Linear)]
+        L.require_match("precision.guard.layers", cfg.precision.guard.layers, names,
+                        "lptrain layer")  # fmt: skip
+
+
 class Monitoring:
     def __init__(
         self,
@@ -51,6 +63,7 @@ class Monitoring:
         world: int,
         probe: torch.Tensor | None = None,
         guard_base=None,
+        vocab_size: int | None = None,
     ):
         self.cfg = cfg.monitor
         self.model = model
@@ -67,7 +80,9 @@ class Monitoring:
         # Built for every quantized run, enabled or not: its fallbacks are state that a resume
         # keeps and every checkpoint records (guard.py).
         self.guard = PrecisionGuard(g, guard_base) if guard_base else None
-        self.spikes = SpikeDetector(self.cfg.spike)
+        # The warmup's bound: the loss of a uniform guess over the vocabulary (spikes.py).
+        bound = math.log(vocab_size) if vocab_size else math.inf
+        self.spikes = SpikeDetector(self.cfg.spike, bound)
         self.per_token = perf.flops_per_token(model, cfg.data.block_size)
         self._armed = False
         self._norms: dict[str, float] = {}

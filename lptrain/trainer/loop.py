@@ -27,7 +27,7 @@ from lptrain.distributed import engine as eng
 from lptrain.models import converters
 from lptrain.models.bitswitch import BitSwitchConverter
 from lptrain.models.decoder import build_model, count_params
-from lptrain.observe import Monitoring
+from lptrain.observe import Monitoring, check_model
 from lptrain.observe.metrics import Monitor
 from lptrain.trainer.bitswitch import JointStep
 from lptrain.trainer.step import StepResult, train_step
@@ -93,13 +93,14 @@ def setup(
         vocab_size=tok.vocab_size,
     )  # fmt: skip
     model = converters.apply(model, convs, ctx)
+    check_model(cfg, model)
     say(
         f"model: {count_params(model) / 1e6:.2f}M parameters, precision {cfg.precision.recipe!r}, "
         f"{len(split.train)} train / {len(split.val)} val blocks of {cfg.data.block_size} tokens"
     )
     steps = total_steps(cfg, layout)
     engine, _ = eng.initialize(model, cfg, ds_config, steps)
-    monitoring = make_monitoring(cfg, model, blocks, split, layout, engine.device)
+    monitoring = make_monitoring(cfg, model, blocks, split, layout, engine.device, tok.vocab_size)
     # Dropout and stochastic rounding draw from per-rank streams from here on.
     torch.manual_seed(cfg.run.seed * 1000003 + info.rank)
     return Session(
@@ -119,7 +120,9 @@ def setup(
     )
 
 
-def make_monitoring(cfg: TrainConfig, model, blocks, split, layout, device) -> Monitoring:
+def make_monitoring(
+    cfg: TrainConfig, model, blocks, split, layout, device, vocab_size: int
+) -> Monitoring:
     """The monitoring, with its probe batch: rank 0's first validation batch on every rank (a
     fixed batch outside the training order, so the data stream is untouched)."""
     probe = None
@@ -127,7 +130,7 @@ def make_monitoring(cfg: TrainConfig, model, blocks, split, layout, device) -> M
         first = dataset.Layout(layout.micro, layout.accum, layout.world, 0)
         probe = dataset.val_batches(blocks, split.val[: layout.micro], first)[0][0].to(device)
     base = None if is_high_precision(cfg.precision) else resolve_recipe(cfg.precision)
-    return Monitoring(cfg, model, layout.world, probe, guard_base=base)
+    return Monitoring(cfg, model, layout.world, probe, guard_base=base, vocab_size=vocab_size)
 
 
 def step_function(convs: list):

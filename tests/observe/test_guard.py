@@ -13,7 +13,7 @@ from torch import nn
 import lptrain
 from lptrain import recipes, safeload
 from lptrain.config.schema import ConfigError, GuardConfig, parse
-from lptrain.observe import check
+from lptrain.observe import check, check_model
 from lptrain.observe.guard import PrecisionGuard
 from lptrain.testing import runs
 
@@ -82,12 +82,40 @@ def test_config_errors_name_the_key():
     raw = {"run": {"max_steps": 2}, "precision": {"guard": {"enabled": True}}}
     with pytest.raises(ConfigError, match=r"^precision\.guard\.fallback\[1\]: unknown recipe"):
         check(parse({**raw, "precision": {"guard": {"enabled": True, "fallback": ["bf16", "x"]}}}))
+    typo = ["*.input", "output.wieght"]
+    with pytest.raises(ConfigError, match=r"^precision\.guard\.operands\[1\]: 'output\.wieght' "):
+        parse({**raw, "precision": {"guard": {"enabled": True, "operands": typo}}})
     with pytest.raises(ConfigError, match=r"^precision\.guard\.patience: must be >= 1"):
         parse({**raw, "precision": {"guard": {"patience": 0}}})
     with pytest.raises(ConfigError, match=r"^monitor\.end_step: 3 < start_step 5"):
         parse({**raw, "monitor": {"start_step": 5, "end_step": 3}})
     with pytest.raises(ConfigError, match=r"^monitor\.stats\[0\]: expected one of"):
         parse({**raw, "monitor": {"stats": ["sqnr"]}})
+
+
+def test_layer_globs_that_match_nothing_are_refused():
+    model = _model()  # layers "0" and "2"
+    raw = {"run": {"max_steps": 2}, "monitor": {"layers": ["attn.*"]}}
+    with pytest.raises(
+        ConfigError,
+        match=r"^monitor\.layers: \['attn\.\*'\] match no linear layer; the model has 0, 2$",
+    ):
+        check_model(parse(raw), model)
+    check_model(parse({**raw, "monitor": {"layers": ["attn.*"], "interval": 0}}), model)  # off
+    guard = {"precision": {"guard": {"enabled": True, "layers": ["3"]}}}
+    with pytest.raises(ConfigError, match=r"^precision\.guard\.layers: \['3'\] match no lptrain"):
+        check_model(parse({"run": {"max_steps": 2}, **guard}), model)
+    check_model(parse({"run": {"max_steps": 2}, "monitor": {"layers": ["2"]}}), model)
+
+
+def test_the_cli_refuses_them_in_one_line(cli):
+    proc = cli("tiny-fp32.yaml", "monitor.layers=[blocks.*]", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: monitor.layers: ['blocks.*'] match no linear layer; the model has ")
+    )
 
 
 # End to end: NVFP4 with the weight's tensor scale held (sample-and-hold, amax_refresh) in one
