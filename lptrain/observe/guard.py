@@ -110,24 +110,25 @@ class PrecisionGuard:
             events.append(event)
         return events
 
-    def apply(self, model: nn.Module, recipes: dict[str, dict]) -> None:
-        """Put each lptrain layer at its recipe in `recipes` ({layer: Recipe.to_dict()}, a
-        state's `recipe`), or at the run's own recipe for layers not in it; layers already
-        there keep their state."""
+    def apply(self, model: nn.Module, recipes: dict[str, dict], moved=()) -> None:
+        """Put each layer named in `recipes` ({layer: Recipe.to_dict()}, a state's `recipe`) at
+        its recipe, and each layer in `moved` (fallbacks in place now) that is not in it back at
+        the run's recipe; layers already there keep their state. Other layers are left as they
+        were built: only the guard's own decisions are undone."""
         layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
         unknown = sorted(set(recipes) - set(layers))
         if unknown:
             raise ValueError(f"precision guard: no lptrain layer named {unknown[0]} in the model")
-        for name, layer in layers.items():
+        for name in sorted(set(recipes) | set(moved)):
             want = from_dict(recipes[name]) if name in recipes else self.base
-            if layer.recipe != want:
-                layer.set_recipe(want)
+            if layers[name].recipe != want:
+                layers[name].set_recipe(want)
 
     def reset(self, model: nn.Module) -> None:
-        """Forget every fallback: all layers back on the run's recipe, with fresh quantizer
+        """Forget every fallback: those layers back on the run's recipe, with fresh quantizer
         state (call after the checkpoint's module state is loaded)."""
-        self.state = GuardState()
-        self.apply(model, {})
+        moved, self.state = self.state.recipe, GuardState()
+        self.apply(model, {}, moved)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self.state)

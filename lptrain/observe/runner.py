@@ -188,8 +188,9 @@ class Monitoring:
             return
         self.spikes.load_state_dict(d["spikes"])
         if self.guard is not None and d.get("guard"):
+            moved = self.guard.state.recipe  # a reload: fallbacks made since may be undone
             self.guard.load_state_dict(d["guard"])
-            self.guard.apply(self.model, self.guard.state.recipe)
+            self.guard.apply(self.model, self.guard.state.recipe, moved)
 
     def reset_guard(self) -> int:
         """`precision.guard.reset`: forget the fallbacks (after the checkpoint's module state is

@@ -74,8 +74,9 @@ def test_state_round_trip_restores_the_recipes_on_a_fresh_model():
     again.apply(fresh, again.state.recipe)
     assert fresh[2].recipe.name == "fp8-current" and fresh[0].recipe.name == "nvfp4"
     fresh.load_state_dict(model.state_dict())  # the keys match the switched recipes
-    again.apply(fresh, {})  # back to the run's recipe everywhere
-    assert fresh[2].recipe.name == "nvfp4"
+    fresh[0].set_recipe(recipes.get("mxfp8"))  # not the guard's doing: left alone
+    again.apply(fresh, {}, moved=again.state.recipe)  # the fallback undone
+    assert fresh[2].recipe.name == "nvfp4" and fresh[0].recipe.name == "mxfp8"
 
 
 def test_config_errors_name_the_key():
