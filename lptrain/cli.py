@@ -307,6 +307,22 @@ def _with_base(cfg: TrainConfig, plan, allow: list[str], say):
     return cfg, base, *_inputs(cfg, base)
 
 
+def _ending(p, total: int, signals) -> str:
+    """The first summary line: done, or stopped early (and why) with what a resume needs."""
+    counts = f"{p.tokens} tokens, {p.skipped} skipped"
+    if p.step >= total:
+        return f"done: {p.step} steps, {counts}"
+    why = (
+        f"on {signal.Signals(signals.first[0]).name}"
+        if signals.requested
+        else "at run.stop_at_step"
+    )
+    return (
+        f"stopped {why} at step {p.step} of {total}, {counts}; resumable: the same command "
+        "continues from its checkpoint"
+    )
+
+
 def cmd_train(args, signals, log) -> int:
     cfg, info, ds_config, early = _prepare(args)
     engine.init_distributed(info)
@@ -356,7 +372,7 @@ def cmd_train(args, signals, log) -> int:
         if held is not None:
             held.release(abandon=not started)
     if info.rank == 0:
-        print(f"done: {p.step} steps, {p.tokens} tokens, {p.skipped} skipped", file=log.stdout)
+        print(_ending(p, s.total_steps, signals), file=log.stdout)
         print(f"run directory: {run_dir.resolve()}", file=log.stdout, flush=True)
     return 0
 

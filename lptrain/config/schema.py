@@ -29,6 +29,8 @@ from lptrain.config.finetune import (
     QATSection,
 )
 from lptrain.errors import ConfigError, first_line  # noqa: F401  (re-exported)
+from lptrain.nn.recipe import GEMMS
+from lptrain.nn.select import matches
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,9 @@ class GuardConfig:
     interval: int = 10  # steps between checks
     layers: list[str] = field(default_factory=lambda: ["*"])  # fnmatch globs on layer names
     operands: list[str] = field(default_factory=lambda: ["*"])  # globs on '<gemm>.<operand>'
+    # on resume, drop the checkpoint's fallbacks: every layer back on precision.recipe (kept
+    # otherwise, whatever `enabled` says)
+    reset: bool = False
 
 
 @dataclass(frozen=True)
@@ -415,6 +420,13 @@ def _check_guard(g: GuardConfig) -> None:
         raise ConfigError("precision.guard.fallback", "empty: name at least one recipe")
     if g.enabled and g.min_sqnr_db is None and g.max_saturated is None:
         raise ConfigError("precision.guard", "enabled without min_sqnr_db or max_saturated")
+    operands = [f"{gemm}.{op}" for gemm, pair in GEMMS.items() for op in pair]
+    for i, pattern in enumerate(g.operands if g.enabled else ()):
+        if not any(matches(o, [pattern]) for o in operands):  # a typo: that glob watches nothing
+            raise ConfigError(
+                f"precision.guard.operands[{i}]",
+                f"{pattern!r} matches no operand; they are {', '.join(operands)}",
+            )
 
 
 def _check_files(cfg: TrainConfig) -> None:

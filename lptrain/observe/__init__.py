@@ -5,6 +5,6 @@ around each step by `Monitoring` (runner.py). The rows and events go through met
 """
 
 from lptrain.observe.guard import check
-from lptrain.observe.runner import Monitoring, Plan
+from lptrain.observe.runner import Monitoring, Plan, check_model
 
-__all__ = ["Monitoring", "Plan", "check"]
+__all__ = ["Monitoring", "Plan", "check", "check_model"]

@@ -10,7 +10,10 @@ statistics and stays there.
 
 The guard's state (each layer's position in the chain, the bad-check streaks, the events) is
 saved in checkpoints. A resumed model must get its fallbacks *before* the checkpoint's module
-state is loaded, since a layer's state keys depend on its recipe (`apply`).
+state is loaded, since a layer's state keys depend on its recipe (`apply`). The fallbacks are
+the run's state, not a setting: they are kept across a resume whatever `enabled` says (off: no
+new fallbacks, the old ones stay) and saved again, until `reset` puts every layer back on the
+run's recipe.
 """
 
 from __future__ import annotations
@@ -58,14 +61,15 @@ class PrecisionGuard:
     def __init__(self, cfg: GuardConfig, base: Recipe):
         self.cfg = cfg
         self.base = base  # the run's recipe, which every converted layer starts from
-        self.chain = _resolve_chain(cfg)
+        # A disabled guard makes no fallbacks (no chain) but still carries the earlier ones.
+        self.chain = _resolve_chain(cfg) if cfg.enabled else []
         self.state = GuardState()
 
     def watches(self, name: str) -> bool:
         return matches(name, self.cfg.layers) is not None
 
     def due(self, step: int) -> bool:
-        return step % self.cfg.interval == 0
+        return self.cfg.enabled and step % self.cfg.interval == 0
 
     def _problem(self, entries: dict[str, dict]) -> str | None:
         """The first watched operand out of bounds, described; None when all are fine."""
@@ -106,18 +110,25 @@ class PrecisionGuard:
             events.append(event)
         return events
 
-    def apply(self, model: nn.Module, recipes: dict[str, dict]) -> None:
-        """Put each lptrain layer at its recipe in `recipes` ({layer: Recipe.to_dict()}, a
-        state's `recipe`), or at the run's own recipe for layers not in it; layers already
-        there keep their state."""
+    def apply(self, model: nn.Module, recipes: dict[str, dict], moved=()) -> None:
+        """Put each layer named in `recipes` ({layer: Recipe.to_dict()}, a state's `recipe`) at
+        its recipe, and each layer in `moved` (fallbacks in place now) that is not in it back at
+        the run's recipe; layers already there keep their state. Other layers are left as they
+        were built: only the guard's own decisions are undone."""
         layers = {n: m for n, m in model.named_modules() if isinstance(m, Linear)}
         unknown = sorted(set(recipes) - set(layers))
         if unknown:
             raise ValueError(f"precision guard: no lptrain layer named {unknown[0]} in the model")
-        for name, layer in layers.items():
+        for name in sorted(set(recipes) | set(moved)):
             want = from_dict(recipes[name]) if name in recipes else self.base
-            if layer.recipe != want:
-                layer.set_recipe(want)
+            if layers[name].recipe != want:
+                layers[name].set_recipe(want)
+
+    def reset(self, model: nn.Module) -> None:
+        """Forget every fallback: those layers back on the run's recipe, with fresh quantizer
+        state (call after the checkpoint's module state is loaded)."""
+        moved, self.state = self.state.recipe, GuardState()
+        self.apply(model, {}, moved)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self.state)

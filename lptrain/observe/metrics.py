@@ -279,6 +279,8 @@ class Monitor:
             k: (None if isinstance(v, float) and not math.isfinite(v) else v)
             for k, v in row.items()
         }
+        if "loss" in row:  # a training row carries the running event counts (whole run)
+            row.update({f"events/{k}": n for k, n in sorted(self.event_counts.items())})
         self.file.write(json.dumps(row) + "\n")
         self.wandb.log(row)
         if "loss" in row:
@@ -332,6 +334,15 @@ class Monitor:
                 n = len(group)
                 layers = f", {n} layer{'s' * (n > 1)}" if kind == "guard" else ""
                 self.wandb.alert(f"lptrain: {kind} at step {step}{layers}", alert_text(group))
+
+    def event_counts_state(self) -> dict[str, int]:
+        """The running count per event kind, saved in checkpoints (rank 0's is the one used)."""
+        return dict(self.event_counts) if self.enabled else {}
+
+    def restore_event_counts(self, counts: dict[str, int]) -> None:
+        """A resume continues the counts of the checkpoint it resumes from."""
+        if self.enabled:
+            self.event_counts = dict(counts)
 
     def _progress(self, row: dict) -> None:
         loss, norm = (_fmt(row[k], ".4f") for k in ("loss", "grad_norm"))

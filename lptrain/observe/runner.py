@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lptrain.config.schema import TrainConfig
-from lptrain.nn import stats_window
+from lptrain.nn import Linear, stats_window
 from lptrain.observe import layers as L
 from lptrain.observe import perf, weights
 from lptrain.observe.fidelity import gradient_fidelity
@@ -43,6 +43,18 @@ class _Pending:
     before: dict | None
 
 
+def check_model(cfg: TrainConfig, model: nn.Module) -> None:
+    """The layer globs that are in use match at least one layer of the converted model (call
+    before the heavy start-up work)."""
+    if cfg.monitor.interval:
+        names = list(L.linear_layers(model, ["*"]))
+        L.require_match("monitor.layers", cfg.monitor.layers, names, "linear layer")
+    if cfg.precision.guard.enabled:
+        names = [n for n, m in model.named_modules() if isinstance(m, Linear)]
+        L.require_match("precision.guard.layers", cfg.precision.guard.layers, names,
+                        "lptrain layer")  # fmt: skip
+
+
 class Monitoring:
     def __init__(
         self,
@@ -51,6 +63,7 @@ class Monitoring:
         world: int,
         probe: torch.Tensor | None = None,
         guard_base=None,
+        vocab_size: int | None = None,
     ):
         self.cfg = cfg.monitor
         self.model = model
@@ -64,8 +77,12 @@ class Monitoring:
             n: m for n, m in self.layers.items() if m.weight is not None and m.weight.requires_grad
         }
         g = cfg.precision.guard
-        self.guard = PrecisionGuard(g, guard_base) if g.enabled and guard_base else None
-        self.spikes = SpikeDetector(self.cfg.spike)
+        # Built for every quantized run, enabled or not: its fallbacks are state that a resume
+        # keeps and every checkpoint records (guard.py).
+        self.guard = PrecisionGuard(g, guard_base) if guard_base else None
+        # The warmup's bound: the loss of a uniform guess over the vocabulary (spikes.py).
+        bound = math.log(vocab_size) if vocab_size else math.inf
+        self.spikes = SpikeDetector(self.cfg.spike, bound)
         self.per_token = perf.flops_per_token(model, cfg.data.block_size)
         self._armed = False
         self._norms: dict[str, float] = {}
@@ -171,12 +188,22 @@ class Monitoring:
             return
         self.spikes.load_state_dict(d["spikes"])
         if self.guard is not None and d.get("guard"):
+            moved = self.guard.state.recipe  # a reload: fallbacks made since may be undone
             self.guard.load_state_dict(d["guard"])
-            self.guard.apply(self.model, self.guard.state.recipe)
+            self.guard.apply(self.model, self.guard.state.recipe, moved)
+
+    def reset_guard(self) -> int:
+        """`precision.guard.reset`: forget the fallbacks (after the checkpoint's module state is
+        loaded); returns how many layers went back to the run's recipe."""
+        if self.guard is None:
+            return 0
+        n = len(self.guard.state.recipe)
+        self.guard.reset(self.model)
+        return n
 
     def summary_lines(self) -> list[str]:
         lines = []
-        if self.guard is not None:
+        if self.guard is not None and (self.guard.cfg.enabled or self.guard.state.events):
             evs = self.guard.state.events
             lines.append(f"precision guard: {len(evs)} fallback(s)")
             lines += [

@@ -8,7 +8,13 @@ of 1e-3 * |m|: on a flat plateau s -> 0 and any wiggle would score as a spike. A
 when the score exceeds `threshold` (with at least MIN_SEEN losses in the statistics); while it
 lasts the statistics are frozen (the spike must not become the new normal), and it ends when
 the score falls below threshold / 2. A spike that has not ended after `divergence` steps raises
-the divergence flag, which stays raised. Non-finite losses (skipped steps) are not scored; the
+the divergence flag, which stays raised.
+
+The warmup is not blind: there the loss is held against an absolute `bound`, the loss of a
+uniform guess over the vocabulary, ln(vocab_size). Once a loss has been at or below it, a loss
+above it (worse than guessing) starts a spike, which ends when the loss is back at or below the
+bound (a random initialization starts near ln V, so the first losses only arm the check). Non-
+finite losses (skipped steps) are not scored; the
 trainer reports them as events of their own. A slow climb is not a spike: watch
 `stability/loss_ema` and the validation loss for that.
 """
@@ -33,11 +39,15 @@ class SpikeState:
     spike_step: int | None = None  # start of the spike in progress
     spike_peak: float = 0.0
     diverged_at: int | None = None
+    below_bound: bool = False  # a loss at or below the bound seen: the warmup check is armed
+    bound_spike: bool = False  # the spike in progress was started by the bound (ends by it)
 
 
 class SpikeDetector:
-    def __init__(self, cfg: SpikeConfig):
+    def __init__(self, cfg: SpikeConfig, bound: float = math.inf):
+        """bound: the warmup's absolute loss bound, ln(vocab_size); inf: none."""
         self.cfg = cfg
+        self.bound = bound
         self.state = SpikeState()
         self.score = float("nan")
 
@@ -70,20 +80,24 @@ class SpikeDetector:
             return []
         st, cfg = self.state, self.cfg
         st.count += 1
-        if st.count <= cfg.warmup:
-            self.score = float("nan")
-            return []
-        self.score = score = self._score(loss)
+        warm = st.count <= cfg.warmup
+        self.score = score = float("nan") if warm else self._score(loss)
         if st.spike_step is None:
-            if st.seen >= MIN_SEEN and score > cfg.threshold:
+            if warm and st.below_bound and loss > self.bound:
+                st.spike_step, st.spike_peak, st.bound_spike = step, loss, True
+                return [{**self._event("spike", step, loss, score), "bound": self.bound}]
+            st.below_bound = st.below_bound or loss <= self.bound
+            if not warm and st.seen >= MIN_SEEN and score > cfg.threshold:
                 st.spike_step, st.spike_peak = step, loss
                 return [self._event("spike", step, loss, score)]
-            self._fold(loss)
+            if not warm:
+                self._fold(loss)
             return []
         st.spike_peak = max(st.spike_peak, loss)
-        if score < cfg.threshold / 2:
-            start, st.spike_step = st.spike_step, None
-            self._fold(loss)
+        if loss <= self.bound if st.bound_spike else score < cfg.threshold / 2:
+            start, st.spike_step, st.bound_spike = st.spike_step, None, False
+            if not warm:
+                self._fold(loss)
             ev = self._event("spike_end", step, loss, score)
             return [{**ev, "spike_step": start, "duration": step - start, "peak": st.spike_peak}]
         if st.diverged_at is None and step - st.spike_step >= cfg.divergence:

@@ -27,7 +27,7 @@ from lptrain.distributed import engine as eng
 from lptrain.models import converters
 from lptrain.models.bitswitch import BitSwitchConverter
 from lptrain.models.decoder import build_model, count_params
-from lptrain.observe import Monitoring
+from lptrain.observe import Monitoring, check_model
 from lptrain.observe.layers import key_count
 from lptrain.observe.metrics import Monitor
 from lptrain.trainer.bitswitch import JointStep
@@ -94,13 +94,14 @@ def setup(
         vocab_size=tok.vocab_size,
     )  # fmt: skip
     model = converters.apply(model, convs, ctx)
+    check_model(cfg, model)
     say(
         f"model: {count_params(model) / 1e6:.2f}M parameters, precision {cfg.precision.recipe!r}, "
         f"{len(split.train)} train / {len(split.val)} val blocks of {cfg.data.block_size} tokens"
     )
     steps = total_steps(cfg, layout)
     engine, _ = eng.initialize(model, cfg, ds_config, steps)
-    monitoring = make_monitoring(cfg, model, blocks, split, layout, engine.device)
+    monitoring = make_monitoring(cfg, model, blocks, split, layout, engine.device, tok.vocab_size)
     if cfg.monitor.interval:  # W&B suggests at most ~10,000 keys per project: say the cost
         n = key_count(monitoring.layers, monitoring.trained, cfg.monitor)
         layers = len(monitoring.layers)
@@ -124,7 +125,9 @@ def setup(
     )
 
 
-def make_monitoring(cfg: TrainConfig, model, blocks, split, layout, device) -> Monitoring:
+def make_monitoring(
+    cfg: TrainConfig, model, blocks, split, layout, device, vocab_size: int
+) -> Monitoring:
     """The monitoring, with its probe batch: rank 0's first validation batch on every rank (a
     fixed batch outside the training order, so the data stream is untouched)."""
     probe = None
@@ -132,7 +135,7 @@ def make_monitoring(cfg: TrainConfig, model, blocks, split, layout, device) -> M
         first = dataset.Layout(layout.micro, layout.accum, layout.world, 0)
         probe = dataset.val_batches(blocks, split.val[: layout.micro], first)[0][0].to(device)
     base = None if is_high_precision(cfg.precision) else resolve_recipe(cfg.precision)
-    return Monitoring(cfg, model, layout.world, probe, guard_base=base)
+    return Monitoring(cfg, model, layout.world, probe, guard_base=base, vocab_size=vocab_size)
 
 
 def step_function(convs: list):
@@ -172,8 +175,11 @@ def evaluate(s: Session) -> float:
     return loss
 
 
-def _save(s: Session, p: Progress, say) -> None:
-    extra = {"monitoring": s.monitoring.state_dict()} if s.monitoring is not None else None
+def _save(s: Session, p: Progress, monitor: Monitor, say) -> None:
+    # The event counts ride along so that a resume continues them (W&B's events/<kind>).
+    extra = {"event_counts": monitor.event_counts_state()}
+    if s.monitoring is not None:
+        extra["monitoring"] = s.monitoring.state_dict()
     path = store.save(
         s.engine,
         s.model,
@@ -197,15 +203,30 @@ def _load(s: Session, found: store.Found, reset_quantizers: bool = False) -> Pro
 
 def _resume(s: Session, start: Plan, monitor: Monitor, say) -> Progress:
     if start.universal:  # saved on another world size (checkpoint/elastic.py)
+        extra = store.peek_rank0(start.source)
         if s.monitoring is not None:
-            s.monitoring.load_state_dict(store.peek_rank0(start.source).get("monitoring"))
+            s.monitoring.load_state_dict(extra.get("monitoring"))
         p = elastic.load(s.engine, s.model, start.source, s.cfg, say)
     else:
+        extra = store.peek(start.source)
         p = _load(s, start.source, start.reset_quantizers)
+    monitor.restore_event_counts(extra.get("event_counts", {}))
     eng.resume_optim(s.engine, s.cfg, s.total_steps, start.saved_section("optim"))
+    if s.cfg.precision.guard.reset:
+        _reset_guard(s, say)
     say(f"resumed from {start.source.path} at step {p.step}")
     monitor.event({"kind": "resume", "step": p.step, "checkpoint": start.source.tag})
     return p
+
+
+def _reset_guard(s: Session, say) -> None:
+    """`precision.guard.reset` on a resume: the checkpoint's fallbacks are loaded (its state
+    keys need them), then dropped."""
+    n = s.monitoring.reset_guard() if s.monitoring is not None else 0
+    if n:
+        say(f"precision.guard.reset: {n} layer(s) back on the run's recipe")
+    else:
+        say("warning: precision.guard.reset: the checkpoint holds no guard fallbacks to reset")
 
 
 def _reload(s: Session, p: Progress, start: Plan | None, monitor: Monitor, say) -> Progress:
@@ -284,6 +305,8 @@ def run(
     signal in `stop` asks to save and exit."""
     cfg, G = s.cfg, s.layout.global_batch
     has_source = start is not None and start.source is not None
+    if not has_source and cfg.precision.guard.reset:
+        say("warning: precision.guard.reset: a run from scratch has no guard fallbacks to reset")
     p = _resume(s, start, monitor, say) if has_source else Progress()
     monitor.start_at(p.step)
     stop = stop or Signals()
@@ -316,7 +339,7 @@ def run(
         periodic = cfg.checkpoint.interval and p.step % cfg.checkpoint.interval == 0
         final = p.step == s.total_steps and cfg.checkpoint.save_final
         if periodic or final or stopping:
-            _save(s, p, say)
+            _save(s, p, monitor, say)
         if stopping:
             say(f"stopped at step {p.step}; the same command resumes (checkpoint.resume=auto)")
             break

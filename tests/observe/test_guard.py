@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import lptrain
-from lptrain import recipes
+from lptrain import recipes, safeload
 from lptrain.config.schema import ConfigError, GuardConfig, parse
-from lptrain.observe import check
+from lptrain.observe import check, check_model
 from lptrain.observe.guard import PrecisionGuard
 from lptrain.testing import runs
 
@@ -74,20 +74,49 @@ def test_state_round_trip_restores_the_recipes_on_a_fresh_model():
     again.apply(fresh, again.state.recipe)
     assert fresh[2].recipe.name == "fp8-current" and fresh[0].recipe.name == "nvfp4"
     fresh.load_state_dict(model.state_dict())  # the keys match the switched recipes
-    again.apply(fresh, {})  # back to the run's recipe everywhere
-    assert fresh[2].recipe.name == "nvfp4"
+    fresh[0].set_recipe(recipes.get("mxfp8"))  # not the guard's doing: left alone
+    again.apply(fresh, {}, moved=again.state.recipe)  # the fallback undone
+    assert fresh[2].recipe.name == "nvfp4" and fresh[0].recipe.name == "mxfp8"
 
 
 def test_config_errors_name_the_key():
     raw = {"run": {"max_steps": 2}, "precision": {"guard": {"enabled": True}}}
     with pytest.raises(ConfigError, match=r"^precision\.guard\.fallback\[1\]: unknown recipe"):
         check(parse({**raw, "precision": {"guard": {"enabled": True, "fallback": ["bf16", "x"]}}}))
+    typo = ["*.input", "output.wieght"]
+    with pytest.raises(ConfigError, match=r"^precision\.guard\.operands\[1\]: 'output\.wieght' "):
+        parse({**raw, "precision": {"guard": {"enabled": True, "operands": typo}}})
     with pytest.raises(ConfigError, match=r"^precision\.guard\.patience: must be >= 1"):
         parse({**raw, "precision": {"guard": {"patience": 0}}})
     with pytest.raises(ConfigError, match=r"^monitor\.end_step: 3 < start_step 5"):
         parse({**raw, "monitor": {"start_step": 5, "end_step": 3}})
     with pytest.raises(ConfigError, match=r"^monitor\.stats\[0\]: expected one of"):
         parse({**raw, "monitor": {"stats": ["sqnr"]}})
+
+
+def test_layer_globs_that_match_nothing_are_refused():
+    model = _model()  # layers "0" and "2"
+    raw = {"run": {"max_steps": 2}, "monitor": {"layers": ["attn.*"]}}
+    with pytest.raises(
+        ConfigError,
+        match=r"^monitor\.layers: \['attn\.\*'\] match no linear layer; the model has 0, 2$",
+    ):
+        check_model(parse(raw), model)
+    check_model(parse({**raw, "monitor": {"layers": ["attn.*"], "interval": 0}}), model)  # off
+    guard = {"precision": {"guard": {"enabled": True, "layers": ["3"]}}}
+    with pytest.raises(ConfigError, match=r"^precision\.guard\.layers: \['3'\] match no lptrain"):
+        check_model(parse({"run": {"max_steps": 2}, **guard}), model)
+    check_model(parse({"run": {"max_steps": 2}, "monitor": {"layers": ["2"]}}), model)
+
+
+def test_the_cli_refuses_them_in_one_line(cli):
+    proc = cli("tiny-fp32.yaml", "monitor.layers=[blocks.*]", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: monitor.layers: ['blocks.*'] match no linear layer; the model has ")
+    )
 
 
 # End to end: NVFP4 with the weight's tensor scale held (sample-and-hold, amax_refresh) in one
@@ -108,6 +137,11 @@ GROW = textwrap.dedent("""
     from lptrain.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
+
+
+def _guard_state(run_dir, step: int) -> dict:
+    side = run_dir / "checkpoints" / f"step{step:08d}" / "lptrain_rank0.pt"
+    return safeload.load(side, "test")["extra"]["monitoring"]["guard"]
 
 
 def test_a_saturating_layer_falls_back_and_a_resume_keeps_it(tmp_path, monitored_runs):
@@ -134,7 +168,9 @@ def test_a_saturating_layer_falls_back_and_a_resume_keeps_it(tmp_path, monitored
     key = "quant/layers.0.mlp.w1/output.weight"
     assert rows[2][f"{key}/saturated"] < 0.05 and rows[3][f"{key}/saturated"] > 0.5
     assert f"{key}/scale" in rows[5] and f"{key}/scale_max" not in rows[5]  # per-tensor now
-    second = runs.train("tiny-fp32.yaml", run_dir, *sets[:2], *sets[3:], code=GROW)
+    # Resumed with the guard off: no new fallbacks, the old one stays and is saved again.
+    off = [*sets[:2], *sets[3:], "precision.guard.enabled=false"]
+    second = runs.train("tiny-fp32.yaml", run_dir, *off, code=GROW)
     assert "resumed from" in second.stderr
     assert "precision guard: 1 fallback(s)" in second.stderr
     assert "step 4: layers.0.mlp.w1 nvfp4-held -> fp8-current" in second.stderr
@@ -142,8 +178,20 @@ def test_a_saturating_layer_falls_back_and_a_resume_keeps_it(tmp_path, monitored
     assert set(rows) == set(range(1, 9))
     assert f"{key}/scale" in rows[8] and rows[8][f"{key}/saturated"] < 0.05
     assert "quant/layers.1.mlp.w1/output.weight/scale_max" in rows[8]  # the rest stay NVFP4
+    assert _guard_state(run_dir, 8)["recipe"]["layers.0.mlp.w1"]["name"] == "fp8-current"
     again = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["kind"] for e in again if e["kind"] in ("guard", "resume")] == ["guard", "resume"]
+    # The event counts continue across the resume (they restarted at 0 before).
+    metrics = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").open())}
+    assert (metrics[5]["events/guard"], metrics[8]["events/guard"]) == (1, 1)
+    assert metrics[8]["events/resume"] == 1
+    # precision.guard.reset: the layer goes back to the run's recipe (per-block scales again).
+    third = runs.train("tiny-fp32.yaml", run_dir, *off, "run.max_steps=9",
+                       "precision.guard.reset=true", code=GROW)  # fmt: skip
+    assert "precision.guard.reset: 1 layer(s) back on the run's recipe" in third.stderr
+    rows = {r["step"]: r for r in map(json.loads, (run_dir / "layers.jsonl").open())}
+    assert f"{key}/scale_max" in rows[9] and f"{key}/scale" not in rows[9]
+    assert _guard_state(run_dir, 9)["recipe"] == {}
 
 
 def test_a_healthy_run_never_falls_back(monitored_runs):

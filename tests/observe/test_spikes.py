@@ -75,3 +75,19 @@ def test_state_round_trip_continues_identically():
     resumed.load_state_dict(first.state_dict())
     tail = [e for step, x in enumerate(losses[50:], start=51) for e in resumed.update(step, x)]
     assert tail == whole and tail[0]["step"] == 71
+
+
+def test_the_warmup_flags_a_loss_above_the_uniform_guess():
+    # The review's run, in miniature: inside the warmup (30) the loss jumps from 3.35 to 7.78,
+    # above ln(257) = 5.55, the loss of a uniform guess; without the bound nothing is flagged.
+    losses = [5.6, 4.0, 3.5, *([3.35] * 8), 7.78, 6.0, 3.4, *_noisy(60, level=3.3)]
+    assert _run(losses)[1] == []
+    det, events = SpikeDetector(CFG, math.log(257)), []
+    for step, loss in enumerate(losses, start=1):
+        events += det.update(step, loss)
+    # Step 1's 5.6 (a fresh model sits near ln V) only arms the check.
+    assert [e["kind"] for e in events] == ["spike", "spike_end"]
+    spike, end = events
+    assert (spike["step"], spike["loss"], spike["bound"]) == (12, 7.78, math.log(257))
+    assert (end["step"], end["duration"], end["peak"]) == (14, 2, 7.78)
+    assert not det.diverged and det.state.mean == pytest.approx(3.3, abs=0.01)

@@ -128,6 +128,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_cache):
     tag = (run_dir / "checkpoints" / "latest").read_text()
     last = [r["step"] for r in metrics(run_dir) if "loss" in r][-1]
     assert tag == f"step{last:08d}"
+    assert out.startswith(f"stopped on SIGTERM at step {last} of 100000, ")  # not "done"
+    assert "resumable: the same command continues from its checkpoint" in out
     assert (run_dir / "checkpoints" / tag / "lptrain_rank0.pt").is_file()
 
 
