@@ -10,6 +10,7 @@ so every rank ends with identical numbers (the precision guard decides on them),
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,10 @@ def require_match(key: str, globs: list[str], names: list[str], what: str) -> No
     """ConfigError(key) when no name matches any of `globs`: the setting would watch nothing
     (rows with only a step, a guard that never acts), silently."""
     if any(matches(n, globs) for n in names):
+        idle = [g for g in globs if not any(matches(n, (g,)) for n in names)]
+        if idle:  # the others match: a typo in one entry still deserves a word
+            warnings.warn(f"{key}: {idle} match no {what} (the rest of the list does)",
+                          stacklevel=2)  # fmt: skip
         return
     few = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
     raise ConfigError(key, f"{list(globs)} match no {what}; the model has {few or 'none'}")

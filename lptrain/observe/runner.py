@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lptrain.config.schema import TrainConfig
+from lptrain.errors import ConfigError
 from lptrain.nn import Linear, stats_window
 from lptrain.observe import layers as L
 from lptrain.observe import perf, weights
@@ -51,6 +52,12 @@ def check_model(cfg: TrainConfig, model: nn.Module) -> None:
         L.require_match("monitor.layers", cfg.monitor.layers, names, "linear layer")
     if cfg.precision.guard.enabled:
         names = [n for n, m in model.named_modules() if isinstance(m, Linear)]
+        if not names:  # an fp32/bf16 recipe converts nothing: there is no precision to guard
+            raise ConfigError(
+                "precision.guard.enabled",
+                f"precision.recipe {cfg.precision.recipe} quantizes no layer: the guard would "
+                "watch nothing (enable it with a low-precision recipe)",
+            )
         L.require_match("precision.guard.layers", cfg.precision.guard.layers, names,
                         "lptrain layer")  # fmt: skip
 

@@ -107,6 +107,15 @@ def test_layer_globs_that_match_nothing_are_refused():
     with pytest.raises(ConfigError, match=r"^precision\.guard\.layers: \['3'\] match no lptrain"):
         check_model(parse({"run": {"max_steps": 2}, **guard}), model)
     check_model(parse({"run": {"max_steps": 2}, "monitor": {"layers": ["2"]}}), model)
+    with pytest.warns(
+        UserWarning, match=r"^monitor\.layers: \['attn\.\*'\] match no linear layer \("
+    ):
+        check_model(parse({"run": {"max_steps": 2}, "monitor": {"layers": ["2", "attn.*"]}}), model)
+    plain = torch.nn.Sequential(torch.nn.Linear(8, 8))  # what an fp32 or bf16 recipe leaves
+    with pytest.raises(ConfigError, match=r"^precision\.guard\.enabled: precision\.recipe fp32 "
+                       "quantizes no layer"):  # fmt: skip
+        check_model(parse({"run": {"max_steps": 2}, "precision": {"guard": {"enabled": True}}}),
+                    plain)  # fmt: skip
 
 
 def test_the_cli_refuses_them_in_one_line(cli):
