@@ -38,11 +38,11 @@ from torch import nn
 
 import lptrain.nn as lpnn
 from lptrain.errors import ConfigError
-from lptrain.export import evaluate, standalone
-from lptrain.export.folding import dense_linear
+from lptrain.export import standalone, to_hf
 from lptrain.models import hf as hf_models
 from lptrain.nn.select import set_module
 from lptrain.qat import QuantizedLinear
+from lptrain.qat.layers import is_hf_conv1d
 
 REPORT = "lptrain_compressed.json"  # how each layer was stored, and the measured losses
 PACKED, UNPACKED, FLOAT = "pack-quantized", "naive-quantized", "float-quantized"
@@ -152,40 +152,19 @@ def _library():
         ) from None
 
 
-def _original_classes(hf: nn.Module) -> dict[str, type]:
-    """Each module's class in the architecture as `transformers` builds it (on the meta
-    device: no memory): a layer the fold replaced was an nn.Linear or GPT-2's Conv1D."""
-    from transformers import AutoModelForCausalLM  # optional dependency (the hf extra)
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf.config)
-    return {name: type(m) for name, m in skeleton.named_modules()}
-
-
-def _conv1d(q: QuantizedLinear, cls: type) -> nn.Module:
-    """GPT-2's Conv1D (y = x·W + b, W stored (in, out)) with the dequantized weight."""
-    conv = cls(q.out_features, q.in_features)
-    lin = dense_linear(q)
-    conv.weight.data.copy_(lin.weight.t())
-    if lin.bias is not None:
-        conv.bias.data.copy_(lin.bias)
-    return conv
-
-
 def _replace(hf: nn.Module) -> tuple[dict[str, Stored], dict[str, str]]:
     """Every QuantizedLinear of `hf` replaced by a float layer holding its deployable weight;
     ({layer: Stored} for compressed-tensors to quantize back, {layer: how it is stored})."""
-    classes = _original_classes(hf)
+    skeleton = hf_models.skeleton(hf.config)
     stored, how = {}, {}
     for name, q in list(hf.named_modules()):
         if not isinstance(q, QuantizedLinear):
             continue
-        cls = classes.get(name, nn.Linear)
-        if cls.__name__ == "Conv1D":
-            set_module(hf, name, _conv1d(q, cls))
+        slot = skeleton.get_submodule(name)
+        set_module(hf, name, to_hf.plain_layer(q, slot, name))
+        if is_hf_conv1d(slot):
             how[name] = "dense float32: compressed-tensors quantizes no Conv1D (GPT-2)"
             continue
-        set_module(hf, name, dense_linear(q))
         s = plan(q)
         how[name] = s if isinstance(s, str) else s.describe()
         if not isinstance(s, str):
@@ -259,12 +238,6 @@ def write(model: nn.Module, tok, tmp: Path) -> dict[str, str]:
     compressor.update_config(str(tmp))  # quantization_config into config.json
     standalone.copy_hf_tokenizer(tok, tmp)
     return how
-
-
-def reloaded_loss(tmp: Path, blocks, rows, batch: int, max_blocks: int | None) -> float:
-    """The written directory's validation loss as `transformers` loads and runs it."""
-    reloaded = hf_models.load(tmp, key="--out")
-    return evaluate.mean_loss(reloaded, blocks, rows, batch, max_blocks)
 
 
 def write_report(tmp: Path, how: dict[str, str], losses: dict) -> None:

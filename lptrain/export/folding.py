@@ -57,16 +57,6 @@ def fold(model: nn.Module) -> dict[str, str]:
 
 
 @torch.no_grad()
-def dense_linear(q: QuantizedLinear) -> nn.Linear:
-    """`q` as a plain float32 nn.Linear with its deployable (dequantized) weight and its bias:
-    the layer as an export for `transformers` writes it when no quantized form is kept."""
-    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
-    lin.weight.copy_(q.dequantize())
-    if q.bias is not None:
-        lin.bias.copy_(q.bias)
-    return lin
-
-
 # -- layouts (what the JSON records, and the empty modules it rebuilds) -------------------
 
 

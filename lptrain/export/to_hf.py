@@ -45,8 +45,11 @@ def _bias(q: QuantizedLinear) -> torch.Tensor | None:
     return q.recipe_layer.bias
 
 
-def _plain_layer(q: QuantizedLinear, slot: nn.Module, name: str) -> nn.Module:
-    """`q`'s deployable weight in a layer of `slot`'s class and layout."""
+@torch.no_grad()
+def plain_layer(q: QuantizedLinear, slot: nn.Module, name: str) -> nn.Module:
+    """`q`'s deployable (dequantized) weight and bias in a float layer of `slot`'s class and
+    layout (`slot`: the layer in `hf.skeleton`); the hf and compressed-tensors exports' one way
+    of writing a layer."""
     w, bias = q.dequantize(), _bias(q)  # w: (out, in)
     if is_hf_conv1d(slot):
         from transformers.pytorch_utils import Conv1D  # optional dependency (the hf extra)
@@ -82,7 +85,7 @@ def plain_model(model: nn.Module) -> tuple[nn.Module, list[str]]:
         if isinstance(m, QuantizedLinear):
             if m.input_quantizer is not None:
                 dropped.add("the layer inputs' quantizers (qat.act_bits): inputs stay in float")
-            set_module(net, name, _plain_layer(m, skeleton.get_submodule(name), name))
+            set_module(net, name, plain_layer(m, skeleton.get_submodule(name), name))
     lpnn.unconvert(net)
     _check_shapes(net, skeleton)
     return model, sorted(dropped)

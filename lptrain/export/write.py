@@ -51,6 +51,7 @@ from lptrain.checkpoint import manifest, store
 from lptrain.errors import ConfigError
 from lptrain.export import compressed, evaluate, restore, standalone, to_hf
 from lptrain.export.folding import FORMAT, fold, layout
+from lptrain.models import hf
 from lptrain.qat import QuantizedLinear
 
 # -- writing ------------------------------------------------------------------------------
@@ -187,9 +188,7 @@ def main(args) -> int:
         elif args.format == "compressed-tensors":
             ct_layers = compressed.write(model, tok, tmp)
             # What transformers computes from the written files, not the model in memory.
-            losses["compressed-tensors"] = compressed.reloaded_loss(
-                tmp, eval_loss.blocks, eval_loss.rows, eval_loss.batch, args.blocks
-            )
+            losses["compressed-tensors"] = eval_loss(hf.load(tmp, key="--out"))
             compressed.write_report(tmp, ct_layers, losses)
         else:
             write_int(model, opened, how, losses, tmp)

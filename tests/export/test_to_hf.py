@@ -72,7 +72,7 @@ def test_a_layer_in_the_wrong_layout_is_refused(folded, monkeypatch):
         layer.weight.data, layer.bias.data = q.dequantize(), q.bias.clone()
         return layer
 
-    monkeypatch.setattr(to_hf, "_plain_layer", as_linear)
+    monkeypatch.setattr(to_hf, "plain_layer", as_linear)
     with pytest.raises(ConfigError, match=r"c_attn.weight would be written as \(192, 64\), the "
                        r"Hugging Face class expects \(64, 192\)"):  # fmt: skip
         to_hf.plain_model(folded)
