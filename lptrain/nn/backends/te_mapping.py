@@ -102,6 +102,10 @@ def _qparams(pow2: bool) -> dict[str, dict[str, Any]]:
     return {f"fp8_quant_{r}": q for r in ("fwd_inp", "fwd_weight", "bwd_grad")}
 
 
+# The oldest TransformerEngine release that builds a recipe class as mapped here, where it is
+# newer than the te extra's floor (2.4): below 2.9, NVFP4BlockScaling fails (AttributeError).
+MIN_TE: dict[str, tuple[int, int]] = {"NVFP4BlockScaling": (2, 9)}
+
 FP8_FORMATS = ("HYBRID", "E4M3")
 _B = (False, True)
 
