@@ -40,6 +40,12 @@ def _operand(rows: int, cols: int, seed: int, device, wild: bool = True) -> torc
     return x.to(device)
 
 
+def _rows(spec: QuantSpec) -> int:
+    """Operand rows for `spec`: two of the kernels' 32-row tiles (so reductions across tiles
+    run), or one 2-D scale tile's height when taller. 128 columns: whole 128-wide blocks."""
+    return max(64, spec.tile[0] if spec.tile is not None else 1)
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     a, b = a.float(), b.float()
     return bool(((a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())).all())
@@ -56,7 +62,7 @@ def _check_spec(backend, spec: QuantSpec, device, seed: int) -> str | None:
     # optional dependency: lptrain.kernels imports triton (the gpu extra)
     from lptrain.kernels.reference import fake_quantize_with_bits, philox_bits
 
-    x = _operand(128, 128, seed, device)
+    x = _operand(_rows(spec), 128, seed, device)
     signs = _signs(spec, device)
     state = kw = None
     if spec.scaling == "delayed" or spec.amax_refresh > 1:  # a fresh state on each side
@@ -96,7 +102,8 @@ def _check_gemm(backend, sa: QuantSpec, sb: QuantSpec, device) -> str | None:
     sa, sb = (s.replace(rounding="nearest") for s in (sa, sb))
     if "delayed" in (sa.scaling, sb.scaling):  # the same cast path with current scales
         sa, sb = (_current(s) if s.scaling == "delayed" else s for s in (sa, sb))
-    a, b = _operand(128, 128, 1, device, wild=False), _operand(128, 128, 2, device, wild=False)
+    a = _operand(_rows(sa), 128, 1, device, wild=False)
+    b = _operand(_rows(sb), 128, 2, device, wild=False)
     signs = _signs(sa, device)
     qa, _ = backend.quantize_operand(a, sa, signs=signs)
     qb, _ = backend.quantize_operand(b, sb, signs=signs)
