@@ -18,6 +18,7 @@ from torch import nn
 
 import lptrain
 from lptrain import recipes
+from lptrain.nn.backends import BackendError
 from lptrain.nn.backends import te as te_module
 from lptrain.nn.backends.te import TEBackend
 from lptrain.nn.backends.te_mapping import TEMPLATES, TEMapping, TEUnsupported, te_mapping
@@ -184,6 +185,9 @@ def test_a_zero3_partitioned_layer_is_built_from_its_full_shape(fake_te, monkeyp
     assert fake_te.made[-1] == ("Linear", args)
     # the partitioned parameters themselves: DeepSpeed gathers them around each forward
     assert model[0].weight is weight and model[0].bias is bias
+    backend = TEBackend(recipes.get("fp8-current"), te_mapping(recipes.get("fp8-current")))
+    with pytest.raises(BackendError, match=r"Conv1D \(transposed weight\) built under ZeRO-3"):
+        backend.make_layer(_partitioned(nn.Linear(64, 32)), transposed=True)
 
 
 def test_an_unpartitioned_layer_is_copied(fake_te, monkeypatch):
@@ -202,8 +206,6 @@ def test_an_unpartitioned_layer_is_copied(fake_te, monkeypatch):
 
 
 def test_nvfp4_needs_te_2_9_and_says_so(fake_te):
-    from lptrain.nn.backends import BackendError
-
     cuda = torch.device("cuda")
     assert TEBackend.create(recipes.get("nvfp4"), cuda).mapping.cls == "NVFP4BlockScaling"
     fake_te.pkg.__version__ = "2.8.0+cu12"
