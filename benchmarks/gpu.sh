@@ -10,8 +10,10 @@
 #       3. tokens/s of the ~1B recipe for 200 steps, FP8 against BF16
 # Prints markdown tables and keeps them in benchmarks/out/gpu[-quick]-<date>.md for
 # BENCHMARKS.md. Run from anywhere (uses .venv/bin/python if present, else $PYTHON or python3).
-# Each part has its own time limit so that one slow part cannot take the others down. Without
-# a CUDA device it stops at once with one line, exit 2.
+# Each part has its own time limit so that one slow part cannot take the others down; the exit
+# status is 1 when a part fails or runs out of time (--quick: also when a gpu-*.yaml's
+# `backend: auto` would not get the Triton backend). Without a CUDA device it stops at once
+# with one line, exit 2.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 quick=0
