@@ -40,7 +40,7 @@ fi
 mkdir -p benchmarks/out
 out="benchmarks/out/gpu$([ $quick = 1 ] && echo -quick)-$(date +%Y-%m-%d).md"
 : > "$out"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$out" 2>/dev/null
+timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$out" 2>/dev/null
 failed=0
 part() {  # part SECONDS SCRIPT ARGS...: run one benchmark, append its table
     local limit=$1; shift
