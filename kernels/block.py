@@ -18,6 +18,8 @@ from lptrain.kernels.amax import amax_2d
 from lptrain.kernels.launch import BLOCK_MODES, GIVEN_MODE, KernelResult, launch
 from lptrain.numerics import QuantSpec, get_format, hadamard
 from lptrain.numerics import scaling as S
+from lptrain.numerics.hadamard import check_divides
+from lptrain.numerics.quantize import check_groups
 from lptrain.numerics.scaling import FLT_MAX
 
 
@@ -74,6 +76,10 @@ def quantize_block(
     fmt = spec.fmt
     if spec.rounding == "stochastic" and seed is None:
         raise ValueError("stochastic rounding needs a seed")
+    # The reference's refusals: the grid would cover a partial group or rotation block.
+    if spec.hadamard:
+        check_divides(tuple(x.shape), 1, spec.hadamard)
+    check_groups(tuple(x.shape), spec, x.shape)
     seed = seed if spec.rounding == "stochastic" else None
     group = group_of(spec)
     kw = dict(group=group, seed=seed, codes=codes, dense=dense, mask=mask, scales=True)

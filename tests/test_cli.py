@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from lptrain.cli import main
-from tests.helpers import TINY, metrics, sets, train_losses
+from tests.helpers import FAST, TINY, metrics, sets, train_losses
 
 RECIPE = str(TINY / "tiny-fp32.yaml")
 UNKNOWN_RECIPE = "error: precision.recipe: unknown recipe 'fp7'"
@@ -109,6 +109,22 @@ def test_bad_input_is_one_line_exit_2(argv, expected, capsys):
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(expected), err
+
+
+def test_a_fast_backend_without_a_gpu_is_one_line_exit_2(capsys, monkeypatch, data_cache):
+    from lptrain.nn import backends
+
+    monkeypatch.setattr(backends, "_has_cuda", lambda: False)  # also on a machine with a GPU
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the backend tests' CPU interpreter
+    recipe = str(TINY / "tiny-fp8.yaml")
+    base = [*sets(*FAST, f"data.cache_dir={data_cache}", "run.max_steps=1")]
+    for backend, why in (
+        ("triton", "backend 'triton' is not available: "),
+        ("te", "backend 'te' "),  # not installed, or installed without a CUDA device
+    ):
+        code, err = _run(["train", recipe, *base, *sets(f"precision.backend={backend}")], capsys)
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"error: precision.backend: {why}"), err
 
 
 def test_missing_recipe_file(capsys):

@@ -2,9 +2,11 @@
 checkpoint (`ds_to_universal`, `"checkpoint": {"load_universal": true}`), quantizer state
 included.
 
-The universal copy of `checkpoints/<tag>` is made once, by rank 0, with DeepSpeed's own
-converter, into `checkpoints/universal/<tag>` (written to `<tag>.tmp` and renamed: a killed
-conversion leaves nothing that looks complete). The tag's own files and manifest are untouched.
+The universal copy of a checkpoint is made once, by rank 0, with DeepSpeed's own converter,
+into the resuming run's `checkpoints/universal/<tag>` (written to `<tag>.tmp` and renamed: a
+killed conversion leaves nothing that looks complete). The source is only read: another run's
+directory (`checkpoint.resume=OTHER/checkpoints/<tag>`) gets nothing written into it. The copy's
+manifest names its source, so a copy of another checkpoint with the same tag is made again.
 
 What DeepSpeed restores: parameters, Adam moments and step, the lr schedule, `client_state`.
 What lptrain restores itself, because a universal load skips the module state dict:
@@ -48,19 +50,21 @@ from lptrain.errors import ConfigError
 LAYOUT_KEYS = ("deepspeed.micro_batch", "deepspeed.grad_accum", "deepspeed.train_batch_size")
 
 
-def universal_path(found: Found) -> Path:
-    return found.ckpt_dir / "universal" / found.tag
+def universal_path(found: Found, ckpt_dir: Path) -> Path:
+    """Where the universal copy of `found` goes: under `ckpt_dir`, the resuming run's own
+    checkpoint directory (the source's only when they are the same run)."""
+    return ckpt_dir / "universal" / found.tag
 
 
-def command(found: Found) -> str:
+def command(found: Found, ckpt_dir: Path) -> str:
     """The one command that makes the universal copy by hand."""
     return (
         f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {found.path} "
-        f"--output_folder {universal_path(found)}"
+        f"--output_folder {universal_path(found, ckpt_dir)}"
     )
 
 
-def check(found: Found, world: int) -> str:
+def check(found: Found, world: int, ckpt_dir: Path) -> str:
     """The note for a resume on another world size; ConfigError where none is possible."""
     stage = found.manifest.get("zero_stage")
     saved = found.manifest.get("world_size")
@@ -70,32 +74,41 @@ def check(found: Found, world: int) -> str:
             f"{found.tag} was saved by {saved} ranks with ZeRO stage 0 and this run has {world}; "
             "a universal checkpoint needs ZeRO stage 1-3 (resume with the same number of ranks)",
         )
-    how = "using" if universal_path(found).is_dir() else "converting it once into"
+    out = universal_path(found, ckpt_dir)
+    how = "using" if out.is_dir() else "converting it once into"
     return (
         f"checkpoint: {found.tag} was saved by {saved} ranks, this run has {world}: resuming "
-        f"through a DeepSpeed universal checkpoint ({how} {universal_path(found)})"
+        f"through a DeepSpeed universal checkpoint ({how} {out})"
     )
 
 
-def ensure_universal(found: Found, say) -> Path:
-    """Collective: the universal copy of `found`, converted by rank 0 if missing."""
-    out = universal_path(found)
+def ensure_universal(found: Found, ckpt_dir: Path, say) -> Path:
+    """Collective: the universal copy of `found` under `ckpt_dir`, converted by rank 0 if
+    missing (or made from another checkpoint)."""
+    out = universal_path(found, ckpt_dir)
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        error = None if _usable(out, say) else _convert(found, out, say)
+        error = None if _usable(out, found, say) else _convert(found, out, say)
     error = manifest.from_rank0(error)
     if error is not None:
         raise ConfigError("checkpoint.resume", error)
     return out
 
 
-def _usable(out: Path, say) -> bool:
+def _source(found: Found) -> str:
+    return str(found.path.resolve())
+
+
+def _usable(out: Path, found: Found, say) -> bool:
     """An existing universal copy is used only if it verifies like a checkpoint (its manifest,
-    written by `_convert`, and plain data in every file); anything else is made again."""
+    written by `_convert`, and plain data in every file) and was made from `found`; anything
+    else is made again."""
     if not out.is_dir():
         return False
-    _, why = manifest.problem_local(out)
+    meta, why = manifest.problem_local(out)
     why = why or safeload.problem_in(out)
+    if why is None and meta.get("source") != _source(found):
+        why = f"made from {meta.get('source')}, not {_source(found)}"
     if why is None:
         return True
     say(f"checkpoint: the universal copy {out} does not verify ({why}); converting again")
@@ -124,9 +137,10 @@ def _convert(found: Found, out: Path, say) -> str | None:
         shutil.rmtree(tmp, ignore_errors=True)
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return f"converting {found.tag} to a universal checkpoint failed ({last}); run: " + (
-            command(found)
+            command(found, out.parent.parent)
         )
-    manifest.write_local(tmp, {"tag": found.tag, "universal_of": found.manifest.get("tag")})
+    meta = {"tag": found.tag, "universal_of": found.manifest.get("tag"), "source": _source(found)}
+    manifest.write_local(tmp, meta)
     os.replace(tmp, out)
     return None
 
@@ -145,9 +159,10 @@ def _module_buffers(found: Found, model: nn.Module) -> dict:
     return {k: v for k, v in module.items() if k not in params}
 
 
-def load(engine, model: nn.Module, found: Found, cfg, say) -> Progress:
-    """Load `found` saved on another world size (see the module docstring)."""
-    path = ensure_universal(found, say)
+def load(engine, model: nn.Module, found: Found, ckpt_dir: Path, cfg, say) -> Progress:
+    """Load `found` saved on another world size through its universal copy under `ckpt_dir`,
+    this run's checkpoint directory (see the module docstring)."""
+    path = ensure_universal(found, ckpt_dir, say)
     _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
     universal_loaded(engine, cfg)
     if client is None:

@@ -243,7 +243,7 @@ def plan(cfg: TrainConfig, run_dir: Path, world: int, allow: list[str], archive:
                 )
             return Plan(None, archive_all=store.has_checkpoints(own))
         try:
-            return _resume(cfg, found, rejected, world, allow, Plan(found))
+            return _resume(cfg, found, rejected, world, allow, own, Plan(found))
         except ConfigError as exc:
             older = _older_that_resumes(cfg, found, world, allow)
             if older is None:
@@ -270,7 +270,7 @@ def plan(cfg: TrainConfig, run_dir: Path, world: int, allow: list[str], archive:
                 f"here {_archive_hint(run_dir)}",
             )
         base = Plan(found, archive_all=True)
-    return _resume(cfg, found, rejected, world, allow, base)
+    return _resume(cfg, found, rejected, world, allow, own, base)
 
 
 def _older_that_resumes(cfg, newest: Found, world: int, allow: list[str]) -> Found | None:
@@ -284,7 +284,7 @@ def _older_that_resumes(cfg, newest: Found, world: int, allow: list[str]) -> Fou
         if meta is None:
             continue
         try:  # the same checks as the resume itself, on the unverified manifest
-            _resume(cfg, Found(ckpt_dir, tag, meta), [], world, allow, Plan(None))
+            _resume(cfg, Found(ckpt_dir, tag, meta), [], world, allow, ckpt_dir, Plan(None))
         except ConfigError:
             continue
         found, _ = store.verify(ckpt_dir, tag)
@@ -304,10 +304,13 @@ def _go_back(newest: Found, older: Found, run_dir: Path) -> str:
     )
 
 
-def _resume(cfg, found: Found, rejected, world: int, allow: list[str], base: Plan) -> Plan:
+def _resume(
+    cfg, found: Found, rejected, world: int, allow: list[str], own: Path, base: Plan
+) -> Plan:
+    """The plan for resuming `found`; `own`: this run's checkpoint directory."""
     elastic_note = None
     if found.manifest.get("world_size", world) != world:
-        elastic_note = elastic.check(found, world)  # or ConfigError (ZeRO stage 0)
+        elastic_note = elastic.check(found, world, own)  # or ConfigError (ZeRO stage 0)
     text = manifest.from_rank0(store.saved_config(found) if _rank0() else None)
     if text is None:
         raise ConfigError(

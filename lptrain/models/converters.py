@@ -33,6 +33,7 @@ from lptrain.errors import ConfigError
 from lptrain.lora import AdapterConfigError
 from lptrain.models import hf, init_from
 from lptrain.models.bitswitch import BitSwitchConverter
+from lptrain.nn.backends import BackendError
 from lptrain.qat import QATConfigError
 
 ORDER = ("init", "precision", "qat", "bitswitch", "adapters")
@@ -69,14 +70,17 @@ class PrecisionConverter:
 
     def convert(self, model: nn.Module, ctx: ConvertContext) -> nn.Module:
         c = self.cfg
-        model = lpnn.convert(
-            model,
-            self.recipe,
-            skip=tuple(c.skip),
-            min_features=c.min_features,
-            backend=c.backend,
-            log_fn=ctx.say,
-        )
+        try:
+            model = lpnn.convert(
+                model,
+                self.recipe,
+                skip=tuple(c.skip),
+                min_features=c.min_features,
+                backend=c.backend,
+                log_fn=ctx.say,
+            )
+        except BackendError as exc:  # no GPU, no TE, a refused recipe: one line, exit 2
+            raise ConfigError("precision.backend", exc.problem) from None
         lpnn.seed_quantizers(model, ctx.seed, ctx.rank)
         if ctx.world > 1:
             lpnn.set_amax_reduce(model, _reduce_max)

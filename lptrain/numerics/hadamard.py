@@ -50,6 +50,14 @@ def _butterfly(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.reshape(shape)
 
 
+def check_divides(shape: tuple[int, ...], dim: int, block_size: int) -> None:
+    """ValueError unless the rotation's block size divides dim `dim` of `shape`."""
+    if shape[dim] % block_size:
+        raise ValueError(
+            f"Hadamard block size {block_size} does not divide dim {dim} of shape {shape}"
+        )
+
+
 def hadamard(
     x: torch.Tensor,
     block_size: int,
@@ -65,15 +73,11 @@ def hadamard(
     check_floating(x)
     _check_n(block_size)
     dim = dim % x.dim()
-    length = x.shape[dim]
-    if length % block_size:
-        raise ValueError(
-            f"Hadamard block size {block_size} does not divide dim {dim} of shape {tuple(x.shape)}"
-        )
+    check_divides(tuple(x.shape), dim, block_size)
     if signs is not None and signs.shape != (block_size,):
         raise ValueError(f"signs must have shape ({block_size},), got {tuple(signs.shape)}")
     xt = x.movedim(dim, -1)
-    chunks = xt.reshape(*xt.shape[:-1], length // block_size, block_size)
+    chunks = xt.reshape(*xt.shape[:-1], xt.shape[-1] // block_size, block_size)
     if signs is not None and not inverse:
         chunks = chunks * signs.to(chunks.dtype)
     y = _butterfly(chunks, block_size) * (1.0 / math.sqrt(block_size))

@@ -45,25 +45,36 @@ class _Core:
     signs: torch.Tensor | None
 
 
+def check_groups(last: tuple[int, ...], spec: QuantSpec, shape) -> None:
+    """ValueError unless the scale groups of `spec` tile `last`, the axis-last shape (`shape`:
+    the caller's, for the message). The kernels check it too: a partial group would get a
+    scale silently computed over padding."""
+    if spec.scaling != "block":
+        return
+    if spec.tile is None:
+        if last[-1] % spec.block_size:
+            raise ValueError(
+                f"block_size {spec.block_size} does not divide axis {spec.axis} (length "
+                f"{last[-1]}) of shape {tuple(shape)}"
+            )
+        return
+    r, c = spec.tile
+    if len(last) < 2 or last[-2] % r or last[-1] % c:
+        raise ValueError(
+            f"tile {spec.tile} does not divide the last two dims {tuple(last[-2:])} "
+            f"(axis {spec.axis} last) of shape {tuple(shape)}"
+        )
+
+
 def _group(xt: torch.Tensor, spec: QuantSpec, shape) -> torch.Tensor:
     """View the axis-last tensor so that the amax of each group reduces over `dims`."""
     if spec.scaling != "block":
         return xt
-    tile = spec.tile
-    if tile is None:
+    check_groups(tuple(xt.shape), spec, shape)
+    if spec.tile is None:
         bs = spec.block_size
-        if xt.shape[-1] % bs:
-            raise ValueError(
-                f"block_size {bs} does not divide axis {spec.axis} (length {xt.shape[-1]}) "
-                f"of shape {tuple(shape)}"
-            )
         return xt.reshape(*xt.shape[:-1], xt.shape[-1] // bs, bs)
-    r, c = tile
-    if xt.dim() < 2 or xt.shape[-2] % r or xt.shape[-1] % c:
-        raise ValueError(
-            f"tile {tile} does not divide the last two dims {tuple(xt.shape[-2:])} "
-            f"(axis {spec.axis} last) of shape {tuple(shape)}"
-        )
+    r, c = spec.tile
     return xt.reshape(*xt.shape[:-2], xt.shape[-2] // r, r, xt.shape[-1] // c, c)
 
 

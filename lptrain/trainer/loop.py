@@ -206,7 +206,7 @@ def _resume(s: Session, start: Plan, monitor: Monitor, say) -> Progress:
         extra = store.peek_rank0(start.source)
         if s.monitoring is not None:
             s.monitoring.load_state_dict(extra.get("monitoring"))
-        p = elastic.load(s.engine, s.model, start.source, s.cfg, say)
+        p = elastic.load(s.engine, s.model, start.source, s.ckpt_dir, s.cfg, say)
     else:
         extra = store.peek(start.source)
         p = _load(s, start.source, start.reset_quantizers)

@@ -15,7 +15,9 @@ groups (each update would count twice), and a universal load skips module buffer
 
 from __future__ import annotations
 
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,7 +62,8 @@ def test_fp8_zero3_resumes_from_one_rank_on_two_and_back(cli, tmp_path):
     assert "saved by 1 ranks, this run has 2: resuming through a DeepSpeed universal" in (
         proc.stderr
     )
-    assert (ref / "checkpoints" / "universal" / "step00000002" / "zero").is_dir()
+    assert (two / "checkpoints" / "universal" / "step00000002" / "zero").is_dir()
+    assert not (ref / "checkpoints" / "universal").exists()  # the source run is only read
     _close(ref_losses[2:4], train_losses(two)[:2])
     back = tmp_path / "back"
     cli("tiny-fp8.yaml", *COMMON, "deepspeed.micro_batch=8",
@@ -81,12 +84,46 @@ def test_stage0_checkpoint_on_another_world_size_is_refused(tmp_path):
     from lptrain.checkpoint.store import Found
     from lptrain.config.schema import ConfigError
 
+    own = tmp_path / "new" / "checkpoints"
     found = Found(tmp_path, "step00000002", {"world_size": 1, "zero_stage": 0})
     with pytest.raises(ConfigError, match="universal checkpoint needs ZeRO stage 1-3"):
-        elastic.check(found, 2)
+        elastic.check(found, 2, own)
     found = Found(tmp_path, "step00000002", {"world_size": 1, "zero_stage": 1})
-    assert "converting it once into" in elastic.check(found, 2)
-    assert elastic.command(found) == (
+    assert f"converting it once into {own}/universal/step00000002" in elastic.check(found, 2, own)
+    assert elastic.command(found, own) == (
         f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {tmp_path}/step00000002 "
-        f"--output_folder {tmp_path}/universal/step00000002"
+        f"--output_folder {own}/universal/step00000002"
     )
+
+
+def test_the_universal_copy_is_written_in_the_resuming_run_never_in_the_source(
+    tmp_path, monkeypatch
+):
+    from lptrain.checkpoint import elastic
+    from lptrain.checkpoint.store import Found
+
+    converted = []
+
+    def ds_to_universal(cmd, **kw):  # DeepSpeed's converter, writing what it would: folders
+        out = Path(cmd[cmd.index("--output_folder") + 1])
+        (out / "zero").mkdir(parents=True)
+        (out / "latest_universal").write_text("step00000002")
+        converted.append(cmd[cmd.index("--input_folder") + 1])
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(elastic.subprocess, "run", ds_to_universal)
+    meta = {"world_size": 1, "zero_stage": 2, "tag": "step00000002"}
+    src, other = (tmp_path / r / "checkpoints" for r in ("src", "other"))
+    for d in (src, other):
+        (d / "step00000002").mkdir(parents=True)
+    own = tmp_path / "new" / "checkpoints"
+    said = []
+    path = elastic.ensure_universal(Found(src, "step00000002", meta), own, said.append)
+    assert path == own / "universal" / "step00000002" and (path / "zero").is_dir()
+    assert [p.name for p in src.iterdir()] == ["step00000002"]  # nothing written in the source
+    assert elastic.ensure_universal(Found(src, "step00000002", meta), own, said.append) == path
+    assert converted == [str(src / "step00000002")]  # made once
+    # the same tag of another run is not mistaken for it: converted again
+    elastic.ensure_universal(Found(other, "step00000002", meta), own, said.append)
+    assert converted[-1] == str(other / "step00000002")
+    assert f"made from {src.resolve()}/step00000002" in said[-2], said

@@ -183,7 +183,7 @@ def test_the_converter_never_imports_from_the_working_directory(two_saves, tmp_p
     (work / "deepspeed" / "__init__.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n")
     monkeypatch.chdir(work)
     found, _ = store.newest_verified(work / "checkpoints")
-    out = elastic.ensure_universal(found, say=lambda _m: None)
+    out = elastic.ensure_universal(found, work / "checkpoints", say=lambda _m: None)
     assert (out / manifest.NAME).is_file() and not (tmp_path / "ran").exists()
 
 

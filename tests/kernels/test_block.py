@@ -144,3 +144,20 @@ def test_empty_operand():
     spec = recipes.get("nvfp4").output.b  # 16x16 tiles
     got = quantize_block(torch.empty(0, 64, device=DEVICE), spec, dense=torch.float32)
     assert got.codes.shape == (0, 32) and got.scales.shape == (0, 4) and got.dense.shape == (0, 64)
+
+
+@pytest.mark.parametrize("spec,shape", [
+    (QuantSpec("fp8_e4m3", scaling="block", block_size=32), (8, 40)),  # a partial block
+    (QuantSpec("fp8_e4m3", scaling="block", block_size=(16, 16)), (8, 32)),  # a partial tile
+    (QuantSpec("fp4_e2m1", scaling="block", block_size=16, scale_format="ue4m3",
+               hadamard=32), (4, 48)),  # a partial rotation block
+    (QuantSpec("fp4_e2m1", scaling="block", block_size=32, scale_format="e8m0",
+               scale_from="std", hadamard=32), (4, 48)),  # Quartet's std scales
+])  # fmt: skip
+def test_a_shape_the_groups_do_not_divide_raises_as_the_reference(spec: QuantSpec, shape):
+    x = randn(*shape, seed=9)
+    with pytest.raises(ValueError) as want:
+        fake_quantize(x, spec)
+    with pytest.raises(ValueError) as got:
+        quantize_block(x, spec, dense=torch.float32)
+    assert str(got.value) == str(want.value)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lptrain.nn.backends.base import Backend, GemmResult
+from lptrain.nn.backends.base import Backend, BackendError, GemmResult
 from lptrain.nn.backends.emulated import EmulatedBackend
 from lptrain.nn.backends.selftest import self_test
 from lptrain.nn.backends.te import TEBackend
@@ -38,7 +38,7 @@ def resolve(
 ) -> tuple[Backend, str]:
     """(backend, reason) for the `backend:` setting, a recipe and the device the model runs on
     (CUDA whenever present: a model on the CPU is taken to be on its way there; else the CPU);
-    ValueError with the reason if impossible.
+    BackendError (a ValueError) with the reason if impossible.
     `whole_layers`: the caller can swap whole layers (lptrain.convert), which backend 'te'
     needs: it runs TransformerEngine's Linear instead of lptrain's three GEMMs.
 
@@ -48,7 +48,7 @@ def resolve(
     checked against lptrain's reference (ask for it with backend 'te').
     """
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+        raise BackendError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     device = torch.device(device) if device is not None else None
     if device is None or device.type == "meta" or (device.type == "cpu" and _has_cuda()):
         # Models are built and converted on the CPU, then moved (DeepSpeed places them): with a
@@ -59,7 +59,7 @@ def resolve(
         return _checked(EmulatedBackend(), recipe), "emulated (requested)"
     if name == "te":
         if not whole_layers:
-            raise ValueError(
+            raise BackendError(
                 "backend 'te' swaps whole layers for TransformerEngine's Linear: convert the "
                 "model with lptrain.convert(model, recipe, backend='te')"
             )
@@ -69,10 +69,10 @@ def resolve(
     if name == "triton":
         why = _triton_unavailable(device)
         if why:
-            raise ValueError(f"backend 'triton' is not available: {why}")
+            raise BackendError(f"backend 'triton' is not available: {why}")
         backend, why = _triton(recipe, device)
         if why:
-            raise ValueError(f"backend 'triton' cannot run recipe {recipe.name!r}: {why}")
+            raise BackendError(f"backend 'triton' cannot run recipe {recipe.name!r}: {why}")
         return backend, f"triton (requested; {_where(device)})"
     # auto
     if not recipe.quantizes:
@@ -91,7 +91,7 @@ def resolve(
 def _checked(backend: Backend, recipe: "Recipe") -> Backend:
     why_not = backend.supports(recipe)
     if why_not:
-        raise ValueError(f"backend {backend.name!r} cannot run recipe {recipe.name!r}: {why_not}")
+        raise BackendError(f"backend {backend.name!r} cannot run recipe {recipe.name!r}: {why_not}")
     return backend
 
 
@@ -138,4 +138,4 @@ def _triton(recipe: "Recipe", device: torch.device) -> tuple[Backend | None, str
     return (None, why) if why else (backend, None)
 
 
-__all__ = ["BACKENDS", "Backend", "EmulatedBackend", "GemmResult", "resolve"]
+__all__ = ["BACKENDS", "Backend", "BackendError", "EmulatedBackend", "GemmResult", "resolve"]

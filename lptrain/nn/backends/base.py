@@ -8,11 +8,21 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from lptrain.errors import ConfigError
 from lptrain.numerics import QuantSpec
 
 if TYPE_CHECKING:
     from lptrain.nn.call import CallContext
     from lptrain.nn.recipe import Recipe
+
+
+class BackendError(ConfigError):
+    """The `backend:` setting cannot be honoured here (a missing GPU or package, a recipe the
+    backend refuses); the message says why and what to do. A ConfigError (and a ValueError):
+    the trainer re-roots it under `precision.backend` and the CLI prints one line, exit 2."""
+
+    def __init__(self, problem: str):
+        super().__init__("backend", problem)
 
 
 class GemmResult(NamedTuple):

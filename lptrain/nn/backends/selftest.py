@@ -6,7 +6,8 @@ random tensors (ordinary values, a zero row, a huge and a tiny row) on the targe
 compares with the reference:
 
 * round to nearest: the dequantized operand bit for bit against lptrain.numerics.fake_quantize
-  (FP8 tensorwise also: the transposed copy against the transpose);
+  (FP8 tensorwise also: the transposed copy against the transpose; rowwise FP8: the
+  column-wise copy against fake_quantize of the transpose);
 * stochastic rounding: bit for bit against kernels.reference.fake_quantize_with_bits fed the
   Philox bits the kernel draws (computed on the host by the pure-PyTorch twin);
 * each GEMM once: within matmul.bound of the FP64 product of the reference operands;
@@ -39,6 +40,12 @@ def _operand(rows: int, cols: int, seed: int, device, wild: bool = True) -> torc
     return x.to(device)
 
 
+def _rows(spec: QuantSpec) -> int:
+    """Operand rows for `spec`: two of the kernels' 32-row tiles (so reductions across tiles
+    run), or one 2-D scale tile's height when taller. 128 columns: whole 128-wide blocks."""
+    return max(64, spec.tile[0] if spec.tile is not None else 1)
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     a, b = a.float(), b.float()
     return bool(((a.view(torch.int32) == b.view(torch.int32)) | (a.isnan() & b.isnan())).all())
@@ -55,7 +62,7 @@ def _check_spec(backend, spec: QuantSpec, device, seed: int) -> str | None:
     # optional dependency: lptrain.kernels imports triton (the gpu extra)
     from lptrain.kernels.reference import fake_quantize_with_bits, philox_bits
 
-    x = _operand(128, 128, seed, device)
+    x = _operand(_rows(spec), 128, seed, device)
     signs = _signs(spec, device)
     state = kw = None
     if spec.scaling == "delayed" or spec.amax_refresh > 1:  # a fresh state on each side
@@ -64,8 +71,12 @@ def _check_spec(backend, spec: QuantSpec, device, seed: int) -> str | None:
             ScalingState(spec.history_len, device),
         )
         kw = dict(state=ref_state)
+    # The backend writes a column-wise copy of a row-scaled operand only for dY in round to
+    # nearest without a rotation (triton_rules.colwise_dy); test the copies it writes.
+    colwise = spec.scaling == "row" and spec.rounding == "nearest" and not spec.hadamard
+    write_t = spec.scaling != "row" or colwise
     op, _ = backend.quantize_operand(
-        x, spec, state=state, update=state is not None, signs=signs, seed=99, want_t=True
+        x, spec, state=state, update=state is not None, signs=signs, seed=99, want_t=write_t
     )
     got = op.dequantize()
     if spec.rounding == "nearest":
@@ -78,8 +89,12 @@ def _check_spec(backend, spec: QuantSpec, device, seed: int) -> str | None:
     if not _same(got, want):
         bad = int((got != want).sum())
         return f"{spec.format}/{spec.scaling}/{spec.scale_format}: {bad} values differ"
-    if op.values_t is not None and not _same(op.t().dequantize(), got.t()):
-        return f"{spec.format}/{spec.scaling}: the transposed copy differs"
+    if op.values_t is not None:
+        # tensorwise: the same codes transposed; rowwise: x.T quantized row-wise (one scale
+        # per column of x), not the row-scaled values transposed
+        want_t = fake_quantize(x.T, spec) if spec.scaling == "row" else got.t()
+        if not _same(op.t().dequantize(), want_t):
+            return f"{spec.format}/{spec.scaling}: the transposed copy differs"
     return None
 
 
@@ -87,7 +102,8 @@ def _check_gemm(backend, sa: QuantSpec, sb: QuantSpec, device) -> str | None:
     sa, sb = (s.replace(rounding="nearest") for s in (sa, sb))
     if "delayed" in (sa.scaling, sb.scaling):  # the same cast path with current scales
         sa, sb = (_current(s) if s.scaling == "delayed" else s for s in (sa, sb))
-    a, b = _operand(128, 128, 1, device, wild=False), _operand(128, 128, 2, device, wild=False)
+    a = _operand(_rows(sa), 128, 1, device, wild=False)
+    b = _operand(_rows(sb), 128, 2, device, wild=False)
     signs = _signs(sa, device)
     qa, _ = backend.quantize_operand(a, sa, signs=signs)
     qb, _ = backend.quantize_operand(b, sb, signs=signs)

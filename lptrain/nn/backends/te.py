@@ -9,20 +9,27 @@ on a CUDA machine.
 
 Known differences beyond the kernels: TE reduces delayed-scaling amaxes and updates scales at
 the exit of each autocast region (here: each layer's forward) and, for delayed scaling, caches
-FP8 weights per micro-batch its own way.
+FP8 weights per micro-batch its own way; te_mapping.py's docstring lists the numerical ones.
+
+Under ZeRO-3 `deepspeed.zero.Init` a layer's parameters are empty partitions (shape (0,)): the
+TE layer is built on the meta device from their full shape (`ds_shape`) and takes the
+partitioned parameters themselves, so no rank ever holds a whole weight (DeepSpeed gathers
+them around each forward, as for any module).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import torch
 from torch import nn
 
-from lptrain.nn.backends.te_mapping import TEMapping, TEUnsupported, te_mapping
+from lptrain.nn.backends.base import BackendError
+from lptrain.nn.backends.te_mapping import MIN_TE, TEMapping, TEUnsupported, te_mapping
 from lptrain.nn.recipe import Recipe
 
-__all__ = ["TEBackend", "TEMapping", "TEUnsupported", "te_mapping", "te_missing"]
+__all__ = ["TEBackend", "TEMapping", "TEUnsupported", "te_mapping", "te_missing", "te_version"]
 
 
 def te_missing() -> str | None:
@@ -45,13 +52,21 @@ class TEBackend:
     def create(cls, recipe: Recipe, device: torch.device) -> "TEBackend":
         why = te_missing()
         if why:
-            raise ValueError(f"backend 'te' is not available: {why}")
+            raise BackendError(f"backend 'te' is not available: {why}")
         if device.type != "cuda":
-            raise ValueError(f"backend 'te' needs a CUDA device (the model is on {device})")
+            raise BackendError(f"backend 'te' needs a CUDA device (the model is on {device})")
         try:
             mapping = te_mapping(recipe)
         except TEUnsupported as exc:
-            raise ValueError(f"backend 'te' cannot run it: {exc}") from None
+            raise BackendError(f"backend 'te' cannot run it: {exc}") from None
+        need, have = MIN_TE.get(mapping.cls), te_version()
+        if need and _release(have) < need:
+            want = ".".join(map(str, need))
+            raise BackendError(
+                f"backend 'te': recipe {recipe.name!r} maps to {mapping.cls}, which needs "
+                f"TransformerEngine >= {want} (installed: {have}): pip install "
+                f"'transformer_engine[pytorch]>={want}'"
+            )
         return cls(recipe, mapping)
 
     def supports(self, recipe: Recipe) -> str | None:
@@ -69,26 +84,63 @@ class TEBackend:
         return f"transformer_engine.common.recipe.{self.mapping.cls}({kw})"
 
     def make_layer(self, layer: nn.Module, transposed: bool = False) -> nn.Module:
-        """A TE Linear holding a copy of `layer`'s parameters (Conv1D: `transposed`)."""
+        """A TE Linear holding a copy of `layer`'s parameters (Conv1D: `transposed`), or, for
+        a ZeRO-3 partitioned layer, the partitioned parameters themselves."""
         if self._te_recipe is None:
             self._te_recipe = self.mapping.build()
+        if hasattr(layer.weight, "ds_shape"):
+            return self._partitioned_layer(layer, transposed)
         w = layer.weight.t() if transposed else layer.weight
-        cls = _te_linear_class()
-        new = cls(
-            w.shape[1],
-            w.shape[0],
-            bias=layer.bias is not None,
-            params_dtype=w.dtype,
-            device=w.device,
-            te_recipe=self._te_recipe,
-            lp_recipe=self.recipe.name,
-        )
+        new = self._new(layer, w.shape, w.dtype, w.device)
         with torch.no_grad():
             new.weight.copy_(w)
             if layer.bias is not None:
                 new.bias.copy_(layer.bias)
+        return new
+
+    def _partitioned_layer(self, layer: nn.Module, transposed: bool) -> nn.Module:
+        # Built under deepspeed.zero.Init: weight.shape is (0,) on every rank; ds_shape is the
+        # (out, in) the TE layer must have. Meta device: nothing allocated, then the
+        # partitioned parameters replace TE's (no copy: they hold no values here).
+        if transposed:
+            raise BackendError(
+                "backend 'te' cannot swap a Conv1D (transposed weight) built under ZeRO-3 "
+                "deepspeed.zero.Init: set deepspeed.zero_init: false"
+            )
+        w = layer.weight
+        new = self._new(layer, w.ds_shape, w.dtype, torch.device("meta"))
+        new.weight = w
+        if layer.bias is not None:
+            new.bias = layer.bias
+        return new
+
+    def _new(self, layer: nn.Module, shape, dtype, device) -> nn.Module:
+        """TE's Linear for a (out, in) weight, in `layer`'s train/eval mode."""
+        out_features, in_features = shape
+        new = _te_linear_class()(
+            in_features,
+            out_features,
+            bias=layer.bias is not None,
+            params_dtype=dtype,
+            device=device,
+            te_recipe=self._te_recipe,
+            lp_recipe=self.recipe.name,
+        )
         new.train(layer.training)
         return new
+
+
+def te_version() -> str:
+    """The installed TransformerEngine's version string (imports TE: only once chosen)."""
+    import transformer_engine  # optional dependency (the te extra)
+
+    return str(transformer_engine.__version__)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as '2.8.0+cu12' (unparsable: (0, 0))."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m[1]), int(m[2])) if m else (0, 0)
 
 
 _TE_LINEAR = None

@@ -8,6 +8,20 @@ power-of-two scales, block dimensions, E8M0 rounding, RHT, stochastic rounding, 
 tiles), and a recipe that equals none is refused with the field that differs from the closest
 template. TE's environment-variable defaults (NVTE_*) are all overridden with explicit values,
 so the environment never changes the numbers. `TEMapping.build()` makes the TE object.
+
+Two numerical differences no recipe field expresses (docs/gpu.md), so a mapped recipe still
+differs from TE in them:
+* current scaling's overflowing scale: when fp8_max / amax is infinite (amax below 448 / FLT_MAX
+  = 1.3e-36 for E4M3, 57344 / FLT_MAX = 1.7e-34 for E5M2), TE's CUDA kernel
+  (`compute_scale_from_amax`) uses FLT_MAX; lptrain, like TE's own Python reference, uses the
+  input dtype's largest value. Identical for FP32 inputs and unreachable for FP16 ones (their
+  smallest amax, 6e-8, gives a finite scale); for BF16 inputs that small the scale is BF16's
+  max, 3.3895e38, instead of 3.4028e38, and the codes differ.
+* accumulation: TE runs the forward (fprop) FP8 GEMM with fast accumulation (cuBLASLt without
+  split accumulation: Hopper's tensor cores keep the partial sums in reduced precision) and the
+  two backward GEMMs with FP32 promotion; lptrain's Triton backend runs all three without fast
+  accumulation (`torch._scaled_mm` default). TE's forward is therefore outside the
+  accumulation bound `matmul.bound` holds the Triton backend to.
 """
 
 from __future__ import annotations
@@ -101,6 +115,10 @@ def _qparams(pow2: bool) -> dict[str, dict[str, Any]]:
     q = dict(power_2_scale=pow2, amax_epsilon=0.0)
     return {f"fp8_quant_{r}": q for r in ("fwd_inp", "fwd_weight", "bwd_grad")}
 
+
+# The oldest TransformerEngine release that builds a recipe class as mapped here, where it is
+# newer than the te extra's floor (2.4): below 2.9, NVFP4BlockScaling fails (AttributeError).
+MIN_TE: dict[str, tuple[int, int]] = {"NVFP4BlockScaling": (2, 9)}
 
 FP8_FORMATS = ("HYBRID", "E4M3")
 _B = (False, True)

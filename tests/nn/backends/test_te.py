@@ -5,13 +5,23 @@ that differs; the mapping builds the TE objects it describes (checked on a stand
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import importlib.machinery
 import sys
 import types
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
+import lptrain
 from lptrain import recipes
-from lptrain.nn.backends.te_mapping import TEMapping, TEUnsupported, te_mapping
+from lptrain.nn.backends import BackendError
+from lptrain.nn.backends import te as te_module
+from lptrain.nn.backends.te import TEBackend
+from lptrain.nn.backends.te_mapping import TEMPLATES, TEMapping, TEUnsupported, te_mapping
 
 
 def _custom(base: str, **fields):
@@ -100,27 +110,107 @@ def test_a_near_miss_names_the_field():
         te_mapping(r)
 
 
-def test_build_makes_the_te_objects_it_describes(monkeypatch):
-    made = []
+class _Recipe:
+    made: list
 
-    class Recipe:
-        def __init__(self, **kw):
-            made.append((type(self).__name__, kw))
+    def __init__(self, **kw):
+        self.made.append((type(self).__name__, kw))
 
-    class Format:
-        HYBRID, E4M3 = "Format.HYBRID", "Format.E4M3"
 
-    mod = types.SimpleNamespace(
-        Format=Format,
-        QParams=lambda **kw: ("QParams", kw),
-        Float8CurrentScaling=type("Float8CurrentScaling", (Recipe,), {}),
-    )
+class _Format:
+    HYBRID, E4M3 = "Format.HYBRID", "Format.E4M3"
+
+
+@pytest.fixture
+def fake_te(monkeypatch):
+    """A stand-in TransformerEngine 2.9.0 (TE needs CUDA): its recipe classes and its
+    pytorch.Linear record the arguments they get. `.made`: [(class, kwargs)]."""
+    made: list = []
+    recipe = types.SimpleNamespace(Format=_Format, QParams=lambda **kw: ("QParams", kw))
+    for cls in TEMPLATES:
+        setattr(recipe, cls, type(cls, (_Recipe,), {"made": made}))
+
+    class Linear(nn.Module):
+        def __init__(self, in_features, out_features, bias=True, *, params_dtype, device):
+            super().__init__()
+            args = dict(in_features=in_features, out_features=out_features, bias=bias,
+                        params_dtype=params_dtype, device=device)  # fmt: skip
+            made.append(("Linear", args))
+            w = torch.empty(out_features, in_features, dtype=params_dtype, device=device)
+            self.weight = nn.Parameter(w)
+            self.bias = nn.Parameter(w[:, 0].clone()) if bias else None
+
+        def forward(self, x):
+            return F.linear(x, self.weight, self.bias)
+
     pkg = types.ModuleType("transformer_engine")
-    common = types.ModuleType("transformer_engine.common")
-    common.recipe = mod
-    monkeypatch.setitem(sys.modules, "transformer_engine", pkg)
-    monkeypatch.setitem(sys.modules, "transformer_engine.common", common)
+    pkg.__version__ = "2.9.0"
+    pkg.__spec__ = importlib.machinery.ModuleSpec("transformer_engine", None)
+    pkg.common = types.ModuleType("transformer_engine.common")
+    pkg.common.recipe = recipe
+    pkg.pytorch = types.ModuleType("transformer_engine.pytorch")
+    pkg.pytorch.Linear = Linear
+    pkg.pytorch.autocast = lambda enabled, recipe: contextlib.nullcontext()
+    for name, mod in (("", pkg), (".common", pkg.common), (".pytorch", pkg.pytorch)):
+        monkeypatch.setitem(sys.modules, "transformer_engine" + name, mod)
+    monkeypatch.setattr(te_module, "_TE_LINEAR", None)  # the TE Linear class is built once
+    return types.SimpleNamespace(pkg=pkg, made=made)
+
+
+def test_build_makes_the_te_objects_it_describes(fake_te):
     out = te_mapping(recipes.get("fp8-current")).build()
-    assert made == [("Float8CurrentScaling", {"fp8_format": "Format.HYBRID",
-                                              "backward_override": None})]  # fmt: skip
+    assert fake_te.made == [("Float8CurrentScaling", {"fp8_format": "Format.HYBRID",
+                                                      "backward_override": None})]  # fmt: skip
     assert out.fp8_quant_fwd_weight == ("QParams", {"power_2_scale": False, "amax_epsilon": 0.0})
+
+
+def _partitioned(layer: nn.Linear) -> nn.Linear:
+    """`layer` as deepspeed.zero.Init leaves it on a rank: empty partitions, full ds_shape."""
+    for name, p in list(layer.named_parameters()):
+        part = nn.Parameter(torch.empty(0, dtype=torch.bfloat16))
+        part.ds_shape, part.ds_numel, part.ds_id = p.shape, p.numel(), id(p)
+        setattr(layer, name, part)
+    return layer
+
+
+def test_a_zero3_partitioned_layer_is_built_from_its_full_shape(fake_te, monkeypatch):
+    from lptrain.nn import backends
+
+    monkeypatch.setattr(backends, "_has_cuda", lambda: True)  # TE runs on CUDA devices only
+    layer = _partitioned(nn.Linear(64, 32))
+    weight, bias = layer.weight, layer.bias
+    model = lptrain.convert(nn.Sequential(layer), "fp8-current", backend="te", log_fn=print)
+    args = dict(in_features=64, out_features=32, bias=True, params_dtype=torch.bfloat16,
+                device=torch.device("meta"))  # fmt: skip
+    assert fake_te.made[-1] == ("Linear", args)
+    # the partitioned parameters themselves: DeepSpeed gathers them around each forward
+    assert model[0].weight is weight and model[0].bias is bias
+    backend = TEBackend(recipes.get("fp8-current"), te_mapping(recipes.get("fp8-current")))
+    with pytest.raises(BackendError, match=r"Conv1D \(transposed weight\) built under ZeRO-3"):
+        backend.make_layer(_partitioned(nn.Linear(64, 32)), transposed=True)
+
+
+def test_an_unpartitioned_layer_is_copied(fake_te, monkeypatch):
+    from lptrain.nn import backends
+
+    monkeypatch.setattr(backends, "_has_cuda", lambda: True)
+    torch.manual_seed(0)
+    plain = nn.Linear(64, 32)
+    model = lptrain.convert(nn.Sequential(copy.deepcopy(plain)), "fp8-current", backend="te",
+                            log_fn=print)  # fmt: skip
+    args = dict(in_features=64, out_features=32, bias=True, params_dtype=torch.float32,
+                device=torch.device("cpu"))  # fmt: skip
+    assert fake_te.made[-1] == ("Linear", args)
+    x = torch.randn(4, 64)
+    assert torch.equal(model(x), plain(x))  # the stand-in's F.linear on the copied values
+
+
+def test_nvfp4_needs_te_2_9_and_says_so(fake_te):
+    cuda = torch.device("cuda")
+    assert TEBackend.create(recipes.get("nvfp4"), cuda).mapping.cls == "NVFP4BlockScaling"
+    fake_te.pkg.__version__ = "2.8.0+cu12"
+    with pytest.raises(BackendError, match=r"^backend: backend 'te': recipe 'nvfp4' maps to "
+                       r"NVFP4BlockScaling, which needs TransformerEngine >= 2\.9 "
+                       r"\(installed: 2\.8\.0\+cu12\)"):  # fmt: skip
+        TEBackend.create(recipes.get("nvfp4"), cuda)
+    assert TEBackend.create(recipes.get("fp8-current"), cuda).mapping.cls == "Float8CurrentScaling"
