@@ -10,7 +10,7 @@ did (seed, build, the converter chain) and loads the checkpoint's module state.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,12 +20,14 @@ from lptrain.checkpoint import base as bases
 from lptrain.checkpoint import manifest, store
 from lptrain.config import schema
 from lptrain.config.inherit import tokenizer_spec
+from lptrain.config.precision import resolve_recipe
 from lptrain.config.schema import TrainConfig
 from lptrain.data import dataset
 from lptrain.errors import ConfigError
 from lptrain.export import standalone, validate
 from lptrain.models import converters, hf, init_from
 from lptrain.models.decoder import build_model
+from lptrain.nn import backends
 
 EXPORT_JSON = validate.EXPORT_JSON
 EXPORT_WEIGHTS = validate.EXPORT_WEIGHTS
@@ -51,6 +53,7 @@ def skeleton(
     lptrain base's weights are not loaded (the checkpoint has them); a Hugging Face base's
     architecture comes from `base` (the checkpoint's copy, checkpoint/base.py) or, for a
     checkpoint from before such copies, from `init.from` itself."""
+    cfg = portable(cfg, say)
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, tok.vocab_size, cfg.data.block_size)
     ctx = converters.ConvertContext(cfg.run.seed, 0, 1, say, vocab_size=tok.vocab_size)
@@ -59,6 +62,21 @@ def skeleton(
             continue
         model = converters.apply(model, [conv], ctx)
     return model
+
+
+def portable(cfg: TrainConfig, say=_quiet) -> TrainConfig:
+    """A run trained with `backend: triton`, read where Triton cannot run (a CPU machine): the
+    emulated backend gives the same bits (the self-test holds Triton to it) and the same
+    state keys, so the model is rebuilt with `auto`. TE swaps whole layers for its own; that
+    stays an error naming precision.backend."""
+    if cfg.precision.backend != "triton":
+        return cfg
+    try:
+        backends.resolve("triton", resolve_recipe(cfg.precision))
+    except backends.BackendError as exc:
+        say(f"precision.backend: triton cannot run here ({exc.problem}); using auto, same bits")
+        return replace(cfg, precision=replace(cfg.precision, backend="auto"))
+    return cfg
 
 
 def _stderr(msg: str) -> None:
@@ -134,6 +152,7 @@ def open_export(path: str | Path) -> Opened:
         cfg = standalone.config(meta["config"], tok.name)
     except ConfigError as exc:
         raise ConfigError("PATH", f"{d / EXPORT_JSON}: config.{exc.path}: {exc.problem}") from None
+    cfg = portable(cfg, _stderr)
     if meta["hf_config"]:
         model = hf.from_config(d / "hf", key="export")
         precision = converters.build(cfg, ("precision",))
