@@ -118,6 +118,7 @@ def override(model: nn.Module, overrides: list[Override], backend: str, say) -> 
     for o in overrides:
         require_match(f"{o.key}.layers", list(o.layers), list(layers), "lptrain layer")
     changed = {o.key: 0 for o in overrides}
+    resolved: dict = {}  # recipe -> its backend, resolved once (as convert does per model)
     counts: dict[str, int] = {}  # recipe name -> layers now on it
     for name, layer in layers.items():
         recipe = layer.recipe
@@ -126,7 +127,9 @@ def override(model: nn.Module, overrides: list[Override], backend: str, say) -> 
             changed[o.key] += not new.runs_like(recipe)
             recipe = new
         if recipe != layer.recipe:
-            layer.set_recipe(recipe, _backend(backend, recipe, layer))
+            if recipe not in resolved:
+                resolved[recipe] = _backend(backend, recipe, layer)
+            layer.set_recipe(recipe, resolved[recipe])
             counts[recipe.name] = counts.get(recipe.name, 0) + 1
     idle = [key for key, n in changed.items() if n == 0]
     if idle:
