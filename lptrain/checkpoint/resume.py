@@ -132,13 +132,15 @@ def _short(v, limit: int = 60) -> str:
 
 def diff(old: dict, new: TrainConfig) -> list[Change]:
     """Keys whose value differs between the saved config (a raw mapping) and `new`."""
-    now = new.to_dict()
+    now, defaults = new.to_dict(), TrainConfig().to_dict()
     out = []
     for key in config_keys():
         if key == "init.from":  # compared by content, not path: checkpoint/base.py
             continue
         a, b = _get(old, key), _get(now, key)
-        if a != b and not _same_tokenizer(key, a, b, old):
+        # A key added since the checkpoint was saved: the run ran as its default says.
+        added = a is _ABSENT and b == _get(defaults, key)
+        if a != b and not added and not _same_tokenizer(key, a, b, old):
             out.append(Change(key, a, b))
     return out
 

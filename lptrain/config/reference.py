@@ -67,6 +67,12 @@ def _default(f: dataclasses.Field) -> str:
     return "null" if value is None else repr(value)
 
 
+def _entry(tp: Any) -> type | None:
+    """The dataclass of a `list[<dataclass>]` field, else None."""
+    args = typing.get_args(tp) if typing.get_origin(tp) is list else ()
+    return args[0] if args and dataclasses.is_dataclass(args[0]) else None
+
+
 def _section(cls: type, path: str, lines: list[str]) -> None:
     hints = typing.get_type_hints(cls)
     comments = _comments(cls)
@@ -81,6 +87,11 @@ def _section(cls: type, path: str, lines: list[str]) -> None:
         if dataclasses.is_dataclass(tp):
             nested.append((tp, f"{path}.{_key(f)}"))
             meaning = f"see [`{path}.{_key(f)}`](#{(path + '.' + _key(f)).replace('.', '')})"
+        elif _entry(tp) is not None:  # a list of sections: its entries get a table
+            sub = f"{path}.{_key(f)}[]"
+            nested.append((_entry(tp), sub))
+            anchor = sub.replace(".", "").replace("[]", "")
+            meaning = f"{comments.get(f.name, '')}; each entry: see [`{sub}`](#{anchor})"
         else:
             meaning = comments.get(f.name, "")
         shown = "section" if dataclasses.is_dataclass(tp) else _type(tp)

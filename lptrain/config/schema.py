@@ -72,6 +72,24 @@ class GuardConfig:
     # on resume, drop the checkpoint's fallbacks: every layer back on precision.recipe (kept
     # otherwise, whatever `enabled` says)
     reset: bool = False
+    # what falls back: `layer` (the whole layer takes the next recipe) or `gemm` (only the GEMM
+    # whose operand failed takes that GEMM from the next recipe)
+    granularity: Literal["layer", "gemm"] = "layer"
+
+
+@dataclass(frozen=True)
+class OverrideConfig:
+    """One entry of `precision.overrides` (docs/layers.md): in the layers matching `layers`,
+    the GEMMs named by `gemm` (or only their `operand`) run as `recipe` runs them. Entries
+    apply in order, after `precision.recipe`; the guard never changes what they set."""
+
+    layers: list[str] = field(default_factory=lambda: ["*"])  # fnmatch globs on layer names
+    # output | grad_input | grad_weight, a list of them, or "*" (every GEMM, or with `operand`
+    # every GEMM that has it)
+    gemm: Union[str, list[str]] = "*"
+    operand: str | None = None  # input | weight | grad_output; null: the whole GEMM
+    # a named recipe or an inline mapping (required): its spec of that GEMM / operand is taken
+    recipe: Union[str, dict, None] = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,8 @@ class PrecisionConfig:
     # auto | emulated | triton | te (chosen once per model, reason logged)
     backend: Literal["auto", "emulated", "triton", "te"] = "auto"
     min_features: int = 0  # leave Linears whose smaller dimension is below this unconverted
+    # per-layer, per-GEMM or per-operand exceptions to `recipe`, applied in order at conversion
+    overrides: list[OverrideConfig] = field(default_factory=list)
     guard: GuardConfig = field(default_factory=GuardConfig)
 
 

@@ -43,9 +43,10 @@ from torch import nn
 import lptrain.nn as lpnn
 from lptrain.config import schema
 from lptrain.config.inherit import tokenizer_spec
-from lptrain.config.precision import is_high_precision, resolve_recipe
+from lptrain.config.precision import is_high_precision, resolve_overrides, resolve_recipe
 from lptrain.data import dataset
 from lptrain.errors import ConfigError
+from lptrain.models import converters
 from lptrain.models.decoder import Block, Decoder, build_model
 from lptrain.numerics import get_format
 
@@ -254,6 +255,8 @@ def build_meta_model(cfg, vocab_size: int) -> nn.Module:
             model, resolve_recipe(p), skip=tuple(p.skip), min_features=p.min_features,
             backend="emulated", log_fn=lambda _: None,
         )  # fmt: skip
+        if p.overrides:  # per-layer recipes (a trust mask is per layer)
+            converters.override(model, resolve_overrides(p), "emulated", lambda _: None)
     return model
 
 

@@ -10,7 +10,7 @@ did (seed, build, the converter chain) and loads the checkpoint's module state.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,8 @@ from lptrain.export import standalone, validate
 from lptrain.models import converters, hf, init_from
 from lptrain.models.decoder import build_model
 from lptrain.nn import backends
+from lptrain.observe import guard
+from lptrain.recipes import from_dict
 
 EXPORT_JSON = validate.EXPORT_JSON
 EXPORT_WEIGHTS = validate.EXPORT_WEIGHTS
@@ -40,6 +42,8 @@ class Opened:
     model: nn.Module
     tok: dataset.Tokenizer
     source: str  # what was loaded, for messages and the export's record
+    # the precision guard's per-layer recipes ({layer: Recipe.to_dict()}), in place in `model`
+    fallbacks: dict = field(default_factory=dict)
 
 
 def _quiet(_msg: str) -> None:
@@ -114,6 +118,9 @@ def open_run(path: str | Path, say=_quiet, note=_stderr) -> Opened:
     src = base.source if base is not None else None
     tok = dataset.load_tokenizer(tokenizer_spec(cfg, src))
     model = skeleton(cfg, tok, say=say, base=src)
+    # The guard's fallbacks, as a resume puts them (they decide the layers' state keys too).
+    fallen = guard.fallbacks(store.peek_rank0(found))
+    _put(model, fallen, found.path)
     state = init_from.load_state(found.ckpt_dir, found.tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -123,7 +130,15 @@ def open_run(path: str | Path, say=_quiet, note=_stderr) -> Opened:
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
         )
     _check_finite(model, found.path)
-    return Opened(cfg, model.eval(), tok, str(found.path))
+    return Opened(cfg, model.eval(), tok, str(found.path), fallen)
+
+
+def _put(model: nn.Module, recipes: dict, where: Path) -> None:
+    """The recorded per-layer recipes ({layer: Recipe.to_dict()}) in place, or a ConfigError."""
+    try:
+        guard.put(model, {name: from_dict(d) for name, d in recipes.items()})
+    except ValueError as exc:  # RecipeError is one: a record this lptrain cannot read
+        raise ConfigError("PATH", f"{where}: {exc}") from None
 
 
 def _check_finite(model: nn.Module, where: Path) -> None:
@@ -159,12 +174,13 @@ def open_export(path: str | Path) -> Opened:
         model = converters.apply(model, precision, _ctx(cfg, tok))
     else:
         model = skeleton(cfg, tok, names=("precision",))
+    _put(model, meta.get("fallbacks", {}), d / EXPORT_JSON)
     for name, layout in meta["layers"].items():
         validate.place(model, name, layout, d / EXPORT_JSON)
     validate.load_weights(model, d / EXPORT_WEIGHTS)
     validate.check_tensors(model, meta["layers"], d / EXPORT_WEIGHTS)
     _check_finite(model, d)
-    return Opened(cfg, model.eval(), tok, str(d))
+    return Opened(cfg, model.eval(), tok, str(d), meta.get("fallbacks", {}))
 
 
 def _ctx(cfg: TrainConfig, tok) -> converters.ConvertContext:

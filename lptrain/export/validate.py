@@ -84,6 +84,9 @@ def check_meta(meta: dict, d: Path) -> None:
     for key, kind in (("config", dict), ("tokenizer", str), ("layers", dict), ("hf_config", bool)):
         if not isinstance(meta.get(key), kind):
             raise _bad(path, f"{key}: missing or not a {kind.__name__}")
+    fallbacks = meta.get("fallbacks", {})  # optional: exports before the guard's record
+    if not isinstance(fallbacks, dict) or not all(isinstance(r, dict) for r in fallbacks.values()):
+        raise _bad(path, "fallbacks: not a mapping of layer names to recipes")
     tok = meta["tokenizer"]
     if tok != "byte" and (Path(tok).is_absolute() or ".." in Path(tok).parts):
         raise _bad(path, f"tokenizer: {tok!r} is not a path inside the export")

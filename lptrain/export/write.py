@@ -52,6 +52,7 @@ from lptrain.errors import ConfigError
 from lptrain.export import compressed, evaluate, restore, standalone, to_hf
 from lptrain.export.folding import FORMAT, fold, layout
 from lptrain.models import hf
+from lptrain.nn import Linear
 from lptrain.qat import QuantizedLinear
 
 # -- writing ------------------------------------------------------------------------------
@@ -79,6 +80,10 @@ def write_int(model, opened, how, losses, tmp: Path, extra: dict | None = None) 
     from safetensors.torch import save_model  # optional dependency (the train extra)
 
     layers = {n: layout(m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    # The guard's recipes of layers the export's skeleton builds (a folded layer's recipe is
+    # in its layout): open_export puts them in place as open_run did.
+    modules = dict(model.named_modules())
+    fallbacks = {n: r for n, r in opened.fallbacks.items() if isinstance(modules.get(n), Linear)}
     hf_base = type(model).__name__ == "HFCausalLM"
     if hf_base:
         model.model.config.save_pretrained(str(tmp / "hf"))
@@ -90,6 +95,7 @@ def write_int(model, opened, how, losses, tmp: Path, extra: dict | None = None) 
         "tokenizer": standalone.copy_tokenizer(opened.tok.name, opened.tok, tmp),
         "hf_config": hf_base,
         "layers": layers,
+        "fallbacks": fallbacks,
         "fold": how,
         "val_loss": losses,
         **(extra or {}),

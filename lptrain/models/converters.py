@@ -27,13 +27,20 @@ import lptrain.nn as lpnn
 from lptrain import lora, qat
 from lptrain.config import finetune
 from lptrain.config.init_source import Source, locate
-from lptrain.config.precision import is_high_precision, resolve_recipe
+from lptrain.config.precision import (
+    Override,
+    is_high_precision,
+    resolve_overrides,
+    resolve_recipe,
+)
 from lptrain.config.schema import PrecisionConfig, TrainConfig
 from lptrain.errors import ConfigError
 from lptrain.lora import AdapterConfigError
 from lptrain.models import hf, init_from
 from lptrain.models.bitswitch import BitSwitchConverter
 from lptrain.nn.backends import BackendError
+from lptrain.nn.backends import resolve as resolve_backend
+from lptrain.nn.select import require_match
 from lptrain.qat import QATConfigError
 
 ORDER = ("init", "precision", "qat", "bitswitch", "adapters")
@@ -59,14 +66,22 @@ class Converter(Protocol):
 
 
 class PrecisionConverter:
-    """Swap eligible nn.Linear for lptrain.nn.Linear, seed each rank's random streams, and
-    MAX-reduce stateful amaxes over data-parallel ranks (equal scales on every rank)."""
+    """Swap eligible nn.Linear for lptrain.nn.Linear, apply `precision.overrides`, seed each
+    rank's random streams, and MAX-reduce stateful amaxes over data-parallel ranks (equal
+    scales on every rank)."""
 
     name = "precision"
 
     def __init__(self, cfg: PrecisionConfig):
         self.cfg = cfg
         self.recipe = resolve_recipe(cfg)
+        self.overrides = resolve_overrides(cfg)
+        if self.overrides and cfg.backend == "te":
+            raise ConfigError(
+                "precision.overrides",
+                "backend 'te' runs TransformerEngine's Linear, one recipe for its three GEMMs: "
+                "per-GEMM overrides need backend auto, emulated or triton",
+            )
 
     def convert(self, model: nn.Module, ctx: ConvertContext) -> nn.Module:
         c = self.cfg
@@ -79,6 +94,8 @@ class PrecisionConverter:
                 backend=c.backend,
                 log_fn=ctx.say,
             )
+            if self.overrides:
+                override(model, self.overrides, c.backend, ctx.say)
         except BackendError as exc:  # no GPU, no TE, a refused recipe: one line, exit 2
             raise ConfigError("precision.backend", exc.problem) from None
         lpnn.seed_quantizers(model, ctx.seed, ctx.rank)
@@ -96,6 +113,47 @@ class PrecisionConverter:
             backend.after_step()
 
 
+def override(model: nn.Module, overrides: list[Override], backend: str, say) -> None:
+    """Put each converted layer on its recipe with the overrides that match it applied
+    (`Linear.set_recipe`: same seed, fresh quantizer state, the backend resolved for the new
+    recipe). An entry whose globs match no converted layer, or that changes no layer's
+    recipe, is a ConfigError naming it: it would do nothing, silently."""
+    layers = dict(lpnn.quantized_layers(model))
+    for o in overrides:
+        require_match(f"{o.key}.layers", list(o.layers), list(layers), "lptrain layer")
+    changed = {o.key: 0 for o in overrides}
+    resolved: dict = {}  # recipe -> its backend, resolved once (as convert does per model)
+    counts: dict[str, int] = {}  # recipe name -> layers now on it
+    for name, layer in layers.items():
+        recipe = layer.recipe
+        for o in (o for o in overrides if o.applies_to(name)):
+            new = o.apply(recipe)
+            changed[o.key] += not new.runs_like(recipe)
+            recipe = new
+        if recipe != layer.recipe:
+            if recipe not in resolved:
+                resolved[recipe] = _backend(backend, recipe, layer)
+            layer.set_recipe(recipe, resolved[recipe])
+            counts[recipe.name] = counts.get(recipe.name, 0) + 1
+    idle = [key for key, n in changed.items() if n == 0]
+    if idle:
+        o = next(o for o in overrides if o.key == idle[0])
+        what = ", ".join(o.gemms) + (f" {o.operand}" if o.operand else "")
+        raise ConfigError(
+            f"{o.key}.recipe",
+            f"changes nothing: every layer it matches already runs {what} as {o.source.name} does",
+        )
+    say("precision.overrides: " + ", ".join(f"{n} layer(s) on {r}" for r, n in counts.items()))
+
+
+def _backend(name: str, recipe, layer: nn.Module):
+    """The `precision.backend` setting resolved for an overridden layer's recipe."""
+    try:
+        return resolve_backend(name, recipe, layer.weight.device)
+    except BackendError as exc:
+        raise ConfigError("precision.backend", exc.problem) from None
+
+
 def _backends(model: nn.Module) -> list:
     """The distinct backends of the model's lptrain layers (one per conversion)."""
     out = {}
@@ -110,7 +168,15 @@ def _reduce_max(t: torch.Tensor) -> torch.Tensor:
 
 
 def _precision(cfg: TrainConfig) -> Converter | None:
-    return None if is_high_precision(cfg.precision) else PrecisionConverter(cfg.precision)
+    if not is_high_precision(cfg.precision):
+        return PrecisionConverter(cfg.precision)
+    if cfg.precision.overrides:  # they change converted layers, and this recipe converts none
+        raise ConfigError(
+            "precision.overrides",
+            f"precision.recipe {cfg.precision.recipe} converts no layer: overrides change the "
+            "GEMMs of converted layers (set a low-precision recipe and override the rest)",
+        )
+    return None
 
 
 class InitConverter:

@@ -126,6 +126,56 @@ class Recipe:
     def replace(self, **changes: Any) -> "Recipe":
         return replace(self, **changes)
 
+    def runs_like(self, other: "Recipe") -> bool:
+        """The same GEMMs and options, whatever the two are named or described."""
+        return replace(self, name=other.name, description=other.description) == other
+
+    def take(self, source: "Recipe", gemm: str, operand: str | None = None) -> "Recipe":
+        """This recipe with GEMM `gemm` run as `source` runs it: both operand specs and the
+        accumulation, or with `operand` that operand's spec alone. Named
+        `<name>[<gemm>[.<operand>]=<source name>, ...]` (a later take of the same GEMM
+        replaces its part). The options that belong to one GEMM follow it:
+        `wgrad_high_precision` stays only while grad_weight quantizes nothing, `trust_mask`
+        only while the output GEMM quantizes (it masks that GEMM's clipping); the other
+        options stay this recipe's (with backward_operands 'reuse' a high-precision backward
+        GEMM still reads the forward's quantized copies). RecipeError when the result is no
+        valid recipe (two operands of a GEMM with different rotations)."""
+        a, b = GEMMS[gemm]
+        mine, theirs = self.gemm(gemm), source.gemm(gemm)
+        if operand is None:
+            new = theirs
+        elif operand in (a, b):
+            new = replace(mine, a=theirs.a) if operand == a else replace(mine, b=theirs.b)
+        else:
+            raise RecipeError(gemm, f"has operands {a!r} and {b!r}, not {operand!r}")
+        key = gemm if operand is None else f"{gemm}.{operand}"
+        output = new if gemm == "output" else self.output
+        wgrad = new if gemm == "grad_weight" else self.grad_weight
+        return replace(
+            self,
+            **{gemm: new},
+            name=_renamed(self.name, key, source.name),
+            wgrad_high_precision=self.wgrad_high_precision and not wgrad.quantized,
+            trust_mask=self.trust_mask and output.quantized,
+        )
+
+
+def _renamed(name: str, key: str, source: str) -> str:
+    """`name[key=source]`, that part after the earlier ones, instead of an earlier part for
+    the same key (a whole GEMM's part also replaces the parts of its operands):
+    `nvfp4[grad_weight=bf16, output.input=fp8-current]`."""
+    head, bracket, tail = name.partition("[")
+    parts = tail[:-1].split(", ") if bracket and tail.endswith("]") else []
+    if bracket and not parts:
+        head = name  # a bracket of someone else's: part of the name
+    gemm = key.split(".")[0]
+    kept = [
+        p
+        for p in parts
+        if not p.startswith(f"{key}=") and not (key == gemm and p.startswith(f"{gemm}."))
+    ]
+    return f"{head}[{', '.join([*kept, f'{key}={source}'])}]"
+
 
 def _problems(r: Recipe):
     if r.backward_operands not in BACKWARD_OPERANDS:

@@ -13,9 +13,12 @@ of every token, and every low-precision recipe we measured lost more there than 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Callable, Iterable
 
 from torch import nn
+
+from lptrain.errors import ConfigError
 
 DEFAULT_SKIP: tuple[str, ...] = ("lm_head",)
 ModuleFilter = Callable[[nn.Module, str], bool]
@@ -33,6 +36,20 @@ def matches(name: str, patterns: Iterable[str]) -> str | None:
 def globs(patterns: str | Iterable[str]) -> tuple[str, ...]:
     """A pattern list; one string is one pattern (not its characters)."""
     return (patterns,) if isinstance(patterns, str) else tuple(patterns)
+
+
+def require_match(key: str, globs: list[str], names: list[str], what: str) -> None:
+    """ConfigError(key) when no name matches any of `globs`: the setting would act on nothing
+    (rows with only a step, a guard that never acts, an override that changes no layer),
+    silently. A list of which only some globs match is warned about."""
+    if any(matches(n, globs) for n in names):
+        idle = [g for g in globs if not any(matches(n, (g,)) for n in names)]
+        if idle:  # the others match: a typo in one entry still deserves a word
+            warnings.warn(f"{key}: {idle} match no {what} (the rest of the list does)",
+                          stacklevel=2)  # fmt: skip
+        return
+    few = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+    raise ConfigError(key, f"{list(globs)} match no {what}; the model has {few or 'none'}")
 
 
 def excluded(

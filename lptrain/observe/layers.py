@@ -10,16 +10,14 @@ so every rank ends with identical numbers (the precision guard decides on them),
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from lptrain.config.schema import MonitorConfig
-from lptrain.errors import ConfigError
 from lptrain.nn import Linear, stats_window
-from lptrain.nn.select import matches
+from lptrain.nn.select import matches, require_match  # noqa: F401  (runner.py's)
 from lptrain.numerics.stats import (
     MAX_MOMENTS,
     MIN_MOMENTS,
@@ -39,19 +37,6 @@ def linear_layers(model: nn.Module, globs: list[str]) -> dict[str, nn.Linear]:
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and matches(name, globs)
     }
-
-
-def require_match(key: str, globs: list[str], names: list[str], what: str) -> None:
-    """ConfigError(key) when no name matches any of `globs`: the setting would watch nothing
-    (rows with only a step, a guard that never acts), silently."""
-    if any(matches(n, globs) for n in names):
-        idle = [g for g in globs if not any(matches(n, (g,)) for n in names)]
-        if idle:  # the others match: a typo in one entry still deserves a word
-            warnings.warn(f"{key}: {idle} match no {what} (the rest of the list does)",
-                          stacklevel=2)  # fmt: skip
-        return
-    few = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
-    raise ConfigError(key, f"{list(globs)} match no {what}; the model has {few or 'none'}")
 
 
 def quantizing(layers: dict[str, nn.Module]) -> dict[str, Linear]:

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from lptrain.config.precision import resolve_overrides
 from lptrain.config.schema import TrainConfig
 from lptrain.errors import ConfigError
 from lptrain.nn import Linear, stats_window
@@ -86,7 +87,8 @@ class Monitoring:
         g = cfg.precision.guard
         # Built for every quantized run, enabled or not: its fallbacks are state that a resume
         # keeps and every checkpoint records (guard.py).
-        self.guard = PrecisionGuard(g, guard_base) if guard_base else None
+        overrides = resolve_overrides(cfg.precision) if guard_base else ()
+        self.guard = PrecisionGuard(g, guard_base, overrides) if guard_base else None
         # The warmup's bound: the loss of a uniform guess over the vocabulary (spikes.py).
         bound = math.log(vocab_size) if vocab_size else math.inf
         self.spikes = SpikeDetector(self.cfg.spike, bound)

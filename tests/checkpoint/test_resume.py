@@ -238,6 +238,15 @@ def test_resume_refuses_changes_keeps_the_run_dir_and_allows_a_recipe_switch(cli
     )
 
 
+def test_a_checkpoint_saved_before_a_key_existed_resumes_at_its_default():
+    old = yaml.safe_load(to_yaml(_cfg(precision__recipe="nvfp4")))
+    del old["precision"]["overrides"]  # a run from before precision.overrides
+    assert resume.diff(old, _cfg(precision__recipe="nvfp4")) == []
+    new = _cfg(precision__recipe="nvfp4", precision__overrides=[{"recipe": "bf16"}])
+    (change,) = resume.diff(old, new)  # setting it now is a precision change
+    assert (change.key, change.rule.effect) == ("precision.overrides", "reset_quantizers")
+
+
 def test_a_fine_tune_saved_before_data_tokenizer_could_be_unset_resumes(tmp_path):
     # Its config.yaml recorded the default `byte`, which meant "the base's tokenizer".
     new = _cfg(init__from=str(tmp_path))

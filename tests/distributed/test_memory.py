@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import lptrain.nn as lpnn
 from lptrain.cli import main
 from lptrain.config import schema
 from lptrain.distributed import memory
@@ -161,3 +162,14 @@ def test_plan_errors_are_one_line(capsys):
     code, _, err = _plan_cli(capsys, recipe, "--set", "model.preset=huge")
     assert code == 2 and err.startswith("error: model.preset: unknown preset")
     assert "\n" not in err.strip()
+
+
+def test_the_plan_converts_with_the_precision_overrides():
+    """A trust mask is per layer: layers whose output GEMM an override takes from bf16 have
+    none, and the plan counts none for them."""
+    raw = {"run": {"max_steps": 1}, "model": {"preset": "nano"}, "precision": {
+        "recipe": "quartet", "overrides": [{"layers": ["*.mlp.*"], "gemm": "output",
+                                            "recipe": "bf16"}]}}  # fmt: skip
+    model = memory.build_meta_model(schema.parse(raw), BYTE_VOCAB)
+    masked = {n for n, layer in lpnn.quantized_layers(model) if layer.recipe.trust_mask}
+    assert masked == {n for n, _ in lpnn.quantized_layers(model) if ".attn." in n} != set()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lptrain.nn as lpnn
+from lptrain import recipes
 from lptrain.config.precision import recipe_dict
 from lptrain.config.schema import ConfigError, parse
 from lptrain.models import converters
@@ -111,3 +112,84 @@ def test_finetune_converters_follow_the_order_and_name_keys():
         match=r"^qat.group_size: 24 does not divide in_features 32 of a \(8, 32\) weight",
     ):
         converters.apply(nn.Sequential(nn.Linear(32, 8)), converters.build(bad), ctx)
+
+
+# ---------------------------------------------------------------- precision.overrides
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Module()
+    for name in ("wq", "w1", "lm_head"):
+        net.add_module(name, nn.Linear(32, 32))
+    return net
+
+
+def _convert(recipe="nvfp4", *overrides, **precision):
+    said = []
+    (conv,) = converters.build(_cfg(recipe=recipe, overrides=list(overrides), **precision))
+    net = converters.apply(_net(), [conv], converters.ConvertContext(0, 0, 1, said.append))
+    return net, said
+
+
+def test_overrides_change_one_gemm_or_operand_of_the_layers_they_match():
+    wgrad = {"layers": ["w1"], "gemm": "grad_weight", "recipe": "bf16"}
+    weight = {"gemm": "*", "operand": "weight", "recipe": {"base": "fp8-current"}}
+    net, said = _convert("mxfp8", wgrad, weight)
+    mx, fp8 = recipes.get("mxfp8"), recipes.get("fp8-current")
+    both = "output.weight=fp8-current+custom, grad_input.weight=fp8-current+custom"
+    assert net.w1.recipe.name == f"mxfp8[grad_weight=bf16, {both}]"
+    assert net.wq.recipe.name == f"mxfp8[{both}]"
+    assert not net.w1.recipe.grad_weight.quantized and net.wq.recipe.grad_weight == mx.grad_weight
+    for layer in (net.w1, net.wq):  # "*" with an operand: every GEMM that has it
+        assert layer.recipe.output.a == mx.output.a and layer.recipe.output.b == fp8.output.b
+        assert layer.recipe.grad_input.b == fp8.grad_input.b
+    assert type(net.lm_head) is nn.Linear  # precision.skip: not converted, not overridden
+    assert int(net.w1.seed) == int(_convert("mxfp8")[0].w1.seed)  # the layer's own stream
+    assert said[-1] == (
+        f"precision.overrides: 1 layer(s) on mxfp8[{both}], "
+        f"1 layer(s) on mxfp8[grad_weight=bf16, {both}]"
+    )
+
+
+@pytest.mark.parametrize(
+    "entry,message",
+    [
+        ({"gemm": "wgrad", "recipe": "bf16"}, r"\[0\]\.gemm: 'wgrad' is not a GEMM; they are "),
+        ({"operand": "x", "recipe": "bf16"}, r"\[0\]\.operand: 'x' is not an operand; they are "),
+        ({"gemm": ["output", "grad_weight"], "operand": "weight", "recipe": "bf16"},
+         r"\[0\]\.operand: grad_weight has operands grad_output and input, not weight"),
+        ({"gemm": "output"}, r"\[0\]\.recipe: required"),
+        ({"gemm": "output", "recipe": "fp9"}, r"\[0\]\.recipe: unknown recipe 'fp9'"),
+        ({"layers": ["attn.*"], "recipe": "bf16"},
+         r"\[0\]\.layers: \['attn\.\*'\] match no lptrain layer; the model has wq, w1$"),
+        ({"layers": ["lm_head"], "recipe": "bf16"}, r"\[0\]\.layers: \['lm_head'\] match no "),
+        ({"gemm": "output", "recipe": "nvfp4"},
+         r"\[0\]\.recipe: changes nothing: every layer it matches already runs output as nvfp4"),
+        ({"gemm": "grad_weight", "operand": "input", "recipe": "bf16"},
+         r"\[0\]\.operand: grad_weight\.input of bf16 in nvfp4 is no valid recipe \(grad_weight: "
+         r"hadamard differs between grad_output \(16\) and input \(None\)"),
+    ],
+)  # fmt: skip
+def test_an_override_that_cannot_act_or_changes_nothing_is_refused_by_key(entry, message):
+    with pytest.raises(ConfigError, match=r"^precision\.overrides" + message):
+        _convert("nvfp4", entry)
+
+
+def test_overrides_without_converted_layers_or_lptrain_gemms_are_refused():
+    entry = {"gemm": "output", "recipe": "fp8-current"}
+    with pytest.raises(ConfigError, match=r"^precision\.overrides: precision\.recipe fp32 conv"):
+        converters.build(_cfg(recipe="fp32", overrides=[entry]))
+    with pytest.raises(ConfigError, match=r"^precision\.overrides: backend 'te' runs Transfor"):
+        converters.build(_cfg(recipe="nvfp4", backend="te", overrides=[entry]))
+    with pytest.warns(UserWarning, match=r"^precision\.overrides\[0\]\.layers: \['x'\] match no "):
+        _convert("nvfp4", {**entry, "layers": ["wq", "x"]})  # the rest of the list acts
+
+
+def test_the_second_override_is_judged_on_what_the_first_left():
+    first = {"gemm": "grad_weight", "recipe": "bf16"}
+    with pytest.raises(ConfigError, match=r"^precision\.overrides\[1\]\.recipe: changes nothing"):
+        _convert("nvfp4", first, first)
+    net, _ = _convert("nvfp4", first, {**first, "layers": ["w1"], "recipe": "fp8-current"})
+    assert net.w1.recipe.name == "nvfp4[grad_weight=fp8-current]"
+    assert net.wq.recipe.name == "nvfp4[grad_weight=bf16]"

@@ -95,6 +95,30 @@ def test_wgrad_high_precision_is_exact_for_grad_weight(problem: Problem):
     assert torch.allclose(dw, (problem.dy.T @ problem.x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["fp8-current", "mxfp8", "nvfp4"])
+def test_grad_weight_taken_from_bf16_is_the_high_precision_gemm_exact(problem: Problem, name):
+    """An override of one GEMM changes that GEMM only: grad_weight is the FP32 GEMM bit for
+    bit, output and grad_input are bit-equal to the unmodified recipe's (same seed)."""
+    base = recipes.get(name)
+    y0, dx0, _ = problem.run(problem.layer(base, seed=3))
+    y, dx, dw = problem.run(problem.layer(base.take(recipes.get("bf16"), "grad_weight"), seed=3))
+    assert torch.equal(y, y0) and torch.equal(dx, dx0)
+    assert torch.equal(dw, problem.dy.T @ problem.x)
+
+
+def test_one_operand_taken_from_bf16_leaves_the_other_quantized_exact(problem: Problem):
+    """fp8-current with grad_weight's grad_output in high precision: dW = dY^T . Q(X), Q the
+    per-tensor E4M3 quantizer of the input (the other GEMMs as before)."""
+    base = recipes.get("fp8-current")
+    y0, dx0, _ = problem.run(problem.layer(base))
+    r = base.take(recipes.get("bf16"), "grad_weight", "grad_output")
+    y, dx, dw = problem.run(problem.layer(r))
+    enc = 448.0 / problem.x.abs().max()
+    qx = (problem.x * enc).to(torch.float8_e4m3fn).float() * (1.0 / enc)
+    assert torch.equal(y, y0) and torch.equal(dx, dx0)
+    assert torch.equal(dw, problem.dy.T @ qx)
+
+
 def test_bias_is_added_in_high_precision():
     torch.manual_seed(0)
     ref = nn.Linear(64, 32)

@@ -94,3 +94,38 @@ def test_yaml_type_and_meaning_errors_name_the_field(d, message):
     with pytest.raises(RecipeError) as e:
         recipes.from_dict(d)
     assert str(e.value).startswith(message), str(e.value)
+
+
+# ---------------------------------------------------------------- Recipe.take (one GEMM / operand)
+
+
+def test_take_replaces_one_gemm_or_operand_and_says_so_in_the_name():
+    nvfp4, bf16, fp8 = recipes.get("nvfp4"), recipes.get("bf16"), recipes.get("fp8-current")
+    r = nvfp4.take(bf16, "grad_weight")
+    assert r.name == "nvfp4[grad_weight=bf16]" and not r.grad_weight.quantized
+    assert (r.output, r.grad_input, r.signs) == (nvfp4.output, nvfp4.grad_input, nvfp4.signs)
+    r = r.take(fp8, "grad_weight").take(bf16, "output", "input")  # a later take of a GEMM wins
+    assert r.name == "nvfp4[grad_weight=fp8-current, output.input=bf16]"
+    assert r.grad_weight == fp8.grad_weight
+    assert r.output.a is None and r.output.b == nvfp4.output.b
+    assert r.take(fp8, "output").name == "nvfp4[grad_weight=fp8-current, output=fp8-current]"
+    assert recipes.from_dict(r.to_dict()) == r  # the dict form (checkpoints, guard state)
+    assert nvfp4.take(nvfp4, "output").runs_like(nvfp4)  # the same numerics, another name
+    assert not r.runs_like(nvfp4)
+
+
+def test_take_carries_the_options_that_belong_to_the_gemm():
+    fp8 = recipes.get("fp8-current")
+    hp = fp8.replace(grad_weight=recipes.GemmRecipe(), wgrad_high_precision=True)
+    assert not hp.take(fp8, "grad_weight").wgrad_high_precision  # quantized again: valid
+    quest = recipes.get("quartet").replace(backward_operands="requantize", trust_mask=True)
+    assert not quest.take(recipes.get("bf16"), "output").trust_mask  # nothing clips any more
+    assert quest.take(fp8, "output").trust_mask
+
+
+def test_take_refuses_what_is_no_valid_recipe():
+    nvfp4 = recipes.get("nvfp4")
+    with pytest.raises(RecipeError, match=r"^grad_weight: hadamard differs"):
+        nvfp4.take(recipes.get("bf16"), "grad_weight", "input")  # one operand rotated
+    with pytest.raises(RecipeError, match=r"^grad_weight: has operands 'grad_output' and 'input'"):
+        nvfp4.take(recipes.get("bf16"), "grad_weight", "weight")

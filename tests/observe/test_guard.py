@@ -4,7 +4,10 @@ state round trips; end to end, a saturating layer falls back and a resume keeps 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +15,9 @@ from torch import nn
 
 import lptrain
 from lptrain import recipes, safeload
+from lptrain.config.precision import resolve_overrides
 from lptrain.config.schema import ConfigError, GuardConfig, parse
+from lptrain.models import converters
 from lptrain.observe import check, check_model
 from lptrain.observe.guard import PrecisionGuard
 from lptrain.testing import runs
@@ -20,10 +25,13 @@ from lptrain.testing import runs
 CFG = GuardConfig(enabled=True, min_sqnr_db=5.0, max_saturated=0.1, patience=2)
 
 
-def _model():
+def _plain():
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
-    return lptrain.convert(m, "nvfp4")
+    return nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+
+
+def _model():
+    return lptrain.convert(_plain(), "nvfp4")
 
 
 def _stats(sqnr=15.0, saturated=0.01, layers=("0", "2")):
@@ -54,6 +62,64 @@ def test_falls_back_after_patience_bad_checks_then_down_the_chain():
     assert guard.check(6, low, layers)[0]["to"] == "bf16"
     assert guard.check(7, low, layers) == [] and guard.check(8, low, layers) == []  # chain end
     assert guard.state.level == {"0": 1} and guard.state.recipe["0"]["name"] == "bf16"
+
+
+def test_gemm_granularity_moves_only_the_failing_gemm_down_the_chain():
+    model, nvfp4, fp8 = _model(), recipes.get("nvfp4"), recipes.get("fp8-current")
+    guard = PrecisionGuard(replace(CFG, granularity="gemm"), nvfp4)
+    low = {"sqnr_db": 1.0, "saturated": 0.0}
+    bad = {"0": {**_stats(layers=("0",))["0"], "output.input": low, "grad_weight.input": low}}
+    assert guard.check(1, bad, _layers(model)) == []
+    fwd, wgrad = guard.check(2, bad, _layers(model))  # each GEMM its own streak and position
+    assert fwd == {"kind": "guard", "step": 2, "layer": "0", "gemm": "output",
+                   "operand": "input", "from": "nvfp4", "to": "nvfp4[output=fp8-current]",
+                   "reason": "output.input sqnr_db 1.00 < 5 for 2 checks"}  # fmt: skip
+    assert (wgrad["gemm"], wgrad["operand"], wgrad["from"]) == (
+        "grad_weight",
+        "input",
+        "nvfp4[output=fp8-current]",
+    )
+    r = model[0].recipe
+    assert r.name == "nvfp4[output=fp8-current, grad_weight=fp8-current]"
+    assert (r.output, r.grad_weight, r.grad_input) == (
+        fp8.output,
+        fp8.grad_weight,
+        nvfp4.grad_input,
+    )
+    assert model[2].recipe == nvfp4
+    only_fwd = {"0": {**bad["0"], "grad_weight.input": {"sqnr_db": 15.0, "saturated": 0.0}}}
+    guard.check(3, only_fwd, _layers(model))
+    (ev,) = guard.check(4, only_fwd, _layers(model))
+    assert ev["to"] == "nvfp4[grad_weight=fp8-current, output=bf16]"
+    assert guard.state.level == {"0:output": 1, "0:grad_weight": 0}
+    assert guard.state.recipe["0"]["name"] == ev["to"]
+    guard.reset(model)
+    assert model[0].recipe == nvfp4
+
+
+def test_a_chain_step_that_changes_nothing_is_passed_over():
+    model = lptrain.convert(nn.Sequential(nn.Linear(32, 32)), "fp8-current")
+    guard = PrecisionGuard(replace(CFG, granularity="gemm"), recipes.get("fp8-current"))
+    bad = {"0": {"output.weight": {"sqnr_db": 1.0, "saturated": 0.0}}}
+    guard.check(1, bad, _layers(model))
+    (ev,) = guard.check(2, bad, _layers(model))  # fp8-current, first in the chain, is no step
+    assert (ev["from"], ev["to"]) == ("fp8-current", "fp8-current[output=bf16]")
+
+
+def test_fallbacks_keep_the_layers_overrides():
+    raw = {"run": {"max_steps": 2}, "precision": {"recipe": "nvfp4", "skip": [], "overrides": [
+        {"layers": ["0"], "gemm": "grad_weight", "recipe": "bf16"}]}}  # fmt: skip
+    cfg = parse(raw).precision
+    model = converters.apply(_plain(), converters.build(parse(raw), ("precision",)),
+                             converters.ConvertContext(0, 0, 1, lambda _: None))  # fmt: skip
+    guard = PrecisionGuard(CFG, recipes.get("nvfp4"), resolve_overrides(cfg))
+    bad = _stats(sqnr=1.0)
+    guard.check(1, bad, _layers(model))
+    (ev0, ev2) = guard.check(2, bad, _layers(model))
+    assert (ev0["from"], ev0["to"]) == ("nvfp4[grad_weight=bf16]", "fp8-current[grad_weight=bf16]")
+    assert (ev2["from"], ev2["to"]) == ("nvfp4", "fp8-current")
+    guard.reset(model)  # back where the conversion put them, overrides included
+    assert [model[i].recipe.name for i in (0, 2)] == ["nvfp4[grad_weight=bf16]", "nvfp4"]
 
 
 def test_watched_layers_and_operands_only():
@@ -208,3 +274,74 @@ def test_a_healthy_run_never_falls_back(monitored_runs):
     events = (run_dir / "events.jsonl").read_text() if (run_dir / "events.jsonl").exists() else ""
     assert '"guard"' not in events
     assert "precision guard: 0 fallback(s)" in monitored_runs.stderr["monitored"]
+
+
+# End to end, one process for every command (imports paid once): MXFP8 with the grad_weight
+# GEMM of block 0 in high precision (precision.overrides), and the guard at GEMM granularity
+# on one layer whose output.input cannot meet its bound: that GEMM alone falls back, at step
+# 1 (to fp8-current) and 2 (to bf16). Stopped at step 1 and resumed, the run is bit-equal to
+# the uninterrupted one; its int export rebuilds every layer's recipe.
+MIXED = [
+    "precision.recipe=mxfp8",
+    "precision.overrides=[{layers: [layers.0.*], gemm: grad_weight, recipe: bf16}]",
+    "precision.guard.enabled=true",
+    "precision.guard.granularity=gemm",
+    "precision.guard.interval=1",
+    "precision.guard.patience=1",
+    "precision.guard.layers=[layers.1.attn.wq]",
+    "precision.guard.operands=[output.input]",
+    "precision.guard.min_sqnr_db=1000",  # out of any recipe's reach
+    "precision.guard.max_saturated=null",
+    "run.max_steps=3",
+    "run.eval_interval=3",
+    "monitor.interval=0",
+]
+ALL = """import json, sys
+from lptrain.cli import main
+for argv in json.loads(sys.argv[1]):
+    if main(argv):
+        sys.exit(f"failed: lptrain {' '.join(argv)}")
+"""
+
+
+def test_a_mixed_recipe_run_falls_back_one_gemm_resumes_bit_for_bit_and_exports(
+    tmp_path, monitored_runs
+):
+    from lptrain.export import restore
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    common = [*runs.NANO, *MIXED, f"data.cache_dir={monitored_runs.cache}"]
+
+    def train(run_dir, *more):
+        args = ["train", str(runs.RECIPES / "tiny-fp32.yaml"), "--run-dir", str(run_dir)]
+        return args + [a for kv in [*common, *more] for a in ("--set", kv)]
+
+    argvs = [train(whole), train(parts, "run.stop_at_step=1"), train(parts),
+             ["export", str(whole), "--blocks", "64"]]  # fmt: skip
+    cmd = [sys.executable, "-c", ALL, json.dumps(argvs)]
+    env = runs.clean_env()
+    proc = subprocess.run(cmd, cwd=runs.REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [[r["loss"] for r in map(json.loads, (d / "metrics.jsonl").open()) if "loss" in r]
+              for d in (whole, parts)]  # fmt: skip
+    assert len(losses[0]) == 3 and losses[0] == losses[1]  # bit for bit across the resume
+    wq = "layers.1.attn.wq"
+    for d in (whole, parts):
+        evs = [json.loads(x) for x in (d / "events.jsonl").read_text().splitlines()]
+        got = [(e["step"], e["layer"], e["gemm"], e["operand"], e["to"])
+               for e in evs if e["kind"] == "guard"]  # fmt: skip
+        assert got == [(1, wq, "output", "input", "mxfp8[output=fp8-current]"),
+                       (2, wq, "output", "input", "mxfp8[output=bf16]")]  # fmt: skip
+        state = _guard_state(d, 3)
+        assert state["level"] == {f"{wq}:output": 1} and list(state["recipe"]) == [wq]
+    opened = restore.open_export(whole / "export")
+    names = {n: m.recipe.name for n, m in opened.model.named_modules()
+             if isinstance(m, lptrain.nn.Linear)}  # fmt: skip
+    assert names["layers.0.attn.wq"] == names["layers.0.mlp.w2"] == "mxfp8[grad_weight=bf16]"
+    assert names["layers.1.mlp.w1"] == "mxfp8" and names[wq] == "mxfp8[output=bf16]"
+    # The export is the trained model: its loss is the run's last validation loss (the same
+    # 4 x 16 blocks, bit for bit; without the fallback in place it was 2e-6 off).
+    (val,) = [r["val_loss"] for r in map(json.loads, (whole / "metrics.jsonl").open())
+              if "val_loss" in r]  # fmt: skip
+    export = json.loads((whole / "export" / "lptrain_export.json").read_text())["val_loss"]
+    assert export["trained"] == export["export"] == val, (export, val)
