@@ -6,7 +6,10 @@ bit: the `output` GEMM's input spec is a pure function of the tensor (round-to-n
 rotation, no scaling history: per-layer delayed or sample-and-hold scales differ between layers,
 and stochastic rounding or random signs draw from each layer's own stream), the layers agree on
 that spec and on the reduction padding, and no statistics are being collected (each layer
-records its own). Everything else quantizes per layer, as before.
+records its own). And only a copy the layers keep for backward anyway (their weight gradient
+reuses it, nn/reuse.py): a copy used by the forward GEMM alone is freed right after it, and
+holding it for the next reader would keep it alive as long as the input (until backward where
+the layers save the input itself). Everything else quantizes per layer, as before.
 
 The copies live in a `SharedInputs` held by the model's backend (one per `convert`), keyed by
 the input tensor's identity and version counter and dropped when the tensor is freed, so a copy
@@ -38,7 +41,8 @@ def share_key(call: "CallContext", x: torch.Tensor) -> tuple | None:
         and spec.scaling != "delayed"
         and spec.amax_refresh == 1
     )
-    if not deterministic or call.collect or gr.accumulate != "fp32" or x.is_inference():
+    kept = call.recipe.backward_operands == "reuse" or ("grad_weight", "input") in call.aliases
+    if not (deterministic and kept) or call.collect or gr.accumulate != "fp32" or x.is_inference():
         return None
     if spec.tile is not None and spec.tile[0] != 1:  # rows padded to the tile per call
         return None

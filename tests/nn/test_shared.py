@@ -13,8 +13,9 @@ from lptrain.models.decoder import Block, model_args
 from lptrain.nn.shared import SharedInputs
 
 ARGS = model_args(ModelConfig(preset="nano", dim=64, n_heads=2, n_kv_heads=2, ffn_dim=128), 256, 8)
-# Recipes whose forward input quantization is a pure function of the tensor: shared.
-SHARED = {"fp8-current", "fp8-rowwise", "fp8-block", "mxfp8", "mxfp6", "mxfp4", "nvfp4", "mxint8"}
+# The recipes whose input copy is a pure function of the tensor and kept for the weight
+# gradient: shared. The others keep the input itself (one tensor already) or a copy per layer.
+SHARED = {"fp8-current"}
 
 
 def _block(recipe: str, share: bool):
@@ -51,14 +52,26 @@ def _step(block, hits: list[int]):
 def test_sharing_is_bit_identical(recipe):
     """Outputs and all gradients torch.equal with sharing on and off, for every named recipe;
     the attention block reuses x for wk, wv and the MLP for w3 exactly where the recipe's input
-    quantization is deterministic (not delayed scaling, stochastic rounding, random rotations
-    or an INT32-accumulating GEMM)."""
+    copy is deterministic (not delayed scaling, stochastic rounding, random rotations or an
+    INT32-accumulating GEMM) and saved for backward; no copy outlives the forward that made it
+    unless saved."""
     hits_on, hits_off = [0], [0]
     on = _step(_block(recipe, True), hits_on)
     off = _step(_block(recipe, False), hits_off)
     assert all(torch.equal(a, b) for a, b in zip(on, off, strict=True))
     assert hits_off[0] == 0
     assert hits_on[0] == (3 if recipe in SHARED else 0)
+
+
+def test_copies_are_held_no_longer_than_the_input_lives():
+    """Nothing quantized for sharing outlives the forward when the layers keep the input itself
+    (fp8-rowwise) or the copy (fp8-current): the block's norm outputs are freed, and so are the
+    entries."""
+    for recipe in ("fp8-rowwise", "fp8-current"):
+        block = _block(recipe, True)
+        y = block(torch.randn(2, 8, ARGS.dim, requires_grad=True), *torch.randn(2, 8, 16))
+        assert len(next(lpnn.quantized_layers(block))[1].backend.shared_inputs) == 0
+        y.sum().backward()
 
 
 def test_no_sharing_after_in_place_write_and_entries_die_with_the_input():
