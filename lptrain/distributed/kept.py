@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 import lptrain.nn as lpnn
+from lptrain.errors import ConfigError
 from lptrain.nn.backends import EmulatedBackend
 from lptrain.nn.backends.operand import QuantizedOperand
 
@@ -146,6 +147,11 @@ def profile(recipe, backend: str, dtype: torch.dtype) -> tuple[Kept, str]:
     # optional dependency: the Triton backend imports triton at its top
     from lptrain.nn.backends.triton import TritonBackend
 
+    why = TritonBackend().supports(recipe)
+    if why and backend == "triton":  # `lptrain train` would refuse it the same way
+        raise ConfigError("precision.backend", f"triton cannot run recipe {recipe.name!r}: {why}")
+    if why:
+        return measure(recipe, EmulatedBackend(), dtype), f"auto runs emulated (triton: {why})"
     if torch.cuda.is_available():
         return measure(recipe, TritonBackend(), dtype, "cuda"), "Triton backend, measured on GPU"
     if triton.knobs.runtime.interpret:

@@ -16,6 +16,7 @@ import lptrain.nn as lpnn
 from lptrain.cli import main
 from lptrain.config import schema
 from lptrain.distributed import kept, memory
+from lptrain.errors import ConfigError
 from tests.helpers import REPO
 
 GPU_RECIPES = sorted((REPO / "recipes" / "pretrain").glob("gpu-*.yaml"))
@@ -215,6 +216,18 @@ def test_triton_profile_counts_codes_transposes_and_the_cache():
     delayed = kept.measure("fp8-delayed", TritonBackend(), torch.bfloat16)
     assert (delayed.input_first, delayed.input_more, delayed.weight_cache) == (2.0, 2.0, 0.0)
     assert abs(delayed.weight_saved - 2) < 0.001
+
+
+def test_profile_of_a_recipe_triton_cannot_run():
+    """auto runs such a recipe on the emulated backend, and the plan measures that; backend
+    triton is refused with one line, as training would refuse it."""
+    import lptrain.recipes as recipes
+
+    odd = recipes.from_dict({"base": "mxfp8", "output": {"input": {"block_size": 48}}})
+    got, how = kept.profile(odd, "auto", torch.bfloat16)
+    assert got.backend == "emulated" and "auto runs emulated (triton: " in how
+    with pytest.raises(ConfigError, match="precision.backend"):
+        kept.profile(odd, "triton", torch.bfloat16)
 
 
 def _plan_cli(capsys, *argv):
