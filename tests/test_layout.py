@@ -17,6 +17,7 @@ COVERED_BY = {
     "lptrain.config.reference": "tests/test_docs.py",  # every key documented, page generated
     "lptrain.corpora": "tests/data/test_dataset.py",  # snapshots verified by SHA-256
     "lptrain.data.datacheck": "tests/data/test_dataset.py",  # bad corpus file: file and line
+    "lptrain.distributed.kept": "tests/distributed/test_memory.py",  # the plan's measured layers
     "lptrain.export.evaluate": "tests/trainer/test_finetune.py",  # lptrain eval of runs and exports
     "lptrain.export.restore": "tests/trainer/test_finetune.py",
     "lptrain.export.switch": "tests/trainer/test_bitswitch.py",

@@ -15,16 +15,20 @@ ranks; ZeRO partitions over D):
   and 8 of Adam moments per parameter, partitioned as the stage says.
 - quantizer state: the persistent buffers of lptrain's layers (delayed-scaling histories, sign
   vectors, counters); every rank holds all of them (ZeRO never partitions buffers).
-- low-precision weight copies: with the Triton backend, a round-to-nearest, stateless weight
-  quantizer's codes and scales are kept across the micro-batches of one step (nn/backends/
-  triton.py), one copy per GEMM that reads the weight with its own spec. Delayed-scaling weights
-  are requantized per call and held only while their GEMM runs.
+- low-precision weight copies: what quantized layers keep per weight element, measured on a
+  small real layer of the recipe and backend (distributed/kept.py): the Triton backend's cache
+  (a weight's codes and scales kept across the micro-batches of one step, for stateless
+  round-to-nearest weight quantizers) for every layer, plus copies saved until a layer's
+  backward (delayed-scaling weights, the emulated backend's FP32 copies) for every block whose
+  activations are alive.
 - activations: the tensors autograd saves for backward in one micro-batch, measured by running
   the model's forward on `meta` tensors with `saved_tensors_hooks` (attention counted as
   FlashAttention saves it: q, k, v, output and the log-sum-exp rows, which is what SDPA runs on
-  a GPU). With `model.checkpointing`, the block inputs of every layer plus one layer's
-  recomputed activations. A recipe with `trust_mask` adds a 1-byte clip mask per quantized
-  input and weight element.
+  a GPU). Quantized layers cannot run on `meta`: each is replaced there by a stand-in that saves
+  what the measured profile says per input element (its FP8 codes and transposes, scales, trust
+  masks, or its high-precision input; a copy shared by layers reading one tensor once, as
+  nn/shared.py shares it). With `model.checkpointing`, the block inputs of every layer plus one
+  layer's recomputed activations.
 
 Not counted, and left to the margin a user keeps: the CUDA context and kernels (~0.5-1 GiB),
 DeepSpeed's communication buckets, the allocator's fragmentation, and the logits' transient
@@ -34,6 +38,7 @@ fp32 copies in the loss.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from dataclasses import dataclass
 
@@ -45,10 +50,10 @@ from lptrain.config import schema
 from lptrain.config.inherit import tokenizer_spec
 from lptrain.config.precision import is_high_precision, resolve_overrides, resolve_recipe
 from lptrain.data import dataset
+from lptrain.distributed import kept
 from lptrain.errors import ConfigError
 from lptrain.models import converters
 from lptrain.models.decoder import Block, Decoder, build_model
-from lptrain.numerics import get_format
 
 GiB = 2**30
 
@@ -67,6 +72,7 @@ class MemoryPlan:
     largest_layer: int  # L: the largest module's own parameters (what ZeRO-3 gathers at once)
     model_states: list[Row]
     other: list[Row]
+    weight_copy_per_param: float = 0.0  # bytes per quantized weight element, all layers live
 
     @property
     def model_state_bytes(self) -> int:
@@ -160,67 +166,97 @@ def _flash_like_sdpa():
 
 def saved_bytes(module: nn.Module, *inputs) -> int:
     """Bytes autograd keeps for backward after `module(*inputs)`: each saved tensor's storage
-    once (views count their base), parameters excluded (they are model states)."""
+    once (views count their base; a quantized operand its codes and scales), parameters
+    excluded (they are model states)."""
     params = {id(p) for p in module.parameters()}
-    saved: dict[int, int] = {}
-    keep = []  # hold the tensors, so their ids stay unique while counting
+    saved: dict[int, torch.Tensor] = {}  # holding the tensors keeps their ids unique
 
     def pack(t: torch.Tensor):
-        base = t._base if t._base is not None else t
-        if id(t) not in params and id(base) not in params:
-            keep.append(base)
-            saved[id(base)] = base.numel() * base.element_size()
+        for s in kept.storages(t):
+            if id(s) not in params:
+                saved[id(s)] = s
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _flash_like_sdpa():
         module(*inputs)
-    return sum(saved.values())
+    return sum(kept.nbytes(s) for s in saved.values())
 
 
-def activation_bytes(args, micro: int, seq: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(per block, everything outside the blocks) for one micro-batch of `micro` x `seq`."""
+class _KeptFunction(torch.autograd.Function):
+    """A quantized Linear on `meta`: the output's shape, and what the layer saves."""
+
+    @staticmethod
+    def forward(ctx, x, out_features: int, copy_bytes: int, keep_input: bool):
+        saved = [x] if keep_input else []
+        if copy_bytes:
+            saved.append(torch.empty(copy_bytes, dtype=torch.uint8, device=x.device))
+        ctx.save_for_backward(*saved)
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def backward(ctx, dy):  # never run: the plan only measures the forward
+        raise RuntimeError("meta measurement only")
+
+
+class _KeptLinear(nn.Module):
+    """Stands in for a quantized Linear during the meta forward (see the module docstring).
+    `readers` is shared by the block's stand-ins: the inputs already quantized by one of them."""
+
+    def __init__(self, layer: nn.Linear, profile: kept.Kept, readers: dict):
+        super().__init__()
+        self.weight, self.out_features = layer.weight, layer.out_features
+        self.profile, self.readers = profile, readers
+
+    def forward(self, x):
+        first = id(x) not in self.readers
+        self.readers[id(x)] = x
+        per = self.profile.input_first if first else self.profile.input_more
+        copy = round(per * x.numel())
+        return _KeptFunction.apply(x, self.out_features, copy, self.profile.keeps_input)
+
+
+def _stand_ins(model: nn.Module, profile: kept.Kept | None) -> nn.Module:
+    """`model` with its quantized Linears replaced by `_KeptLinear`s (in place)."""
+    if profile is None:
+        return model
+    readers: dict = {}
+    for name, layer in list(lpnn.quantized_layers(model)):
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, _KeptLinear(layer, profile, readers))
+    return model
+
+
+def activation_bytes(
+    model: nn.Module, micro: int, seq: int, dtype: torch.dtype, profile: kept.Kept | None = None
+) -> tuple[int, int]:
+    """(per block, everything outside the blocks) for one micro-batch of `micro` x `seq`, for
+    the meta `model` as converted (its first block stands for all), quantized layers measured
+    as `profile` says."""
+    args = model.args
+    block = copy.deepcopy(model.layers[0]) if args.n_layers else Block(args)
     with torch.device("meta"):
-        block = Block(args).to(dtype)
-        outer = Decoder(dataclasses.replace(args, n_layers=0)).to(dtype)
+        outer = Decoder(dataclasses.replace(args, n_layers=0))
+    outer.lm_head = copy.deepcopy(model.lm_head)  # converted or skipped, as the run's
+    block, outer = _stand_ins(block.to(dtype), profile), _stand_ins(outer.to(dtype), profile)
     x = torch.empty(micro, seq, args.dim, device="meta", dtype=dtype, requires_grad=True)
     cos, sin = (torch.empty(seq, args.dim // args.n_heads // 2, device="meta") for _ in "cs")
     tokens = torch.empty(micro, seq + 1, device="meta", dtype=torch.long)
     return saved_bytes(block, x, cos, sin), saved_bytes(outer, tokens)
 
 
-# ---------------------------------------------------------------- low-precision extras
-
-
-def _spec_bytes(spec, rows: int, cols: int) -> int:
-    """Codes plus scales of one quantized (rows, cols) weight copy."""
-    fmt = spec.format if not isinstance(spec.format, str) else get_format(spec.format)
-    n = rows * cols
-    codes = (n * fmt.bits + 7) // 8
-    scale = 4 if spec.scale_format == "fp32" else 1
-    if spec.scaling == "row":
-        return codes + 4 * rows
-    if spec.scaling == "block":
-        bs = spec.block_size
-        per = bs[0] * bs[1] if isinstance(bs, tuple) else bs
-        return codes + scale * -(-n // per) + 4
-    return codes + 4  # tensor / delayed: one fp32 scale
-
-
-def _cached(spec) -> bool:
-    """The Triton backend keeps a weight's codes across micro-batches only for stateless,
-    round-to-nearest quantizers (nn/backends/triton.py, `_cache_key`)."""
-    return spec is not None and spec.scaling != "delayed" and spec.rounding == "nearest"
-
-
-def weight_copy_bytes(model: nn.Module) -> int:
-
-    total = 0
-    for _, layer in lpnn.quantized_layers(model):
-        out_f, in_f = layer.out_features, layer.in_features
-        specs = [layer.recipe.output.b, layer.recipe.grad_input.b]
-        kept = [s for s in dict.fromkeys(specs) if _cached(s)]  # equal specs share one copy
-        total += sum(_spec_bytes(s, out_f, in_f) for s in kept)
-    return total
+def weight_copy_bytes(model: nn.Module, profile: kept.Kept | None, live_blocks: int) -> int:
+    """The Triton cache for every quantized layer, plus the weight copies saved until backward
+    for the layers of `live_blocks` blocks and those outside the blocks."""
+    if profile is None:
+        return 0
+    total = 0.0
+    for name, layer in lpnn.quantized_layers(model):
+        n = layer.weight.numel()
+        total += n * profile.weight_cache
+        index = name.split(".")[1] if name.startswith("layers.") else None
+        if index is None or int(index) < live_blocks:
+            total += n * profile.weight_saved
+    return round(total)
 
 
 def quantizer_state_bytes(model: nn.Module) -> int:
@@ -230,15 +266,6 @@ def quantizer_state_bytes(model: nn.Module) -> int:
         for _, layer in lpnn.quantized_layers(model)
         for b in layer.state_dict(keep_vars=True).values()
         if not isinstance(b, nn.Parameter)
-    )
-
-
-def _mask_bytes(model: nn.Module, tokens: int) -> int:
-    """trust_mask: one bool per quantized input element (per token) and weight element."""
-    return sum(
-        tokens * layer.in_features + layer.in_features * layer.out_features
-        for _, layer in lpnn.quantized_layers(model)
-        if layer.recipe.trust_mask
     )
 
 
@@ -269,31 +296,52 @@ def _check_supported(cfg) -> None:
         raise ConfigError(key, "lptrain plan covers pretraining recipes (no adapters or QAT)")
 
 
+def measured_profile(cfg, dtype: torch.dtype) -> tuple[kept.Kept | None, str]:
+    """What the run's quantized layers keep (distributed/kept.py) and how it was measured;
+    (None, '') for a high-precision run."""
+    if is_high_precision(cfg.precision):
+        return None, ""
+    backend = cfg.precision.backend
+    profile, how = kept.profile(resolve_recipe(cfg.precision), backend, dtype)
+    if backend == "te":  # TE's Linear keeps its own tensors, not measured here
+        how += "; backend te counted as the Triton backend"
+    return profile, how
+
+
 def plan(cfg, world: int, vocab_size: int) -> MemoryPlan:
     _check_supported(cfg)
     d = cfg.deepspeed
     model = build_meta_model(cfg, vocab_size)
     P, L = count_like_deepspeed(model)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[d.dtype]
-    per_block, outer = activation_bytes(model.args, d.micro_batch, cfg.data.block_size, dtype)
+    profile, measured = measured_profile(cfg, dtype)
+    tokens = d.micro_batch * cfg.data.block_size
+    per_block, outer = activation_bytes(model, d.micro_batch, cfg.data.block_size, dtype, profile)
     n = model.args.n_layers
     if model.args.checkpointing:  # block inputs kept, one block recomputed at a time
-        block_input = d.micro_batch * cfg.data.block_size * model.args.dim * dtype.itemsize
+        block_input = tokens * model.args.dim * dtype.itemsize
         acts, how = n * block_input + per_block + outer, "checkpointed: block inputs + 1 block"
     else:
         acts, how = n * per_block + outer, f"{n} blocks x {per_block / GiB:.2f} GiB + head"
-    acts += _mask_bytes(model, d.micro_batch * cfg.data.block_size)
-    cached = cfg.precision.backend in ("auto", "triton")
+    how += f"; {per_block / tokens / 1024:.1f} KiB per token per block"
+    live = 1 if model.args.checkpointing else n
+    copies = weight_copy_bytes(model, profile, live)
+    per_param = profile.weight_cache + profile.weight_saved if profile else 0.0
+    copies_note = (
+        f"{profile.weight_cache:.2f} B/param cached across micro-batches + "
+        f"{profile.weight_saved:.2f} B/param saved until backward; {measured}"
+        if profile
+        else "none: no quantized layer"
+    )
     other = [
         Row("quantizer state (buffers, every rank)", quantizer_state_bytes(model)),
-        Row(
-            "low-precision weight copies",
-            weight_copy_bytes(model) if cached else 0,
-            "Triton backend, kept across micro-batches" if cached else "not cached by this backend",
-        ),
+        Row("low-precision weight copies", copies, copies_note),
         Row(f"activations (micro-batch {d.micro_batch} x {cfg.data.block_size})", acts, how),
     ]
-    return MemoryPlan(world, P, L, model_states(P, L, d.zero_stage, d.dtype, world), other)
+    return MemoryPlan(
+        world, P, L, model_states(P, L, d.zero_stage, d.dtype, world), other,
+        weight_copy_per_param=per_param,
+    )  # fmt: skip
 
 
 def _size(b: int) -> str:

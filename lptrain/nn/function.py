@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from lptrain.nn.call import CallContext
+from lptrain.nn.shared import share_key
 from lptrain.numerics import hadamard
 
 
@@ -74,10 +75,18 @@ def forward_gemm(call: CallContext, x, weight, bias):
         x2 = x.reshape(-1, x.shape[-1])  # (T, K)
         gen = call.generator("forward", x.device)
         fwd_signs = call.signs_for("output", gen, x.device)
+        key = share_key(call, x) if backend.share_inputs else None
+        shared = backend.shared_inputs.get(x, key) if key is not None else None
+        # Another layer already quantized x for its output GEMM (nn/shared.py): reuse its copy.
+        a, quantized = (shared[0], (True, False)) if shared is not None else (x2, (False, False))
         y, xq, wq, mx, mw = backend.gemm(
-            call, "output", x2, weight, generator=gen, signs=fwd_signs,
-            want_mask=recipe.trust_mask,
+            call, "output", a, weight, generator=gen, signs=fwd_signs,
+            want_mask=recipe.trust_mask, quantized=quantized,
         )  # fmt: skip
+        if shared is not None:
+            mx = shared[1]
+        elif key is not None and xq is not None:
+            backend.shared_inputs.put(x, key, (xq, mx))
         if bias is not None:
             y = y + bias.to(y.dtype)
     y = y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])

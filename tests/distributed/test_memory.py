@@ -15,7 +15,8 @@ from torch import nn
 import lptrain.nn as lpnn
 from lptrain.cli import main
 from lptrain.config import schema
-from lptrain.distributed import memory
+from lptrain.distributed import kept, memory
+from lptrain.errors import ConfigError
 from tests.helpers import REPO
 
 GPU_RECIPES = sorted((REPO / "recipes" / "pretrain").glob("gpu-*.yaml"))
@@ -128,8 +129,105 @@ def test_meta_measurement_equals_real_tensors():
     half = args.dim // args.n_heads // 2
     x = torch.randn(2, 32, args.dim, requires_grad=True)
     real = memory.saved_bytes(Block(args), x, torch.randn(32, half), torch.randn(32, half))
-    per_block, _ = memory.activation_bytes(args, 2, 32, torch.float32)
+    with torch.device("meta"):
+        model = memory.Decoder(args)
+    per_block, _ = memory.activation_bytes(model, 2, 32, torch.float32)
     assert per_block == real > 0
+
+
+# ---------------------------------------------------------------- quantized layers, measured
+
+SMALL = ["model.preset=nano", "model.dim=128", "model.ffn_dim=256", "deepspeed.micro_batch=2",
+         "deepspeed.dtype=bf16", "deepspeed.zero_stage=2", "precision.skip=[lm_head]",
+         "precision.backend=emulated"]  # fmt: skip
+
+
+def _really_saved(model: nn.Module, tokens: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves in a real forward (codes and scales of a
+    quantized operand, not the FP32 it shows), parameters excluded; counted by storage
+    address, independently of the plan's counting."""
+    from lptrain.nn.backends.operand import QuantizedOperand
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+    keep = []
+
+    def pack(t):
+        if isinstance(t, QuantizedOperand):
+            o = t.op
+            parts = [o.values, o.scale, o.gscale, o.values_t, o.scale_t, o.exponent]
+        else:
+            parts = [t]
+        for x in (x for x in parts if x is not None):
+            st = x.untyped_storage()
+            if st.data_ptr() not in params:
+                keep.append(x)
+                seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), memory._flash_like_sdpa():
+        model(tokens)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "fp32", "fp8-current", "fp8-delayed", "nvfp4"])
+def test_plan_agrees_with_measured_saved_bytes(recipe):
+    """The plan's per-token activations and per-parameter weight copies of a converted model
+    (emulated backend) are within 5% of what a real forward saves (saved_tensors_hooks): FP32
+    fake-quantized inputs where the backward reuses them, shared by q/k/v and w1/w3 where the
+    recipe is deterministic, FP32 weight copies."""
+    from lptrain.models.decoder import build_model
+
+    measured, planned = [], []
+    for seq in (32, 64):
+        sets_ = [*SMALL, f"precision.recipe={recipe}", f"data.block_size={seq}"]
+        cfg = schema.load(REPO / "recipes" / "pretrain" / "tiny-fp8.yaml", sets_)
+        p = memory.plan(cfg, 1, BYTE_VOCAB)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, BYTE_VOCAB, seq).to(torch.bfloat16)
+        if recipe not in ("bf16", "fp32"):
+            lpnn.convert(model, recipe, skip=["lm_head"], backend="emulated", log_fn=print)
+        measured.append(_really_saved(model, torch.randint(0, 256, (2, seq + 1))))
+        rows = {r.name.split(" (")[0]: r.bytes for r in p.other}
+        planned.append(rows["activations"] + rows["low-precision weight copies"])
+    tokens = 2 * 32  # the second size has 2 x 32 more
+    per_token = [(b - a) / tokens for a, b in (measured, planned)]
+    assert abs(per_token[1] - per_token[0]) <= 0.05 * per_token[0], per_token
+    fixed = [
+        total - tokens * t for total, t in zip((measured[0], planned[0]), per_token, strict=True)
+    ]
+    weights = sum(m.weight.numel() for _, m in lpnn.quantized_layers(model))
+    assert abs(fixed[1] - fixed[0]) <= 0.05 * max(fixed[0], weights), fixed
+    assert p.weight_copy_per_param == (
+        4.0 if recipe in ("fp8-current", "fp8-delayed", "nvfp4") else 0
+    )
+
+
+def test_triton_profile_counts_codes_transposes_and_the_cache():
+    """The Triton backend keeps FP8 codes: fp8-current saves an input's codes and their
+    transpose (2 bytes per element) once for all layers reading it, and caches the weight's
+    (2 bytes per parameter, the copy its backward reuses); fp8-delayed copies per layer
+    (per-layer histories) and saves the weight's codes per call instead of caching them."""
+    from lptrain.nn.backends.triton import TritonBackend
+
+    current = kept.measure("fp8-current", TritonBackend(), torch.bfloat16)
+    assert (current.input_first, current.input_more, current.keeps_input) == (2.0, 0.0, False)
+    assert current.weight_saved < 0.001 and abs(current.weight_cache - 2) < 0.001
+    delayed = kept.measure("fp8-delayed", TritonBackend(), torch.bfloat16)
+    assert (delayed.input_first, delayed.input_more, delayed.weight_cache) == (2.0, 2.0, 0.0)
+    assert abs(delayed.weight_saved - 2) < 0.001
+
+
+def test_profile_of_a_recipe_triton_cannot_run():
+    """auto runs such a recipe on the emulated backend, and the plan measures that; backend
+    triton is refused with one line, as training would refuse it."""
+    import lptrain.recipes as recipes
+
+    odd = recipes.from_dict({"base": "mxfp8", "output": {"input": {"block_size": 48}}})
+    got, how = kept.profile(odd, "auto", torch.bfloat16)
+    assert got.backend == "emulated" and "auto runs emulated (triton: " in how
+    with pytest.raises(ConfigError, match="precision.backend"):
+        kept.profile(odd, "triton", torch.bfloat16)
 
 
 def _plan_cli(capsys, *argv):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from lptrain.errors import ConfigError
+from lptrain.nn.shared import SharedInputs
 from lptrain.numerics import QuantSpec
 
 if TYPE_CHECKING:
@@ -35,6 +36,17 @@ class GemmResult(NamedTuple):
 
 class Backend(ABC):
     name: str
+    # Layers reading one tensor share its quantized forward copy (nn/shared.py); bit-identical
+    # either way, so off only to measure what sharing saves.
+    share_inputs: bool = True
+
+    @property
+    def shared_inputs(self) -> SharedInputs:
+        """The model's shared quantized inputs (one store per backend, i.e. per `convert`)."""
+        store = self.__dict__.get("_shared_inputs")
+        if store is None:
+            store = self.__dict__["_shared_inputs"] = SharedInputs()
+        return store
 
     @abstractmethod
     def supports(self, recipe: "Recipe") -> str | None:

@@ -70,6 +70,10 @@ class TritonBackend(Backend):
     def after_step(self) -> None:
         self._cache.clear()
 
+    def cached_operands(self) -> list[Operand]:
+        """The weight copies kept until `after_step` (what the memory plan counts)."""
+        return [entry[1] for entry in self._cache.values()]
+
     # -- the Backend interface ----------------------------------------------------------------
 
     def quantize(self, call, gemm, operand, t, spec, *, generator, signs, want_mask=False):
