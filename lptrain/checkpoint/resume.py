@@ -309,7 +309,8 @@ def _go_back(newest: Found, older: Found, run_dir: Path) -> str:
 def _resume(cfg, found: Found, rejected, world: int, allow: list[str], base: Plan) -> Plan:
     elastic_note = None
     if found.manifest.get("world_size", world) != world:
-        elastic_note = elastic.check(found, world)  # or ConfigError (ZeRO stage 0)
+        # or ConfigError (ZeRO stage 0, compact optimizer states)
+        elastic_note = elastic.check(found, world, cfg.optim.states)
     text = manifest.from_rank0(store.saved_config(found) if _rank0() else None)
     if text is None:
         raise ConfigError(
