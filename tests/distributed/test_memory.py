@@ -15,6 +15,7 @@ from torch import nn
 from lptrain.cli import main
 from lptrain.config import schema
 from lptrain.distributed import memory
+from lptrain.optim import CompactAdamW
 from tests.helpers import REPO
 
 GPU_RECIPES = sorted((REPO / "recipes" / "pretrain").glob("gpu-*.yaml"))
@@ -161,3 +162,23 @@ def test_plan_errors_are_one_line(capsys):
     code, _, err = _plan_cli(capsys, recipe, "--set", "model.preset=huge")
     assert code == 2 and err.startswith("error: model.preset: unknown preset")
     assert "\n" not in err.strip()
+
+
+@pytest.mark.parametrize("states", ["fp32", "bf16", "fp8", "int8-block"])
+def test_optimizer_bytes_are_what_compact_adamw_holds(states):
+    # The plan's moments are the bytes CompactAdamW's state really holds (whole blocks).
+    P = 128 * 64
+    p = torch.nn.Parameter(torch.zeros(P))
+    opt = CompactAdamW([p], states=states)
+    p.grad = torch.randn(P)
+    opt.step()
+    rows = memory.model_states(P, P, 0, "fp32", 1, states)
+    assert rows[-1].name == f"optimizer: Adam moments ({states})"
+    assert rows[-1].bytes == opt.state_bytes()
+    # bf16-sr: 2 + 2 + moments, no master copy: 6.09 bytes per parameter with fp8 states
+    sr = memory.model_states(P, P, 0, "bf16", 1, states, "bf16-sr")
+    assert sum(r.bytes for r in sr) == 4 * P + opt.state_bytes()
+    # a bf16 engine keeps DeepSpeed's fp32 master copy next to the moments
+    assert sum(r.bytes for r in memory.model_states(P, P, 0, "bf16", 1, states)) == (
+        2 * P + 6 * P + 4 * P + opt.state_bytes()
+    )
