@@ -77,3 +77,14 @@ def test_bytes_per_param():
     assert st.STATE_FORMATS["bf16"].bytes_per_param() == 4
     assert st.STATE_FORMATS["int8-block"].bytes_per_param() == 2 + 8 / 128
     assert st.STATE_FORMATS["fp8"].bytes_per_param() == 2 + 12 / 128  # v: max and k per block
+
+
+def test_fp8_first_moment_equals_torchao_fp8_optimizer_state_bit_for_bit():
+    # torchao's AdamWFp8 stores a moment as E4M3 codes of x / (absmax / 448) per block: our m
+    # codec is that arithmetic (v differs: torchao stores v itself, we expand it, §10).
+    subclass_fp8 = pytest.importorskip("torchao.optim.subclass_fp8")
+    m, _ = _moments(128 * 8)
+    codec = st.STATE_FORMATS["fp8"].m
+    codes, scales = st.encode(m, codec)
+    theirs, their_scales = subclass_fp8.quantize_fp8(m, block_size=st.BLOCK)
+    assert torch.equal(codes, theirs.view(torch.uint8)) and torch.equal(scales, their_scales)
