@@ -38,10 +38,11 @@ from lptrain.testing.study import BASE_RECIPE, QUIET, STUDY, final_val_loss
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
+FP32 = "fp32 Adam (fp32 engine)"  # the reference every gap is taken to
 
 # name -> overrides of the study setup
 CONFIGS: dict[str, list[str]] = {
-    "fp32 Adam (fp32 engine)": [],
+    FP32: [],
     "bf16 engine, fp32 master + moments": ["deepspeed.dtype=bf16", "precision.recipe=bf16"],
     "states bf16": ["optim.states=bf16"],
     "states fp8": ["optim.states=fp8"],
@@ -51,6 +52,12 @@ CONFIGS: dict[str, list[str]] = {
     ],
     "states int8-block, master bf16-sr": [
         "optim.states=int8-block", "optim.master=bf16-sr", "deepspeed.dtype=bf16"
+    ],
+    # recipes/pretrain/tiny-fp8-compact.yaml's combination, and its fp32-Adam baseline
+    "fp8-delayed GEMMs, fp32 Adam": ["precision.recipe=fp8-delayed"],
+    "fp8-delayed GEMMs, states fp8, master bf16-sr": [
+        "precision.recipe=fp8-delayed", "optim.states=fp8", "optim.master=bf16-sr",
+        "deepspeed.dtype=bf16",
     ],
 }  # fmt: skip
 
@@ -151,8 +158,11 @@ def _run(name: str, seed: int, out: Path, cache_dir: str | None) -> float:
     return res["val_loss"]
 
 
-def loss_table(out: Path, jobs: int, cache_dir: str | None) -> dict[str, list[float]]:
-    runs = [(name, seed) for name in CONFIGS for seed in SEEDS]
+def loss_table(
+    out: Path, jobs: int, cache_dir: str | None, only: list[str] | None = None
+) -> dict[str, list[float]]:
+    names = [n for n in CONFIGS if only is None or n in only or n == FP32]
+    runs = [(name, seed) for name in names for seed in SEEDS]
     with ThreadPoolExecutor(jobs) as pool:
         losses = list(pool.map(lambda r: _run(*r, out, cache_dir), runs))
     table: dict[str, list[float]] = {}
@@ -238,6 +248,7 @@ def main() -> None:
     ap.add_argument("--moments", action="store_true", help="only the sqrt(v) / COAT comparison")
     ap.add_argument("--bytes-only", action="store_true", help="only the bytes table")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--only", nargs="+", default=None, help="configuration names (and fp32)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_optim_states"))
     ap.add_argument("--cache-dir", default=None, help="data.cache_dir of the runs")
     args = ap.parse_args()
@@ -260,8 +271,8 @@ def main() -> None:
         return
     t0 = time.monotonic()
     sizes = bytes_table(args.out)
-    losses = {} if args.bytes_only else loss_table(args.out, args.jobs, args.cache_dir)
-    ref = losses.get("fp32 Adam (fp32 engine)")
+    losses = {} if args.bytes_only else loss_table(args.out, args.jobs, args.cache_dir, args.only)
+    ref = losses.get(FP32)
     head = ["configuration", "weights", "grads", "master", "moments", "total B/param"]
     head += ["final val loss (mean ± sd, 3 seeds)", "paired gap to fp32"]
     print("\n| " + " | ".join(head) + " |")
