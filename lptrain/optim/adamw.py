@@ -80,13 +80,14 @@ class CompactAdamW(torch.optim.Optimizer):
         if not state:
             state["step"] = torch.tensor(0.0)
             for name in _MOMENTS:
-                self._store(state, name, torch.zeros(p.numel()))
+                self._store(state, name, torch.zeros(p.numel(), device=p.device))
         state["step"] += 1
         t = state["step"].item()
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
         grad = p.grad.reshape(-1).float()
         m, v = (self._load(state, name) for name in _MOMENTS)
-        w = p.reshape(-1) if self.master == "fp32" else p.reshape(-1).float()
+        # fp32: the update runs in place on the parameter (a view: never a silent copy)
+        w = p.view(-1) if self.master == "fp32" else p.view(-1).float()
         # torch/optim/adamw.py `_single_tensor_adam`, op for op (decoupled weight decay first).
         w.mul_(1 - lr * group["weight_decay"])
         m.lerp_(grad, 1 - beta1)
