@@ -18,7 +18,7 @@ against (Dettmers et al., "8-bit Optimizers via Block-wise Quantization", §2). 
 moments of a real run (BENCHMARKS.md, `bench_optim_states.py --moments`): for E4M3 the
 expansion gives 5x lower median error than sqrt(v) and a 2.4x lower 99.9th percentile; for
 8-bit integers, sqrt(v) with at least one code for a non-zero value leaves no v at 0 (linear
-codes of v itself lose 1.5% of them).
+codes of v itself lose 3.4% of them).
 
 Every function here takes FP32 or FP64 values: the FP64 call is the reference of the same
 quantizer (its scales are FP32 numbers too; codes can differ only where a value sits on a
