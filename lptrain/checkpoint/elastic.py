@@ -64,10 +64,18 @@ def command(found: Found, ckpt_dir: Path) -> str:
     )
 
 
-def check(found: Found, world: int, ckpt_dir: Path) -> str:
-    """The note for a resume on another world size; ConfigError where none is possible."""
+def check(found: Found, world: int, ckpt_dir: Path, states: str = "fp32") -> str:
+    """The note for a resume on another world size; ConfigError where none is possible.
+    `states`: the run's optim.states (a resume cannot change it)."""
     stage = found.manifest.get("zero_stage")
     saved = found.manifest.get("world_size")
+    if states != "fp32":
+        raise ConfigError(
+            "optim.states",
+            f"{found.tag} was saved by {saved} ranks and this run has {world}: that goes through "
+            f"a DeepSpeed universal checkpoint, whose converter reads fp32 Adam moments, not "
+            f"{states} codes; resume with the same number of ranks",
+        )
     if stage == 0:
         raise ConfigError(
             "checkpoint.resume",

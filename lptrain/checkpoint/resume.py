@@ -54,6 +54,8 @@ RULES: tuple[Rule, ...] = (
     Rule("data.tokenizer", NEVER, "token ids are baked into the embedding"),
     Rule("data.block_size", NEVER, "the sequence length is part of the batch layout"),
     Rule("data.*", FLAG, "the data order continues at the same sample index over the new data"),
+    Rule("optim.states", NEVER, "the checkpoint holds the Adam moments in this stored form"),
+    Rule("optim.master", NEVER, "the checkpoint holds the weights at this precision"),
     Rule("optim.*", FLAG, "applied from the resumed step; Adam moments and the step count kept"),
     Rule("deepspeed.zero_stage", NEVER, "saved per ZeRO stage; needs a universal checkpoint"),
     Rule("deepspeed.zero_init", FREE, "how the model is built; the checkpoint holds its weights"),
@@ -312,7 +314,8 @@ def _resume(
     """The plan for resuming `found`; `own`: this run's checkpoint directory."""
     elastic_note = None
     if found.manifest.get("world_size", world) != world:
-        elastic_note = elastic.check(found, world, own)  # or ConfigError (ZeRO stage 0)
+        # or ConfigError (ZeRO stage 0, compact optimizer states)
+        elastic_note = elastic.check(found, world, own, cfg.optim.states)
     text = manifest.from_rank0(store.saved_config(found) if _rank0() else None)
     if text is None:
         raise ConfigError(

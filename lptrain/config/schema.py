@@ -131,6 +131,12 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # written explicitly: DeepSpeed's default changed to 1.0 (PR #8068)
+    # How Adam's moments are kept between steps: fp32 | bf16 | fp8 | int8-block (block-scaled
+    # codes; the second moment as sqrt(v)). Not fp32: lptrain's CompactAdamW (optim/).
+    states: Literal["fp32", "bf16", "fp8", "int8-block"] = "fp32"
+    # fp32: an fp32 copy of the weights (DeepSpeed's); bf16-sr: bf16 weights and no copy, each
+    # update rounded stochastically (needs deepspeed.dtype bf16 and zero_stage 0)
+    master: Literal["fp32", "bf16-sr"] = "fp32"
 
 
 @dataclass(frozen=True)
@@ -384,6 +390,7 @@ def _check(cfg: TrainConfig) -> None:
         raise ConfigError("optim.lr", f"must be > 0, got {cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas", f"expected two numbers, got {cfg.optim.betas}")
+    _check_optim_storage(cfg)
     _check_run_name(cfg.run.name)
     _check_monitor(cfg.monitor)
     _check_guard(cfg.precision.guard)
@@ -397,6 +404,20 @@ def _check(cfg: TrainConfig) -> None:
         )
     _check_files(cfg)
     finetune.check(cfg)
+
+
+def _check_optim_storage(cfg: TrainConfig) -> None:
+    o, d = cfg.optim, cfg.deepspeed
+    if o.master == "bf16-sr" and d.dtype != "bf16":
+        raise ConfigError(
+            "optim.master", f"bf16-sr keeps bf16 weights: needs deepspeed.dtype bf16, got {d.dtype}"
+        )
+    if o.master == "bf16-sr" and d.zero_stage != 0:
+        raise ConfigError(
+            "optim.master",
+            "bf16-sr needs deepspeed.zero_stage 0: ZeRO 1-3 keep their own fp32 partition of "
+            "the weights, the copy this setting removes",
+        )
 
 
 def _check_run_name(name: str | None) -> None:

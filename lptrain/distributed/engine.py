@@ -27,6 +27,7 @@ from torch import nn
 from lptrain import liblog
 from lptrain.config.schema import TrainConfig
 from lptrain.errors import ConfigError
+from lptrain.optim import CompactAdamW
 
 # Launchers (torchrun, deepspeed) set these; a bare `lptrain train` sets them itself, or
 # DeepSpeed falls back to MPI discovery and dies on the missing mpi4py.
@@ -153,7 +154,22 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
         "steps_per_print": 10**9,  # lptrain logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }
+    if compact_optimizer(cfg):
+        # `initialize` hands DeepSpeed a CompactAdamW instead; ZeRO 1-2 accept it only when
+        # told (it checks a list of known optimizer classes).
+        del ds["optimizer"]
+        ds["zero_allow_untested_optimizer"] = True
+    if o.master == "bf16-sr":
+        # DeepSpeed's bf16 mode adds an fp32 master copy; lptrain casts the weights to bf16
+        # itself (`initialize`) and the engine runs them as they are.
+        ds["bf16"]["enabled"] = False
     return _merge(ds, d.extra)
+
+
+def compact_optimizer(cfg: TrainConfig) -> bool:
+    """Whether the optimizer is lptrain's CompactAdamW (compact moments or bf16-sr master
+    weights) rather than DeepSpeed's torch AdamW."""
+    return cfg.optim.states != "fp32" or cfg.optim.master != "fp32"
 
 
 def zero_init(cfg: TrainConfig, converter_names: list[str]) -> tuple[bool, str]:
@@ -257,10 +273,21 @@ def initialize(model: nn.Module, cfg: TrainConfig, ds_config: dict, total_steps:
     import deepspeed  # optional dependency (the train extra)
 
     factor = lr_lambda(cfg, total_steps)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    optimizer = None
+    if compact_optimizer(cfg):
+        o = cfg.optim
+        if o.master == "bf16-sr":  # parameters only: fp32 buffers (quantizer state) stay
+            for p in model.parameters():
+                p.data = p.data.to(torch.bfloat16)
+        optimizer = CompactAdamW(
+            groups, o.lr, tuple(o.betas), o.eps, o.weight_decay, o.states, o.master, cfg.run.seed
+        )
     with liblog.library_output():
         engine, _, _, scheduler = deepspeed.initialize(
             model=model,
-            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            model_parameters=groups,
+            optimizer=optimizer,
             config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
@@ -294,8 +321,10 @@ def resume_optim(engine, cfg: TrainConfig, total_steps: int, old: dict | None) -
 
 def manual_nonfinite_check(cfg: TrainConfig) -> bool:
     """Stage 0 fp32 has no overflow check in DeepSpeed (ZeRO and bf16 have one): lptrain must
-    compute the gradient norm and skip non-finite updates itself."""
-    return cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.dtype == "fp32"
+    compute the gradient norm and skip non-finite updates itself. bf16-sr master weights run
+    DeepSpeed in its fp32 mode (`deepspeed_config`), so they are that case too."""
+    d = cfg.deepspeed
+    return d.zero_stage == 0 and (d.dtype == "fp32" or cfg.optim.master == "bf16-sr")
 
 
 def _grad_norm(model: nn.Module) -> float:

@@ -12,7 +12,10 @@ ranks; ZeRO partitions over D):
   partitioned), ZeRO-3 `4L + 18P/D` (the largest module gathered in 16 bits, parameters and
   gradients, plus the partitions). ZeRO-1 keeps the 16-bit gradients whole, stage 0 keeps
   everything whole. An fp32 engine has no 16-bit copies: 4 bytes of parameters, 4 of gradients
-  and 8 of Adam moments per parameter, partitioned as the stage says.
+  and 8 of Adam moments per parameter, partitioned as the stage says. Compact moments
+  (`optim.states`) replace the 8 by their stored size (fp8: 2 + 12/128, int8-block: 2 + 8/128,
+  bf16: 4); `optim.master: bf16-sr` (ZeRO-0) holds 2 bytes of bf16 weights, 2 of bf16
+  gradients and the moments, with no fp32 copy.
 - quantizer state: the persistent buffers of lptrain's layers (delayed-scaling histories, sign
   vectors, counters); every rank holds all of them (ZeRO never partitions buffers).
 - low-precision weight copies: what quantized layers keep per weight element, measured on a
@@ -54,6 +57,7 @@ from lptrain.distributed import kept
 from lptrain.errors import ConfigError
 from lptrain.models import converters
 from lptrain.models.decoder import Block, Decoder, build_model
+from lptrain.optim import STATE_FORMATS
 
 GiB = 2**30
 
@@ -97,15 +101,35 @@ def count_like_deepspeed(model: nn.Module) -> tuple[int, int]:
     return total, largest
 
 
-def model_states(params: int, largest: int, stage: int, dtype: str, world: int) -> list[Row]:
-    """Per-GPU bytes of parameters, gradients and optimizer state (see the module docstring)."""
+def model_states(
+    params: int,
+    largest: int,
+    stage: int,
+    dtype: str,
+    world: int,
+    states: str = "fp32",
+    master: str = "fp32",
+) -> list[Row]:
+    """Per-GPU bytes of parameters, gradients and optimizer state (see the module docstring).
+    `states`, `master`: optim.states and optim.master; their bytes per parameter are the ones
+    benchmarks/bench_optim_states.py measures from tensor sizes."""
     P, L, D = params, largest, world
     part = {k: (D if stage >= k else 1) for k in (1, 2, 3)}  # what each stage partitions
+    moments = STATE_FORMATS[states].bytes_per_param()  # both moments, block scales included
+    if master == "bf16-sr":  # ZeRO-0 only (config): bf16 weights and gradients, no fp32 copy
+        return [
+            Row("parameters (bf16, updated by stochastic rounding)", 2 * P),
+            Row("gradients (bf16)", 2 * P),
+            Row(f"optimizer: Adam moments ({states}), no master copy", int(moments * P)),
+        ]
+    # a 16-bit engine's optimizer: DeepSpeed's fp32 master weights, then the moments
+    optimizer = "optimizer: fp32 master weights + Adam moments"
+    optimizer += "" if states == "fp32" else f" ({states})"
     if dtype == "fp32":
         rows = [
             Row("parameters (fp32)", 4 * P // part[3]),
             Row("gradients (fp32)", 4 * P // part[2]),
-            Row("optimizer: Adam moments (fp32)", 8 * P // part[1]),
+            Row(f"optimizer: Adam moments ({states})", int(moments * P) // part[1]),
         ]
         if stage == 3:
             rows.append(Row("ZeRO-3 gathered largest layer (fp32 params + grads)", 8 * L))
@@ -115,7 +139,7 @@ def model_states(params: int, largest: int, stage: int, dtype: str, world: int) 
             Row("ZeRO-3 gathered largest layer (16-bit params + grads)", 4 * L),
             Row("parameters (16-bit partition)", 2 * P // D),
             Row("gradients (fp32 partition)", 4 * P // D),
-            Row("optimizer: fp32 master weights + Adam moments", 12 * P // D),
+            Row(optimizer, int((4 + moments) * P) // D),
         ]
     # ZeRO-0/1/2: DeepSpeed's 2 + 18 bytes: 16-bit parameters whole; 16-bit gradients whole
     # below stage 2; fp32 gradients, master weights and moments partitioned from stage 1.
@@ -126,7 +150,7 @@ def model_states(params: int, largest: int, stage: int, dtype: str, world: int) 
     return [
         Row("parameters (16-bit)", 2 * P),
         *grads,
-        Row("optimizer: fp32 master weights + Adam moments", 12 * P // part[1]),
+        Row(optimizer, int((4 + moments) * P) // part[1]),
     ]
 
 
@@ -338,10 +362,9 @@ def plan(cfg, world: int, vocab_size: int) -> MemoryPlan:
         Row("low-precision weight copies", copies, copies_note),
         Row(f"activations (micro-batch {d.micro_batch} x {cfg.data.block_size})", acts, how),
     ]
-    return MemoryPlan(
-        world, P, L, model_states(P, L, d.zero_stage, d.dtype, world), other,
-        weight_copy_per_param=per_param,
-    )  # fmt: skip
+    o = cfg.optim
+    states = model_states(P, L, d.zero_stage, d.dtype, world, o.states, o.master)
+    return MemoryPlan(world, P, L, states, other, weight_copy_per_param=per_param)
 
 
 def _size(b: int) -> str:

@@ -90,6 +90,8 @@ def test_stage0_checkpoint_on_another_world_size_is_refused(tmp_path):
         elastic.check(found, 2, own)
     found = Found(tmp_path, "step00000002", {"world_size": 1, "zero_stage": 1})
     assert f"converting it once into {own}/universal/step00000002" in elastic.check(found, 2, own)
+    with pytest.raises(ConfigError, match="^optim.states: .*reads fp32 Adam moments, not fp8"):
+        elastic.check(found, 2, own, "fp8")
     assert elastic.command(found, own) == (
         f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {tmp_path}/step00000002 "
         f"--output_folder {own}/universal/step00000002"

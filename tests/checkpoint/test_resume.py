@@ -45,6 +45,8 @@ def test_every_config_key_has_a_rule():
         ("model.checkpointing", "free"),
         ("precision.recipe", "flag"),
         ("optim.lr", "flag"),
+        ("optim.states", "never"),
+        ("optim.master", "never"),
         ("data.path", "flag"),
         ("model.dim", "never"),
         ("model.n_layers", "never"),

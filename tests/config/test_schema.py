@@ -64,3 +64,16 @@ def test_run_name_stays_one_folder_inside_runs(name):
 
 def test_run_name_plain_names_parse():
     assert parse({"run": {"max_steps": 1, "name": "fp8-a..b_2"}}).run.name == "fp8-a..b_2"
+
+
+def test_bf16_sr_master_weights_need_bf16_and_zero0():
+    def cfg(**ds):
+        return {"run": {"max_steps": 1}, "optim": {"master": "bf16-sr"}, "deepspeed": ds}
+
+    assert parse(cfg(dtype="bf16")).optim.master == "bf16-sr"
+    with pytest.raises(ConfigError, match=r"^optim.master: .*needs deepspeed.dtype bf16"):
+        parse(cfg(dtype="fp32"))
+    with pytest.raises(ConfigError, match=r"^optim.master: bf16-sr needs deepspeed.zero_stage 0"):
+        parse(cfg(dtype="bf16", zero_stage=2))
+    with pytest.raises(ConfigError, match=r"^optim.states: expected"):
+        parse({"run": {"max_steps": 1}, "optim": {"states": "int4"}})

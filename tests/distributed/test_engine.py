@@ -1,16 +1,22 @@
 """DeepSpeed glue (distributed/engine.py): the generated config for every shipped recipe, the lr
-schedule."""
+schedule, CompactAdamW as DeepSpeed's client optimizer (ZeRO-1; bf16-sr at ZeRO-0)."""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
+import torch.multiprocessing as mp
 
+from lptrain import safeload
 from lptrain.config.schema import load, parse
 from lptrain.distributed import engine
 from lptrain.models import converters, decoder
-from tests.helpers import RECIPES
+from lptrain.optim import STATE_FORMATS
+from tests.helpers import RECIPES, REPO, free_port
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
@@ -79,3 +85,100 @@ def test_quantizer_parameters_get_their_own_group_without_decay():
     frozen = torch.nn.Sequential(torch.nn.Linear(4, 4))
     lora.apply(frozen, lora.AdapterConfig(r=2, skip=[]))
     assert len(engine.param_groups(frozen, 0.1)) == 1  # empty groups are left out
+
+
+# ---------------------------------------------------------------- CompactAdamW, client optimizer
+
+COMPACT = {
+    "int8-block, ZeRO-1": ["optim.states=int8-block", "deepspeed.zero_stage=1"],
+    "fp8, ZeRO-3": ["optim.states=fp8", "deepspeed.zero_stage=3"],
+    "fp8, bf16-sr, ZeRO-0": ["optim.states=fp8", "optim.master=bf16-sr", "deepspeed.dtype=bf16"],
+}
+
+
+def _steps(e, cfg, batches) -> list[str]:
+    out = []
+    for b in batches:
+        loss = e(b)
+        e.backward(loss)
+        engine.micro_step(e, engine.manual_nonfinite_check(cfg))
+        out.append(float(loss.detach()).hex())
+    return out
+
+
+def _optimizer_file(tag_dir: Path) -> dict:
+    zero = tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    if zero.is_file():  # ZeRO-1/2 and ZeRO-3 name the torch optimizer's part differently
+        saved = safeload.load(zero, "t")["optimizer_state_dict"]
+        return saved.get("base_optimizer_state") or saved["optimizer_state_dict"]
+    return safeload.load(tag_dir / "mp_rank_00_model_states.pt", "t")["optimizer"]
+
+
+def _train_save_resume(rank: int, port: int, out: str) -> None:
+    """3 steps straight saving after the first, then a fresh engine loads it and does steps 2
+    and 3 (step 3's loss is the first to see an update made with the restored moments)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    import deepspeed
+
+    engine._skip_shm_comm_op()
+    deepspeed.init_distributed(dist_backend="gloo")
+    batches = torch.randint(0, 257, (3, 4, 33), generator=torch.Generator().manual_seed(0))
+    report = {}
+    for name, overrides in COMPACT.items():
+        cfg = load(
+            REPO / "recipes" / "pretrain" / "tiny-fp32.yaml",
+            ["model.preset=nano", "model.n_layers=1", *overrides],
+        )
+        ds = engine.deepspeed_config(cfg, 1)
+
+        def fresh(cfg=cfg, ds=ds):
+            torch.manual_seed(0)
+            return engine.initialize(decoder.build_model(cfg.model, 257, 32), cfg, ds, 3)[0]
+
+        ckpt = Path(out) / name.replace(" ", "").replace(",", "_")
+        a = fresh()
+        straight = _steps(a, cfg, batches[:1])
+        a.save_checkpoint(str(ckpt), tag="s1")
+        straight += _steps(a, cfg, batches[1:])
+        b = fresh()
+        b.load_checkpoint(str(ckpt), tag="s1")
+        state = _optimizer_file(ckpt / "s1")["state"]
+        report[name] = {
+            "straight": straight,
+            "resumed": _steps(b, cfg, batches[1:]),
+            "weights": sorted({str(p.dtype) for p in b.module.parameters()}),
+            "stored": sorted({str(v.dtype) for s in state.values() for k, v in s.items()}),
+            "bytes": sum(v.nbytes for s in state.values() for k, v in s.items() if k != "step"),
+            "elements": sum(s["exp_avg_codes"].numel() for s in state.values()),
+            "per_param": STATE_FORMATS[cfg.optim.states].bytes_per_param(),
+            "tensors": len(state),
+        }
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f)
+
+
+def test_compact_adamw_under_deepspeed_resumes_bit_exact_from_compact_states(tmp_path):
+    mp.spawn(_train_save_resume, args=(free_port(), str(tmp_path)), nprocs=1)
+    report = json.loads((tmp_path / "report.json").read_text())
+    for name, r in report.items():
+        assert r["resumed"] == r["straight"][1:] and len(r["resumed"]) == 2, name
+        # codes and FP32 scales, no float copy of a moment; a tensor's last, partial block
+        # pays its whole scales (< 12 bytes over the per-element rate)
+        assert r["bytes"] < r["elements"] * r["per_param"] + 12 * r["tensors"], name
+    assert report["int8-block, ZeRO-1"]["stored"] == ["torch.float32", "torch.int8", "torch.uint8"]
+    assert report["fp8, bf16-sr, ZeRO-0"]["stored"] == ["torch.float32", "torch.uint8"]
+    assert report["fp8, bf16-sr, ZeRO-0"]["weights"] == ["torch.bfloat16"]  # no fp32 copy
+
+
+def test_compact_states_hand_deepspeed_a_client_optimizer_and_bf16_sr_no_bf16_mode():
+    plain = engine.deepspeed_config(parse({"run": {"max_steps": 1}}), 1)
+    assert plain["optimizer"]["type"] == "AdamW" and "zero_allow_untested_optimizer" not in plain
+    compact = parse({"run": {"max_steps": 1}, "optim": {"states": "fp8"}})
+    ds = engine.deepspeed_config(compact, 1)
+    assert "optimizer" not in ds and ds["zero_allow_untested_optimizer"] is True
+    sr = parse(
+        {"run": {"max_steps": 1}, "optim": {"master": "bf16-sr"}, "deepspeed": {"dtype": "bf16"}}
+    )
+    assert engine.deepspeed_config(sr, 1)["bf16"]["enabled"] is False  # no fp32 master copy
+    assert engine.manual_nonfinite_check(sr)  # DeepSpeed's fp32 mode checks nothing

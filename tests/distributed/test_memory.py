@@ -17,6 +17,7 @@ from lptrain.cli import main
 from lptrain.config import schema
 from lptrain.distributed import kept, memory
 from lptrain.errors import ConfigError
+from lptrain.optim import CompactAdamW
 from tests.helpers import REPO
 
 GPU_RECIPES = sorted((REPO / "recipes" / "pretrain").glob("gpu-*.yaml"))
@@ -271,3 +272,23 @@ def test_the_plan_converts_with_the_precision_overrides():
     model = memory.build_meta_model(schema.parse(raw), BYTE_VOCAB)
     masked = {n for n, layer in lpnn.quantized_layers(model) if layer.recipe.trust_mask}
     assert masked == {n for n, _ in lpnn.quantized_layers(model) if ".attn." in n} != set()
+
+
+@pytest.mark.parametrize("states", ["fp32", "bf16", "fp8", "int8-block"])
+def test_optimizer_bytes_are_what_compact_adamw_holds(states):
+    # The plan's moments are the bytes CompactAdamW's state really holds (whole blocks).
+    P = 128 * 64
+    p = torch.nn.Parameter(torch.zeros(P))
+    opt = CompactAdamW([p], states=states)
+    p.grad = torch.randn(P)
+    opt.step()
+    rows = memory.model_states(P, P, 0, "fp32", 1, states)
+    assert rows[-1].name == f"optimizer: Adam moments ({states})"
+    assert rows[-1].bytes == opt.state_bytes()
+    # bf16-sr: 2 + 2 + moments, no master copy: 6.09 bytes per parameter with fp8 states
+    sr = memory.model_states(P, P, 0, "bf16", 1, states, "bf16-sr")
+    assert sum(r.bytes for r in sr) == 4 * P + opt.state_bytes()
+    # a bf16 engine keeps DeepSpeed's fp32 master copy next to the moments
+    assert sum(r.bytes for r in memory.model_states(P, P, 0, "bf16", 1, states)) == (
+        2 * P + 6 * P + 4 * P + opt.state_bytes()
+    )
