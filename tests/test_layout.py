@@ -19,7 +19,6 @@ COVERED_BY = {
     "lptrain.data.datacheck": "tests/data/test_dataset.py",  # bad corpus file: file and line
     "lptrain.distributed.kept": "tests/distributed/test_memory.py",  # the plan's measured layers
     "lptrain.export.evaluate": "tests/trainer/test_finetune.py",  # lptrain eval of runs and exports
-    "lptrain.export.restore": "tests/trainer/test_finetune.py",
     "lptrain.export.switch": "tests/trainer/test_bitswitch.py",
     "lptrain.export.write": "tests/trainer/test_finetune.py",  # lptrain export, every layer kind
     "lptrain.lora.apply": "tests/lora/test_layer.py",  # apply, merge, merge_and_unload
