@@ -181,6 +181,9 @@ class MonitorConfig:
     grad_norm: bool = True  # per-layer gradient norms
     update_ratio: bool = True  # per-layer |dW| / |W| of the optimizer step
     fidelity: bool = False  # gradient cosine vs high precision on a fixed probe batch
+    # Recipes whose statistics are logged on the same operands without changing training
+    # (shadow/<recipe>/... keys; nn/shadow.py)
+    shadow: list[str] = field(default_factory=list)
     peak_flops: float | None = None  # per rank, for MFU (e.g. 989e12: H100 dense BF16)
     spike: SpikeConfig = field(default_factory=SpikeConfig)
 

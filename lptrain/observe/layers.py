@@ -16,9 +16,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lptrain.config.schema import MonitorConfig
+from lptrain import recipes
+from lptrain.config.precision import is_high_precision, resolve_recipe
+from lptrain.config.schema import MonitorConfig, TrainConfig
 from lptrain.errors import ConfigError
-from lptrain.nn import Linear, stats_window
+from lptrain.nn import Linear, shadow, stats_window
+from lptrain.nn.recipe import Recipe
 from lptrain.nn.select import matches
 from lptrain.numerics.stats import (
     MAX_MOMENTS,
@@ -118,10 +121,30 @@ def _unpack(keys, sums: list[float], maxes: list[float]) -> Stats:
     return out
 
 
-def _block_scaled(layer: Linear, key: str) -> bool:
+def _block_scaled(recipe: Recipe, key: str) -> bool:
     gemm, operand = key.split(".")
-    spec = layer.recipe.spec(gemm, operand)
+    spec = recipe.spec(gemm, operand)
     return spec is not None and spec.scaling in ("row", "block")
+
+
+def _operand_metrics(prefix: str, key: str, d: dict, wanted: list[str], recipe) -> dict:
+    """One operand's `<prefix>/<stat>` entries; `recipe` (or None) says its scale kind."""
+    if key.endswith(".accumulator"):
+        return {f"{prefix}/int32_overflows": d["int32_overflows"]}
+    out = {}
+    for stat in wanted:
+        if stat != "scale":
+            out[f"{prefix}/{stat}"] = d[stat]
+        elif recipe is not None and _block_scaled(recipe, key):
+            out[f"{prefix}/scale_min"] = d["scale_min"]
+            out[f"{prefix}/scale_max"] = d["scale_max"]
+        else:
+            out[f"{prefix}/scale"] = d["scale_mean"]
+    return out
+
+
+def _in_model_order(stats: Stats, layers: dict) -> list[str]:
+    return [n for n in layers if n in stats] + [n for n in stats if n not in layers]
 
 
 def quant_metrics(stats: Stats, wanted: list[str], layers: dict[str, Linear]) -> dict[str, float]:
@@ -129,28 +152,86 @@ def quant_metrics(stats: Stats, wanted: list[str], layers: dict[str, Linear]) ->
     scale_min / scale_max for per-row and per-block ones; the INT32 accumulator's overflow
     count is always included for recipes that have one."""
     out: dict[str, float] = {}
-    order = [n for n in layers if n in stats] + [n for n in stats if n not in layers]
-    for layer in order:  # model order, so that readers list layers as the model has them
+    for layer in _in_model_order(stats, layers):  # model order, as readers list layers
+        recipe = layers[layer].recipe if layer in layers else None
         for key, d in sorted(stats[layer].items()):
-            prefix = f"quant/{layer}/{key}"
-            if key.endswith(".accumulator"):
-                out[f"{prefix}/int32_overflows"] = d["int32_overflows"]
-                continue
-            for stat in wanted:
-                if stat != "scale":
-                    out[f"{prefix}/{stat}"] = d[stat]
-                elif layer in layers and _block_scaled(layers[layer], key):
-                    out[f"{prefix}/scale_min"] = d["scale_min"]
-                    out[f"{prefix}/scale_max"] = d["scale_max"]
-                else:
-                    out[f"{prefix}/scale"] = d["scale_mean"]
+            out.update(_operand_metrics(f"quant/{layer}/{key}", key, d, wanted, recipe))
     return out
+
+
+# ---------------------------------------------------------------- shadow recipes
+
+
+def shadow_recipes(cfg: TrainConfig) -> tuple[Recipe, ...]:
+    """`monitor.shadow` resolved. A ConfigError naming the key for a name that is unknown, the
+    run's own recipe, listed twice or unable to shadow (nn/shadow.py), and for shadows that
+    would record nothing (no per-layer rows, no statistics, a run that converts no layer)."""
+    names = cfg.monitor.shadow
+    if not names:
+        return ()
+    key = "monitor.shadow"
+    if not cfg.monitor.interval or not cfg.monitor.stats:
+        raise ConfigError(key, "needs per-layer statistics (monitor.interval > 0, monitor.stats)")
+    if is_high_precision(cfg.precision):
+        raise ConfigError(
+            key, f"precision.recipe {cfg.precision.recipe} converts no layer; shadows run "
+            "inside lptrain layers (train with a low-precision recipe)",
+        )  # fmt: skip
+    live = resolve_recipe(cfg.precision)
+    out = []
+    for name in names:
+        if name not in recipes.names():
+            raise ConfigError(key, f"unknown recipe {name!r} (known: {', '.join(recipes.names())})")
+        r = recipes.get(name)
+        if r == live:
+            raise ConfigError(
+                key, f"{name!r} is the run's own recipe: its numbers are the quant/ keys"
+            )
+        if r in out:
+            raise ConfigError(key, f"{name!r} is listed twice")
+        if why := shadow.unsupported(r):
+            raise ConfigError(key, f"{name!r} cannot be a shadow: it {why}")
+        out.append(r)
+    return tuple(out)
+
+
+def split_shadows(stats: Stats) -> tuple[Stats, dict[str, Stats]]:
+    """(the layers' own statistics, {shadow recipe: statistics}) from a window's statistics,
+    whose shadow entries are keyed `<recipe>/<gemm>.<operand>`."""
+    live: Stats = {}
+    shadows: dict[str, Stats] = {}
+    for layer, entries in stats.items():
+        for key, d in entries.items():
+            recipe, sep, operand = key.rpartition("/")
+            if sep:
+                shadows.setdefault(recipe, {}).setdefault(layer, {})[operand] = d
+            else:
+                live.setdefault(layer, {})[key] = d
+    return live, shadows
+
+
+def shadow_metrics(
+    shadows: dict[str, Stats], wanted: list[str], layers: dict, by_name: dict[str, Recipe]
+) -> dict[str, float]:
+    """`shadow/<recipe>/<layer>/<gemm>.<operand>/<stat>`: the numbers `recipe` would give on
+    the same operands (named apart from the live `quant/` keys)."""
+    out: dict[str, float] = {}
+    for name, stats in shadows.items():
+        for layer in _in_model_order(stats, layers):
+            for key, d in sorted(stats[layer].items()):
+                prefix = f"shadow/{name}/{layer}/{key}"
+                out.update(_operand_metrics(prefix, key, d, wanted, by_name[name]))
+    return out
+
+
+# ---------------------------------------------------------------- key counts
 
 
 def keys_per_layer(recipe, wanted: list[str]) -> int:
     """The `quant/` keys one layer of `recipe` gives per row, counted on a 64x64 probe layer
     of that recipe (one emulated forward and backward on the CPU): the count follows the
-    recipe's operands, reused copies and scale kinds exactly, without a rule to keep in step."""
+    recipe's operands, reused copies and scale kinds exactly, without a rule to keep in step.
+    A shadow of `recipe` gives as many (nn/shadow.py records the same operands)."""
     probe = Linear(64, 64, bias=False, recipe=recipe, backend="emulated", seed=0)
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     with stats_window({"probe": probe}) as stats:
@@ -158,15 +239,22 @@ def keys_per_layer(recipe, wanted: list[str]) -> int:
     return len(quant_metrics(stats, wanted, {"probe": probe}))
 
 
-def key_count(layers: dict[str, nn.Module], trained: dict, cfg: MonitorConfig) -> int:
-    """Keys of one per-layer row (layers.jsonl and W&B): `quant/` keys per quantizing layer,
-    and per trained layer its gradient norm, update ratio and gradient fidelity (two)."""
+def key_count(
+    layers: dict[str, nn.Module], trained: dict, cfg: MonitorConfig, shadows: tuple = ()
+) -> int:
+    """Keys of one per-layer row (layers.jsonl and W&B): `quant/` keys per quantizing layer
+    and as many per shadow recipe, and per trained layer its gradient norm, update ratio and
+    gradient fidelity (two)."""
     per_recipe: dict[str, int] = {}
+
+    def keys(recipe) -> int:
+        name = repr(recipe.to_dict())
+        if name not in per_recipe:
+            per_recipe[name] = keys_per_layer(recipe, list(cfg.stats))
+        return per_recipe[name]
+
     n = 0
     if cfg.stats:
         for layer in quantizing(layers).values():
-            name = repr(layer.recipe.to_dict())
-            if name not in per_recipe:
-                per_recipe[name] = keys_per_layer(layer.recipe, list(cfg.stats))
-            n += per_recipe[name]
+            n += keys(layer.recipe) + sum(keys(r) for r in shadows)
     return n + len(trained) * (cfg.grad_norm + cfg.update_ratio + 2 * cfg.fidelity)

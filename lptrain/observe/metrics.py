@@ -64,15 +64,22 @@ def panel_key(key: str) -> str:
     `quant/<layer>/...` chart would share one `quant` section (560 for the tiny nvfp4 model).
     In W&B the block joins the section name: `quant/layers.3.attn.wq/output.input/amax` becomes
     `quant.layers.3/attn.wq/output.input/amax` (a section per block). A layer outside a numbered
-    block, and every other metric, keeps its name; the run directory's files keep the names."""
+    block, and every other metric, keeps its name; the run directory's files keep the names.
+    Shadow recipes' keys (`shadow/<recipe>/<layer>/...`) get a section per recipe and block:
+    `shadow.mxfp8.layers.3/attn.wq/output.input/underflow`."""
     kind, _, rest = key.partition("/")
+    if kind == "shadow":
+        recipe, _, rest = rest.partition("/")
+        kind = f"shadow.{recipe}"
+    elif kind != "quant":
+        return key
     layer, _, tail = rest.partition("/")
     parts = layer.split(".")
     digits = [i for i, part in enumerate(parts) if part.isdigit()]
-    if kind != "quant" or not tail or not digits or digits[0] == len(parts) - 1:
-        return key
+    if not tail or not digits or digits[0] == len(parts) - 1:
+        return f"{kind}/{rest}"
     cut = digits[0] + 1
-    return f"quant.{'.'.join(parts[:cut])}/{'.'.join(parts[cut:])}/{tail}"
+    return f"{kind}.{'.'.join(parts[:cut])}/{'.'.join(parts[cut:])}/{tail}"
 
 
 def event_row(ev: dict) -> list:

@@ -27,6 +27,7 @@ from lptrain.observe import layers as L
 from lptrain.observe import perf, weights
 from lptrain.observe.fidelity import gradient_fidelity
 from lptrain.observe.guard import PrecisionGuard
+from lptrain.observe.guard import check as check_guard
 from lptrain.observe.spikes import SpikeDetector
 
 
@@ -42,6 +43,13 @@ class _Pending:
     plan: Plan
     stats: dict
     before: dict | None
+
+
+def check(cfg: TrainConfig) -> None:
+    """What can be checked from the config alone, before any heavy work: the guard's fallback
+    chain and the shadow recipes."""
+    check_guard(cfg)
+    L.shadow_recipes(cfg)
 
 
 def check_model(cfg: TrainConfig, model: nn.Module) -> None:
@@ -91,6 +99,7 @@ class Monitoring:
         bound = math.log(vocab_size) if vocab_size else math.inf
         self.spikes = SpikeDetector(self.cfg.spike, bound)
         self.per_token = perf.flops_per_token(model, cfg.data.block_size)
+        self.shadows = L.shadow_recipes(cfg)
         self._armed = False
         self._norms: dict[str, float] = {}
         self._pending: _Pending | None = None
@@ -125,8 +134,10 @@ class Monitoring:
             if plan.layers and self.cfg.update_ratio:
                 before = weights.snapshot(self.trained)
             self._armed = plan.layers and self.cfg.grad_norm
+            want = self._stat_layers(plan)
+            shadows = {n: self.shadows for n in want if plan.layers and n in self.layers}
             try:
-                with stats_window(self._stat_layers(plan)) as stats:
+                with stats_window(want, shadows) as stats:
                     result = step_fn(s, p)
             finally:
                 self._armed = False
@@ -146,16 +157,19 @@ class Monitoring:
         pending, self._pending = self._pending, None
         if pending is None or pending.step != step:
             return None, events
-        stats = L.reduce_over_ranks(pending.stats)
-        row = self._layer_row(step, pending, stats) if pending.plan.layers else None
+        stats, shadows = L.split_shadows(L.reduce_over_ranks(pending.stats))
+        row = self._layer_row(step, pending, stats, shadows) if pending.plan.layers else None
         if pending.plan.guard and not result.skipped:
             q = L.quantizing(dict(self.model.named_modules()))
             events += self.guard.check(step, stats, q)
         return row, events
 
-    def _layer_row(self, step: int, pending: _Pending, stats: dict) -> dict:
+    def _layer_row(self, step: int, pending: _Pending, stats: dict, shadows: dict) -> dict:
         q = L.quantizing(dict(self.model.named_modules()))
-        row = {"step": step, **L.quant_metrics(stats, list(self.cfg.stats), q)}
+        wanted = list(self.cfg.stats)
+        row = {"step": step, **L.quant_metrics(stats, wanted, q)}
+        by_name = {r.name: r for r in self.shadows}
+        row.update(L.shadow_metrics(shadows, wanted, q, by_name))
         for name, norm in self._norms.items():
             row[f"grad/{name}/norm"] = norm
         self._norms = {}

@@ -103,7 +103,7 @@ def setup(
     engine, _ = eng.initialize(model, cfg, ds_config, steps)
     monitoring = make_monitoring(cfg, model, blocks, split, layout, engine.device, tok.vocab_size)
     if cfg.monitor.interval:  # W&B suggests at most ~10,000 keys per project: say the cost
-        n = key_count(monitoring.layers, monitoring.trained, cfg.monitor)
+        n = key_count(monitoring.layers, monitoring.trained, cfg.monitor, monitoring.shadows)
         layers = len(monitoring.layers)
         say(f"monitor: {n} per-layer keys per row (layers.jsonl, W&B), {layers} layers")
     # Dropout and stochastic rounding draw from per-rank streams from here on.
