@@ -6,7 +6,8 @@
     row, events = monitoring.after_step(step, result)   # reduce, score, guard, fidelity
 
 A step collects when it is a monitoring step (every `monitor.interval` steps between
-`start_step` and `end_step`: the layers.jsonl row) or a guard check. Nothing here changes what
+`start_step` and `end_step`, or a statistic's own `monitor.schedule`: the layers.jsonl row) or
+a guard check. Nothing here changes what
 training computes: statistics are read off the quantizers, norms off the weights and gradients,
 and the fidelity probe runs in eval mode (fidelity.py).
 """
@@ -14,13 +15,13 @@ and the fidelity probe runs in eval mode (fidelity.py).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
-from lptrain.config.schema import TrainConfig
+from lptrain.config.schema import MonitorConfig, StatSchedule, TrainConfig
 from lptrain.errors import ConfigError
 from lptrain.nn import Linear, stats_window
 from lptrain.observe import layers as L
@@ -35,6 +36,32 @@ from lptrain.observe.spikes import SpikeDetector
 class Plan:
     layers: bool  # a per-layer row this step
     guard: bool  # a guard check this step
+    stats: tuple[str, ...] = ()  # the statistics of monitor.stats due this step
+    grad_norm: bool = False
+    update_ratio: bool = False
+    fidelity: bool = False
+
+
+def due(m: MonitorConfig, name: str, step: int) -> bool:
+    """Whether `name` (a statistic, grad_norm, update_ratio or fidelity) is logged at `step`:
+    every `interval` steps from `start_step` to `end_step`, its `monitor.schedule` entry's
+    where that sets them, `monitor`'s otherwise. `monitor.interval: 0` turns every row off."""
+    if not m.interval:
+        return False
+    s = m.schedule.get(name, StatSchedule())
+    interval = m.interval if s.interval is None else s.interval
+    start = m.start_step if s.start_step is None else s.start_step
+    end = m.end_step if s.end_step is None else s.end_step
+    return start <= step and (end is None or step <= end) and step % interval == 0
+
+
+def plan_rows(m: MonitorConfig, step: int) -> Plan:
+    """What the per-layer row of `step` holds (no guard check: `Monitoring.plan` adds it)."""
+    stats = tuple(s for s in m.stats if due(m, s, step))
+    weights = {k: getattr(m, k) and due(m, k, step) for k in ("grad_norm", "update_ratio")}
+    fidelity = m.fidelity and due(m, "fidelity", step)
+    return Plan(bool(stats) or any(weights.values()) or fidelity, False, stats,
+                fidelity=fidelity, **weights)  # fmt: skip
 
 
 @dataclass
@@ -107,16 +134,14 @@ class Monitoring:
     # -- scheduling ---------------------------------------------------------------------------
 
     def plan(self, step: int) -> Plan:
-        m = self.cfg
-        in_range = step >= m.start_step and (m.end_step is None or step <= m.end_step)
-        rows = bool(m.interval) and in_range and step % m.interval == 0
-        return Plan(layers=rows, guard=self.guard is not None and self.guard.due(step))
+        rows = plan_rows(self.cfg, step)
+        return replace(rows, guard=self.guard is not None and self.guard.due(step))
 
     def _stat_layers(self, plan: Plan) -> dict:
         """The lptrain layers whose statistics this step needs (recipes change under the guard)."""
         q = L.quantizing(dict(self.model.named_modules()))
         want = {}
-        if plan.layers and self.cfg.stats:
+        if plan.stats:
             want.update({n: m for n, m in q.items() if n in self.layers})
         if plan.guard:
             want.update({n: m for n, m in q.items() if self.guard.watches(n)})
@@ -130,12 +155,10 @@ class Monitoring:
             plan = self.plan(step)
             if not (plan.layers or plan.guard):
                 return step_fn(s, p)
-            before = None
-            if plan.layers and self.cfg.update_ratio:
-                before = weights.snapshot(self.trained)
-            self._armed = plan.layers and self.cfg.grad_norm
+            before = weights.snapshot(self.trained) if plan.update_ratio else None
+            self._armed = plan.grad_norm
             want = self._stat_layers(plan)
-            shadows = {n: self.shadows for n in want if plan.layers and n in self.layers}
+            shadows = {n: self.shadows for n in want if plan.stats and n in self.layers}
             try:
                 with stats_window(want, shadows) as stats:
                     result = step_fn(s, p)
@@ -166,7 +189,7 @@ class Monitoring:
 
     def _layer_row(self, step: int, pending: _Pending, stats: dict, shadows: dict) -> dict:
         q = L.quantizing(dict(self.model.named_modules()))
-        wanted = list(self.cfg.stats)
+        wanted = list(pending.plan.stats)
         row = {"step": step, **L.quant_metrics(stats, wanted, q)}
         by_name = {r.name: r for r in self.shadows}
         row.update(L.shadow_metrics(shadows, wanted, q, by_name))
@@ -176,7 +199,7 @@ class Monitoring:
         if pending.before is not None:
             for name, r in weights.update_ratios(self.trained, pending.before).items():
                 row[f"weight/{name}/update_ratio"] = r
-        if self.cfg.fidelity and self.probe is not None and self.trained:
+        if pending.plan.fidelity and self.probe is not None and self.trained:
             for name, (cos, align) in gradient_fidelity(
                 self.model, self.probe, self.trained
             ).items():

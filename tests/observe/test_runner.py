@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 
 def _lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
@@ -86,3 +88,95 @@ def test_adapter_model_rows_skip_weights_that_do_not_train():
     row, _ = mon.after_step(1, mon.wrap(step)(None, SimpleNamespace(step=0)))
     assert set(row) - {"step"} and all(k.startswith("quant/") for k in set(row) - {"step"})
     assert "quant/layers.0.attn.wq.recipe_layer/output.weight/amax" in row
+
+
+def test_each_statistic_keeps_its_own_schedule():
+    """monitor.schedule overrides interval / start_step / end_step per statistic; a field it
+    leaves null is monitor's own."""
+    from lptrain.config import schema
+    from lptrain.observe.runner import plan_rows
+
+    raw = {
+        "interval": 10,
+        "start_step": 20,
+        "stats": ["amax", "sqnr_db", "underflow"],
+        "schedule": {
+            "sqnr_db": {"interval": 5, "start_step": 0},
+            "underflow": {"end_step": 30},
+            "grad_norm": {"interval": 4},
+        },
+    }
+    m = schema.parse({"run": {"max_steps": 1}, "monitor": raw}).monitor
+    plans = {step: plan_rows(m, step) for step in range(1, 61)}
+    rows = [s for s, p in plans.items() if p.layers]
+    assert rows == sorted({*range(5, 61, 5), *range(20, 61, 4)})
+    assert [s for s, p in plans.items() if "sqnr_db" in p.stats] == list(range(5, 61, 5))
+    assert [s for s, p in plans.items() if "amax" in p.stats] == [20, 30, 40, 50, 60]
+    assert [s for s, p in plans.items() if "underflow" in p.stats] == [20, 30]
+    assert [s for s, p in plans.items() if p.grad_norm] == list(range(20, 61, 4))
+    assert [s for s, p in plans.items() if p.update_ratio] == [20, 30, 40, 50, 60]
+    assert plans[5].stats == ("sqnr_db",) and not plans[5].update_ratio
+    # Without a schedule, every statistic follows monitor's own timing (as before).
+    plain = schema.parse({"run": {"max_steps": 1}, "monitor": {"interval": 3}}).monitor
+    assert [s for s in range(1, 10) if plan_rows(plain, s).layers] == [3, 6, 9]
+    assert plan_rows(plain, 3).stats == tuple(plain.stats)
+
+
+@pytest.mark.parametrize(
+    "monitor, error",
+    [
+        ({"schedule": {"sqnr": {"interval": 5}}}, r"sqnr: unknown statistic \(known: amax, "),
+        ({"schedule": {"rms": {"interval": 5}}}, r"rms: not in monitor\.stats"),
+        ({"fidelity": False, "schedule": {"fidelity": {"interval": 5}}}, r"fidelity: monitor\."),
+        ({"interval": 0, "schedule": {"amax": {"interval": 5}}}, r"amax: per-layer rows are off"),
+        ({"schedule": {"amax": {}}}, r"amax: sets none of interval, start_step, end_step"),
+        ({"schedule": {"amax": {"interval": 0}}}, r"amax\.interval: must be >= 1, got 0"),
+        ({"start_step": 9, "schedule": {"amax": {"end_step": 5}}}, r"amax: end_step 5 < start"),
+        ({"schedule": {"amax": {"every": 5}}}, r"amax\.every: unknown key"),
+        ({"schedule": ["amax"]}, r": expected a mapping"),
+    ],
+)
+def test_schedule_errors_name_the_key(monitor, error):
+    from lptrain.config.schema import ConfigError, parse
+
+    with pytest.raises(ConfigError, match=rf"^monitor\.schedule\.?{error}"):
+        parse({"run": {"max_steps": 1}, "monitor": monitor})
+
+
+def _rows_of(monitor: dict, steps: int, recipe: str = "fp8-current") -> list[dict]:
+    """The per-layer rows of `steps` in-process steps of the nano model (2 blocks, width 64)
+    under `monitor`, none of it through the trainer."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import lptrain.nn as lpnn
+    from lptrain.config import schema
+    from lptrain.models.decoder import build_model
+    from lptrain.observe.runner import Monitoring
+
+    cfg = schema.parse({"run": {"max_steps": steps}, "monitor": monitor})
+    torch.manual_seed(0)
+    model = build_model(cfg.model.__class__(preset="nano"), vocab_size=257, max_seq_len=16)
+    lpnn.convert(model, recipe, backend="emulated")
+    tokens = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
+    mon = Monitoring(cfg, model, 1)
+
+    def step(s, p):
+        model(tokens).backward()
+        mon.before_update()
+        return SimpleNamespace(loss=1.0, skipped=False)
+
+    rows = []
+    for i in range(steps):
+        row, _ = mon.after_step(i + 1, mon.wrap(step)(None, SimpleNamespace(step=i)))
+        rows.append(row)
+    return rows
+
+
+def test_a_row_holds_the_statistics_due_at_its_step():
+    sched = {"sqnr_db": {"interval": 1}, "update_ratio": {"start_step": 4}}
+    rows = _rows_of({"interval": 2, "stats": ["amax", "sqnr_db"], "schedule": sched}, 4)
+    kinds = [sorted({k.rsplit("/", 1)[1] for k in r if k != "step"}) for r in rows]
+    assert kinds == [["sqnr_db"], ["amax", "norm", "sqnr_db"], ["sqnr_db"],
+                     ["amax", "norm", "sqnr_db", "update_ratio"]]  # fmt: skip
