@@ -201,6 +201,9 @@ class MonitorConfig:
     # Per-statistic timing overriding interval / start_step / end_step, e.g.
     # {sqnr_db: {interval: 10}, grad_norm: {end_step: 1000}} (names: SCHEDULABLE)
     schedule: dict[str, StatSchedule] = field(default_factory=dict)
+    # block: per-layer keys reduced per decoder block (observe/layers.py BLOCK_REDUCE: the
+    # worst layer's SQNR, saturation, underflow, ...), for models with many layers
+    aggregate: Literal["layer", "block"] = "layer"
     peak_flops: float | None = None  # per rank, for MFU (e.g. 989e12: H100 dense BF16)
     spike: SpikeConfig = field(default_factory=SpikeConfig)
 

@@ -224,37 +224,129 @@ def shadow_metrics(
     return out
 
 
+# ---------------------------------------------------------------- per-block aggregation
+
+
+def block_of(layer: str) -> str:
+    """A layer's decoder block: its name up to the first numeric part (`layers.3.attn.wq` ->
+    `layers.3`, `model.layers.3.mlp.up_proj` -> `model.layers.3`); a layer outside numbered
+    blocks is its own (`lm_head`)."""
+    parts = layer.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return layer
+
+
+def block_key(key: str) -> str:
+    """A per-layer key's per-block name: `quant/layers.3.attn.wq/output.input/sqnr_db` ->
+    `quant/layers.3/output.input/sqnr_db` (and `shadow/<recipe>/...`, `grad/`, `weight/`)."""
+    kind, _, rest = key.partition("/")
+    if kind == "shadow":
+        recipe, _, rest = rest.partition("/")
+        kind = f"shadow/{recipe}"
+    layer, _, tail = rest.partition("/")
+    return f"{kind}/{block_of(layer)}/{tail}"
+
+
+def _l2(values: list[float]) -> float:
+    return math.sqrt(sum(v * v for v in values))
+
+
+# How a block's layers reduce, by the statistic's name: the worst layer for quality measures
+# (lowest SQNR and cosine, highest saturation and underflow), the extremes for ranges, the
+# block's own gradient norm (the norm of all its layers' gradients). Anything else: max.
+BLOCK_REDUCE = {
+    "sqnr_db": min,
+    "cosine": min,
+    "alignment": min,
+    "scale_min": min,
+    "min": min,
+    "mean": lambda v: sum(v) / len(v),  # of the layers' means, unweighted
+    "norm": _l2,
+    "int32_overflows": sum,
+}
+
+
+def aggregate_blocks(row: dict) -> dict:
+    """`monitor.aggregate: block`: a per-layer row reduced per decoder block (BLOCK_REDUCE; a
+    NaN or missing value anywhere in a block makes the block's value NaN)."""
+    groups: dict[str, list] = {}
+    for key, value in row.items():
+        if key != "step":
+            groups.setdefault(block_key(key), []).append(value)
+    out = {"step": row["step"]}
+    for key, values in groups.items():
+        if any(v is None or math.isnan(v) for v in values):
+            out[key] = math.nan
+        else:
+            out[key] = BLOCK_REDUCE.get(key.rsplit("/", 1)[1], max)(values)
+    return out
+
+
 # ---------------------------------------------------------------- key counts
 
 
-def keys_per_layer(recipe, wanted: list[str]) -> int:
-    """The `quant/` keys one layer of `recipe` gives per row, counted on a 64x64 probe layer
-    of that recipe (one emulated forward and backward on the CPU): the count follows the
-    recipe's operands, reused copies and scale kinds exactly, without a rule to keep in step.
-    A shadow of `recipe` gives as many (nn/shadow.py records the same operands)."""
+def _recipe_keys(recipe, wanted: list[str]) -> list[str]:
+    """`<gemm>.<operand>/<stat>` of the `quant/` keys one layer of `recipe` gives per row,
+    read off a 64x64 probe layer of that recipe (one emulated forward and backward on the
+    CPU): they follow the recipe's operands, reused copies and scale kinds exactly, without a
+    rule to keep in step. A shadow of `recipe` gives the same (nn/shadow.py records the same
+    operands)."""
     probe = Linear(64, 64, bias=False, recipe=recipe, backend="emulated", seed=0)
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     with stats_window({"probe": probe}) as stats:
         probe(x).square().mean().backward()
-    return len(quant_metrics(stats, wanted, {"probe": probe}))
+    return [k[len("quant/probe/") :] for k in quant_metrics(stats, wanted, {"probe": probe})]
+
+
+def keys_per_layer(recipe, wanted: list[str]) -> int:
+    """The `quant/` keys one layer of `recipe` gives per row."""
+    return len(_recipe_keys(recipe, wanted))
+
+
+def key_names(
+    layers: dict[str, nn.Module], trained: dict, cfg: MonitorConfig, shadows: tuple = ()
+) -> list[str]:
+    """The per-layer keys a row holds at most (every statistic due; before `aggregate`):
+    `quant/` keys per quantizing layer and as many per shadow recipe, and per trained layer its
+    gradient norm, update ratio and gradient fidelity (two)."""
+    cache: dict[str, list[str]] = {}
+
+    def suffixes(recipe) -> list[str]:
+        name = repr(recipe.to_dict())
+        if name not in cache:
+            cache[name] = _recipe_keys(recipe, list(cfg.stats))
+        return cache[name]
+
+    names = []
+    if cfg.stats:
+        for name, layer in quantizing(layers).items():
+            names += [f"quant/{name}/{k}" for k in suffixes(layer.recipe)]
+            for r in shadows:
+                names += [f"shadow/{r.name}/{name}/{k}" for k in suffixes(r)]
+    weight = ["grad/{}/norm"] * cfg.grad_norm + ["weight/{}/update_ratio"] * cfg.update_ratio
+    weight += ["grad/{}/cosine", "grad/{}/alignment"] * cfg.fidelity
+    return names + [k.format(name) for name in trained for k in weight]
 
 
 def key_count(
     layers: dict[str, nn.Module], trained: dict, cfg: MonitorConfig, shadows: tuple = ()
 ) -> int:
-    """Keys of one per-layer row (layers.jsonl and W&B): `quant/` keys per quantizing layer
-    and as many per shadow recipe, and per trained layer its gradient norm, update ratio and
-    gradient fidelity (two)."""
-    per_recipe: dict[str, int] = {}
+    """Keys of one row (layers.jsonl and W&B), per block with `monitor.aggregate: block`."""
+    names = key_names(layers, trained, cfg, shadows)
+    return len({block_key(k) for k in names}) if cfg.aggregate == "block" else len(names)
 
-    def keys(recipe) -> int:
-        name = repr(recipe.to_dict())
-        if name not in per_recipe:
-            per_recipe[name] = keys_per_layer(recipe, list(cfg.stats))
-        return per_recipe[name]
 
-    n = 0
-    if cfg.stats:
-        for layer in quantizing(layers).values():
-            n += keys(layer.recipe) + sum(keys(r) for r in shadows)
-    return n + len(trained) * (cfg.grad_norm + cfg.update_ratio + 2 * cfg.fidelity)
+def key_count_line(layers: dict, trained: dict, cfg: MonitorConfig, shadows: tuple = ()) -> str:
+    """What the trainer says at start (W&B suggests at most ~10,000 keys per project)."""
+    names = key_names(layers, trained, cfg, shadows)
+    if cfg.aggregate == "block":
+        blocks = {block_key(k) for k in names}
+        n_blocks = len({block_of(n) for n in layers})
+        return (
+            f"monitor: {len(blocks)} per-block keys per row (layers.jsonl, W&B), {len(layers)} "
+            f"layers in {n_blocks} blocks ({len(names)} per-layer keys without "
+            "monitor.aggregate: block)"
+        )
+    return f"monitor: {len(names)} per-layer keys per row (layers.jsonl, W&B), {len(layers)} layers"

@@ -205,7 +205,7 @@ class Monitoring:
             ).items():
                 row[f"grad/{name}/cosine"] = cos
                 row[f"grad/{name}/alignment"] = align
-        return row
+        return L.aggregate_blocks(row) if self.cfg.aggregate == "block" else row
 
     # -- per-step row, state, summary ----------------------------------------------------------
 

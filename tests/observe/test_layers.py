@@ -163,3 +163,21 @@ def test_shadow_keys_and_their_count():
     assert len(quant_metrics(live, wanted, {"l": layer})) == 3 * 3  # fp8: 3 operands reused
     cfg = MonitorConfig(stats=wanted, grad_norm=False, update_ratio=False)
     assert key_count({"l": layer}, {}, cfg, (get("nvfp4"),)) == 9 + 20
+
+
+def test_blocks_of_layer_names_and_non_finite_values():
+    import math
+
+    from lptrain.observe.layers import aggregate_blocks, block_of
+    from lptrain.observe.metrics import panel_key
+
+    assert block_of("layers.3.attn.wq") == "layers.3" and block_of("lm_head") == "lm_head"
+    assert block_of("model.layers.12.self_attn.q_proj.recipe_layer") == "model.layers.12"
+    row = {"step": 5, "quant/layers.0.a/output.input/sqnr_db": 20.0,
+           "quant/layers.0.b/output.input/sqnr_db": math.nan,  # non-finite stays so
+           "quant/layers.1.a/output.input/sqnr_db": math.inf,
+           "quant/layers.1.b/output.input/sqnr_db": 12.5}  # fmt: skip
+    out = aggregate_blocks(row)
+    assert math.isnan(out["quant/layers.0/output.input/sqnr_db"])
+    assert out["quant/layers.1/output.input/sqnr_db"] == 12.5 and out["step"] == 5
+    assert panel_key("quant/layers.1/output.input/sqnr_db") == "quant.layers.1/output.input/sqnr_db"

@@ -143,9 +143,9 @@ def test_schedule_errors_name_the_key(monitor, error):
         parse({"run": {"max_steps": 1}, "monitor": monitor})
 
 
-def _rows_of(monitor: dict, steps: int, recipe: str = "fp8-current") -> list[dict]:
+def _rows_of(monitor: dict, steps: int, recipe: str = "fp8-current") -> tuple[list[dict], str]:
     """The per-layer rows of `steps` in-process steps of the nano model (2 blocks, width 64)
-    under `monitor`, none of it through the trainer."""
+    under `monitor`, none of it through the trainer, and the key count line of its start."""
     from types import SimpleNamespace
 
     import torch
@@ -153,9 +153,11 @@ def _rows_of(monitor: dict, steps: int, recipe: str = "fp8-current") -> list[dic
     import lptrain.nn as lpnn
     from lptrain.config import schema
     from lptrain.models.decoder import build_model
+    from lptrain.observe.layers import key_count_line
     from lptrain.observe.runner import Monitoring
 
-    cfg = schema.parse({"run": {"max_steps": steps}, "monitor": monitor})
+    raw = {"run": {"max_steps": steps}, "precision": {"recipe": recipe}, "monitor": monitor}
+    cfg = schema.parse(raw)
     torch.manual_seed(0)
     model = build_model(cfg.model.__class__(preset="nano"), vocab_size=257, max_seq_len=16)
     lpnn.convert(model, recipe, backend="emulated")
@@ -171,12 +173,48 @@ def _rows_of(monitor: dict, steps: int, recipe: str = "fp8-current") -> list[dic
     for i in range(steps):
         row, _ = mon.after_step(i + 1, mon.wrap(step)(None, SimpleNamespace(step=i)))
         rows.append(row)
-    return rows
+    return rows, key_count_line(mon.layers, mon.trained, cfg.monitor, mon.shadows)
 
 
 def test_a_row_holds_the_statistics_due_at_its_step():
     sched = {"sqnr_db": {"interval": 1}, "update_ratio": {"start_step": 4}}
-    rows = _rows_of({"interval": 2, "stats": ["amax", "sqnr_db"], "schedule": sched}, 4)
+    rows, _ = _rows_of({"interval": 2, "stats": ["amax", "sqnr_db"], "schedule": sched}, 4)
     kinds = [sorted({k.rsplit("/", 1)[1] for k in r if k != "step"}) for r in rows]
     assert kinds == [["sqnr_db"], ["amax", "norm", "sqnr_db"], ["sqnr_db"],
                      ["amax", "norm", "sqnr_db", "update_ratio"]]  # fmt: skip
+
+
+def test_block_aggregation_reduces_each_block():
+    """monitor.aggregate: block on the nano model (2 blocks of 7 layers, lm_head outside):
+    a block's value is its worst layer's (lowest SQNR, highest underflow), gradient norms
+    combine as the norm of the block's gradients, layers outside blocks keep theirs."""
+    import math
+
+    from lptrain.observe.layers import block_key
+
+    monitor = {"interval": 1, "stats": ["sqnr_db", "underflow", "scale"], "shadow": ["mxfp8"]}
+    (by_layer,), layer_line = _rows_of(monitor, 1)
+    (by_block,), block_line = _rows_of({**monitor, "aggregate": "block"}, 1)
+    # 14 layers x (fp8-current: 3 operands (the backward reuses them) x sqnr, underflow, one
+    # scale; mxfp8: 6 x sqnr, underflow, scale min and max), 15 trained layers x (norm,
+    # update ratio); per block: 2 blocks of the same, and lm_head's 2
+    assert len(by_layer) - 1 == 14 * (3 * 3 + 6 * 4) + 15 * 2
+    assert len(by_block) - 1 == 2 * (3 * 3 + 6 * 4) + 3 * 2
+    assert layer_line == "monitor: 492 per-layer keys per row (layers.jsonl, W&B), 15 layers"
+    assert block_line == (
+        "monitor: 72 per-block keys per row (layers.jsonl, W&B), 15 layers in 3 blocks "
+        "(492 per-layer keys without monitor.aggregate: block)"
+    )
+    members: dict[str, list[float]] = {}
+    for key, value in by_layer.items():
+        if key != "step":
+            members.setdefault(block_key(key), []).append(value)
+    assert set(members) == set(by_block) - {"step"}
+    for key, values in members.items():
+        stat = key.rsplit("/", 1)[1]
+        want = {"sqnr_db": min(values), "scale_min": min(values),
+                "norm": math.sqrt(sum(v * v for v in values))}  # fmt: skip
+        assert by_block[key] == want.get(stat, max(values)), key
+        assert len(values) == (1 if "lm_head" in key else 7), key
+    assert by_block["grad/lm_head/norm"] == by_layer["grad/lm_head/norm"]
+    assert "shadow/mxfp8/layers.1/grad_weight.input/sqnr_db" in by_block
