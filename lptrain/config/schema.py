@@ -154,7 +154,11 @@ class LoggingConfig:
 
 
 STATS = ("amax", "scale", "saturated", "underflow", "clamped", "sqnr_db", "dynamic_range")
-STATS_ALL = (*STATS, "nonfinite", "rms")
+# Opt-in (monitor.stats): signed min / max / mean / std, and the blockwise dynamic range
+# (numerics/stats.py: the largest over 32-element blocks, the share of blocks beyond the format's).
+STATS_EXTRA = ("nonfinite", "rms", "min", "max", "mean", "std")
+STATS_EXTRA += ("block_dynamic_range", "block_range_exceeded")
+STATS_ALL = (*STATS, *STATS_EXTRA)
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,8 @@ class MonitorConfig:
     start_step: int = 0  # first step with per-layer rows
     end_step: int | None = None  # inclusive; null: to the end of the run
     layers: list[str] = field(default_factory=lambda: ["*"])  # fnmatch globs on linear layers
-    # per-operand statistics; also nonfinite, rms
+    # per-operand statistics; also nonfinite, rms, min, max, mean, std, block_dynamic_range,
+    # block_range_exceeded (STATS_EXTRA)
     stats: list[Literal[STATS_ALL]] = field(default_factory=lambda: list(STATS))
     grad_norm: bool = True  # per-layer gradient norms
     update_ratio: bool = True  # per-layer |dW| / |W| of the optimizer step
