@@ -22,11 +22,12 @@ only reused or quantized copies), the output gradient in the backward. A replaye
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
 
-from lptrain.nn.backends.emulated import _lcm, granularity, pad_to
+from lptrain.nn.backends.emulated import granularity, pad_to
 from lptrain.nn.call import CallContext, initial_signs
 from lptrain.nn.recipe import GEMMS, Recipe
 from lptrain.nn.reuse import aliases
@@ -75,7 +76,7 @@ def _record(call: CallContext, recipe: Recipe, gemm: str, operand: str, t: torch
     gr = recipe.gemm(gemm)
     (ra, ka), (rb, kb) = granularity(gr.a), granularity(gr.b)
     rows = ra if operand == GEMMS[gemm][0] else rb
-    padded = pad_to(t, rows, _lcm(ka, kb))  # as EmulatedBackend.gemm pads
+    padded = pad_to(t, rows, math.lcm(ka, kb))  # as EmulatedBackend.gemm pads
     gen = call.shadow_generator(gemm, t.device)
     signs = _signs(call, recipe, gemm, gen, t.device)
     spec = stateless(recipe.spec(gemm, operand))
