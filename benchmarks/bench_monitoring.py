@@ -52,7 +52,7 @@ def _session(recipe: str, workdir: Path):
     tok = dataset.load_tokenizer(cfg.data.tokenizer)
     ds = eng.deepspeed_config(cfg, info.world)
     s = loop.setup(cfg, ds, converters.build(cfg), tok, info, workdir, lambda m: None)
-    return cfg, s
+    return cfg, s, tok.vocab_size
 
 
 def variants(intervals: list[int], everything: bool) -> dict:
@@ -64,7 +64,7 @@ def variants(intervals: list[int], everything: bool) -> dict:
     return out
 
 
-def _monitoring(cfg, s, spec):
+def _monitoring(cfg, s, vocab: int, spec):
     from lptrain.trainer import loop
 
     if spec is None:
@@ -76,7 +76,7 @@ def _monitoring(cfg, s, spec):
     vcfg = dataclasses.replace(cfg, monitor=monitor, precision=precision)
     from lptrain.trainer.loop import make_monitoring as build
 
-    m = build(vcfg, s.model, s.train_src.blocks, _split(s), s.layout, s.engine.device)
+    m = build(vcfg, s.model, s.train_src.blocks, _split(s), s.layout, s.engine.device, vocab)
     return m, m.wrap(loop.train_step)
 
 
@@ -133,8 +133,8 @@ def measure(recipe: str, block: int, rounds: int, specs: dict) -> dict:
     from lptrain.checkpoint.store import Progress
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, s = _session(recipe, Path(tmp))
-        variants = {name: _monitoring(cfg, s, spec) for name, spec in specs.items()}
+        cfg, s, vocab = _session(recipe, Path(tmp))
+        variants = {name: _monitoring(cfg, s, vocab, spec) for name, spec in specs.items()}
         p = Progress()
         _, _, p = _block(s, *variants["off"], p, 10)  # warm-up: allocations, first steps
         times = {name: [] for name in variants}
