@@ -3,7 +3,8 @@ everything (fidelity probe, guard checks every 10 steps) at 100, each as a ratio
 off, measured in one process; prints a markdown table for BENCHMARKS.md.
 
 usage: .venv/bin/python benchmarks/bench_monitoring.py [--recipes fp8,nvfp4] [--block 100]
-                                                       [--rounds 3]
+                                                       [--rounds 3] [--intervals 1,10,100]
+                                                       [--no-everything]
 
 One trainer session per recipe (`lptrain train`'s own setup: DeepSpeed ZeRO-0, the embedded
 corpus); the variants then take turns on the same model, `--block` optimizer steps each, for
@@ -51,19 +52,19 @@ def _session(recipe: str, workdir: Path):
     tok = dataset.load_tokenizer(cfg.data.tokenizer)
     ds = eng.deepspeed_config(cfg, info.world)
     s = loop.setup(cfg, ds, converters.build(cfg), tok, info, workdir, lambda m: None)
-    return cfg, s
+    return cfg, s, tok.vocab_size
 
 
-VARIANTS = {
-    "off": None,
-    "default, interval 100": {"interval": 100},
-    "default, interval 10": {"interval": 10},
-    "default, interval 1": {"interval": 1},
-    "everything, interval 100": {"interval": 100, "fidelity": True, "guard": True},
-}
+def variants(intervals: list[int], everything: bool) -> dict:
+    """off, the default set at each interval, and everything (fidelity, guard) at 100."""
+    out = {"off": None}
+    out.update({f"default, interval {i}": {"interval": i} for i in sorted(intervals, reverse=True)})
+    if everything:
+        out["everything, interval 100"] = {"interval": 100, "fidelity": True, "guard": True}
+    return out
 
 
-def _monitoring(cfg, s, spec):
+def _monitoring(cfg, s, vocab: int, spec):
     from lptrain.trainer import loop
 
     if spec is None:
@@ -75,7 +76,7 @@ def _monitoring(cfg, s, spec):
     vcfg = dataclasses.replace(cfg, monitor=monitor, precision=precision)
     from lptrain.trainer.loop import make_monitoring as build
 
-    m = build(vcfg, s.model, s.train_src.blocks, _split(s), s.layout, s.engine.device)
+    m = build(vcfg, s.model, s.train_src.blocks, _split(s), s.layout, s.engine.device, vocab)
     return m, m.wrap(loop.train_step)
 
 
@@ -128,12 +129,12 @@ def timer_overhead(steps: dict[str, list], interval: int, name: str) -> tuple[fl
     return extra / off, se / off
 
 
-def measure(recipe: str, block: int, rounds: int) -> dict:
+def measure(recipe: str, block: int, rounds: int, specs: dict) -> dict:
     from lptrain.checkpoint.store import Progress
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, s = _session(recipe, Path(tmp))
-        variants = {name: _monitoring(cfg, s, spec) for name, spec in VARIANTS.items()}
+        cfg, s, vocab = _session(recipe, Path(tmp))
+        variants = {name: _monitoring(cfg, s, vocab, spec) for name, spec in specs.items()}
         p = Progress()
         _, _, p = _block(s, *variants["off"], p, 10)  # warm-up: allocations, first steps
         times = {name: [] for name in variants}
@@ -143,7 +144,7 @@ def measure(recipe: str, block: int, rounds: int) -> dict:
                 cpu, wall, p = _block(s, m, fn, p, block, steps[name])
                 times[name].append((cpu, wall))
     timers = {name: timer_overhead(steps, spec["interval"], name)
-              for name, spec in VARIANTS.items() if spec is not None}  # fmt: skip
+              for name, spec in specs.items() if spec is not None}  # fmt: skip
     out = {}
     for name, ts in times.items():
         cpu = [t[0] / off[0] for t, off in zip(ts, times["off"], strict=True)]
@@ -158,9 +159,12 @@ def main() -> None:
     ap.add_argument("--recipes", default="fp8,nvfp4")
     ap.add_argument("--block", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--intervals", default="1,10,100", help="the default set at these")
+    ap.add_argument("--everything", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    results = {r: measure(r, args.block, args.rounds) for r in args.recipes.split(",")}
+    specs = variants([int(i) for i in args.intervals.split(",")], args.everything)
+    results = {r: measure(r, args.block, args.rounds, specs) for r in args.recipes.split(",")}
     load = os.getloadavg()[0]
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores (1 torch thread); torch "
           f"{torch.__version__}; {datetime.date.today()}; blocks of {args.block} steps, "

@@ -36,6 +36,9 @@ COMMON = [
 MONITORED = [
     *COMMON,
     "monitor.interval=1",
+    # MXFP6's shadow: E8M0 32-blocks and round-to-nearest like MXFP8, so the ranks' split leaves
+    # its statistics as unchanged as the live ones (test_layers.py).
+    "monitor.shadow=[mxfp6]",
     "monitor.fidelity=true",
     "precision.guard.enabled=true",
     "precision.guard.interval=1",

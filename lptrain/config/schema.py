@@ -180,7 +180,11 @@ class LoggingConfig:
 
 
 STATS = ("amax", "scale", "saturated", "underflow", "clamped", "sqnr_db", "dynamic_range")
-STATS_ALL = (*STATS, "nonfinite", "rms")
+# Opt-in (monitor.stats): signed min / max / mean / std, and the blockwise dynamic range
+# (numerics/stats.py: the largest over 32-element blocks, the share of blocks beyond the format's).
+STATS_EXTRA = ("nonfinite", "rms", "min", "max", "mean", "std")
+STATS_EXTRA += ("block_dynamic_range", "block_range_exceeded")
+STATS_ALL = (*STATS, *STATS_EXTRA)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,20 @@ class SpikeConfig:
     divergence: int = 100  # a spike not recovered within this many steps: diverged
 
 
+# What `monitor.schedule` can time: a statistic of `monitor.stats` or a per-layer weight metric.
+SCHEDULABLE = (*STATS_ALL, "grad_norm", "update_ratio", "fidelity")
+
+
+@dataclass(frozen=True)
+class StatSchedule:
+    """When one statistic is logged (`monitor.schedule.<name>`); a null field takes the
+    `monitor.` field of the same name."""
+
+    interval: int | None = None  # every `interval` steps
+    start_step: int | None = None  # first step
+    end_step: int | None = None  # last step, inclusive
+
+
 @dataclass(frozen=True)
 class MonitorConfig:
     """Per-layer numerics (observe/): every `interval` steps from `start_step` to
@@ -202,11 +220,21 @@ class MonitorConfig:
     start_step: int = 0  # first step with per-layer rows
     end_step: int | None = None  # inclusive; null: to the end of the run
     layers: list[str] = field(default_factory=lambda: ["*"])  # fnmatch globs on linear layers
-    # per-operand statistics; also nonfinite, rms
+    # per-operand statistics; also nonfinite, rms, min, max, mean, std, block_dynamic_range,
+    # block_range_exceeded (STATS_EXTRA)
     stats: list[Literal[STATS_ALL]] = field(default_factory=lambda: list(STATS))
     grad_norm: bool = True  # per-layer gradient norms
     update_ratio: bool = True  # per-layer |dW| / |W| of the optimizer step
     fidelity: bool = False  # gradient cosine vs high precision on a fixed probe batch
+    # Recipes whose statistics are logged on the same operands without changing training
+    # (shadow/<recipe>/... keys; nn/shadow.py)
+    shadow: list[str] = field(default_factory=list)
+    # Per-statistic timing overriding interval / start_step / end_step, e.g.
+    # {sqnr_db: {interval: 10}, grad_norm: {end_step: 1000}} (names: SCHEDULABLE)
+    schedule: dict[str, StatSchedule] = field(default_factory=dict)
+    # block: per-layer keys reduced per decoder block (observe/layers.py BLOCK_REDUCE: the
+    # worst layer's SQNR, saturation, underflow, ...), for models with many layers
+    aggregate: Literal["layer", "block"] = "layer"
     peak_flops: float | None = None  # per rank, for MFU (e.g. 989e12: H100 dense BF16)
     spike: SpikeConfig = field(default_factory=SpikeConfig)
 
@@ -289,6 +317,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(path, f"expected one of {_type_name(tp)}, got {value!r}")
         return value
+    if origin is dict:  # dict[str, X]: a mapping whose values are X, each under its key
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {type(value).__name__} {value!r}")
+        item = typing.get_args(tp)[1]
+        return {k: _coerce(item, v, f"{path}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(path, f"expected a list, got {type(value).__name__} {value!r}")
@@ -447,6 +480,31 @@ def _check_monitor(m: MonitorConfig) -> None:
         raise ConfigError("monitor.spike.threshold", f"must be > 0, got {m.spike.threshold}")
     if m.spike.divergence < 1:
         raise ConfigError("monitor.spike.divergence", f"must be >= 1, got {m.spike.divergence}")
+    for name, sched in m.schedule.items():
+        _check_schedule(m, name, sched)
+
+
+def _check_schedule(m: MonitorConfig, name: str, s: StatSchedule) -> None:
+    """One `monitor.schedule` entry times something that is logged, and changes its timing."""
+    path = f"monitor.schedule.{name}"
+    if name not in SCHEDULABLE:
+        raise ConfigError(path, f"unknown statistic (known: {', '.join(SCHEDULABLE)})")
+    if name in STATS_ALL and name not in m.stats:
+        raise ConfigError(path, "not in monitor.stats (the schedule says when, stats what)")
+    if name not in STATS_ALL and not getattr(m, name):
+        raise ConfigError(path, f"monitor.{name} is false: there is nothing to time")
+    if not m.interval:
+        raise ConfigError(path, "per-layer rows are off (monitor.interval: 0)")
+    if s == StatSchedule():
+        raise ConfigError(path, "sets none of interval, start_step, end_step")
+    if s.interval is not None and s.interval < 1:
+        raise ConfigError(f"{path}.interval", f"must be >= 1, got {s.interval}")
+    start = m.start_step if s.start_step is None else s.start_step
+    end = m.end_step if s.end_step is None else s.end_step
+    if start < 0:
+        raise ConfigError(f"{path}.start_step", f"must be >= 0, got {start}")
+    if end is not None and end < start:
+        raise ConfigError(path, f"end_step {end} < start_step {start}")
 
 
 def _check_guard(g: GuardConfig) -> None:

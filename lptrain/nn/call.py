@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lptrain.numerics import QuantStats, ScalingState, random_signs
+from lptrain.numerics import TE_NVFP4_SIGNS, QuantStats, ScalingState, random_signs
 from lptrain.numerics.stats import merge_stats
 
 if TYPE_CHECKING:
@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from lptrain.nn.recipe import Recipe
 
 PHASES = {"forward": 0, "backward": 1}
+# Random streams of shadow recipes (nn/shadow.py): one per GEMM, after the live phases, so a
+# shadow draws nothing from the streams training uses.
+SHADOW_PHASE = {"output": 2, "grad_input": 3, "grad_weight": 4}
 _MASK63 = (1 << 63) - 1
 
 
@@ -68,14 +71,24 @@ class CallContext:
     # optimizer step) instead of replacing them.
     merge_stats: bool = False
     overflows: torch.Tensor | None = None  # the layer's INT32-overflow counter (int64 buffer)
+    # Recipes whose statistics are recorded on the same operands without changing what this
+    # call computes (monitor.shadow, nn/shadow.py); only inside a statistics window.
+    shadows: tuple = ()
 
     def updates(self, gemm: str) -> bool:
         """Whether quantizing for `gemm` may change state in this call."""
         return self.training and not (self.recompute and gemm == "output")
 
     def generator(self, phase: str, device: torch.device) -> torch.Generator:
+        return self._stream(PHASES[phase], device)
+
+    def shadow_generator(self, gemm: str, device: torch.device) -> torch.Generator:
+        """A shadow recipe's stream for `gemm` in this call (never one training draws from)."""
+        return self._stream(SHADOW_PHASE[gemm], device)
+
+    def _stream(self, phase: int, device: torch.device) -> torch.Generator:
         g = torch.Generator(device=device)
-        g.manual_seed(derive_seed(self.seed, self.index, PHASES[phase]))
+        g.manual_seed(derive_seed(self.seed, self.index, phase))
         return g
 
     def state(self, gemm: str, operand: str) -> tuple[ScalingState | None, bool]:
@@ -99,7 +112,14 @@ class CallContext:
         bit, so its statistics are already counted (a merge would count them twice)."""
         if self.recompute and gemm == "output":
             return
-        key = f"{gemm}.{operand}"
+        self._keep(f"{gemm}.{operand}", stats)
+
+    def record_shadow(self, recipe: str, gemm: str, operand: str, stats: QuantStats) -> None:
+        """Keep a shadow recipe's statistics of one operand as `<recipe>/<gemm>.<operand>` (the
+        caller skips replayed forwards)."""
+        self._keep(f"{recipe}/{gemm}.{operand}", stats)
+
+    def _keep(self, key: str, stats: QuantStats | dict) -> None:
         new = stats.as_dict() if isinstance(stats, QuantStats) else stats
         old = self.stats.get(key) if self.merge_stats else None
         self.stats[key] = new if old is None else merge_stats(old, new)
@@ -107,6 +127,17 @@ class CallContext:
     def count_overflows(self, gemm: str, n: int) -> None:
         if self.overflows is not None and n and self.updates(gemm):
             self.overflows.add_(n)
+
+
+def initial_signs(recipe: "Recipe", gemm: str, seed: int, device=None) -> torch.Tensor:
+    """The fixed Hadamard sign vector of `gemm` for a layer of `recipe` with `seed`: TE's NVFP4
+    vector, or drawn once from a stable per-(seed, gemm) stream."""
+    if recipe.signs == "te_nvfp4":
+        if recipe.hadamard(gemm) != 16:
+            raise ValueError(f"recipe {recipe.name}: signs 'te_nvfp4' needs hadamard 16")
+        return torch.tensor(TE_NVFP4_SIGNS, dtype=torch.float32, device=device)
+    g = torch.Generator().manual_seed(stable_seed(int(seed), gemm))
+    return random_signs(recipe.hadamard(gemm), g).to(device)
 
 
 class CallLedger:

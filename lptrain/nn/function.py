@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lptrain.nn import shadow
 from lptrain.nn.call import CallContext
 from lptrain.nn.shared import share_key
 from lptrain.numerics import hadamard
@@ -87,6 +88,7 @@ def forward_gemm(call: CallContext, x, weight, bias):
             mx = shared[1]
         elif key is not None and xq is not None:
             backend.shared_inputs.put(x, key, (xq, mx))
+        shadow.record_forward(call, x2, weight)  # x2: the high-precision input, shared or not
         if bias is not None:
             y = y + bias.to(y.dtype)
     y = y.to(out_dtype).reshape(*x.shape[:-1], weight.shape[0])
@@ -122,6 +124,7 @@ def backward_gemms(call: CallContext, dy, operands, masks, fwd_signs, tk, want_d
     n_had = recipe.hadamard("output")
     with torch.autocast(dy.device.type, enabled=False):
         dy2 = dy.reshape(-1, dy.shape[-1])  # (T, N)
+        shadow.record_backward(call, dy2)
         gen = call.generator("backward", dy.device)
         w_b = wq if wq is not None else weight
         x_b = xq if xq is not None else x.reshape(t, k)

@@ -20,12 +20,12 @@ from torch import nn
 
 from lptrain.nn.backends import Backend
 from lptrain.nn.backends import resolve as resolve_backend
-from lptrain.nn.call import CallContext, CallLedger, call_key, stable_seed
+from lptrain.nn.call import CallContext, CallLedger, call_key, initial_signs
 from lptrain.nn.function import LinearFunction
 from lptrain.nn.recipe import GEMMS, Recipe
 from lptrain.nn.resolve import resolve
 from lptrain.nn.reuse import aliases as reuse_aliases
-from lptrain.numerics import TE_NVFP4_SIGNS, QuantSpec, ScalingState, random_signs
+from lptrain.numerics import QuantSpec, ScalingState
 
 _CPU_BUFFERS = ("step", "seed", "int32_overflows")
 
@@ -72,6 +72,7 @@ class Linear(nn.Linear):
         self.stats_window = False  # see open_stats_window
         self.quantization_enabled = True  # False: plain F.linear (see lptrain.nn.observe)
         self.last_stats: dict[str, dict[str, float]] = {}
+        self.shadows: tuple = ()  # shadow recipes of the open statistics window
         self._ledger = CallLedger()
         self.init_quantizer_state(default_seed() if seed is None else seed, device)
 
@@ -149,13 +150,7 @@ class Linear(nn.Linear):
         self.last_stats = {}
 
     def _initial_signs(self, gemm: str, device) -> torch.Tensor:
-        if self.recipe.signs == "te_nvfp4":
-            if self.recipe.hadamard(gemm) != 16:
-                raise ValueError(f"recipe {self.recipe.name}: signs 'te_nvfp4' needs hadamard 16")
-            return torch.tensor(TE_NVFP4_SIGNS, dtype=torch.float32, device=device)
-        # Fixed signs: drawn once from a stable per-(seed, gemm) stream.
-        g = torch.Generator().manual_seed(stable_seed(int(self.seed), gemm))
-        return random_signs(self.recipe.hadamard(gemm), g).to(device)
+        return initial_signs(self.recipe, gemm, int(self.seed), device)
 
     def _apply(self, fn, recurse=True):
         # Sign vectors stay FP32 like the rest of the quantizer state (model.to(bfloat16));
@@ -256,6 +251,7 @@ class Linear(nn.Linear):
             stats=self.last_stats,
             merge_stats=self.stats_window,
             overflows=self.int32_overflows,
+            shadows=self.shadows if collect and self.stats_window else (),
         )
 
     def extra_repr(self) -> str:
@@ -265,12 +261,16 @@ class Linear(nn.Linear):
         """Collect per-operand statistics every `every` training steps (0 turns them off)."""
         self.stats_interval = int(every)
 
-    def open_stats_window(self) -> None:
+    def open_stats_window(self, shadows: tuple = ()) -> None:
         """Collect on every training call from now on and merge the calls' statistics (the
-        micro-batches of one optimizer step) into `last_stats`, until `close_stats_window`."""
+        micro-batches of one optimizer step) into `last_stats`, until `close_stats_window`.
+        `shadows`: recipes whose statistics on the same operands are kept too, as
+        `<recipe>/<gemm>.<operand>` (nn/shadow.py); what the layer computes does not change."""
         self.last_stats.clear()
         self.stats_window = True
+        self.shadows = tuple(shadows)
 
     def close_stats_window(self) -> dict[str, dict[str, float]]:
         self.stats_window = False
+        self.shadows = ()
         return dict(self.last_stats)

@@ -14,14 +14,19 @@ from lptrain.nn.linear import Linear
 
 
 @contextlib.contextmanager
-def stats_window(layers: dict[str, Linear]) -> Iterator[dict[str, dict]]:
+def stats_window(
+    layers: dict[str, Linear], shadows: dict[str, tuple] | None = None
+) -> Iterator[dict[str, dict]]:
     """Collect every training call's statistics of `layers` inside the block, merged per
     operand (`numerics.stats.merge_stats`: the micro-batches of one optimizer step count as one
-    tensor); on exit the yielded dict holds {layer name: {'gemm.operand': stats}}. Collecting
-    changes no value the layers compute."""
+    tensor); on exit the yielded dict holds {layer name: {'gemm.operand': stats}}. `shadows`
+    {layer name: recipes} adds those recipes' statistics on the same operands as
+    '<recipe>/<gemm>.<operand>' (nn/shadow.py). Collecting changes no value the layers
+    compute."""
     out: dict[str, dict] = {}
-    for layer in layers.values():
-        layer.open_stats_window()
+    shadows = shadows or {}
+    for name, layer in layers.items():
+        layer.open_stats_window(shadows.get(name, ()))
     try:
         yield out
     finally:

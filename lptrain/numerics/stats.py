@@ -11,8 +11,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
-from lptrain.numerics.formats import get_format
+from lptrain.numerics.formats import Format, get_format
 from lptrain.numerics.rounding import round_to_format
 from lptrain.numerics.scaling import FLT_MAX, abs_max, group_dims
 from lptrain.numerics.spec import QuantSpec
@@ -34,9 +35,22 @@ class QuantStats:
     nonzero: torch.Tensor  # count of finite non-zero elements (underflow's denominator)
     groups: torch.Tensor  # count of scale groups with a non-zero amax (clamped's denominator)
     elements: int
+    # Signed extremes and the sum of the finite elements (mean = sum / elements; std from the
+    # mean and rms, so that it merges exactly like them).
+    min: torch.Tensor
+    max: torch.Tensor
+    sum: torch.Tensor
+    # BLOCK-element blocks along the quantizer's axis (`_block_ranges`): the largest in-block
+    # dynamic range (bits), how many blocks exceed the element format's range, how many blocks
+    # hold a non-zero element (the denominator).
+    block_range: torch.Tensor
+    blocks_over: torch.Tensor
+    blocks: torch.Tensor
 
     def as_dict(self) -> dict[str, float]:
         scale = self.scale.float()
+        n = max(self.elements, 1)
+        blocks = float(self.blocks)
         return {
             "amax": float(self.amax),
             "scale_mean": float(scale.mean()),
@@ -52,6 +66,13 @@ class QuantStats:
             "nonzero": float(self.nonzero),
             "groups": float(self.groups),
             "elements": float(self.elements),
+            "min": float(self.min),
+            "max": float(self.max),
+            "mean": float(self.sum) / n,
+            "std": _std(float(self.rms), float(self.sum) / n),
+            "block_dynamic_range": float(self.block_range),
+            "block_range_exceeded": float(self.blocks_over) / max(blocks, 1.0),
+            "blocks": blocks,
         }
 
     @staticmethod
@@ -60,9 +81,54 @@ class QuantStats:
         return _empty(torch.zeros(0)).as_dict()
 
 
+def _std(rms: float, mean: float) -> float:
+    """sqrt(E[x^2] - E[x]^2) (population std; floored at 0 against rounding): relative error
+    about 1e-7 (rms / std)^2, negligible unless the mean dwarfs the spread."""
+    return math.sqrt(max(rms * rms - mean * mean, 0.0))
+
+
 def _empty(x: torch.Tensor) -> QuantStats:
     z = torch.zeros((), dtype=torch.float32, device=x.device)
-    return QuantStats(z, torch.ones(1), z, z, z + float("inf"), z, z, z, z, z, z, 0)
+    return QuantStats(
+        z, torch.ones(1), z, z, z + float("inf"), z, z, z, z, z, z, 0, z, z, z, z, z, z
+    )
+
+
+# The blockwise dynamic range looks at blocks of BLOCK consecutive elements along the
+# quantizer's axis (the GEMM's reduction axis, after any Hadamard rotation): an MX block, two
+# NVFP4 blocks. Fixed for every recipe, so that recipes (and shadows) compare on one scale.
+BLOCK = 32
+
+
+def format_range_bits(fmt: Format) -> float:
+    """log2(max finite / smallest positive value) of an element format: the widest spread one
+    block can hold with its largest element at the format's max (E4M3 17.8, E2M1 3.6, INT8 7.0)."""
+    return math.log2(fmt.max_finite / fmt.min_subnormal)
+
+
+def _row_length(xg: torch.Tensor, spec: QuantSpec) -> int:
+    """Length of the quantizer's axis. `xg` is the axis-last tensor, grouped by reshapes that
+    keep the memory order (blocks: (..., n, bs); tiles: (..., R, r, C, c)), so its flat order is
+    row after row of that axis."""
+    if spec.scaling == "block":
+        return xg.shape[-2] * xg.shape[-1]
+    return xg.shape[-1] if xg.dim() else 1
+
+
+def _block_ranges(a: torch.Tensor, row: int, fmt: Format):
+    """(largest in-block dynamic range in bits, blocks whose range exceeds `fmt`'s, blocks with a
+    non-zero element) over BLOCK-element blocks of rows of length `row` of |x| (`a`). A row whose
+    length is not a multiple of BLOCK ends with a shorter block (zero padding changes neither a
+    block's max nor its smallest non-zero element). A block of zeros has no range."""
+    rows = a.reshape(-1, row)
+    if row % BLOCK:
+        rows = F.pad(rows, (0, -row % BLOCK))
+    b = rows.reshape(-1, BLOCK)
+    top = b.amax(-1)
+    bottom = torch.where(b > 0, b, torch.full_like(b, float("inf"))).amin(-1)
+    live = top > 0
+    bits = torch.where(live, torch.log2(top) - torch.log2(bottom), torch.zeros_like(top))
+    return bits.max(), (bits > format_range_bits(fmt)).sum(), live.sum()
 
 
 def _clamped(spec: QuantSpec, xg, dec, gdec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,6 +179,8 @@ def compute_stats(xg, y, q, xh, dec, gdec, spec: QuantSpec) -> QuantStats:
     n = xg.numel()
     clamped, groups = _clamped(spec, xg, dec, gdec)
     nonzero = nz.sum()
+    vmin, vmax = torch.aminmax(x)
+    block_range, blocks_over, blocks = _block_ranges(a, _row_length(xg, spec), spec.fmt)
     return QuantStats(
         amax=amax,
         scale=scale.detach().reshape(-1) if scale.dim() else scale.reshape(1),
@@ -126,6 +194,12 @@ def compute_stats(xg, y, q, xh, dec, gdec, spec: QuantSpec) -> QuantStats:
         nonzero=nonzero,
         groups=groups,
         elements=n,
+        min=vmin,
+        max=vmax,
+        sum=x.sum(),
+        block_range=block_range.float(),
+        blocks_over=blocks_over,
+        blocks=blocks,
     )
 
 
@@ -138,12 +212,13 @@ def compute_stats(xg, y, q, xh, dec, gdec, spec: QuantSpec) -> QuantStats:
 # signal / 10^(sqnr/10)); fractions are weighted by their own denominators (elements for
 # saturated and non-finite, non-zero elements for underflow, live scale groups for clamped), so
 # they merge exactly too. The scale mean is weighted by elements (groups of one tensor share a
-# size).
+# size). The signed min and max, the sum (hence mean and, with the signal, std) and the
+# blockwise range (MAX of the largest, SUM of the counts) merge exactly as well.
 
 SUM_MOMENTS = ("elements", "nonzero", "groups", "saturated_n", "underflow_n", "clamped_n")
-SUM_MOMENTS += ("nonfinite_n", "scale_n", "signal", "error")
-MAX_MOMENTS = ("amax", "scale_max")
-MIN_MOMENTS = ("scale_min", "min_nonzero")
+SUM_MOMENTS += ("nonfinite_n", "scale_n", "signal", "error", "sum", "blocks", "blocks_over_n")
+MAX_MOMENTS = ("amax", "scale_max", "max", "block_range")
+MIN_MOMENTS = ("scale_min", "min_nonzero", "min")
 
 
 def to_moments(d: dict[str, float]) -> dict[str, float]:
@@ -169,6 +244,12 @@ def to_moments(d: dict[str, float]) -> dict[str, float]:
         "scale_max": d["scale_max"] if n else -math.inf,
         "scale_min": d["scale_min"] if n else math.inf,
         "min_nonzero": min_nz,
+        "sum": d["mean"] * n,
+        "max": d["max"] if n else -math.inf,
+        "min": d["min"] if n else math.inf,
+        "blocks": d["blocks"],
+        "blocks_over_n": d["block_range_exceeded"] * d["blocks"],
+        "block_range": d["block_dynamic_range"] if d["blocks"] else -math.inf,
     }
 
 
@@ -201,6 +282,13 @@ def from_moments(m: dict[str, float]) -> dict[str, float]:
         "nonzero": m["nonzero"],
         "groups": m["groups"],
         "elements": n,
+        "min": m["min"],
+        "max": m["max"],
+        "mean": m["sum"] / n,
+        "std": _std(math.sqrt(signal / n), m["sum"] / n),
+        "block_dynamic_range": m["block_range"] if m["blocks"] else 0.0,
+        "block_range_exceeded": m["blocks_over_n"] / max(m["blocks"], 1.0),
+        "blocks": m["blocks"],
     }
 
 

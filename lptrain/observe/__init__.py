@@ -4,7 +4,6 @@ update ratios (weights.py), gradient fidelity on a probe batch (fidelity.py), lo
 around each step by `Monitoring` (runner.py). The rows and events go through metrics.py.
 """
 
-from lptrain.observe.guard import check
-from lptrain.observe.runner import Monitoring, Plan, check_model
+from lptrain.observe.runner import Monitoring, Plan, check, check_model
 
 __all__ = ["Monitoring", "Plan", "check", "check_model"]

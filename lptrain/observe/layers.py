@@ -15,8 +15,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lptrain.config.schema import MonitorConfig
-from lptrain.nn import Linear, stats_window
+from lptrain import recipes
+from lptrain.config.precision import is_high_precision, resolve_recipe
+from lptrain.config.schema import MonitorConfig, TrainConfig
+from lptrain.errors import ConfigError
+from lptrain.nn import Linear, shadow, stats_window
+from lptrain.nn.recipe import Recipe
 from lptrain.nn.select import matches, require_match  # noqa: F401  (runner.py's)
 from lptrain.numerics.stats import (
     MAX_MOMENTS,
@@ -103,10 +107,30 @@ def _unpack(keys, sums: list[float], maxes: list[float]) -> Stats:
     return out
 
 
-def _block_scaled(layer: Linear, key: str) -> bool:
+def _block_scaled(recipe: Recipe, key: str) -> bool:
     gemm, operand = key.split(".")
-    spec = layer.recipe.spec(gemm, operand)
+    spec = recipe.spec(gemm, operand)
     return spec is not None and spec.scaling in ("row", "block")
+
+
+def _operand_metrics(prefix: str, key: str, d: dict, wanted: list[str], recipe) -> dict:
+    """One operand's `<prefix>/<stat>` entries; `recipe` (or None) says its scale kind."""
+    if key.endswith(".accumulator"):
+        return {f"{prefix}/int32_overflows": d["int32_overflows"]}
+    out = {}
+    for stat in wanted:
+        if stat != "scale":
+            out[f"{prefix}/{stat}"] = d[stat]
+        elif recipe is not None and _block_scaled(recipe, key):
+            out[f"{prefix}/scale_min"] = d["scale_min"]
+            out[f"{prefix}/scale_max"] = d["scale_max"]
+        else:
+            out[f"{prefix}/scale"] = d["scale_mean"]
+    return out
+
+
+def _in_model_order(stats: Stats, layers: dict) -> list[str]:
+    return [n for n in layers if n in stats] + [n for n in stats if n not in layers]
 
 
 def quant_metrics(stats: Stats, wanted: list[str], layers: dict[str, Linear]) -> dict[str, float]:
@@ -114,44 +138,201 @@ def quant_metrics(stats: Stats, wanted: list[str], layers: dict[str, Linear]) ->
     scale_min / scale_max for per-row and per-block ones; the INT32 accumulator's overflow
     count is always included for recipes that have one."""
     out: dict[str, float] = {}
-    order = [n for n in layers if n in stats] + [n for n in stats if n not in layers]
-    for layer in order:  # model order, so that readers list layers as the model has them
+    for layer in _in_model_order(stats, layers):  # model order, as readers list layers
+        recipe = layers[layer].recipe if layer in layers else None
         for key, d in sorted(stats[layer].items()):
-            prefix = f"quant/{layer}/{key}"
-            if key.endswith(".accumulator"):
-                out[f"{prefix}/int32_overflows"] = d["int32_overflows"]
-                continue
-            for stat in wanted:
-                if stat != "scale":
-                    out[f"{prefix}/{stat}"] = d[stat]
-                elif layer in layers and _block_scaled(layers[layer], key):
-                    out[f"{prefix}/scale_min"] = d["scale_min"]
-                    out[f"{prefix}/scale_max"] = d["scale_max"]
-                else:
-                    out[f"{prefix}/scale"] = d["scale_mean"]
+            out.update(_operand_metrics(f"quant/{layer}/{key}", key, d, wanted, recipe))
     return out
 
 
-def keys_per_layer(recipe, wanted: list[str]) -> int:
-    """The `quant/` keys one layer of `recipe` gives per row, counted on a 64x64 probe layer
-    of that recipe (one emulated forward and backward on the CPU): the count follows the
-    recipe's operands, reused copies and scale kinds exactly, without a rule to keep in step."""
+# ---------------------------------------------------------------- shadow recipes
+
+
+def shadow_recipes(cfg: TrainConfig) -> tuple[Recipe, ...]:
+    """`monitor.shadow` resolved. A ConfigError naming the key for a name that is unknown, the
+    run's own recipe, listed twice or unable to shadow (nn/shadow.py), and for shadows that
+    would record nothing (no per-layer rows, no statistics, a run that converts no layer)."""
+    names = cfg.monitor.shadow
+    if not names:
+        return ()
+    key = "monitor.shadow"
+    if not cfg.monitor.interval or not cfg.monitor.stats:
+        raise ConfigError(key, "needs per-layer statistics (monitor.interval > 0, monitor.stats)")
+    if is_high_precision(cfg.precision):
+        raise ConfigError(
+            key, f"precision.recipe {cfg.precision.recipe} converts no layer; shadows run "
+            "inside lptrain layers (train with a low-precision recipe)",
+        )  # fmt: skip
+    live = resolve_recipe(cfg.precision)
+    out = []
+    for name in names:
+        if name not in recipes.names():
+            raise ConfigError(key, f"unknown recipe {name!r} (known: {', '.join(recipes.names())})")
+        r = recipes.get(name)
+        if r == live:
+            raise ConfigError(
+                key, f"{name!r} is the run's own recipe: its numbers are the quant/ keys"
+            )
+        if r in out:
+            raise ConfigError(key, f"{name!r} is listed twice")
+        if why := shadow.unsupported(r):
+            raise ConfigError(key, f"{name!r} cannot be a shadow: it {why}")
+        out.append(r)
+    return tuple(out)
+
+
+def split_shadows(stats: Stats) -> tuple[Stats, dict[str, Stats]]:
+    """(the layers' own statistics, {shadow recipe: statistics}) from a window's statistics,
+    whose shadow entries are keyed `<recipe>/<gemm>.<operand>`."""
+    live: Stats = {}
+    shadows: dict[str, Stats] = {}
+    for layer, entries in stats.items():
+        for key, d in entries.items():
+            recipe, sep, operand = key.rpartition("/")
+            if sep:
+                shadows.setdefault(recipe, {}).setdefault(layer, {})[operand] = d
+            else:
+                live.setdefault(layer, {})[key] = d
+    return live, shadows
+
+
+def shadow_metrics(
+    shadows: dict[str, Stats], wanted: list[str], layers: dict, by_name: dict[str, Recipe]
+) -> dict[str, float]:
+    """`shadow/<recipe>/<layer>/<gemm>.<operand>/<stat>`: the numbers `recipe` would give on
+    the same operands (named apart from the live `quant/` keys)."""
+    out: dict[str, float] = {}
+    for name, stats in shadows.items():
+        for layer in _in_model_order(stats, layers):
+            for key, d in sorted(stats[layer].items()):
+                prefix = f"shadow/{name}/{layer}/{key}"
+                out.update(_operand_metrics(prefix, key, d, wanted, by_name[name]))
+    return out
+
+
+# ---------------------------------------------------------------- per-block aggregation
+
+
+def block_of(layer: str) -> str:
+    """A layer's decoder block: its name up to the first numeric part (`layers.3.attn.wq` ->
+    `layers.3`, `model.layers.3.mlp.up_proj` -> `model.layers.3`); a layer outside numbered
+    blocks is its own (`lm_head`)."""
+    parts = layer.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return layer
+
+
+def block_key(key: str) -> str:
+    """A per-layer key's per-block name: `quant/layers.3.attn.wq/output.input/sqnr_db` ->
+    `quant/layers.3/output.input/sqnr_db` (and `shadow/<recipe>/...`, `grad/`, `weight/`)."""
+    kind, _, rest = key.partition("/")
+    if kind == "shadow":
+        recipe, _, rest = rest.partition("/")
+        kind = f"shadow/{recipe}"
+    layer, _, tail = rest.partition("/")
+    return f"{kind}/{block_of(layer)}/{tail}"
+
+
+def _l2(values: list[float]) -> float:
+    return math.sqrt(sum(v * v for v in values))
+
+
+# How a block's layers reduce, by the statistic's name: the worst layer for quality measures
+# (lowest SQNR and cosine, highest saturation and underflow), the extremes for ranges, the
+# block's own gradient norm (the norm of all its layers' gradients). Anything else: max.
+BLOCK_REDUCE = {
+    "sqnr_db": min,
+    "cosine": min,
+    "alignment": min,
+    "scale_min": min,
+    "min": min,
+    "mean": lambda v: sum(v) / len(v),  # of the layers' means, unweighted
+    "norm": _l2,
+    "int32_overflows": sum,
+}
+
+
+def aggregate_blocks(row: dict) -> dict:
+    """`monitor.aggregate: block`: a per-layer row reduced per decoder block (BLOCK_REDUCE; a
+    NaN or missing value anywhere in a block makes the block's value NaN)."""
+    groups: dict[str, list] = {}
+    for key, value in row.items():
+        if key != "step":
+            groups.setdefault(block_key(key), []).append(value)
+    out = {"step": row["step"]}
+    for key, values in groups.items():
+        if any(v is None or math.isnan(v) for v in values):
+            out[key] = math.nan
+        else:
+            out[key] = BLOCK_REDUCE.get(key.rsplit("/", 1)[1], max)(values)
+    return out
+
+
+# ---------------------------------------------------------------- key counts
+
+
+def _recipe_keys(recipe, wanted: list[str]) -> list[str]:
+    """`<gemm>.<operand>/<stat>` of the `quant/` keys one layer of `recipe` gives per row,
+    read off a 64x64 probe layer of that recipe (one emulated forward and backward on the
+    CPU): they follow the recipe's operands, reused copies and scale kinds exactly, without a
+    rule to keep in step. A shadow of `recipe` gives the same (nn/shadow.py records the same
+    operands)."""
     probe = Linear(64, 64, bias=False, recipe=recipe, backend="emulated", seed=0)
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
     with stats_window({"probe": probe}) as stats:
         probe(x).square().mean().backward()
-    return len(quant_metrics(stats, wanted, {"probe": probe}))
+    return [k[len("quant/probe/") :] for k in quant_metrics(stats, wanted, {"probe": probe})]
 
 
-def key_count(layers: dict[str, nn.Module], trained: dict, cfg: MonitorConfig) -> int:
-    """Keys of one per-layer row (layers.jsonl and W&B): `quant/` keys per quantizing layer,
-    and per trained layer its gradient norm, update ratio and gradient fidelity (two)."""
-    per_recipe: dict[str, int] = {}
-    n = 0
+def keys_per_layer(recipe, wanted: list[str]) -> int:
+    """The `quant/` keys one layer of `recipe` gives per row."""
+    return len(_recipe_keys(recipe, wanted))
+
+
+def key_names(
+    layers: dict[str, nn.Module], trained: dict, cfg: MonitorConfig, shadows: tuple = ()
+) -> list[str]:
+    """The per-layer keys a row holds at most (every statistic due; before `aggregate`):
+    `quant/` keys per quantizing layer and as many per shadow recipe, and per trained layer its
+    gradient norm, update ratio and gradient fidelity (two)."""
+    cache: dict[str, list[str]] = {}
+
+    def suffixes(recipe) -> list[str]:
+        name = repr(recipe.to_dict())
+        if name not in cache:
+            cache[name] = _recipe_keys(recipe, list(cfg.stats))
+        return cache[name]
+
+    names = []
     if cfg.stats:
-        for layer in quantizing(layers).values():
-            name = repr(layer.recipe.to_dict())
-            if name not in per_recipe:
-                per_recipe[name] = keys_per_layer(layer.recipe, list(cfg.stats))
-            n += per_recipe[name]
-    return n + len(trained) * (cfg.grad_norm + cfg.update_ratio + 2 * cfg.fidelity)
+        for name, layer in quantizing(layers).items():
+            names += [f"quant/{name}/{k}" for k in suffixes(layer.recipe)]
+            for r in shadows:
+                names += [f"shadow/{r.name}/{name}/{k}" for k in suffixes(r)]
+    weight = ["grad/{}/norm"] * cfg.grad_norm + ["weight/{}/update_ratio"] * cfg.update_ratio
+    weight += ["grad/{}/cosine", "grad/{}/alignment"] * cfg.fidelity
+    return names + [k.format(name) for name in trained for k in weight]
+
+
+def key_count(
+    layers: dict[str, nn.Module], trained: dict, cfg: MonitorConfig, shadows: tuple = ()
+) -> int:
+    """Keys of one row (layers.jsonl and W&B), per block with `monitor.aggregate: block`."""
+    names = key_names(layers, trained, cfg, shadows)
+    return len({block_key(k) for k in names}) if cfg.aggregate == "block" else len(names)
+
+
+def key_count_line(layers: dict, trained: dict, cfg: MonitorConfig, shadows: tuple = ()) -> str:
+    """What the trainer says at start (W&B suggests at most ~10,000 keys per project)."""
+    names = key_names(layers, trained, cfg, shadows)
+    if cfg.aggregate == "block":
+        blocks = {block_key(k) for k in names}
+        n_blocks = len({block_of(n) for n in layers})
+        return (
+            f"monitor: {len(blocks)} per-block keys per row (layers.jsonl, W&B), {len(layers)} "
+            f"layers in {n_blocks} blocks ({len(names)} per-layer keys without "
+            "monitor.aggregate: block)"
+        )
+    return f"monitor: {len(names)} per-layer keys per row (layers.jsonl, W&B), {len(layers)} layers"

@@ -18,6 +18,7 @@ from typing import Any
 
 from lptrain.checkpoint import rundir
 from lptrain.config.schema import LoggingConfig, WandbConfig
+from lptrain.observe.layers import block_of
 
 
 def _has_wandb_credentials() -> bool:
@@ -64,15 +65,23 @@ def panel_key(key: str) -> str:
     `quant/<layer>/...` chart would share one `quant` section (560 for the tiny nvfp4 model).
     In W&B the block joins the section name: `quant/layers.3.attn.wq/output.input/amax` becomes
     `quant.layers.3/attn.wq/output.input/amax` (a section per block). A layer outside a numbered
-    block, and every other metric, keeps its name; the run directory's files keep the names."""
+    block, and every other metric, keeps its name; the run directory's files keep the names.
+    Per-block keys (`monitor.aggregate: block`) open the same sections:
+    `quant/layers.3/output.input/amax` as `quant.layers.3/output.input/amax`. Shadow recipes'
+    keys (`shadow/<recipe>/<layer>/...`) get a section per recipe and block:
+    `shadow.mxfp8.layers.3/attn.wq/output.input/underflow`."""
     kind, _, rest = key.partition("/")
-    layer, _, tail = rest.partition("/")
-    parts = layer.split(".")
-    digits = [i for i, part in enumerate(parts) if part.isdigit()]
-    if kind != "quant" or not tail or not digits or digits[0] == len(parts) - 1:
+    if kind == "shadow":
+        recipe, _, rest = rest.partition("/")
+        kind = f"shadow.{recipe}"
+    elif kind != "quant":
         return key
-    cut = digits[0] + 1
-    return f"quant.{'.'.join(parts[:cut])}/{'.'.join(parts[cut:])}/{tail}"
+    layer, _, tail = rest.partition("/")
+    block = block_of(layer)
+    if not tail or block == layer and not any(p.isdigit() for p in layer.split(".")):
+        return f"{kind}/{rest}"
+    inside = layer[len(block) + 1 :]  # empty for a per-block key (monitor.aggregate: block)
+    return f"{kind}.{block}/{inside + '/' if inside else ''}{tail}"
 
 
 def event_row(ev: dict) -> list:

@@ -6,7 +6,8 @@
     row, events = monitoring.after_step(step, result)   # reduce, score, guard, fidelity
 
 A step collects when it is a monitoring step (every `monitor.interval` steps between
-`start_step` and `end_step`: the layers.jsonl row) or a guard check. Nothing here changes what
+`start_step` and `end_step`, or a statistic's own `monitor.schedule`: the layers.jsonl row) or
+a guard check. Nothing here changes what
 training computes: statistics are read off the quantizers, norms off the weights and gradients,
 and the fidelity probe runs in eval mode (fidelity.py).
 """
@@ -14,20 +15,21 @@ and the fidelity probe runs in eval mode (fidelity.py).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import nn
 
 from lptrain.config.precision import resolve_overrides
-from lptrain.config.schema import TrainConfig
+from lptrain.config.schema import MonitorConfig, StatSchedule, TrainConfig
 from lptrain.errors import ConfigError
 from lptrain.nn import Linear, stats_window
 from lptrain.observe import layers as L
 from lptrain.observe import perf, weights
 from lptrain.observe.fidelity import gradient_fidelity
 from lptrain.observe.guard import PrecisionGuard
+from lptrain.observe.guard import check as check_guard
 from lptrain.observe.spikes import SpikeDetector
 
 
@@ -35,6 +37,32 @@ from lptrain.observe.spikes import SpikeDetector
 class Plan:
     layers: bool  # a per-layer row this step
     guard: bool  # a guard check this step
+    stats: tuple[str, ...] = ()  # the statistics of monitor.stats due this step
+    grad_norm: bool = False
+    update_ratio: bool = False
+    fidelity: bool = False
+
+
+def due(m: MonitorConfig, name: str, step: int) -> bool:
+    """Whether `name` (a statistic, grad_norm, update_ratio or fidelity) is logged at `step`:
+    every `interval` steps from `start_step` to `end_step`, its `monitor.schedule` entry's
+    where that sets them, `monitor`'s otherwise. `monitor.interval: 0` turns every row off."""
+    if not m.interval:
+        return False
+    s = m.schedule.get(name, StatSchedule())
+    interval = m.interval if s.interval is None else s.interval
+    start = m.start_step if s.start_step is None else s.start_step
+    end = m.end_step if s.end_step is None else s.end_step
+    return start <= step and (end is None or step <= end) and step % interval == 0
+
+
+def plan_rows(m: MonitorConfig, step: int) -> Plan:
+    """What the per-layer row of `step` holds (no guard check: `Monitoring.plan` adds it)."""
+    stats = tuple(s for s in m.stats if due(m, s, step))
+    weights = {k: getattr(m, k) and due(m, k, step) for k in ("grad_norm", "update_ratio")}
+    fidelity = m.fidelity and due(m, "fidelity", step)
+    return Plan(bool(stats) or any(weights.values()) or fidelity, False, stats,
+                fidelity=fidelity, **weights)  # fmt: skip
 
 
 @dataclass
@@ -43,6 +71,13 @@ class _Pending:
     plan: Plan
     stats: dict
     before: dict | None
+
+
+def check(cfg: TrainConfig) -> None:
+    """What can be checked from the config alone, before any heavy work: the guard's fallback
+    chain and the shadow recipes."""
+    check_guard(cfg)
+    L.shadow_recipes(cfg)
 
 
 def check_model(cfg: TrainConfig, model: nn.Module) -> None:
@@ -93,6 +128,7 @@ class Monitoring:
         bound = math.log(vocab_size) if vocab_size else math.inf
         self.spikes = SpikeDetector(self.cfg.spike, bound)
         self.per_token = perf.flops_per_token(model, cfg.data.block_size)
+        self.shadows = L.shadow_recipes(cfg)
         self._armed = False
         self._norms: dict[str, float] = {}
         self._pending: _Pending | None = None
@@ -100,16 +136,14 @@ class Monitoring:
     # -- scheduling ---------------------------------------------------------------------------
 
     def plan(self, step: int) -> Plan:
-        m = self.cfg
-        in_range = step >= m.start_step and (m.end_step is None or step <= m.end_step)
-        rows = bool(m.interval) and in_range and step % m.interval == 0
-        return Plan(layers=rows, guard=self.guard is not None and self.guard.due(step))
+        rows = plan_rows(self.cfg, step)
+        return replace(rows, guard=self.guard is not None and self.guard.due(step))
 
     def _stat_layers(self, plan: Plan) -> dict:
         """The lptrain layers whose statistics this step needs (recipes change under the guard)."""
         q = L.quantizing(dict(self.model.named_modules()))
         want = {}
-        if plan.layers and self.cfg.stats:
+        if plan.stats:
             want.update({n: m for n, m in q.items() if n in self.layers})
         if plan.guard:
             want.update({n: m for n, m in q.items() if self.guard.watches(n)})
@@ -123,12 +157,12 @@ class Monitoring:
             plan = self.plan(step)
             if not (plan.layers or plan.guard):
                 return step_fn(s, p)
-            before = None
-            if plan.layers and self.cfg.update_ratio:
-                before = weights.snapshot(self.trained)
-            self._armed = plan.layers and self.cfg.grad_norm
+            before = weights.snapshot(self.trained) if plan.update_ratio else None
+            self._armed = plan.grad_norm
+            want = self._stat_layers(plan)
+            shadows = {n: self.shadows for n in want if plan.stats and n in self.layers}
             try:
-                with stats_window(self._stat_layers(plan)) as stats:
+                with stats_window(want, shadows) as stats:
                     result = step_fn(s, p)
             finally:
                 self._armed = False
@@ -148,29 +182,32 @@ class Monitoring:
         pending, self._pending = self._pending, None
         if pending is None or pending.step != step:
             return None, events
-        stats = L.reduce_over_ranks(pending.stats)
-        row = self._layer_row(step, pending, stats) if pending.plan.layers else None
+        stats, shadows = L.split_shadows(L.reduce_over_ranks(pending.stats))
+        row = self._layer_row(step, pending, stats, shadows) if pending.plan.layers else None
         if pending.plan.guard and not result.skipped:
             q = L.quantizing(dict(self.model.named_modules()))
             events += self.guard.check(step, stats, q)
         return row, events
 
-    def _layer_row(self, step: int, pending: _Pending, stats: dict) -> dict:
+    def _layer_row(self, step: int, pending: _Pending, stats: dict, shadows: dict) -> dict:
         q = L.quantizing(dict(self.model.named_modules()))
-        row = {"step": step, **L.quant_metrics(stats, list(self.cfg.stats), q)}
+        wanted = list(pending.plan.stats)
+        row = {"step": step, **L.quant_metrics(stats, wanted, q)}
+        by_name = {r.name: r for r in self.shadows}
+        row.update(L.shadow_metrics(shadows, wanted, q, by_name))
         for name, norm in self._norms.items():
             row[f"grad/{name}/norm"] = norm
         self._norms = {}
         if pending.before is not None:
             for name, r in weights.update_ratios(self.trained, pending.before).items():
                 row[f"weight/{name}/update_ratio"] = r
-        if self.cfg.fidelity and self.probe is not None and self.trained:
+        if pending.plan.fidelity and self.probe is not None and self.trained:
             for name, (cos, align) in gradient_fidelity(
                 self.model, self.probe, self.trained
             ).items():
                 row[f"grad/{name}/cosine"] = cos
                 row[f"grad/{name}/alignment"] = align
-        return row
+        return L.aggregate_blocks(row) if self.cfg.aggregate == "block" else row
 
     # -- per-step row, state, summary ----------------------------------------------------------
 

@@ -46,7 +46,18 @@ HEATMAPS = (
      "Largest magnitude of the operand (log colour scale)."),
     ("dynamic_range", "dynamic-range", "dynamic range (bits)", "viridis", 1.0, False,
      "log2(max |x| / min non-zero |x|): bits of range the operand spans."),
+    # Opt-in statistics (monitor.stats): a figure only for runs that recorded them.
+    ("block_range_exceeded", "block-range-exceeded", "32-blocks beyond the format's range (%)",
+     "magma", 100.0, False,
+     "Non-zero 32-element blocks whose own dynamic range exceeds the element format's "
+     "(log2(max / min subnormal)): even a per-block scale loses their smallest elements."),
+    ("block_dynamic_range", "block-dynamic-range", "largest in-block dynamic range (bits)",
+     "viridis", 1.0, False,
+     "max over 32-element blocks of log2(max |x| / min non-zero |x|) within the block."),
 )  # fmt: skip
+# A shadow recipe's heatmaps (monitor.shadow), on the colour scales of the run's own: the first
+# open on the page, the second folded.
+SHADOW_HEATMAPS = ("sqnr_db", "underflow")
 SHOWN = 2  # the first HEATMAPS open on the page
 
 
@@ -82,6 +93,17 @@ def _figures(runs: list[Run]):
             fig = plots.heatmap_figure(run, stat, label, cmap, mult, limits[stat], log)
             yield Figure(f"{prefix}-{slug}.png", section, f"{run.name} {label} heatmap",
                          note + " Colour scale shared by every run.", k >= SHOWN, fig)  # fmt: skip
+        for source in plots.shadow_sources(run):
+            recipe = source.split("/", 1)[1]
+            heatmaps = [h for h in HEATMAPS if h[0] in SHADOW_HEATMAPS]
+            for k, (stat, prefix, label, cmap, mult, log, note) in enumerate(heatmaps):
+                fig = plots.heatmap_figure(run, stat, label, cmap, mult, limits[stat], log,
+                                           source)  # fmt: skip
+                yield Figure(f"shadow-{_slug(recipe)}-{prefix}-{slug}.png", section,
+                             f"{run.name} {recipe} shadow {label} heatmap",
+                             f"What {recipe} would give on the same operands (monitor.shadow; "
+                             f"training unchanged). {note} Colour scale shared with the run's "
+                             "own.", k > 0, fig)  # fmt: skip
         yield Figure(f"scales-{slug}.png", section, f"{run.name} scale traces",
                      "Scale per layer and operand over training; " + plots.DEC + ".", False,
                      plots.scale_figure(run))  # fmt: skip

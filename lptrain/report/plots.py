@@ -30,7 +30,10 @@ OPERANDS = (
     "grad_weight.grad_output",
     "grad_weight.input",
 )
-_QUANT = re.compile(r"^quant/(?P<layer>.+)/(?P<op>[a-z_]+\.[a-z_]+)/(?P<stat>[a-z_]+)$")
+# `quant/<layer>/...` (the run's own recipe) or `shadow/<recipe>/<layer>/...` (monitor.shadow)
+_QUANT = re.compile(
+    r"^(?P<source>quant|shadow/[^/]+)/(?P<layer>.+)/(?P<op>[a-z_]+\.[a-z_]+)/(?P<stat>[a-z_]+)$"
+)
 
 
 def color(i: int) -> str:
@@ -130,13 +133,20 @@ def gap_figure(runs: list[Run]) -> Figure | None:
     return fig
 
 
-def quant_table(run: Run, stat: str) -> dict[str, dict[str, dict[int, float]]]:
-    """{operand: {layer: {step: value}}} of one statistic from the run's layer rows."""
+def shadow_sources(run: Run) -> list[str]:
+    """`shadow/<recipe>` of every shadow recipe in the run's layer rows, in first-seen order."""
+    found = (_QUANT.match(k) for row in run.layers for k in row)
+    return list(dict.fromkeys(m["source"] for m in found if m and m["source"] != "quant"))
+
+
+def quant_table(run: Run, stat: str, source: str = "quant") -> dict[str, dict[str, dict]]:
+    """{operand: {layer: {step: value}}} of one statistic from the run's layer rows, of the
+    run's own recipe (`quant`) or of a shadow recipe (`shadow/<recipe>`)."""
     out: dict[str, dict[str, dict[int, float]]] = {}
     for row in run.layers:
         for key, value in row.items():
             m = _QUANT.match(key)
-            if m and m["stat"] == stat and value is not None:
+            if m and m["source"] == source and m["stat"] == stat and value is not None:
                 out.setdefault(m["op"], {}).setdefault(m["layer"], {})[row["step"]] = value
     return {op: out[op] for op in OPERANDS if op in out}
 
@@ -147,9 +157,9 @@ def _layer_ticks(ax, layers: list[str]) -> None:
     ax.set_yticklabels(layers[::every], fontsize=7)
 
 
-def _grids(run: Run, stat: str, scale: float):
+def _grids(run: Run, stat: str, scale: float, source: str = "quant"):
     """(steps, layers, {operand: layers x steps array}) of one statistic; NaN where absent."""
-    table = quant_table(run, stat)
+    table = quant_table(run, stat, source)
     steps = sorted({s for layers in table.values() for per in layers.values() for s in per})
     layers = list(dict.fromkeys(n for per in table.values() for n in per))  # model order
     grids = {}
@@ -163,9 +173,15 @@ def _grids(run: Run, stat: str, scale: float):
 
 
 def color_limits(runs: list[Run], stat: str, scale: float = 1.0, log: bool = False):
-    """(vmin, vmax) of one statistic over every run: one colour scale per statistic, so the
-    same colour means the same value in every run's heatmap. None without data."""
-    vals = [g[np.isfinite(g)] for run in runs for g in _grids(run, stat, scale)[2].values()]
+    """(vmin, vmax) of one statistic over every run and its shadow recipes: one colour scale
+    per statistic, so the same colour means the same value in every heatmap. None without
+    data."""
+    vals = [
+        g[np.isfinite(g)]
+        for run in runs
+        for source in ["quant", *shadow_sources(run)]
+        for g in _grids(run, stat, scale, source)[2].values()
+    ]
     v = np.concatenate(vals) if vals else np.zeros(0)
     v = v[v > 0] if log else v  # a log colour scale has no place for zero
     return (float(v.min()), float(v.max())) if v.size else None
@@ -186,10 +202,12 @@ def heatmap_figure(
     scale: float = 1.0,
     limits: tuple[float, float] | None = None,
     log: bool = False,
+    source: str = "quant",
 ) -> Figure | None:
     """Layers x steps of one statistic, one panel per GEMM operand, guard fallbacks marked.
-    `limits`: the colour scale (`color_limits` over all runs); default: this run's range."""
-    steps, layers, grids = _grids(run, stat, scale)
+    `limits`: the colour scale (`color_limits` over all runs); default: this run's range.
+    `source`: the run's own recipe, or a shadow recipe (`shadow/<recipe>`)."""
+    steps, layers, grids = _grids(run, stat, scale, source)
     if not grids:
         return None
     vmin, vmax = limits or color_limits([run], stat, scale, log) or (1.0, 10.0)
@@ -219,7 +237,8 @@ def heatmap_figure(
     axes[-1, 0].set_xlabel("step")
     _step_ticks(axes[-1, 0], steps)
     fig.colorbar(im, ax=axes[:, 0].tolist(), label=label, shrink=0.9)
-    fig.suptitle(f"{run.name}: {label} per layer and GEMM operand over training")
+    whose = f"{run.name}" if source == "quant" else f"{run.name}, {source[7:]} shadow"
+    fig.suptitle(f"{whose}: {label} per layer and GEMM operand over training")
     return fig
 
 

@@ -28,7 +28,7 @@ from lptrain.models import converters
 from lptrain.models.bitswitch import BitSwitchConverter
 from lptrain.models.decoder import build_model, count_params
 from lptrain.observe import Monitoring, check_model
-from lptrain.observe.layers import key_count
+from lptrain.observe.layers import key_count_line
 from lptrain.observe.metrics import Monitor
 from lptrain.trainer.bitswitch import JointStep
 from lptrain.trainer.step import StepResult, train_step
@@ -103,9 +103,8 @@ def setup(
     engine, _ = eng.initialize(model, cfg, ds_config, steps)
     monitoring = make_monitoring(cfg, model, blocks, split, layout, engine.device, tok.vocab_size)
     if cfg.monitor.interval:  # W&B suggests at most ~10,000 keys per project: say the cost
-        n = key_count(monitoring.layers, monitoring.trained, cfg.monitor)
-        layers = len(monitoring.layers)
-        say(f"monitor: {n} per-layer keys per row (layers.jsonl, W&B), {layers} layers")
+        m = monitoring
+        say(key_count_line(m.layers, m.trained, cfg.monitor, m.shadows))
     # Dropout and stochastic rounding draw from per-rank streams from here on.
     torch.manual_seed(cfg.run.seed * 1000003 + info.rank)
     return Session(

@@ -100,3 +100,49 @@ def test_merging_empty_and_counter_entries():
     # The INT32 accumulator's entries are counts: they add.
     acc = merge_stats({"int32_overflows": 2.0, "chunk_sums": 10.0}, {"int32_overflows": 1.0})
     assert acc == {"int32_overflows": 3.0, "chunk_sums": 10.0}
+
+
+def test_moments_and_blockwise_range_against_float64():
+    # min/max/mean/std over the finite elements, and the blockwise dynamic range over
+    # 32-element blocks along the quantizer's axis, against numpy float64 on the same tensor.
+    import numpy as np
+
+    from lptrain.numerics.formats import get_format
+    from lptrain.numerics.stats import format_range_bits
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 80, generator=g) * 0.5 + 0.3  # rows of 2.5 blocks: a short last block
+    x[1, :32] *= torch.logspace(-12, 0, 32)  # one block spans 40 bits
+    x[2, 32:64] = 0.0  # a block of zeros has no range and does not count
+    x[3, 5] = 1e-3  # a 10-bit block: within E4M3's 17.8, beyond E2M1's 3.6
+    ref = x.double().numpy()
+    blocks = np.pad(np.abs(ref), ((0, 0), (0, 16))).reshape(-1, 32)
+    live = blocks.max(1) > 0
+    bits = np.array([np.log2(b.max() / b[b > 0].min()) for b in blocks[live]])
+    for fmt, spec in [
+        ("fp8_e4m3", QuantSpec("fp8_e4m3")),  # per-tensor: rows of the tensor itself
+        ("fp4_e2m1", QuantSpec("fp4_e2m1", scaling="block", block_size=16, scale_format="ue4m3")),
+    ]:
+        s = _stats(x, spec)
+        assert s["min"] == ref.min() and s["max"] == ref.max()
+        assert s["mean"] == pytest.approx(ref.mean(), rel=1e-6)
+        assert s["std"] == pytest.approx(ref.std(), rel=1e-6)
+        assert s["block_dynamic_range"] == pytest.approx(bits.max(), rel=1e-6)
+        limit = format_range_bits(get_format(fmt))
+        assert s["blocks"] == live.sum() == 6 * 3 - 1
+        assert s["block_range_exceeded"] == pytest.approx((bits > limit).mean(), rel=1e-6)
+    assert format_range_bits(get_format("fp8_e4m3")) == pytest.approx(math.log2(448 / 2**-9))
+
+
+def test_moments_merge_and_nonfinite():
+    from lptrain.numerics.stats import merge_stats
+
+    a, b, whole = _halves_and_whole(MX4)
+    merged = merge_stats(a, b)
+    for key in ("min", "max", "block_dynamic_range", "blocks"):
+        assert merged[key] == whole[key], key
+    for key in ("mean", "std", "block_range_exceeded"):
+        assert merged[key] == pytest.approx(whole[key], rel=1e-6), key
+    x = torch.tensor([[1.0, -2.0, float("nan"), 4.0]])
+    s = _stats(x, QuantSpec("fp8_e4m3"))  # the finite elements, averaged over all four
+    assert (s["min"], s["max"], s["mean"]) == (-2.0, 4.0, 3.0 / 4)

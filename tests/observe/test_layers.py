@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lptrain.nn import stats_window
 from lptrain.numerics import QuantSpec, fake_quantize
 from lptrain.numerics.stats import merge_stats
 from lptrain.observe.layers import quant_metrics, reduce_over_ranks
@@ -115,3 +116,68 @@ def test_keys_per_layer_follows_the_recipes_operands():
 
     assert keys("fp8-delayed") == 3 * 7
     assert keys("int16-dfp") == 6 * 7 + 3
+
+
+@pytest.mark.parametrize(
+    "recipe, shadow, monitor, error",
+    [
+        ("nvfp4", ["mxfp9"], {}, r"unknown recipe 'mxfp9' \(known: fp32, "),
+        ("nvfp4", ["nvfp4"], {}, r"'nvfp4' is the run's own recipe"),
+        ("nvfp4", ["mxfp8", "mxfp8"], {}, r"'mxfp8' is listed twice"),
+        ("nvfp4", ["int16-dfp"], {}, r"'int16-dfp' cannot be a shadow: it accumulates in INT32"),
+        ("nvfp4", ["bf16"], {}, r"'bf16' cannot be a shadow: it quantizes nothing"),
+        ("fp32", ["mxfp8"], {}, r"precision\.recipe fp32 converts no layer"),
+        ("nvfp4", ["mxfp8"], {"interval": 0}, r"needs per-layer statistics"),
+    ],
+)
+def test_shadow_config_errors_name_the_key(recipe, shadow, monitor, error):
+    from lptrain.config.schema import ConfigError, parse
+    from lptrain.observe import check
+
+    raw = {"run": {"max_steps": 2}, "precision": {"recipe": recipe}}
+    cfg = parse({**raw, "monitor": {"shadow": shadow, **monitor}})
+    with pytest.raises(ConfigError, match=rf"^monitor\.shadow: {error}"):
+        check(cfg)
+
+
+def test_shadow_keys_and_their_count():
+    """A shadow's keys are named `shadow/<recipe>/...`, one per live key of a layer of that
+    recipe, and the key count at start counts them."""
+    from lptrain.config.schema import MonitorConfig
+    from lptrain.nn import Linear
+    from lptrain.observe.layers import key_count, keys_per_layer, shadow_metrics, split_shadows
+    from lptrain.recipes import get
+
+    layer = Linear(64, 64, bias=False, recipe="fp8-current", backend="emulated", seed=0)
+    x = torch.randn(4, 64, requires_grad=True)
+    with stats_window({"l": layer}, {"l": (get("nvfp4"),)}) as stats:
+        layer(x).sum().backward()
+    live, shadows = split_shadows(stats)
+    wanted = ["amax", "scale", "sqnr_db"]
+    keys = set(shadow_metrics(shadows, wanted, {"l": layer}, {"nvfp4": get("nvfp4")}))
+    assert "shadow/nvfp4/l/output.input/scale_min" in keys  # NVFP4 scales per block
+    assert "shadow/nvfp4/l/output.input/scale" not in keys
+    # Five operands (grad_input reuses the 16x16-tiled weight) x (amax, 2 scales, sqnr): as
+    # many as an nvfp4 layer's own quant/ keys
+    assert len(keys) == 5 * 4 == keys_per_layer(get("nvfp4"), wanted)
+    assert len(quant_metrics(live, wanted, {"l": layer})) == 3 * 3  # fp8: 3 operands reused
+    cfg = MonitorConfig(stats=wanted, grad_norm=False, update_ratio=False)
+    assert key_count({"l": layer}, {}, cfg, (get("nvfp4"),)) == 9 + 20
+
+
+def test_blocks_of_layer_names_and_non_finite_values():
+    import math
+
+    from lptrain.observe.layers import aggregate_blocks, block_of
+    from lptrain.observe.metrics import panel_key
+
+    assert block_of("layers.3.attn.wq") == "layers.3" and block_of("lm_head") == "lm_head"
+    assert block_of("model.layers.12.self_attn.q_proj.recipe_layer") == "model.layers.12"
+    row = {"step": 5, "quant/layers.0.a/output.input/sqnr_db": 20.0,
+           "quant/layers.0.b/output.input/sqnr_db": math.nan,  # non-finite stays so
+           "quant/layers.1.a/output.input/sqnr_db": math.inf,
+           "quant/layers.1.b/output.input/sqnr_db": 12.5}  # fmt: skip
+    out = aggregate_blocks(row)
+    assert math.isnan(out["quant/layers.0/output.input/sqnr_db"])
+    assert out["quant/layers.1/output.input/sqnr_db"] == 12.5 and out["step"] == 5
+    assert panel_key("quant/layers.1/output.input/sqnr_db") == "quant.layers.1/output.input/sqnr_db"

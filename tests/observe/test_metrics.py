@@ -238,5 +238,10 @@ def test_panel_key_puts_each_block_in_its_own_w_and_b_section():
     assert panel_key("quant/model.layers.12.self_attn.q_proj/output.input/amax") == (
         "quant.model.layers.12/self_attn.q_proj/output.input/amax"
     )
-    for same in ("quant/lm_head/output.input/amax", "quant/layers.3/output.weight/amax", "loss"):
-        assert panel_key(same) == same  # no block, or the block itself: nothing to split
+    for same in ("quant/lm_head/output.input/amax", "grad/layers.3.mlp.w1/norm", "loss"):
+        assert panel_key(same) == same  # no block, or not a quantization statistic
+    # A per-block key (monitor.aggregate: block) and a shadow recipe's keys: a section each
+    assert panel_key("quant/layers.3/output.weight/amax") == "quant.layers.3/output.weight/amax"
+    assert panel_key("shadow/mxfp8/layers.3.attn.wq/output.input/underflow") == (
+        "shadow.mxfp8.layers.3/attn.wq/output.input/underflow"
+    )

@@ -16,10 +16,12 @@ from lptrain.testing import browser
 def test_the_page_renders_with_every_figure(report, tmp_path):
     page = report[0] / "report.html"  # tests/report/conftest.py
     dom = browser.dump_dom(page)
-    # loss, gap, and for the monitored run six heatmaps, the scale traces and the gradients
-    # (five of them folded under "More statistics": collapsed, yet decoded)
-    assert 'data-images-loaded="10/10"' in dom and "All 10 figures loaded." in dom
-    assert "<summary>More statistics (5 figures)</summary>" in dom
+    # loss, gap, and for the monitored run six heatmaps, its MXFP6 shadow's SQNR and underflow
+    # heatmaps, the scale traces and the gradients (six of them folded under "More
+    # statistics": collapsed, yet decoded)
+    assert 'data-images-loaded="12/12"' in dom and "All 12 figures loaded." in dom
+    assert "<summary>More statistics (6 figures)</summary>" in dom
+    assert "mxfp6 shadow SQNR (dB) heatmap" in dom
     shot = browser.screenshot(page, tmp_path / "page.png")
     from PIL import Image  # matplotlib's own dependency
 

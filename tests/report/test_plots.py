@@ -23,6 +23,7 @@ def test_writes_the_pngs_the_page_and_the_manifest(report):
     manifest = json.loads((out / "report.json").read_text())
     stats = ("sqnr", "saturation", "underflow", "clamped", "amax", "dynamic-range", "scales",
              "weights")  # fmt: skip
+    stats += ("shadow-mxfp6-sqnr", "shadow-mxfp6-underflow")  # monitor.shadow: [mxfp6]
     pngs = ["loss.png", "gap.png", *(f"{s}-tiny-fp32-monitored.png" for s in stats)]
     assert sorted(manifest["figures"]) == sorted(pngs)  # no layer rows: no heatmaps for "plain"
     for name in pngs:
@@ -50,6 +51,16 @@ def test_each_plot_has_the_expected_series(report):
     assert grid.shape == (14, 4) and not grid.mask.any()  # 14 layers x 4 steps, all present
     assert [t.get_text() for t in panels[0].get_yticklabels()] == layers
     assert fig.axes[-1].get_ylabel() == "SQNR (dB)"  # the colorbar says what the colour is
+    # The MXFP6 shadow's SQNR: the same layers and operands, on one colour scale with the
+    # run's own (E3M2 gradients sit ~5 dB below MXFP8's E4M3: a colour difference, not a rescale)
+    limits = plots.color_limits([run], "sqnr_db")
+    shadow = plots.heatmap_figure(run, "sqnr_db", "SQNR (dB)", "viridis", limits=limits,
+                                  source="shadow/mxfp6")  # fmt: skip
+    assert shadow._suptitle.get_text().startswith(f"{MON}, mxfp6 shadow: SQNR")
+    mesh = shadow.axes[2].collections[0]  # grad_input.grad_output
+    assert mesh.get_array().shape == (14, 4) and mesh.norm.vmin == limits[0]
+    live = fig.axes[2].collections[0].get_array()
+    assert (mesh.get_array() < live).all()
     loss = plots.loss_figure(read_runs(dirs))
     assert loss.axes[0].get_xlabel() == "tokens" and "nats/token" in loss.axes[0].get_ylabel()
 
