@@ -235,6 +235,9 @@ class MonitorConfig:
     # block: per-layer keys reduced per decoder block (observe/layers.py BLOCK_REDUCE: the
     # worst layer's SQNR, saturation, underflow, ...), for models with many layers
     aggregate: Literal["layer", "block"] = "layer"
+    # Adam moments' quantization SQNR and underflow per parameter (`optim/` keys); null: on
+    # whenever optim.states quantizes them and the optimizer holds the layers' own tensors
+    optim_states: bool | None = None
     peak_flops: float | None = None  # per rank, for MFU (e.g. 989e12: H100 dense BF16)
     spike: SpikeConfig = field(default_factory=SpikeConfig)
 
@@ -441,6 +444,12 @@ def _check(cfg: TrainConfig) -> None:
 
 def _check_optim_storage(cfg: TrainConfig) -> None:
     o, d = cfg.optim, cfg.deepspeed
+    if cfg.monitor.optim_states and o.states == "fp32":
+        raise ConfigError(
+            "monitor.optim_states",
+            "optim.states fp32 keeps the moments unquantized: there is no quantization error to "
+            "log (set optim.states bf16, fp8 or int8-block)",
+        )
     if o.master == "bf16-sr" and d.dtype != "bf16":
         raise ConfigError(
             "optim.master", f"bf16-sr keeps bf16 weights: needs deepspeed.dtype bf16, got {d.dtype}"

@@ -324,15 +324,22 @@ def key_count(
     return len({block_key(k) for k in names}) if cfg.aggregate == "block" else len(names)
 
 
-def key_count_line(layers: dict, trained: dict, cfg: MonitorConfig, shadows: tuple = ()) -> str:
-    """What the trainer says at start (W&B suggests at most ~10,000 keys per project)."""
+def key_count_line(
+    layers: dict, trained: dict, cfg: MonitorConfig, shadows: tuple = (), moments: int = 0
+) -> str:
+    """What the trainer says at start (W&B suggests at most ~10,000 keys per project);
+    `moments`: the optimizer-state keys (`optim/...`, per parameter, never aggregated)."""
     names = key_names(layers, trained, cfg, shadows)
+    optim = f", {moments} of them optimizer-state keys (optim/...)" if moments else ""
     if cfg.aggregate == "block":
         blocks = {block_key(k) for k in names}
         n_blocks = len({block_of(n) for n in layers})
         return (
-            f"monitor: {len(blocks)} per-block keys per row (layers.jsonl, W&B), {len(layers)} "
-            f"layers in {n_blocks} blocks ({len(names)} per-layer keys without "
-            "monitor.aggregate: block)"
+            f"monitor: {len(blocks) + moments} per-block keys per row (layers.jsonl, W&B), "
+            f"{len(layers)} layers in {n_blocks} blocks ({len(names) + moments} per-layer keys "
+            f"without monitor.aggregate: block{optim})"
         )
-    return f"monitor: {len(names)} per-layer keys per row (layers.jsonl, W&B), {len(layers)} layers"
+    return (
+        f"monitor: {len(names) + moments} per-layer keys per row (layers.jsonl, W&B), "
+        f"{len(layers)} layers{optim}"
+    )

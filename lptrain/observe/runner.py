@@ -31,6 +31,8 @@ from lptrain.observe.fidelity import gradient_fidelity
 from lptrain.observe.guard import PrecisionGuard
 from lptrain.observe.guard import check as check_guard
 from lptrain.observe.spikes import SpikeDetector
+from lptrain.optim import CompactAdamW
+from lptrain.optim.states import quantization_metrics
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,41 @@ def check_model(cfg: TrainConfig, model: nn.Module) -> None:
                         "lptrain layer")  # fmt: skip
 
 
+def _compact_optimizer(optimizer) -> CompactAdamW | None:
+    """The CompactAdamW inside DeepSpeed's optimizer wrappers (each keeps it as `.optimizer`)."""
+    while optimizer is not None and not isinstance(optimizer, CompactAdamW):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+def _moment_params(cfg: TrainConfig, trained: dict, optimizer):
+    """(the CompactAdamW, `<layer>/<param>` -> parameter whose moments it stores, why there are
+    none) for `monitor.optim_states`. The statistics are per tensor the optimizer holds: only
+    where it holds the layers' own parameters, not DeepSpeed's flat partitions (ZeRO 1-3, or
+    the fp32 copies of deepspeed.dtype bf16/fp16 without optim.master bf16-sr)."""
+    want = cfg.monitor.optim_states
+    if want is False or not cfg.monitor.interval or cfg.optim.states == "fp32":
+        return None, {}, None
+    opt = _compact_optimizer(optimizer)
+    held = {id(p) for p in opt._params()} if opt is not None else set()
+    moments = {
+        f"{name}/{pname}": p
+        for name, layer in trained.items()
+        for pname, p in layer.named_parameters(recurse=False)
+        if id(p) in held
+    }
+    if moments:
+        return opt, moments, None
+    why = (
+        "the optimizer holds DeepSpeed's flat partitions, not the layers' parameters "
+        f"(deepspeed.zero_stage {cfg.deepspeed.zero_stage}, dtype {cfg.deepspeed.dtype}): "
+        "per-layer moment statistics need zero_stage 0 with dtype fp32, or optim.master bf16-sr"
+    )
+    if want:
+        raise ConfigError("monitor.optim_states", why)
+    return None, {}, why
+
+
 class Monitoring:
     def __init__(
         self,
@@ -107,6 +144,7 @@ class Monitoring:
         probe: torch.Tensor | None = None,
         guard_base=None,
         vocab_size: int | None = None,
+        optimizer=None,
     ):
         self.cfg = cfg.monitor
         self.model = model
@@ -129,6 +167,9 @@ class Monitoring:
         self.spikes = SpikeDetector(self.cfg.spike, bound)
         self.per_token = perf.flops_per_token(model, cfg.data.block_size)
         self.shadows = L.shadow_recipes(cfg)
+        self.optimizer, self.moments, self.moments_off = _moment_params(
+            cfg, self.trained, optimizer
+        )
         self._armed = False
         self._norms: dict[str, float] = {}
         self._pending: _Pending | None = None
@@ -161,11 +202,16 @@ class Monitoring:
             self._armed = plan.grad_norm
             want = self._stat_layers(plan)
             shadows = {n: self.shadows for n in want if plan.stats and n in self.layers}
+            if self.moments:  # statistics of this step's update only (a skipped one has none)
+                self.optimizer.moment_stats = {}
+                self.optimizer.record_moments = plan.layers
             try:
                 with stats_window(want, shadows) as stats:
                     result = step_fn(s, p)
             finally:
                 self._armed = False
+                if self.moments:
+                    self.optimizer.record_moments = False
             self._pending = _Pending(step, plan, stats, before)
             return result
 
@@ -207,7 +253,30 @@ class Monitoring:
             ).items():
                 row[f"grad/{name}/cosine"] = cos
                 row[f"grad/{name}/alignment"] = align
-        return L.aggregate_blocks(row) if self.cfg.aggregate == "block" else row
+        if self.cfg.aggregate == "block":
+            row = L.aggregate_blocks(row)
+        row.update(self._moment_metrics())  # per parameter, never aggregated
+        return row
+
+    def _moment_metrics(self) -> dict[str, float]:
+        """`optim/<layer>/<param>/{m,v}_{sqnr_db,underflow}` of this step's update (none when
+        the update was skipped)."""
+        if not self.moments:
+            return {}
+        recorded, self.optimizer.moment_stats = self.optimizer.moment_stats, {}
+        out = {}
+        for key, p in self.moments.items():
+            if p not in recorded:
+                continue
+            for moment, sums in zip("mv", recorded[p], strict=True):
+                sqnr, underflow = quantization_metrics(sums)
+                out[f"optim/{key}/{moment}_sqnr_db"] = sqnr
+                out[f"optim/{key}/{moment}_underflow"] = underflow
+        return out
+
+    def moment_key_count(self) -> int:
+        """The `optim/` keys of one per-layer row."""
+        return 4 * len(self.moments)
 
     # -- per-step row, state, summary ----------------------------------------------------------
 

@@ -14,6 +14,10 @@ The arithmetic is torch.optim.AdamW's single-tensor path, op for op, in FP32: wi
   seeded by (seed, the parameter's step count, the parameter's index), as the recipes' SR is
   seeded by (layer seed, call index, phase), so a resumed run draws the same bits.
 
+`record_moments`: while set (the monitoring sets it for its steps), each update also records in
+`moment_stats[p]` how much storing the moments lost (`states.quantization_sums`): a tensor beside
+the state, never in `state_dict`, computed only when asked.
+
 It is DeepSpeed's client optimizer (distributed/engine.py). Under ZeRO 1-2 its parameters
 are DeepSpeed's flat FP32 partitions and the blocks run over those.
 """
@@ -49,6 +53,8 @@ class CompactAdamW(torch.optim.Optimizer):
         self.format = st.get_state_format(states)
         self.master = master
         self.seed = int(seed)
+        self.record_moments = False
+        self.moment_stats: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> (2, 4) float64
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         for p in self._params():
@@ -99,6 +105,13 @@ class CompactAdamW(torch.optim.Optimizer):
             p.copy_(self._round_bf16(w, t, index).view_as(p))
         self._store(state, "exp_avg", m)
         self._store(state, "exp_avg_sq", v)
+        if self.record_moments:
+            # m and v are still the fresh FP32 moments: what the step held before storing
+            sums = [
+                st.quantization_sums(x, self._load(state, n))
+                for n, x in zip(_MOMENTS, (m, v), strict=True)
+            ]
+            self.moment_stats[p] = torch.stack(sums)
 
     def _round_bf16(self, w: torch.Tensor, t: float, index: int) -> torch.Tensor:
         g = torch.Generator(device=w.device)

@@ -163,6 +163,40 @@ def decode(codes: torch.Tensor, scales: torch.Tensor, codec: Codec, dtype=torch.
     return x * x if codec.transform == "sqrt" else x
 
 
+QUANT_SUMS = ("signal", "error", "nonzero", "underflow")  # `quantization_sums`' entries
+
+
+def quantization_sums(x: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """What storing moment `x` as `stored` (its decoded value) lost, as float64 sums that add
+    over tensors: sum x², sum (x - stored)², finite non-zero entries of x (as the GEMM operands'
+    underflow counts them), and those stored as 0. `quantization_metrics` turns them into SQNR
+    and the underflow fraction.
+
+    Cheap enough for a monitoring step (a few passes over the moment, no float64 copy): norms in
+    the working precision as `numerics.stats` computes them, and, since every stored form keeps
+    a 0 at 0, the entries stored as 0 that were not are the non-zero counts' difference."""
+    signal = torch.linalg.vector_norm(x).double().square()
+    error = torch.linalg.vector_norm(x - stored).double().square()
+    if bool(signal.isfinite()):
+        nonzero = torch.count_nonzero(x)
+        lost = nonzero - torch.count_nonzero(stored)
+    else:  # a NaN/Inf moment (its block decodes non-finite): count the finite entries only
+        live = (x != 0) & x.isfinite()
+        nonzero, lost = live.sum(), (live & (stored == 0)).sum()
+    return torch.stack([signal, error, nonzero.double(), lost.double()])
+
+
+def quantization_metrics(sums: torch.Tensor) -> tuple[float, float]:
+    """(SQNR in dB, underflow fraction) from `quantization_sums`: 10 log10(signal / error),
+    +inf when nothing was lost; the share of non-zero entries stored as 0 (0 when none is
+    non-zero). A non-finite moment gives a non-finite SQNR."""
+    signal, error, nonzero, underflow = sums.tolist()
+    sqnr = 10 * math.log10(signal / error) if error > 0 else math.inf
+    if math.isnan(error) or math.isinf(error):
+        sqnr = math.nan
+    return sqnr, underflow / nonzero if nonzero else 0.0
+
+
 def get_state_format(name: str) -> StateFormat:
     if name not in STATE_FORMATS:
         raise ValueError(f"unknown optimizer state format {name!r}; known: {list(STATE_FORMATS)}")

@@ -101,10 +101,14 @@ def setup(
     )
     steps = total_steps(cfg, layout)
     engine, _ = eng.initialize(model, cfg, ds_config, steps)
-    monitoring = make_monitoring(cfg, model, blocks, split, layout, engine.device, tok.vocab_size)
+    monitoring = make_monitoring(
+        cfg, model, blocks, split, layout, engine.device, tok.vocab_size, engine.optimizer
+    )
+    if monitoring.moments_off:
+        say(f"monitor: no optimizer-state statistics: {monitoring.moments_off}")
     if cfg.monitor.interval:  # W&B suggests at most ~10,000 keys per project: say the cost
         m = monitoring
-        say(key_count_line(m.layers, m.trained, cfg.monitor, m.shadows))
+        say(key_count_line(m.layers, m.trained, cfg.monitor, m.shadows, m.moment_key_count()))
     # Dropout and stochastic rounding draw from per-rank streams from here on.
     torch.manual_seed(cfg.run.seed * 1000003 + info.rank)
     return Session(
@@ -125,7 +129,7 @@ def setup(
 
 
 def make_monitoring(
-    cfg: TrainConfig, model, blocks, split, layout, device, vocab_size: int
+    cfg: TrainConfig, model, blocks, split, layout, device, vocab_size: int, optimizer=None
 ) -> Monitoring:
     """The monitoring, with its probe batch: rank 0's first validation batch on every rank (a
     fixed batch outside the training order, so the data stream is untouched)."""
@@ -134,7 +138,9 @@ def make_monitoring(
         first = dataset.Layout(layout.micro, layout.accum, layout.world, 0)
         probe = dataset.val_batches(blocks, split.val[: layout.micro], first)[0][0].to(device)
     base = None if is_high_precision(cfg.precision) else resolve_recipe(cfg.precision)
-    return Monitoring(cfg, model, layout.world, probe, guard_base=base, vocab_size=vocab_size)
+    return Monitoring(
+        cfg, model, layout.world, probe, base, vocab_size=vocab_size, optimizer=optimizer
+    )
 
 
 def step_function(convs: list):

@@ -77,3 +77,11 @@ def test_bf16_sr_master_weights_need_bf16_and_zero0():
         parse(cfg(dtype="bf16", zero_stage=2))
     with pytest.raises(ConfigError, match=r"^optim.states: expected"):
         parse({"run": {"max_steps": 1}, "optim": {"states": "int4"}})
+
+
+def test_moment_statistics_of_unquantized_states_are_refused():
+    # fp32 states lose nothing when stored: monitor.optim_states would log nothing
+    with pytest.raises(ConfigError, match=r"^monitor.optim_states: optim.states fp32 keeps"):
+        parse({"run": {"max_steps": 1}, "monitor": {"optim_states": True}})
+    cfg = {"run": {"max_steps": 1}, "optim": {"states": "bf16"}, "monitor": {"optim_states": True}}
+    assert parse(cfg).monitor.optim_states is True

@@ -218,3 +218,53 @@ def test_block_aggregation_reduces_each_block():
         assert len(values) == (1 if "lm_head" in key else 7), key
     assert by_block["grad/lm_head/norm"] == by_layer["grad/lm_head/norm"]
     assert "shadow/mxfp8/layers.1/grad_weight.input/sqnr_db" in by_block
+
+
+def test_compact_optimizer_states_log_their_quantization_per_layer(cli, tmp_path):
+    """optim.states=fp8: each monitoring row has both moments' SQNR and underflow for every
+    trained parameter of the monitored layers, and the count said at start includes them (the
+    fp32-states runs above have none: their key sets are exact)."""
+    proc = cli("tiny-fp32.yaml", "model.n_layers=1", "run.max_steps=2", "monitor.interval=2",
+               "optim.states=fp8", "data.path=embedded:pydoc-topics")  # fmt: skip
+    (row,) = _lines(tmp_path / "run" / "layers.jsonl")
+    layers = ["attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.w1", "mlp.w3", "mlp.w2"]
+    stats = [f"{m}_{s}" for m in "mv" for s in ("sqnr_db", "underflow")]
+    want = {f"optim/{n}/weight/{s}" for n in [*(f"layers.0.{x}" for x in layers), "lm_head"]
+            for s in stats}  # fmt: skip
+    assert {k for k in row if k.startswith("optim/")} == want
+    # E4M3 with 128-blocks (COAT's expansion for v): about 30-40 dB on this model
+    assert all(25 < row[k] < 60 for k in want if k.endswith("sqnr_db"))
+    assert all(0 <= row[k] < 0.01 for k in want if k.endswith("underflow"))
+    (line,) = [x for x in proc.stderr.splitlines() if "keys per row" in x]
+    assert line.startswith(f"monitor: {len(row) - 1} per-layer keys per row")
+
+
+def test_moment_statistics_need_the_layers_own_parameters_in_the_optimizer():
+    """Under DeepSpeed's flat partitions (a wrapper whose CompactAdamW holds other tensors) the
+    statistics cannot be per layer: asked for, a one-line error; by default, a reason to say.
+    Holding the layer's parameters, every one of them is watched."""
+    from types import SimpleNamespace
+
+    import pytest
+    import torch
+
+    from lptrain.config import schema
+    from lptrain.errors import ConfigError
+    from lptrain.observe.runner import _moment_params
+    from lptrain.optim import CompactAdamW
+
+    def cfg(**monitor):
+        return schema.parse({"run": {"max_steps": 1}, "optim": {"states": "fp8"},
+                             "deepspeed": {"zero_stage": 2}, "monitor": monitor})  # fmt: skip
+
+    layer = torch.nn.Linear(4, 4)
+    flat = SimpleNamespace(optimizer=CompactAdamW([torch.nn.Parameter(torch.zeros(20))]))
+    with pytest.raises(ConfigError, match=r"^monitor.optim_states: .*flat partitions"):
+        _moment_params(cfg(optim_states=True), {"lin": layer}, flat)
+    opt, moments, why = _moment_params(cfg(), {"lin": layer}, flat)
+    assert opt is None and moments == {} and "deepspeed.zero_stage 2" in why
+    own = SimpleNamespace(optimizer=CompactAdamW(layer.parameters()))
+    opt, moments, why = _moment_params(cfg(), {"lin": layer}, own)
+    assert opt is own.optimizer and why is None
+    assert moments == {"lin/weight": layer.weight, "lin/bias": layer.bias}
+    assert _moment_params(cfg(optim_states=False), {"lin": layer}, own) == (None, {}, None)

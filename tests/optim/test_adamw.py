@@ -5,6 +5,7 @@ without bias, and the same on resume; a state dict restores every stored tensor 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -161,3 +162,55 @@ def test_wrong_parameter_dtype_or_master_is_refused():
     with pytest.raises(ValueError, match="unknown optimizer state format"):
         CompactAdamW(_params(), states="int4")
     assert st.BLOCK == 128
+
+
+def _stored64(x: torch.Tensor, codec) -> torch.Tensor:
+    """What a compact form stores for the FP64 moment `x`, decoded in FP64."""
+    if codec is None:  # bf16: a cast
+        return x.to(torch.bfloat16).double()
+    return st.decode(*st.encode(x, codec), codec, torch.float64)
+
+
+@pytest.mark.parametrize("states", ["bf16", "fp8", "int8-block"])
+def test_recorded_moment_statistics_are_the_float64_recomputation(states):
+    """`record_moments`: per moment, the SQNR of the stored form against the fresh moment and
+    the share of non-zero entries stored as 0 equal a recomputation in FP64 from the reference
+    step; nothing is recorded while it is off, and nothing reaches the state dict."""
+    (p,) = _params()[:1]
+    opt = CompactAdamW([p], **HP, states=states)
+    fmt = st.STATE_FORMATS[states]
+    g = torch.Generator().manual_seed(3)
+    # eight decades of gradient: some first moments fall below fp8's and int8's smallest code
+    decades = torch.logspace(-8, 0, 300)[torch.randperm(300, generator=g)]
+    grads = [decades * torch.randn(300, generator=g) for _ in range(2)]
+    m = v = torch.zeros(300, dtype=torch.float64)
+    for t, grad in enumerate(grads, start=1):
+        w_before = p.detach().clone()
+        p.grad = grad
+        opt.record_moments = t == 2
+        opt.step()
+        if t == 1:
+            assert opt.moment_stats == {}
+        else:
+            _, m_ref, v_ref = adamw_reference(w_before, grad, m, v, t, **HP)
+            for sums, x, codec in zip(
+                opt.moment_stats[p], (m_ref, v_ref), (fmt.m, fmt.v), strict=True
+            ):
+                q = _stored64(x, codec)
+                sqnr = 10 * torch.log10(x.square().sum() / (x - q).square().sum())
+                under = ((x != 0) & (q == 0)).sum() / (x != 0).sum()
+                got_sqnr, got_under = st.quantization_metrics(sums)
+                assert got_sqnr == pytest.approx(float(sqnr), abs=1e-3)
+                assert got_under == pytest.approx(float(under), abs=1 / 300)
+        m, v = (opt._load(opt.state[p], k).double() for k in ("exp_avg", "exp_avg_sq"))
+    sqnr_m, under_m = st.quantization_metrics(opt.moment_stats[p][0])
+    assert {"bf16": under_m == 0, "fp8": under_m > 0.01, "int8-block": under_m > 0.1}[states]
+    assert set(opt.state_dict()["state"][0]) == set(opt.state[p])  # no statistics in it
+
+
+def test_quantization_metrics_keep_a_nonfinite_moment_nonfinite():
+    x = torch.tensor([1.0, float("nan"), 0.0])
+    sqnr, under = st.quantization_metrics(st.quantization_sums(x, torch.tensor([1.0, 0.0, 0.0])))
+    assert math.isnan(sqnr) and under == 0.0
+    exact = st.quantization_sums(x[:1], x[:1])
+    assert st.quantization_metrics(exact) == (math.inf, 0.0)
