@@ -144,9 +144,12 @@ def _round_fp32_bits(
     r = inc.add_(b).bitwise_and_(~((1 << k) - 1)).view(torch.float32)
     small = ~(x.abs() >= fmt.min_normal)  # also NaN
     if bool(small.any()):
-        idx = small.nonzero(as_tuple=True)
-        xs = x[idx]
-        r[idx] = torch.copysign(round_magnitude(xs.abs(), fmt, "stochastic", generator), xs)
+        # Flat row-major indices (the reference's draw order), gathered with take and written
+        # with index_copy_: 2x cheaper than indexing with one index tensor per dimension.
+        idx = small.reshape(-1).nonzero().squeeze(1)
+        xs = torch.take(x, idx)
+        sub = torch.copysign(round_magnitude(xs.abs(), fmt, "stochastic", generator), xs)
+        r.view(-1).index_copy_(0, idx, sub)
     return r
 
 
