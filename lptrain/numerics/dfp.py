@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lptrain.numerics.formats import get_format
 from lptrain.numerics.rounding import check_floating, round_magnitude
@@ -94,6 +95,9 @@ def _wrap_int32(s: torch.Tensor) -> torch.Tensor:
 
 OVERFLOWS = ("wrap", "recompute")
 
+# float64 chunk sums held at once (64 MiB): the chunks run as one batched GEMM per group.
+_GROUP_ELEMENTS = 2**23
+
 
 def dfp_matmul(
     a: DFPTensor,
@@ -109,6 +113,42 @@ def dfp_matmul(
     arithmetic-shifts both mantissas right (rounding toward -inf, like a hardware shift) and
     adds the shift to the exponents. `overflow`: 'wrap' (the register) or 'recompute' (exact).
     """
+    _check_matmul(a, b, chunk, overflow)
+    ia = a.mantissa.to(torch.int32) >> input_shift
+    ib = b.mantissa.to(torch.int32) >> input_shift
+    scale_exp = int(a.exponent) + int(b.exponent) + 2 * input_shift
+    (m, k), n = ia.shape, ib.shape[0]
+    out = torch.zeros(m, n, dtype=torch.float32, device=ia.device)
+    if out.numel() == 0:  # no rows or no columns: nothing to sum
+        return DFPMatmulResult(out, 0, 0)
+    nc = -(-k // chunk)
+    # Zero-pad K to whole chunks (a zero product changes no integer sum), then view the
+    # operands chunk-major without copying: A as (nc, M, chunk), B^T as (nc, chunk, N).
+    pad = nc * chunk - k
+    fa = F.pad(ia, (0, pad)).to(torch.float64).reshape(m, nc, chunk)
+    fb = F.pad(ib, (0, pad)).to(torch.float64).reshape(n, nc, chunk)
+    safe = _no_overflow_possible(fa, fb)
+    fa, fb = fa.transpose(0, 1), fb.permute(1, 2, 0)
+    group = max(1, min(nc, _GROUP_ELEMENTS // (m * n)))
+    s64 = torch.empty(group, m, n, dtype=torch.float64, device=ia.device)
+    s32 = torch.empty(group, m, n, dtype=torch.float32, device=ia.device)
+    overflows = 0
+    for start in range(0, nc, group):
+        g = min(group, nc - start)
+        # Each chunk sum is exact: |product| <= 2^30, so every partial sum of <= 2^23 of them
+        # is an integer of magnitude <= 2^53, which float64 holds exactly in any summation
+        # order (the BLAS may block, vectorize or fuse as it likes). Buffers are reused: a fresh
+        # allocation of this size costs more in page faults than the GEMM itself.
+        s = torch.bmm(fa[start : start + g], fb[start : start + g], out=s64[:g])
+        if not all(safe[start : start + g]):
+            overflows += _int32_overflows(s, overflow)
+        sf = s32[:g].copy_(s)  # each chunk sum rounded once to float32 (RNE)
+        for i in range(g):  # the FP32 accumulator, chunk after chunk in K order
+            _accumulate(out, sf[i], scale_exp)
+    return DFPMatmulResult(out, overflows, m * n * nc)
+
+
+def _check_matmul(a: DFPTensor, b: DFPTensor, chunk: int, overflow: str) -> None:
     if overflow not in OVERFLOWS:
         raise ValueError(f"overflow must be one of {OVERFLOWS}, got {overflow!r}")
     if a.mantissa.dim() != 2 or b.mantissa.dim() != 2 or a.mantissa.shape[1] != b.mantissa.shape[1]:
@@ -120,28 +160,35 @@ def dfp_matmul(
         raise ValueError("dfp_matmul needs per-tensor exponents (axis=None)")
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    ia = a.mantissa.to(torch.int32) >> input_shift
-    ib = b.mantissa.to(torch.int32) >> input_shift
-    scale_exp = int(a.exponent) + int(b.exponent) + 2 * input_shift
-    k = ia.shape[1]
-    out = torch.zeros(ia.shape[0], ib.shape[0], dtype=torch.float32, device=ia.device)
-    if out.numel() == 0:  # no rows or no columns: nothing to sum (aminmax refuses empties)
-        return DFPMatmulResult(out, 0, 0)
-    overflows = 0
-    n_chunks = 0
-    fa, fb = ia.to(torch.float64), ib.to(torch.float64)
-    for start in range(0, k, chunk):
-        # float64 sums of <= 2^23 products of magnitude <= 2^30 are exact integers.
-        s = fa[:, start : start + chunk] @ fb[:, start : start + chunk].T
-        n_chunks += s.numel()
-        lo, hi = torch.aminmax(s)  # one cheap pass; overflow is rare and costs four
-        if lo < -(2**31) or hi >= 2**31:
-            wrapped = _wrap_int32(s)
-            overflows += int((wrapped != s).sum())
-            if overflow == "wrap":
-                s = wrapped
-        _accumulate(out, s.to(torch.float32), scale_exp)
-    return DFPMatmulResult(out, overflows, n_chunks)
+
+
+def _no_overflow_possible(fa: torch.Tensor, fb: torch.Tensor) -> list[bool]:
+    """Per chunk, whether a bound proves that no chunk sum can leave INT32.
+
+    fa (M, nc, chunk) and fb (N, nc, chunk) hold the integer mantissas. By Cauchy-Schwarz a
+    chunk sum obeys |s_ij| <= |a_i| |b_j| (Euclidean norms over the chunk), so
+    max_i |a_i|^2 . max_j |b_j|^2 < 2^62 proves |s_ij| < 2^31 for every i, j. The squared
+    norms are exact (sums of <= 2^23 squares <= 2^30); their float64 product is within a
+    relative 2^-53 of the true one, so comparing it with 2^62 (1 - 2^-50) keeps the proof
+    rigorous. Operands whose chunks are mostly well below the amax (gradients, most activations:
+    a chunk's norm is about sqrt(chunk) . sigma, not sqrt(chunk) . amax) pass and skip the
+    exact check; the others (and adversarial ones) take it.
+    """
+    bound = fa.square().sum(-1).amax(0) * fb.square().sum(-1).amax(0)  # (nc,)
+    return (bound < 2.0**62 * (1 - 2.0**-50)).tolist()
+
+
+def _int32_overflows(s: torch.Tensor, overflow: str) -> int:
+    """How many exact chunk sums in `s` fall outside INT32; with 'wrap', wrap them in place.
+
+    One cheap pass (aminmax) in the common case; overflow is rarer and pays for the count."""
+    lo, hi = torch.aminmax(s)
+    if lo >= -(2**31) and hi < 2**31:
+        return 0
+    outside = int(torch.count_nonzero(s >= 2**31)) + int(torch.count_nonzero(s < -(2**31)))
+    if overflow == "wrap":
+        s.copy_(_wrap_int32(s))
+    return outside
 
 
 def _accumulate(out: torch.Tensor, chunk_sum: torch.Tensor, exp: int) -> None:

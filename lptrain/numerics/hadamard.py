@@ -39,15 +39,22 @@ def hadamard_matrix(
 
 
 def _butterfly(x: torch.Tensor, n: int) -> torch.Tensor:
-    # x: (..., n). Stage h views the axis as [n/(2h), 2, h] and writes (a + b, a - b).
+    # x: (..., n), n >= 2. Stage h views the axis as [n/(2h), 2, h] and writes (a + b, a - b)
+    # straight into the halves of the other of two buffers (torch.stack cost a copy per stage).
+    # Returns a new tensor (never a view of x).
     shape = x.shape
+    src = x.reshape(-1, n)
+    bufs = [src.new_empty(src.shape), src.new_empty(src.shape) if n > 2 else None]
     h = 1
     while h < n:
-        v = x.reshape(-1, n // (2 * h), 2, h)
-        a, b = v[:, :, 0, :], v[:, :, 1, :]
-        x = torch.stack((a + b, a - b), dim=2)
+        v = src.reshape(-1, n // (2 * h), 2, h)
+        dst = bufs[0]
+        w = dst.view(-1, n // (2 * h), 2, h)
+        torch.add(v[:, :, 0, :], v[:, :, 1, :], out=w[:, :, 0, :])
+        torch.sub(v[:, :, 0, :], v[:, :, 1, :], out=w[:, :, 1, :])
+        src, bufs = dst, [bufs[1], dst]
         h *= 2
-    return x.reshape(shape)
+    return src.reshape(shape)
 
 
 def check_divides(shape: tuple[int, ...], dim: int, block_size: int) -> None:
@@ -80,9 +87,12 @@ def hadamard(
     chunks = xt.reshape(*xt.shape[:-1], xt.shape[-1] // block_size, block_size)
     if signs is not None and not inverse:
         chunks = chunks * signs.to(chunks.dtype)
-    y = _butterfly(chunks, block_size) * (1.0 / math.sqrt(block_size))
+    if block_size == 1:  # H_1 = [1]
+        y = chunks.clone()
+    else:
+        y = _butterfly(chunks, block_size).mul_(1.0 / math.sqrt(block_size))
     if signs is not None and inverse:
-        y = y * signs.to(y.dtype)
+        y = y.mul_(signs.to(y.dtype))  # y is a new tensor
     return y.reshape(xt.shape).movedim(-1, dim)
 
 

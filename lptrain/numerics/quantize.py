@@ -128,9 +128,15 @@ def _nonfinite(xg, y, q, dec, bad, fmt: Format):
     return q, torch.where(bad, torch.full_like(base, float("nan")), base)
 
 
-def _dequant(q: torch.Tensor, dec, gdec) -> torch.Tensor:
-    out = q if dec is None else q * dec
-    return out if gdec is None else out * gdec
+def _dequant(q: torch.Tensor, dec, gdec, *, own_q: bool = False) -> torch.Tensor:
+    """(q . dec) . gdec; `own_q`: q is not needed afterwards and is scaled in place (a fresh
+    tensor per multiply cost more in page faults than the multiply)."""
+    if dec is None and gdec is None:
+        return q
+    out = q if own_q else q.clone()
+    if dec is not None:
+        out = out.mul_(dec)
+    return out if gdec is None else out.mul_(gdec)
 
 
 def _restore(t: torch.Tensor, moved_shape, axis: int, ndim: int) -> torch.Tensor:
@@ -157,7 +163,7 @@ def fake_quantize(
     `update=False` uses it without recording anything (evaluation, recomputed forwards).
     """
     c = _core(x, spec, state, update, generator, signs)
-    xh = _dequant(c.q, c.dec, c.gdec)
+    xh = _dequant(c.q, c.dec, c.gdec, own_q=not with_stats)
     out = _restore(xh, c.moved_shape, spec.axis, max(x.dim(), 1)).reshape(x.shape)
     if not (with_mask or with_stats):
         return out
@@ -203,7 +209,7 @@ class QuantizedTensor:
 
     def dequantize(self) -> torch.Tensor:
         """The fake-quantized tensor, in float32 (float64 for float64 inputs), rotated domain."""
-        xh = _dequant(self.values(), self.scales, self.global_scale)
+        xh = _dequant(self.values(), self.scales, self.global_scale, own_q=True)
         return _restore(xh, self.moved_shape, self.spec.axis, max(len(self.shape), 1)).reshape(
             self.shape
         )
@@ -238,8 +244,10 @@ def quantize(
     """
     c = _core(x, spec, state, update, generator, signs)
     codes, packed = _encode_codes(c.q, spec.fmt)
-    xh = _dequant(c.q, c.dec, c.gdec)
-    stats = compute_stats(c.xg, c.y, c.q, xh, c.dec, c.gdec, spec) if with_stats else None
+    stats = None
+    if with_stats:
+        xh = _dequant(c.q, c.dec, c.gdec, own_q=False)
+        stats = compute_stats(c.xg, c.y, c.q, xh, c.dec, c.gdec, spec)
     return QuantizedTensor(
         codes=codes,
         scales=c.dec,

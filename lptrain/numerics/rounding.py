@@ -98,6 +98,18 @@ def _fp8_cast(x: torch.Tensor, fmt: Format, overflow: str) -> torch.Tensor:
     return torch.where(over, special, y)
 
 
+def _use_torch_cast(x: torch.Tensor, fmt: Format, rounding: str, overflow: str) -> bool:
+    """Whether torch's FP8 cast is the fastest exact RNE for this call.
+
+    Measured on CPU (2M float32, one thread): the E5M2 round trip takes ~6 ms (its decode is
+    half's top byte), `_round_nearest_fp32` ~14 ms, the E4M3 round trip ~30 ms (its decode is
+    a scalar loop). E4M3 with overflow='ieee' keeps the cast for the NaN it writes on overflow.
+    """
+    if rounding != "nearest" or x.dtype == torch.float64:
+        return False
+    return fmt.name == "fp8_e5m2" or (fmt.name == "fp8_e4m3" and overflow == "ieee")
+
+
 def _bits_path_ok(x: torch.Tensor, fmt: Format) -> bool:
     return (
         x.dtype == torch.float32
@@ -106,19 +118,15 @@ def _bits_path_ok(x: torch.Tensor, fmt: Format) -> bool:
         and fmt.subnormals
         and fmt.mbits <= 22
         and fmt.emin >= -125
+        and fmt.emin - fmt.mbits >= -126  # every quantum a normal float32
     )
 
 
 def _round_fp32_bits(
-    x: torch.Tensor, fmt: Format, rounding: str, generator: torch.Generator | None
+    x: torch.Tensor, fmt: Format, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Round FP32 `x` by integer addition on its bit pattern, then truncation.
-
-    Nearest: add 2^(k-1) - 1 plus the lowest kept bit, then clear the k low bits: the
-    classic round-to-nearest-even on the bit pattern (as in FP32 -> BF16 conversions); bit-exact
-    with the reference path and ml_dtypes (the tests compare them on exhaustive codes, ties and
-    10^6 random values).
-    Stochastic: random-bit addition (implementation B of §1.3).
+    """Round FP32 `x` stochastically by random-bit addition on its bit pattern, then
+    truncation (implementation B of §1.3). (Nearest has its own path, `_round_nearest_fp32`.)
 
     Signed result on the grid, not yet bounded above (the caller applies overflow).
     For |x| >= min_normal of `fmt` the quantum is 2^(E - M), i.e. the k = 23 - M low bits of the
@@ -132,19 +140,37 @@ def _round_fp32_bits(
     """
     k = 23 - fmt.mbits
     b = x.view(torch.int32)
-    if rounding == "nearest":
-        inc = (b >> k).bitwise_and_(1).add_((1 << (k - 1)) - 1)
-    else:
-        inc = torch.randint(
-            0, 1 << k, x.shape, generator=generator, device=x.device, dtype=torch.int32
-        )
+    inc = torch.randint(0, 1 << k, x.shape, generator=generator, device=x.device, dtype=torch.int32)
     r = inc.add_(b).bitwise_and_(~((1 << k) - 1)).view(torch.float32)
     small = ~(x.abs() >= fmt.min_normal)  # also NaN
     if bool(small.any()):
-        idx = small.nonzero(as_tuple=True)
-        xs = x[idx]
-        r[idx] = torch.copysign(round_magnitude(xs.abs(), fmt, rounding, generator), xs)
+        # Flat row-major indices (the reference's draw order), gathered with take and written
+        # with index_copy_: 2x cheaper than indexing with one index tensor per dimension.
+        idx = small.reshape(-1).nonzero().squeeze(1)
+        xs = torch.take(x, idx)
+        sub = torch.copysign(round_magnitude(xs.abs(), fmt, "stochastic", generator), xs)
+        r.view(-1).index_copy_(0, idx, sub)
     return r
+
+
+def _round_nearest_fp32(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """RNE of FP32 `x` onto the grid of `fmt` (unbounded above), in six vectorized passes.
+
+    The reference's round(|x| / u) . u with its sign, where u = binade_quantum(x), but u built
+    from the exponent field instead of frexp/ldexp: the field of x, raised to that of
+    min_normal (subnormals of the format share its quantum), minus M, is the pattern of
+    u = 2^(max(E, emin) - M), a normal float32 (`_bits_path_ok` asks emin - M >= -126).
+    x / u is exact and below 2^(M+1), round_ is RNE and keeps the sign (-0 too; RNE is
+    symmetric, so no abs/copysign pair is needed), and the product with u is exact. +-Inf
+    gives u = 2^(128-M) and stays +-Inf; NaN stays the same NaN. It replaced an integer-
+    addition RNE on the bit pattern plus a gathered second pass over the elements below
+    min_normal (a quarter or more of a scaled FP4/FP6 block): 5x faster on FP4, same bits
+    (tests/numerics/test_rounding.py compares it with ml_dtypes and with the reference).
+    """
+    min_field = int(torch.tensor(fmt.min_normal, dtype=torch.float32).view(torch.int32))
+    field = x.view(torch.int32) & 0x7F800000
+    u = field.clamp_(min=min_field).sub_(fmt.mbits << 23).view(torch.float32)
+    return torch.div(x, u).round_().mul_(u)
 
 
 def round_to_format(
@@ -164,11 +190,14 @@ def round_to_format(
     fmt = get_format(fmt)
     check_floating(x)
     _check_modes(rounding, overflow)
-    if rounding == "nearest" and fmt.name in ("fp8_e4m3", "fp8_e5m2") and x.dtype != torch.float64:
+    if _use_torch_cast(x, fmt, rounding, overflow):
         return _fp8_cast(x, fmt, overflow)
     w = x.to(work_dtype(x))
     if _bits_path_ok(w, fmt):
-        r = _round_fp32_bits(w, fmt, rounding, generator)
+        if rounding == "nearest":
+            r = _round_nearest_fp32(w, fmt)
+        else:
+            r = _round_fp32_bits(w, fmt, generator)
         if overflow == "saturate":
             r = r.clamp_(-fmt.max_finite, fmt.max_finite)  # NaN stays NaN
         else:

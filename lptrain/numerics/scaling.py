@@ -54,12 +54,15 @@ def abs_max(t: torch.Tensor, dims: tuple[int, ...] | None = None) -> torch.Tenso
     transposed views, and torch's CPU reduction over a permuted view is up to 30x slower than
     over the same memory presented contiguously; a max is exact, so the order changes nothing.
     """
-    a = t.abs()
-    order = sorted(range(a.dim()), key=lambda d: -a.stride(d))
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))
     if dims is None:
-        if a.numel() == 0:  # torch's amax refuses an empty full reduction; |x| >= 0: max 0
-            return a.new_zeros(())
-        return a.permute(order).amax()
+        if t.numel() == 0:  # torch's amax refuses an empty full reduction; |x| >= 0: max 0
+            return t.new_zeros(())
+        # max |x| = max(|min x|, |max x|): one pass and no |t| copy (NaN propagates through
+        # both; abs() turns a -0 extreme into +0, as |t| would).
+        lo, hi = torch.aminmax(t.permute(order))
+        return torch.maximum(lo.abs(), hi.abs())
+    a = t.abs()
     pos = [order.index(d % a.dim()) for d in dims]
     out = a.permute(order).amax(dim=pos, keepdim=True)
     return out.permute([order.index(d) for d in range(a.dim())])

@@ -195,3 +195,40 @@ def test_overflow_recompute_gives_the_exact_chunk_sums():
     assert torch.allclose(r.out.double(), exact, rtol=2**-24)
     with pytest.raises(ValueError, match="overflow must be one of"):
         dfp_matmul(a, b, overflow="saturate")
+
+
+def test_batched_chunks_and_the_overflow_bound_keep_the_definition(monkeypatch):
+    """Chunk groups smaller than the chunk count, K not a multiple of the chunk, and both sides
+    of the Cauchy-Schwarz bound that lets a chunk skip the overflow check: two full-scale
+    products sum to 2^31 - 131070 (proven safe, and it is), three overflow (not provable)."""
+    import lptrain.numerics.dfp as dfp
+
+    monkeypatch.setattr(dfp, "_GROUP_ELEMENTS", 2 * 5 * 4)  # 2 chunks per batched GEMM
+    g = _g(3)
+    ma = torch.randint(-300, 301, (5, 13), generator=g, dtype=torch.int16)
+    mb = torch.randint(-300, 301, (4, 13), generator=g, dtype=torch.int16)
+    ma[0, 4:6] = mb[1, 4:6] = 32767  # chunk 2 (chunk=2): 2 . 32767^2 < 2^31, bound < 2^62
+    ma[2, 8:10] = mb[3, 8:10] = -32767
+    a = DFPTensor(ma, torch.tensor(-20, dtype=torch.int32))
+    b = DFPTensor(mb, torch.tensor(-3, dtype=torch.int32))
+    fa = ma.double().reshape(5, 1, 13)
+    safe = dfp._no_overflow_possible(fa[:, :, 4:6], mb.double().reshape(4, 1, 13)[:, :, 4:6])
+    assert safe == [True]
+    for chunk in (2, 3, 5):
+        for mode in ("wrap", "recompute"):
+            res = dfp_matmul(a, b, chunk=chunk, overflow=mode)
+            if mode == "wrap":
+                want, overflows = _reference_dfp_matmul(a, b, chunk)
+                assert torch.equal(res.out.view(torch.int32), want.view(torch.int32)), chunk
+                assert res.overflows == overflows
+            assert res.chunks == 5 * 4 * math.ceil(13 / chunk)
+    # chunk 3 holds three full-scale products in row 0 x row 1: 3 . 32767^2 overflows
+    ma[0, 3] = mb[1, 3] = 32767
+    unsafe = dfp._no_overflow_possible(
+        ma.double()[:, 3:6].reshape(5, 1, 3), mb.double()[:, 3:6].reshape(4, 1, 3)
+    )
+    assert unsafe == [False]
+    res = dfp_matmul(a, b, chunk=3, overflow="wrap")
+    want, overflows = _reference_dfp_matmul(a, b, 3)
+    assert overflows > 0 and res.overflows == overflows
+    assert torch.equal(res.out.view(torch.int32), want.view(torch.int32))
