@@ -21,9 +21,11 @@ def _cfg(backend: str):
 
 @pytest.fixture
 def no_interpreter(monkeypatch):
-    """A CPU machine as users have it: the tests' Triton interpreter (conftest) off."""
-    triton = pytest.importorskip("triton")
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    """A CPU machine as users have it: the tests' Triton interpreter (conftest) off. Through
+    the environment, which Triton reads at each use: setting its knob would pin the value for
+    the tests that follow once monkeypatch puts it back."""
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 def test_triton_run_restores_on_the_emulated_backend(no_interpreter):
