@@ -33,7 +33,8 @@ SHAPES = "4096x4096x4096,8192x8192x8192,16384x8192x8192"
 TARGET = (8192, 8192, 8192)  # the issue's target shape; torchao (compiled) runs here only
 
 
-def _time(step: Callable[[], None], iters: int, warmup: int = 2) -> float:
+def median_ms(step: Callable[[], object], iters: int, warmup: int = 2) -> float:
+    """Median CUDA-event time of `step` in ms (also bench_gpu_quick.py's timer)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
@@ -125,7 +126,7 @@ def measure(shape: tuple[int, int, int], rows, iters: int) -> dict[str, float | 
     for label, make in rows:
         try:
             layer = make(i, o).to(device="cuda", dtype=torch.bfloat16)
-            out[label] = _time(_fwd_bwd(layer, x, dy), iters)
+            out[label] = median_ms(_fwd_bwd(layer, x, dy), iters)
         except Exception as exc:  # one failing row must not lose the others
             out[label] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
         print(f"{shape} {label}: {out[label]}", file=sys.stderr)

@@ -20,13 +20,12 @@ operands, the call the backend makes.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
+from bench_gpu_linear import median_ms  # a sibling script (benchmarks/ is on sys.path)
 
 from lptrain import recipes
 from lptrain.config.precision import resolve_recipe
@@ -71,21 +70,6 @@ def selftest() -> int:
     return 1 if bad else 0
 
 
-def _median_ms(step: Callable[[], object], iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def gemm(size: int, iters: int) -> int:
     g = torch.Generator(device="cuda").manual_seed(0)
     a = torch.randn(size, size, device="cuda", generator=g).to(torch.bfloat16)  # (M, K)
@@ -111,7 +95,7 @@ def gemm(size: int, iters: int) -> int:
     base = None
     for label, step in rows:
         try:
-            ms = _median_ms(step, iters)
+            ms = median_ms(step, iters, warmup=3)
         except (RuntimeError, TypeError) as exc:  # no FP8 tensor cores (sm < 89), old torch
             print(f"| {label} | - | {str(exc).splitlines()[0][:80]} | - |", flush=True)
             continue

@@ -94,11 +94,7 @@ def record_forward(call: CallContext, x2: torch.Tensor, weight: torch.Tensor) ->
         ("grad_input", "weight"): lambda: weight.T,  # (K, N): reduction over N
         ("grad_weight", "input"): lambda: x2.T,  # (K, T): reduction over tokens
     }
-    with torch.no_grad():
-        for recipe in call.shadows:
-            for key in operands(recipe):
-                if key in oriented:
-                    _record(call, recipe, *key, oriented[key]())
+    _record_all(call, oriented)
 
 
 def record_backward(call: CallContext, dy2: torch.Tensor) -> None:
@@ -109,6 +105,12 @@ def record_backward(call: CallContext, dy2: torch.Tensor) -> None:
         ("grad_input", "grad_output"): lambda: dy2,
         ("grad_weight", "grad_output"): lambda: dy2.T,  # (N, T): reduction over tokens
     }
+    _record_all(call, oriented)
+
+
+def _record_all(call: CallContext, oriented: dict) -> None:
+    """Each shadow recipe's statistics of the operands it quantizes, from `oriented`:
+    (gemm, operand) -> the high-precision tensor, built only when some shadow reads it."""
     with torch.no_grad():
         for recipe in call.shadows:
             for key in operands(recipe):
