@@ -42,8 +42,10 @@ def test_auto_without_a_gpu_is_the_emulated_backend_and_says_why(caplog):
 
 
 def test_triton_on_a_cpu_needs_the_interpreter(monkeypatch):
-    triton = pytest.importorskip("triton")
-    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)
+    pytest.importorskip("triton")
+    # Through the environment, which Triton reads at each use: setting its knob instead would
+    # pin the value for every later test once monkeypatch puts it back.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match=r"'triton' is not available: .*CUDA.*TRITON_INTERPRET"):
         resolve("triton", recipes.get("fp8-current"), "cpu")
 
