@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import pickle
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -161,19 +160,22 @@ def profile(recipe, backend: str, dtype: torch.dtype) -> tuple[Kept, str]:
 
 def _in_child(recipe, dtype: torch.dtype) -> Kept:
     """`measure` with the Triton backend in a child process that imports Triton with its
-    interpreter on. The recipe goes over stdin, pickled by this process (no user file)."""
+    interpreter on. The recipe goes over stdin as its JSON form (Recipe.to_dict)."""
     code = (
-        "import pickle, sys, json, dataclasses, numpy\n"
+        "import sys, json, dataclasses, numpy, torch\n"
         "from lptrain.distributed.kept import measure\n"
         "from lptrain.nn.backends.triton import TritonBackend\n"
-        "recipe, dtype = pickle.load(sys.stdin.buffer)\n"
+        "from lptrain.recipes import from_dict\n"
+        "spec = json.load(sys.stdin)\n"
+        "recipe, dtype = from_dict(spec['recipe']), getattr(torch, spec['dtype'])\n"
         "with numpy.errstate(all='ignore'):\n"
         "    kept = measure(recipe, TritonBackend(), dtype)\n"
         "print(json.dumps(dataclasses.asdict(kept)))\n"
     )
+    spec = json.dumps({"recipe": recipe.to_dict(), "dtype": str(dtype).removeprefix("torch.")})
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run(
-        [sys.executable, "-c", code], input=pickle.dumps((recipe, dtype)),
+        [sys.executable, "-c", code], input=spec.encode(),
         capture_output=True, env=env, check=False,
     )  # fmt: skip
     if out.returncode != 0:
