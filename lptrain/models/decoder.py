@@ -131,7 +131,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, dropout_p=drop, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
         )
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class SwiGLU(nn.Module):

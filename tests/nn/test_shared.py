@@ -103,3 +103,13 @@ def test_recomputed_forward_is_bit_identical():
         y.square().sum().backward()
         grads.append([y, x.grad, *(p.grad for p in block.parameters())])
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_an_empty_batch_shares_and_stays_empty():
+    """Zero tokens: the shared path runs, with empty outputs and gradients of the right shapes."""
+    block = _block("fp8-current", True)
+    x = torch.randn(0, 8, ARGS.dim, requires_grad=True)
+    y = block(x, torch.randn(8, 16), torch.randn(8, 16))
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in block.parameters())

@@ -214,3 +214,15 @@ def test_quantization_metrics_keep_a_nonfinite_moment_nonfinite():
     assert math.isnan(sqnr) and under == 0.0
     exact = st.quantization_sums(x[:1], x[:1])
     assert st.quantization_metrics(exact) == (math.inf, 0.0)
+
+
+@pytest.mark.parametrize("states", ["fp32", "bf16", "fp8", "int8-block"])
+def test_an_empty_parameter_steps_and_saves(states):
+    """A parameter with no elements: the step runs and its state round-trips."""
+    p = torch.nn.Parameter(torch.zeros(0, 4))
+    opt = CompactAdamW([p], states=states)
+    p.grad = torch.zeros(0, 4)
+    opt.step()
+    again = CompactAdamW([p], states=states)
+    again.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert p.shape == (0, 4) and opt.state_bytes() >= 0
