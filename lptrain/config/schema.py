@@ -103,6 +103,10 @@ class PrecisionConfig:
     # per-layer, per-GEMM or per-operand exceptions to `recipe`, applied in order at conversion
     overrides: list[OverrideConfig] = field(default_factory=list)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    # What RMSNorm, SwiGLU and attention keep for backward: none (their inputs as they are) |
+    # fp8 (E4M3 codes, one fp32 scale per 1x128 group; backward recomputes the op from them;
+    # the forward is unchanged bit for bit). Any recipe, fp32 and bf16 included (models/saved.py).
+    saved_activations: Literal["none", "fp8"] = "none"
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ from lptrain.data import dataset
 from lptrain.distributed import kept
 from lptrain.errors import ConfigError
 from lptrain.models import converters
-from lptrain.models.decoder import Block, Decoder, build_model
+from lptrain.models.decoder import Block, Decoder, build_model, set_saved_activations
 from lptrain.optim import STATE_FORMATS
 
 GiB = 2**30
@@ -261,6 +261,7 @@ def activation_bytes(
     with torch.device("meta"):
         outer = Decoder(dataclasses.replace(args, n_layers=0))
     outer.lm_head = copy.deepcopy(model.lm_head)  # converted or skipped, as the run's
+    outer.norm = copy.deepcopy(model.norm)  # its saved activations as the run's
     block, outer = _stand_ins(block.to(dtype), profile), _stand_ins(outer.to(dtype), profile)
     x = torch.empty(micro, seq, args.dim, device="meta", dtype=dtype, requires_grad=True)
     cos, sin = (torch.empty(seq, args.dim // args.n_heads // 2, device="meta") for _ in "cs")
@@ -308,6 +309,8 @@ def build_meta_model(cfg, vocab_size: int) -> nn.Module:
         )  # fmt: skip
         if p.overrides:  # per-layer recipes (a trust mask is per layer)
             converters.override(model, resolve_overrides(p), "emulated", lambda _: None)
+    if cfg.precision.saved_activations != "none":  # FP8 copies measured on meta as shapes
+        set_saved_activations(model, cfg.precision.saved_activations)
     return model
 
 

@@ -36,7 +36,7 @@ from lptrain.config.precision import (
 from lptrain.config.schema import PrecisionConfig, TrainConfig
 from lptrain.errors import ConfigError
 from lptrain.lora import AdapterConfigError
-from lptrain.models import hf, init_from
+from lptrain.models import decoder, hf, init_from
 from lptrain.models.bitswitch import BitSwitchConverter
 from lptrain.nn.backends import BackendError
 from lptrain.nn.backends import resolve as resolve_backend
@@ -98,6 +98,8 @@ class PrecisionConverter:
                 override(model, self.overrides, c.backend, ctx.say)
         except BackendError as exc:  # no GPU, no TE, a refused recipe: one line, exit 2
             raise ConfigError("precision.backend", exc.problem) from None
+        if c.saved_activations != "none":
+            SavedActivationsConverter(c.saved_activations).convert(model, ctx)
         lpnn.seed_quantizers(model, ctx.seed, ctx.rank)
         if ctx.world > 1:
             lpnn.set_amax_reduce(model, _reduce_max)
@@ -111,6 +113,22 @@ class PrecisionConverter:
     def after_step(self, model: nn.Module, step: int) -> None:
         for backend in _backends(model):
             backend.after_step()
+
+
+class SavedActivationsConverter:
+    """`precision.saved_activations` alone, for a high-precision recipe (PrecisionConverter
+    applies it after swapping the Linears otherwise): the decoder's RMSNorm, SwiGLU and
+    attention keep FP8 copies of their inputs for backward (models/saved.py)."""
+
+    name = "precision"
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def convert(self, model: nn.Module, ctx: ConvertContext) -> nn.Module:
+        n = decoder.set_saved_activations(model, self.mode)
+        ctx.say(f"precision.saved_activations: {n} RMSNorm/SwiGLU/attention ops keep {self.mode}")
+        return model
 
 
 def override(model: nn.Module, overrides: list[Override], backend: str, say) -> None:
@@ -170,6 +188,8 @@ def _reduce_max(t: torch.Tensor) -> torch.Tensor:
 def _precision(cfg: TrainConfig) -> Converter | None:
     if not is_high_precision(cfg.precision):
         return PrecisionConverter(cfg.precision)
+    if cfg.precision.saved_activations != "none":  # fp8 saved inputs around fp32/bf16 GEMMs
+        return SavedActivationsConverter(cfg.precision.saved_activations)
     if cfg.precision.overrides:  # they change converted layers, and this recipe converts none
         raise ConfigError(
             "precision.overrides",

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lptrain.config.schema import ModelConfig
 from lptrain.errors import ConfigError
+from lptrain.models.saved import MODES, keep_fp8
 
 
 @dataclass(frozen=True)
@@ -84,17 +85,40 @@ def model_args(cfg: ModelConfig, vocab_size: int, max_seq_len: int) -> ModelArgs
     )
 
 
-class RMSNorm(nn.Module):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in fp32 even for bf16 activations: the mean square underflows in bf16.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return x32.type_as(x) * weight
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+class _SavesActivations(nn.Module):
+    """An op whose saved inputs may be kept in FP8 (`saved`: none | fp8, models/saved.py); set
+    by `set_saved_activations`. A setting, not state: nothing enters the state_dict."""
+
+    saved = "none"
+
+    def _run(self, fn, activations: tuple[torch.Tensor, ...], *others: torch.Tensor):
+        if self.saved == "fp8":
+            return keep_fp8(fn, activations, *others)
+        return fn(*activations, *others)
+
+    def extra_repr(self) -> str:
+        return "" if self.saved == "none" else f"saved_activations={self.saved}"
+
+
+class RMSNorm(_SavesActivations):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 even for bf16 activations: the mean square underflows in bf16.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x32.type_as(x) * self.weight
+        return self._run(lambda x, w: rms_norm(x, w, self.eps), (x,), self.weight)
 
 
 def rope_tables(head_dim: int, seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +134,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
-class Attention(nn.Module):
+class Attention(_SavesActivations):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads = a.n_heads, a.n_kv_heads
@@ -128,13 +152,18 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=drop, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        gqa = self.n_kv_heads != self.n_heads
+
+        def attend(q, k, v):
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=drop, is_causal=True, enable_gqa=gqa
+            )
+
+        y = self._run(attend, (q, k, v))  # (B, H, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(_SavesActivations):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.w1 = nn.Linear(a.dim, a.ffn_dim, bias=False)  # gate
@@ -142,7 +171,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(a.ffn_dim, a.dim, bias=False)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self._run(swiglu, (self.w1(x), self.w3(x))))
 
 
 class Block(nn.Module):
@@ -233,6 +262,27 @@ def build_model(cfg: ModelConfig, vocab_size: int, max_seq_len: int, constructio
     if construction is not None:
         model.set_rope()
     return model
+
+
+def set_saved_activations(model: nn.Module, mode: str) -> int:
+    """Keep the saved inputs of the model's RMSNorm, SwiGLU and attention ops as `mode` says
+    (models/saved.py); returns how many ops that covers. A model with none of them (a Hugging
+    Face model keeps its own modules) is refused: the setting would change nothing. Attention
+    dropout is refused with fp8: backward recomputes SDPA, which would draw a new mask."""
+    key = "precision.saved_activations"
+    if mode not in MODES:
+        raise ConfigError(key, f"unknown mode {mode!r} (known: {', '.join(MODES)})")
+    ops = [m for m in model.modules() if isinstance(m, _SavesActivations)]
+    if not ops:
+        name = type(model).__name__
+        raise ConfigError(key, f"{name} has no lptrain RMSNorm, SwiGLU or attention to keep "
+                          "(only lptrain's decoder presets have them)")  # fmt: skip
+    if mode == "fp8" and any(isinstance(m, Attention) and m.dropout for m in ops):
+        raise ConfigError("model.dropout", f"must be 0 with {key} fp8: attention is "
+                          "recomputed in backward and would draw a new dropout mask")  # fmt: skip
+    for m in ops:
+        m.saved = mode
+    return len(ops)
 
 
 def count_params(model: nn.Module) -> int:

@@ -26,6 +26,21 @@ def test_high_precision_recipes_convert_nothing():
     assert recipe_dict(_cfg(recipe="fp32")) is None
 
 
+@pytest.mark.parametrize("recipe", ["bf16", "fp8-current"])
+def test_saved_activations_convert_the_decoder_ops_for_any_recipe(recipe):
+    from lptrain.config.schema import ModelConfig
+    from lptrain.models.decoder import build_model
+
+    (conv,) = converters.build(_cfg(recipe=recipe, saved_activations="fp8"))
+    said = []
+    ctx = converters.ConvertContext(0, 0, 1, said.append)
+    model = converters.apply(build_model(ModelConfig(preset="nano"), 256, 16), [conv], ctx)
+    assert model.norm.saved == model.layers[1].attn.saved == "fp8"
+    assert said[-1] == "precision.saved_activations: 9 RMSNorm/SwiGLU/attention ops keep fp8"
+    with pytest.raises(ConfigError, match="^precision.saved_activations: Sequential has no"):
+        converters.apply(nn.Sequential(nn.Linear(32, 32)), [conv], ctx)  # e.g. a Hugging Face model
+
+
 def test_precision_converter_swaps_seeds_and_logs():
     (conv,) = converters.build(_cfg(recipe="nvfp4", skip=["head"]))
     assert conv.name == "precision"
