@@ -47,26 +47,23 @@ def group_spec(last_dim: int) -> QuantSpec:
 
 
 def _pack(x: torch.Tensor) -> tuple[QuantizedTensor, list[torch.Tensor]]:
-    """(x quantized with its tensors emptied out, the tensors to save: codes and scales)."""
-    spec = group_spec(x.shape[-1] if x.dim() else 1)
-    if x.device.type == "meta":
-        q = _meta_quantized(x, spec)
-    else:
-        q = quantize(x, spec)
+    """(x quantized with its tensors taken out, the tensors to save: codes and scales). Only
+    autograd's saved tensors hold them, so saved-tensor hooks see them: activation
+    checkpointing drops them, `lptrain plan` counts them."""
+    spec = group_spec(x.shape[-1])
+    q = _meta_quantized(x, spec) if x.device.type == "meta" else quantize(x, spec)
     tensors = [q.codes] + ([q.scales] if q.scales is not None else [])
-    q.codes, q.scales = None, None  # held by autograd's saved tensors instead (hooks see them)
+    q.codes, q.scales = None, None
     return q, tensors
 
 
 def _meta_quantized(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
     """What `quantize(x, spec)` returns, as shapes only: quantize reads values (amaxes)."""
-    n = x.shape[-1] if x.dim() else 1
-    block = spec.block_size if spec.scaling == "block" else n
-    grouped = (*x.shape[:-1], n // block, block)
-    meta = dict(device="meta")
+    n = x.shape[-1]
+    grouped = (*x.shape[:-1], n // spec.block_size, spec.block_size) if spec.block_size else x.shape
     return QuantizedTensor(
-        codes=torch.empty(grouped, dtype=torch.float8_e4m3fn, **meta),
-        scales=torch.empty((*grouped[:-1], 1), dtype=torch.float32, **meta),
+        codes=torch.empty(grouped, dtype=torch.float8_e4m3fn, device="meta"),
+        scales=torch.empty((*grouped[:-1], 1), dtype=torch.float32, device="meta"),
         global_scale=None, spec=spec, shape=x.shape, grouped_shape=torch.Size(grouped),
         moved_shape=x.shape, packed=False,
     )  # fmt: skip

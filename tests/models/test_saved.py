@@ -6,6 +6,7 @@ meta measurement of `lptrain plan` matches what the real path saves."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from lptrain.models.decoder import (
     swiglu,
 )
 from lptrain.numerics import QuantSpec
+from tests.helpers import train_losses
 
 B, T, C, H, HD, FFN = 2, 64, 256, 4, 64, 512
 
@@ -190,10 +192,12 @@ def test_meta_measurement_is_what_the_real_path_saves():
     assert saved_bytes(block, x, *(torch.randn(16, 16) for _ in "cs")) > 1.8 * sizes["cpu"]
 
 
-def test_groups_follow_the_last_dim():
-    assert saved.group_spec(4096).block_size == 128
-    assert saved.group_spec(96).block_size == 32
-    assert saved.group_spec(7).scaling == "row"
+@pytest.mark.parametrize("n, block", [(4096, 128), (96, 32), (7, None)])
+def test_groups_follow_the_last_dim_and_meta_has_the_real_shapes(n, block):
+    assert saved.group_spec(n).block_size == block  # None: one scale per row
+    x = torch.randn(3, n)
+    real, meta = saved._pack(x)[1], saved._pack(x.to("meta"))[1]
+    assert [(t.shape, t.dtype) for t in real] == [(t.shape, t.dtype) for t in meta]
 
 
 def test_a_model_without_the_ops_or_with_attention_dropout_is_refused():
@@ -202,3 +206,15 @@ def test_a_model_without_the_ops_or_with_attention_dropout_is_refused():
     with pytest.raises(ConfigError, match="^model.dropout: must be 0"):
         set_saved_activations(_nano(dropout=0.1), "fp8")
     set_saved_activations(_nano(dropout=0.1), "none")  # nothing recomputed: allowed
+
+
+def test_the_combined_recipe_trains(cli, tmp_path):
+    """tiny-fp8-compact.yaml end to end: FP8 GEMMs, fp8 moments, bf16-sr weights and FP8
+    saved activations (nano, 3 steps)."""
+    proc = cli("tiny-fp8-compact.yaml", "run.max_steps=3", run_dir=tmp_path / "run")
+    assert (
+        "precision.saved_activations: 9 RMSNorm/SwiGLU/attention ops keep fp8"
+        in proc.stderr + proc.stdout
+    )
+    losses = train_losses(tmp_path / "run")
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
