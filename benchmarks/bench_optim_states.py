@@ -44,6 +44,9 @@ FP32 = "fp32 Adam (fp32 engine)"  # the reference every gap is taken to
 CONFIGS: dict[str, list[str]] = {
     FP32: [],
     "bf16 engine, fp32 master + moments": ["deepspeed.dtype=bf16", "precision.recipe=bf16"],
+    "bf16 engine, saved activations fp8": [
+        "deepspeed.dtype=bf16", "precision.recipe=bf16", "precision.saved_activations=fp8"
+    ],
     "states bf16": ["optim.states=bf16"],
     "states fp8": ["optim.states=fp8"],
     "states int8-block": ["optim.states=int8-block"],
@@ -53,11 +56,17 @@ CONFIGS: dict[str, list[str]] = {
     "states int8-block, master bf16-sr": [
         "optim.states=int8-block", "optim.master=bf16-sr", "deepspeed.dtype=bf16"
     ],
-    # recipes/pretrain/tiny-fp8-compact.yaml's combination, and its fp32-Adam baseline
+    # recipes/pretrain/tiny-fp8-compact.yaml's combination before and after FP8 saved activations,
+    # and its fp32-Adam baseline
     "fp8-delayed GEMMs, fp32 Adam": ["precision.recipe=fp8-delayed"],
     "fp8-delayed GEMMs, states fp8, master bf16-sr": [
         "precision.recipe=fp8-delayed", "optim.states=fp8", "optim.master=bf16-sr",
         "deepspeed.dtype=bf16",
+    ],
+    # ... with FP8 saved activations too: tiny-fp8-compact.yaml since issue 26 item 3
+    "fp8-delayed GEMMs, states fp8, master bf16-sr, saved activations fp8": [
+        "precision.recipe=fp8-delayed", "optim.states=fp8", "optim.master=bf16-sr",
+        "deepspeed.dtype=bf16", "precision.saved_activations=fp8",
     ],
 }  # fmt: skip
 
