@@ -12,12 +12,12 @@ Linear keeps its own, possibly quantized, copy).
 Granularity (COAT's per-group activations, arXiv:2410.19313 §5): one FP32 scale per group of
 `block` consecutive elements along the last dim, `block = gcd(last dim, 128)` (128 for the 7B
 model's widths and head dims; 32 for a head dim of 32); a last dim with no power-of-two factor
-of at least 16 gets one scale per row. Scales are FP32 `amax / 448` (not rounded to a power of
-two: tests/models/test_saved.py measures both; the FP32 scale gains about 0.3 dB on Gaussian
-data at the same 4 bytes per group). The quantizer is lptrain.numerics' `quantize` (E4M3FN,
-round to nearest, saturating; a non-finite element becomes NaN, so its gradient stays
-non-finite). Weights are saved as they are (they are parameters, model state, not
-activations).
+of at least 16 gets one scale per row. Scales are FP32 `amax / 448`, not rounded to a power of
+two: at the same 4 bytes per group they keep 4-9 dB more gradient SQNR on inputs with a wide
+channel range (algorithms.md §11; tests/models/test_saved.py checks each op's bound). The
+quantizer is lptrain.numerics' `quantize` (E4M3FN, round to nearest, saturating; a non-finite
+element becomes NaN, so its gradient stays non-finite). Weights are saved as they are (they
+are parameters, model state, not activations).
 
 Nothing is saved and nothing is quantized when no gradient is being recorded (no_grad,
 inference), and the ops hold no state: under activation checkpointing the recomputed forward
