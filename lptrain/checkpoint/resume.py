@@ -48,6 +48,11 @@ RULES: tuple[Rule, ...] = (
     Rule("model.dropout", FLAG, "the new rate applies from the resumed step"),
     Rule("model.*", NEVER, "the checkpoint holds this model's shape and initialization"),
     Rule("precision.backend", FLAG, "backends compute the emulated values; quantizer state kept"),
+    Rule(
+        "precision.saved_activations",
+        FLAG,
+        "backward's copies of norm/SwiGLU/attention inputs change the gradients; no state kept",
+    ),
     Rule("precision.guard.*", FREE, "guard settings apply from the resumed step; fallbacks kept"),
     Rule("precision.*", FLAG, "quantizer state is reset", RESET_QUANTIZERS),
     Rule("data.cache_dir", FREE, "a cache location only"),

@@ -44,6 +44,7 @@ def test_every_config_key_has_a_rule():
         ("checkpoint.interval", "free"),
         ("model.checkpointing", "free"),
         ("precision.recipe", "flag"),
+        ("precision.saved_activations", "flag"),
         ("optim.lr", "flag"),
         ("optim.states", "never"),
         ("optim.master", "never"),
@@ -247,6 +248,19 @@ def test_a_checkpoint_saved_before_a_key_existed_resumes_at_its_default():
     new = _cfg(precision__recipe="nvfp4", precision__overrides=[{"recipe": "bf16"}])
     (change,) = resume.diff(old, new)  # setting it now is a precision change
     assert (change.key, change.rule.effect) == ("precision.overrides", "reset_quantizers")
+
+
+def test_saved_activations_change_asks_for_the_flag_but_keeps_quantizer_state():
+    old = yaml.safe_load(to_yaml(_cfg(precision__recipe="fp8-delayed")))
+    del old["precision"]["saved_activations"]  # a run from before the option
+    assert resume.diff(old, _cfg(precision__recipe="fp8-delayed")) == []
+    new = _cfg(precision__recipe="fp8-delayed", precision__saved_activations="fp8")
+    (change,) = resume.diff(old, new)
+    assert (change.key, change.rule.change, change.rule.effect) == (
+        "precision.saved_activations",
+        "flag",
+        "",
+    )
 
 
 def test_a_fine_tune_saved_before_data_tokenizer_could_be_unset_resumes(tmp_path):
