@@ -291,7 +291,22 @@ def initialize(model: nn.Module, cfg: TrainConfig, ds_config: dict, total_steps:
             config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
+    if optimizer is not None and cfg.deepspeed.zero_stage in (1, 2):
+        # blocks of the whole group buffer: the same codes and scales on any number of ranks
+        optimizer.block_starts = {flat: start for flat, start, _ in flat_partitions(engine)}
     return engine, scheduler
+
+
+def flat_partitions(engine) -> list[tuple[torch.Tensor, int, int]]:
+    """ZeRO 1-2, per parameter group: (this rank's flat FP32 partition, the index of its first
+    element in the group's flat buffer, the buffer's elements without ZeRO's padding). The
+    partitions are equal slices of the padded buffer in data-parallel rank order."""
+    zero = engine.optimizer
+    out = []
+    for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+        rank = dist.get_rank(group=zero.real_dp_process_group[i])
+        out.append((flat, rank * flat.numel(), sum(p.numel() for p in zero.bit16_groups[i])))
+    return out
 
 
 def resume_optim(engine, cfg: TrainConfig, total_steps: int, old: dict | None) -> None:
