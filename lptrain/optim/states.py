@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from lptrain.numerics.rounding import round_to_format
+from lptrain.numerics.stats import sqnr_db
 
 BLOCK = 128  # elements per scale, as bitsandbytes' and torchao's block-wise 8-bit Adam
 
@@ -212,10 +213,7 @@ def quantization_metrics(sums: torch.Tensor) -> tuple[float, float]:
     +inf when nothing was lost; the share of non-zero entries stored as 0 (0 when none is
     non-zero). A non-finite moment gives a non-finite SQNR."""
     signal, error, nonzero, underflow = sums.tolist()
-    sqnr = 10 * math.log10(signal / error) if error > 0 else math.inf
-    if math.isnan(error) or math.isinf(error):
-        sqnr = math.nan
-    return sqnr, underflow / nonzero if nonzero else 0.0
+    return sqnr_db(signal, error), underflow / nonzero if nonzero else 0.0
 
 
 def get_state_format(name: str) -> StateFormat:
