@@ -74,6 +74,9 @@ class CallContext:
     # Recipes whose statistics are recorded on the same operands without changing what this
     # call computes (monitor.shadow, nn/shadow.py); only inside a statistics window.
     shadows: tuple = ()
+    # Gradients on where the layer was called (inside the autograd Function they are always
+    # off): whether a backward will follow that keeps operands (nn/shared.py).
+    grad_enabled: bool = True
     # The statistics asked for: of the opt-in ones (numerics/stats.py OPTIONAL) only these
     # are computed.
     wanted: tuple = OPTIONAL

@@ -255,6 +255,7 @@ class Linear(nn.Linear):
             overflows=self.int32_overflows,
             shadows=self.shadows if collect and self.stats_window else (),
             wanted=self.stats_wanted if self.stats_window else OPTIONAL,
+            grad_enabled=torch.is_grad_enabled(),
         )
 
     def extra_repr(self) -> str:
