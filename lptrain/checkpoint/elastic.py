@@ -50,7 +50,7 @@ import lptrain.nn as lpnn
 from lptrain import safeload
 from lptrain.checkpoint import manifest
 from lptrain.checkpoint.store import Found, Progress
-from lptrain.distributed.engine import flat_partitions, universal_loaded
+from lptrain.distributed.engine import all_reduce, flat_partitions, universal_loaded
 from lptrain.errors import ConfigError
 from lptrain.optim import reshard
 from lptrain.optim.states import get_state_format
@@ -216,8 +216,8 @@ def _module_buffers(found: Found, model: nn.Module) -> dict:
 
 
 def _compact_states(engine, found: Found, states: str, say) -> None:
-    """Put the saved codes and scales in place of the FP32 moments the universal load gave
-    this rank's `CompactAdamW` (module docstring; ZeRO 1-2, `check` refuses ZeRO-3)."""
+    """Collective: put the saved codes and scales in place of the FP32 moments the universal
+    load gave this rank's `CompactAdamW` (module docstring; ZeRO 1-2, `check` refuses ZeRO-3)."""
     olds = [
         safeload.load(f, "checkpoint.resume")["optimizer_state_dict"]["base_optimizer_state"]
         for f in _optim_files(found)
@@ -228,8 +228,9 @@ def _compact_states(engine, found: Found, states: str, say) -> None:
         state, n = reshard.partition([o["state"][i] for o in olds], fmt, numel, start, len(flat))
         inner.state[flat] = state
         redone += n
+    (redone,) = all_reduce([float(redone)], dist.ReduceOp.SUM)  # over the new ranks
     if fmt.dtype is None:
-        say(f"checkpoint: {states} optimizer states carried over bit for bit, except {redone} "
+        say(f"checkpoint: {states} optimizer states carried over bit for bit, except {redone:.0f} "
             "block(s) cut by a partition boundary, encoded again")  # fmt: skip
 
 
