@@ -5,6 +5,11 @@ off, measured in one process; prints a markdown table for BENCHMARKS.md.
 usage: .venv/bin/python benchmarks/bench_monitoring.py [--recipes fp8,nvfp4] [--block 100]
                                                        [--rounds 3] [--intervals 1,10,100]
                                                        [--no-everything]
+       .venv/bin/python benchmarks/bench_monitoring.py --stats-call
+
+`--stats-call` times one quantize call's statistics instead (a 2048x128 operand of
+fp8-current and of NVFP4's 16-point Hadamard GEMM): none, the default `monitor.stats`, every
+statistic, in CPU time, median of 7 interleaved rounds.
 
 One trainer session per recipe (`lptrain train`'s own setup: DeepSpeed ZeRO-0, the embedded
 corpus); the variants then take turns on the same model, `--block` optimizer steps each, for
@@ -154,6 +159,31 @@ def measure(recipe: str, block: int, rounds: int, specs: dict) -> dict:
     return out
 
 
+def stats_call(rounds: int = 7, repeats: int = 10) -> None:
+    """The statistics part of one quantize call with the default set and with everything."""
+    from lptrain.config.schema import STATS
+    from lptrain.numerics import fake_quantize
+    from lptrain.numerics.stats import OPTIONAL
+    from lptrain.recipes import get
+
+    x = torch.randn(2048, 128, generator=torch.Generator().manual_seed(0))
+    specs = {"fp8-current": get("fp8-current").spec("output", "input"),
+             "nvfp4 (16-point Hadamard)": get("nvfp4").spec("grad_weight", "input")}  # fmt: skip
+    print("| operand (2048x128) | no statistics, ms | default set, ms | everything, ms |")
+    print("|---|---:|---:|---:|")
+    calls = [{}, {"with_stats": True, "wanted": STATS}, {"with_stats": True, "wanted": OPTIONAL}]
+    for name, spec in specs.items():
+        times = [[] for _ in calls]
+        for _ in range(rounds):
+            for kw, out in zip(calls, times, strict=True):
+                t = time.process_time()
+                for _ in range(repeats):
+                    fake_quantize(x, spec, generator=torch.Generator().manual_seed(1), **kw)
+                out.append((time.process_time() - t) / repeats * 1e3)
+        ms = [statistics.median(t) for t in times]
+        print(f"| {name} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[2]:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--recipes", default="fp8,nvfp4")
@@ -161,8 +191,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--intervals", default="1,10,100", help="the default set at these")
     ap.add_argument("--everything", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--stats-call", action="store_true", help="time one quantize call's stats")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.stats_call:
+        return stats_call()
     specs = variants([int(i) for i in args.intervals.split(",")], args.everything)
     results = {r: measure(r, args.block, args.rounds, specs) for r in args.recipes.split(",")}
     load = os.getloadavg()[0]

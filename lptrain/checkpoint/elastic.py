@@ -22,6 +22,13 @@ What lptrain restores itself, because a universal load skips the module state di
   the same checkpoint on the same M ranks gives the same numbers.
 - `int32_overflows` (a per-rank diagnostic counter) restarts at the old rank r's value for
   new ranks r < N, else 0.
+- Compact optimizer states (`optim.states` bf16 | fp8 | int8-block, ZeRO 1-2): DeepSpeed's
+  converter reads fp32 moments, so it is handed a copy of the checkpoint whose optimizer files
+  hold the decoded moments (the universal copy then holds fp32 moments, as that format
+  defines). After the load, each new rank's moments are replaced by the codes and scales cut
+  from the saved ones (optim/reshard.py): bit for bit, except a block cut by an old or new
+  partition boundary, which is encoded again. ZeRO-3 is refused: it splits every parameter
+  over the ranks and the blocks run across those pieces, so they have no rank-independent form.
 
 The data position is the global sample index, so the order continues whatever the new layout;
 `deepspeed.micro_batch`, `grad_accum` and `train_batch_size` may change on such a resume.
@@ -43,8 +50,10 @@ import lptrain.nn as lpnn
 from lptrain import safeload
 from lptrain.checkpoint import manifest
 from lptrain.checkpoint.store import Found, Progress
-from lptrain.distributed.engine import universal_loaded
+from lptrain.distributed.engine import all_reduce, flat_partitions, universal_loaded
 from lptrain.errors import ConfigError
+from lptrain.optim import reshard
+from lptrain.optim.states import get_state_format
 
 # Keys a universal resume may change: the layout is re-made from the new world size.
 LAYOUT_KEYS = ("deepspeed.micro_batch", "deepspeed.grad_accum", "deepspeed.train_batch_size")
@@ -69,18 +78,19 @@ def check(found: Found, world: int, ckpt_dir: Path, states: str = "fp32") -> str
     `states`: the run's optim.states (a resume cannot change it)."""
     stage = found.manifest.get("zero_stage")
     saved = found.manifest.get("world_size")
-    if states != "fp32":
-        raise ConfigError(
-            "optim.states",
-            f"{found.tag} was saved by {saved} ranks and this run has {world}: that goes through "
-            f"a DeepSpeed universal checkpoint, whose converter reads fp32 Adam moments, not "
-            f"{states} codes; resume with the same number of ranks",
-        )
     if stage == 0:
         raise ConfigError(
             "checkpoint.resume",
             f"{found.tag} was saved by {saved} ranks with ZeRO stage 0 and this run has {world}; "
             "a universal checkpoint needs ZeRO stage 1-3 (resume with the same number of ranks)",
+        )
+    if states != "fp32" and stage == 3:
+        raise ConfigError(
+            "optim.states",
+            f"{found.tag} was saved by {saved} ranks with ZeRO stage 3 and this run has {world}: "
+            f"ZeRO-3 splits each parameter over the ranks and the {states} blocks run across "
+            "those pieces, so they have no form independent of the rank count; resume with the "
+            "same number of ranks (ZeRO 1-2 compact states resume on any)",
         )
     out = universal_path(found, ckpt_dir)
     how = "using" if out.is_dir() else "converting it once into"
@@ -90,13 +100,13 @@ def check(found: Found, world: int, ckpt_dir: Path, states: str = "fp32") -> str
     )
 
 
-def ensure_universal(found: Found, ckpt_dir: Path, say) -> Path:
+def ensure_universal(found: Found, ckpt_dir: Path, say, states: str = "fp32") -> Path:
     """Collective: the universal copy of `found` under `ckpt_dir`, converted by rank 0 if
-    missing (or made from another checkpoint)."""
+    missing (or made from another checkpoint). `states`: the run's optim.states."""
     out = universal_path(found, ckpt_dir)
     error = None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        error = None if _usable(out, found, say) else _convert(found, out, say)
+        error = None if _usable(out, found, say) else _convert(found, out, say, states)
     error = manifest.from_rank0(error)
     if error is not None:
         raise ConfigError("checkpoint.resume", error)
@@ -126,15 +136,53 @@ def _usable(out: Path, found: Found, say) -> bool:
     return False
 
 
-def _convert(found: Found, out: Path, say) -> str | None:
+def _convert(found: Found, out: Path, say, states: str) -> str | None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     say(f"checkpoint: converting {found.path} to a universal checkpoint (ds_to_universal)")
+    source = found.path if states == "fp32" else _decoded_copy(found, out, states)
+    try:
+        return _run_converter(found, source, out, tmp)
+    finally:
+        if source != found.path:
+            shutil.rmtree(source, ignore_errors=True)
+
+
+def _optim_files(found: Found) -> list[Path]:
+    """The ZeRO 1-2 optimizer files, in data-parallel rank order."""
+    return sorted(found.path.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=_rank)
+
+
+def _rank(optim_file: Path) -> int:
+    return int(optim_file.name.split("_")[3])  # zero_pp_rank_<r>_mp_rank_00_optim_states.pt
+
+
+def _decoded_copy(found: Found, out: Path, states: str) -> Path:
+    """`found` as DeepSpeed's converter reads it: links to its files, except the optimizer
+    files, written again with each moment decoded to FP32 (nothing is written in `found`)."""
+    copy = out.with_name(out.name + ".input")
+    shutil.rmtree(copy, ignore_errors=True)
+    copy.mkdir(parents=True)
+    for f in found.path.iterdir():
+        os.symlink(f.resolve(), copy / f.name)
+    fmt = get_state_format(states)
+    for f in _optim_files(found):
+        saved = safeload.load(f, "checkpoint.resume")
+        base = saved["optimizer_state_dict"]["base_optimizer_state"]
+        for i, part in base["state"].items():
+            start = _rank(f) * part["exp_avg_codes" if fmt.dtype is None else "exp_avg"].numel()
+            base["state"][i] = reshard.decoded(part, fmt, start)
+        (copy / f.name).unlink()
+        torch.save(saved, copy / f.name)
+    return copy
+
+
+def _run_converter(found: Found, source: Path, out: Path, tmp: Path) -> str | None:
     # -P: the working directory (perhaps the received run directory) is not put on sys.path,
     # so no `deepspeed/` folder there can stand in for DeepSpeed's converter.
     cmd = [sys.executable, "-P", "-m", "deepspeed.checkpoint.ds_to_universal",
-           "--input_folder", str(found.path), "--output_folder", str(tmp)]  # fmt: skip
+           "--input_folder", str(source), "--output_folder", str(tmp)]  # fmt: skip
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
@@ -167,14 +215,35 @@ def _module_buffers(found: Found, model: nn.Module) -> dict:
     return {k: v for k, v in module.items() if k not in params}
 
 
+def _compact_states(engine, found: Found, states: str, say) -> None:
+    """Collective: put the saved codes and scales in place of the FP32 moments the universal
+    load gave this rank's `CompactAdamW` (module docstring; ZeRO 1-2, `check` refuses ZeRO-3)."""
+    olds = [
+        safeload.load(f, "checkpoint.resume")["optimizer_state_dict"]["base_optimizer_state"]
+        for f in _optim_files(found)
+    ]
+    inner, fmt = engine.optimizer.optimizer, get_state_format(states)
+    redone = 0
+    for i, (flat, start, numel) in enumerate(flat_partitions(engine)):
+        state, n = reshard.partition([o["state"][i] for o in olds], fmt, numel, start, len(flat))
+        inner.state[flat] = state
+        redone += n
+    (redone,) = all_reduce([float(redone)], dist.ReduceOp.SUM)  # over the new ranks
+    if fmt.dtype is None:
+        say(f"checkpoint: {states} optimizer states carried over bit for bit, except {redone:.0f} "
+            "block(s) cut by a partition boundary, encoded again")  # fmt: skip
+
+
 def load(engine, model: nn.Module, found: Found, ckpt_dir: Path, cfg, say) -> Progress:
     """Load `found` saved on another world size through its universal copy under `ckpt_dir`,
     this run's checkpoint directory (see the module docstring)."""
-    path = ensure_universal(found, ckpt_dir, say)
+    path = ensure_universal(found, ckpt_dir, say, cfg.optim.states)
     _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
     universal_loaded(engine, cfg)
     if client is None:
         raise RuntimeError(f"DeepSpeed could not load the universal checkpoint {path}")
+    if cfg.optim.states != "fp32":
+        _compact_states(engine, found, cfg.optim.states, say)
     buffers = _module_buffers(found, model)
     missing = [k for k in buffers if k not in dict(model.named_buffers())]
     if missing:

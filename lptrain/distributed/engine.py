@@ -166,6 +166,17 @@ def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
     return _merge(ds, d.extra)
 
 
+def param_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype the forward runs the parameters in: DeepSpeed's bf16 and fp16 modes cast every
+    parameter (not the buffers) to 16 bits, and so does lptrain for `optim.master: bf16-sr`
+    (which runs DeepSpeed in fp32 mode, `deepspeed_config`, and needs deepspeed.dtype bf16).
+    `lptrain eval` and `export` rebuild the model with it (export/restore.py): the same weights
+    held in fp32 would compute another loss."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        cfg.deepspeed.dtype
+    ]
+
+
 def compact_optimizer(cfg: TrainConfig) -> bool:
     """Whether the optimizer is lptrain's CompactAdamW (compact moments or bf16-sr master
     weights) rather than DeepSpeed's torch AdamW."""
@@ -279,7 +290,7 @@ def initialize(model: nn.Module, cfg: TrainConfig, ds_config: dict, total_steps:
         o = cfg.optim
         if o.master == "bf16-sr":  # parameters only: fp32 buffers (quantizer state) stay
             for p in model.parameters():
-                p.data = p.data.to(torch.bfloat16)
+                p.data = p.data.to(param_dtype(cfg))
         optimizer = CompactAdamW(
             groups, o.lr, tuple(o.betas), o.eps, o.weight_decay, o.states, o.master, cfg.run.seed
         )
@@ -291,7 +302,22 @@ def initialize(model: nn.Module, cfg: TrainConfig, ds_config: dict, total_steps:
             config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         )
+    if optimizer is not None and cfg.deepspeed.zero_stage in (1, 2):
+        # blocks of the whole group buffer: the same codes and scales on any number of ranks
+        optimizer.block_starts = {flat: start for flat, start, _ in flat_partitions(engine)}
     return engine, scheduler
+
+
+def flat_partitions(engine) -> list[tuple[torch.Tensor, int, int]]:
+    """ZeRO 1-2, per parameter group: (this rank's flat FP32 partition, the index of its first
+    element in the group's flat buffer, the buffer's elements without ZeRO's padding). The
+    partitions are equal slices of the padded buffer in data-parallel rank order."""
+    zero = engine.optimizer
+    out = []
+    for i, flat in enumerate(zero.single_partition_of_fp32_groups):
+        rank = dist.get_rank(group=zero.real_dp_process_group[i])
+        out.append((flat, rank * flat.numel(), sum(p.numel() for p in zero.bit16_groups[i])))
+    return out
 
 
 def resume_optim(engine, cfg: TrainConfig, total_steps: int, old: dict | None) -> None:

@@ -23,6 +23,7 @@ from lptrain.config.inherit import tokenizer_spec
 from lptrain.config.precision import resolve_recipe
 from lptrain.config.schema import TrainConfig
 from lptrain.data import dataset
+from lptrain.distributed.engine import param_dtype
 from lptrain.errors import ConfigError
 from lptrain.export import standalone, validate
 from lptrain.models import converters, hf, init_from
@@ -130,7 +131,19 @@ def open_run(path: str | Path, say=_quiet, note=_stderr) -> Opened:
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
         )
     _check_finite(model, found.path)
-    return Opened(cfg, model.eval(), tok, str(found.path), fallen)
+    return Opened(cfg, as_trained(model, cfg).eval(), tok, str(found.path), fallen)
+
+
+def as_trained(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """`model` with its parameters in the dtype training ran them in (`param_dtype`: bf16 for
+    `deepspeed.dtype: bf16` and `optim.master: bf16-sr`), buffers as they are, as the engine
+    casts them. A bf16 checkpoint's weights are exact in that dtype; a ZeRO-3 checkpoint gives
+    its fp32 master weights, which round to the same bf16 copy the engine made of them."""
+    dtype = param_dtype(cfg)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
 
 
 def _put(model: nn.Module, recipes: dict, where: Path) -> None:
@@ -180,7 +193,7 @@ def open_export(path: str | Path) -> Opened:
     validate.load_weights(model, d / EXPORT_WEIGHTS)
     validate.check_tensors(model, meta["layers"], d / EXPORT_WEIGHTS)
     _check_finite(model, d)
-    return Opened(cfg, model.eval(), tok, str(d), meta.get("fallbacks", {}))
+    return Opened(cfg, as_trained(model, cfg).eval(), tok, str(d), meta.get("fallbacks", {}))
 
 
 def _ctx(cfg: TrainConfig, tok) -> converters.ConvertContext:

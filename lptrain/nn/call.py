@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lptrain.numerics import TE_NVFP4_SIGNS, QuantStats, ScalingState, random_signs
-from lptrain.numerics.stats import merge_stats
+from lptrain.numerics.stats import OPTIONAL, merge_stats
 
 if TYPE_CHECKING:
     from lptrain.nn.backends.base import Backend
@@ -74,6 +74,12 @@ class CallContext:
     # Recipes whose statistics are recorded on the same operands without changing what this
     # call computes (monitor.shadow, nn/shadow.py); only inside a statistics window.
     shadows: tuple = ()
+    # Gradients on where the layer was called (inside the autograd Function they are always
+    # off): whether a backward will follow that keeps operands (nn/shared.py).
+    grad_enabled: bool = True
+    # The statistics asked for: of the opt-in ones (numerics/stats.py OPTIONAL) only these
+    # are computed.
+    wanted: tuple = OPTIONAL
 
     def updates(self, gemm: str) -> bool:
         """Whether quantizing for `gemm` may change state in this call."""

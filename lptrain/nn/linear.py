@@ -26,6 +26,7 @@ from lptrain.nn.recipe import GEMMS, Recipe
 from lptrain.nn.resolve import resolve
 from lptrain.nn.reuse import aliases as reuse_aliases
 from lptrain.numerics import QuantSpec, ScalingState
+from lptrain.numerics.stats import OPTIONAL
 
 _CPU_BUFFERS = ("step", "seed", "int32_overflows")
 
@@ -73,6 +74,7 @@ class Linear(nn.Linear):
         self.quantization_enabled = True  # False: plain F.linear (see lptrain.nn.observe)
         self.last_stats: dict[str, dict[str, float]] = {}
         self.shadows: tuple = ()  # shadow recipes of the open statistics window
+        self.stats_wanted: tuple = OPTIONAL  # the statistics the open window asks for
         self._ledger = CallLedger()
         self.init_quantizer_state(default_seed() if seed is None else seed, device)
 
@@ -252,6 +254,8 @@ class Linear(nn.Linear):
             merge_stats=self.stats_window,
             overflows=self.int32_overflows,
             shadows=self.shadows if collect and self.stats_window else (),
+            wanted=self.stats_wanted if self.stats_window else OPTIONAL,
+            grad_enabled=torch.is_grad_enabled(),
         )
 
     def extra_repr(self) -> str:
@@ -261,16 +265,19 @@ class Linear(nn.Linear):
         """Collect per-operand statistics every `every` training steps (0 turns them off)."""
         self.stats_interval = int(every)
 
-    def open_stats_window(self, shadows: tuple = ()) -> None:
+    def open_stats_window(self, shadows: tuple = (), wanted: tuple = OPTIONAL) -> None:
         """Collect on every training call from now on and merge the calls' statistics (the
         micro-batches of one optimizer step) into `last_stats`, until `close_stats_window`.
         `shadows`: recipes whose statistics on the same operands are kept too, as
-        `<recipe>/<gemm>.<operand>` (nn/shadow.py); what the layer computes does not change."""
+        `<recipe>/<gemm>.<operand>` (nn/shadow.py); what the layer computes does not change.
+        `wanted`: the statistic names asked for; opt-in ones not in it are not computed."""
         self.last_stats.clear()
         self.stats_window = True
         self.shadows = tuple(shadows)
+        self.stats_wanted = tuple(wanted)
 
     def close_stats_window(self) -> dict[str, dict[str, float]]:
         self.stats_window = False
         self.shadows = ()
+        self.stats_wanted = OPTIONAL
         return dict(self.last_stats)

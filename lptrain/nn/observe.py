@@ -11,22 +11,24 @@ from typing import Iterable, Iterator
 from torch import nn
 
 from lptrain.nn.linear import Linear
+from lptrain.numerics.stats import OPTIONAL
 
 
 @contextlib.contextmanager
 def stats_window(
-    layers: dict[str, Linear], shadows: dict[str, tuple] | None = None
+    layers: dict[str, Linear], shadows: dict[str, tuple] | None = None, wanted: tuple = OPTIONAL
 ) -> Iterator[dict[str, dict]]:
     """Collect every training call's statistics of `layers` inside the block, merged per
     operand (`numerics.stats.merge_stats`: the micro-batches of one optimizer step count as one
     tensor); on exit the yielded dict holds {layer name: {'gemm.operand': stats}}. `shadows`
     {layer name: recipes} adds those recipes' statistics on the same operands as
     '<recipe>/<gemm>.<operand>' (nn/shadow.py). Collecting changes no value the layers
-    compute."""
+    compute. `wanted`: the statistic names asked for; of the opt-in ones
+    (numerics/stats.py OPTIONAL) only these are computed, the others are NaN."""
     out: dict[str, dict] = {}
     shadows = shadows or {}
     for name, layer in layers.items():
-        layer.open_stats_window(shadows.get(name, ()))
+        layer.open_stats_window(shadows.get(name, ()), wanted)
     try:
         yield out
     finally:

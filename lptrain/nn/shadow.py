@@ -80,7 +80,9 @@ def _record(call: CallContext, recipe: Recipe, gemm: str, operand: str, t: torch
     gen = call.shadow_generator(gemm, t.device)
     signs = _signs(call, recipe, gemm, gen, t.device)
     spec = stateless(recipe.spec(gemm, operand))
-    _, extras = fake_quantize(padded, spec, generator=gen, signs=signs, with_stats=True)
+    _, extras = fake_quantize(
+        padded, spec, generator=gen, signs=signs, with_stats=True, wanted=call.wanted
+    )
     call.record_shadow(recipe.name, gemm, operand, extras["stats"])
 
 

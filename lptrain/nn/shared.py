@@ -9,7 +9,10 @@ that spec and on the reduction padding, and no statistics are being collected (e
 records its own). And only a copy the layers keep for backward anyway (their weight gradient
 reuses it, nn/reuse.py): a copy used by the forward GEMM alone is freed right after it, and
 holding it for the next reader would keep it alive as long as the input (until backward where
-the layers save the input itself). Everything else quantizes per layer, as before.
+the layers save the input itself). For the same reason nothing is shared with gradients off
+(`torch.no_grad`, evaluation): no layer keeps a copy for a backward, and an input the caller
+still holds after the forward would keep the shared copy alive with it. Everything else
+quantizes per layer, as before.
 
 The copies live in a `SharedInputs` held by the model's backend (one per `convert`), keyed by
 the input tensor's identity and version counter and dropped when the tensor is freed, so a copy
@@ -41,7 +44,9 @@ def share_key(call: "CallContext", x: torch.Tensor) -> tuple | None:
         and spec.scaling != "delayed"
         and spec.amax_refresh == 1
     )
-    kept = call.recipe.backward_operands == "reuse" or ("grad_weight", "input") in call.aliases
+    kept = call.grad_enabled and (
+        call.recipe.backward_operands == "reuse" or ("grad_weight", "input") in call.aliases
+    )
     if not (deterministic and kept) or call.collect or gr.accumulate != "fp32" or x.is_inference():
         return None
     if spec.tile is not None and spec.tile[0] != 1:  # rows padded to the tile per call

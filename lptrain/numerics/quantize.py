@@ -31,7 +31,7 @@ from lptrain.numerics.rounding import check_floating, round_to_format, work_dtyp
 from lptrain.numerics.scaling import spec_scales
 from lptrain.numerics.spec import QuantSpec
 from lptrain.numerics.state import ScalingState
-from lptrain.numerics.stats import QuantStats, compute_stats
+from lptrain.numerics.stats import OPTIONAL, QuantStats, compute_stats
 
 
 @dataclass
@@ -153,12 +153,14 @@ def fake_quantize(
     signs: torch.Tensor | None = None,
     with_mask: bool = False,
     with_stats: bool = False,
+    wanted=OPTIONAL,
 ):
     """Quantize-dequantize `x` per `spec`, in float32 (float64 for float64 inputs).
 
     With a Hadamard the result stays in the rotated domain (the rotation cancels in the GEMM,
     §3.2). Returns the tensor, or (tensor, extras) where extras has 'mask' (|x . enc| below the
-    format max: the trust mask of QuEST/Quartet), 'stats' (QuantStats) and 'signs'.
+    format max: the trust mask of QuEST/Quartet), 'stats' (QuantStats of the opt-in statistics
+    in `wanted`, `compute_stats`) and 'signs'.
     `state` carries delayed-scaling history / sample-and-hold references between calls;
     `update=False` uses it without recording anything (evaluation, recomputed forwards).
     """
@@ -172,7 +174,7 @@ def fake_quantize(
         m = c.y.abs() < spec.fmt.max_finite
         extras["mask"] = _restore(m, c.moved_shape, spec.axis, max(x.dim(), 1)).reshape(x.shape)
     if with_stats:
-        extras["stats"] = compute_stats(c.xg, c.y, c.q, xh, c.dec, c.gdec, spec)
+        extras["stats"] = compute_stats(c.xg, c.y, c.q, xh, c.dec, c.gdec, spec, wanted)
     return out, extras
 
 

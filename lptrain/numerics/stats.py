@@ -3,6 +3,10 @@
 All values are taken in the quantizer's own domain (after the Hadamard rotation, if any) and
 over every element of the operand; `elements` lets a monitor average fractions correctly over
 ranks and micro-batches (weighted by elements) while taking the max of `amax`.
+
+The opt-in statistics of `monitor.stats` (`SIGNED`: min, max, mean, std; `BLOCKWISE`: the
+blockwise dynamic range) each cost passes over the operand of their own; `compute_stats` takes
+the statistics wanted and leaves those groups out (NaN: not computed) unless one is listed.
 """
 
 from __future__ import annotations
@@ -81,6 +85,17 @@ class QuantStats:
         return _empty(torch.zeros(0)).as_dict()
 
 
+def sqnr_db(signal: float, error: float) -> float:
+    """10 log10(signal / error), the SQNR in dB from the signal and error energies (sums of
+    squares): +inf when nothing was lost (error 0), NaN when the error is not finite (a NaN or
+    Inf reached the quantized values: non-finite stays non-finite). The one formula for every
+    SQNR lptrain logs: GEMM operands (`compute_stats`, `from_moments`) and Adam's stored
+    moments (optim/states.py)."""
+    if not math.isfinite(error):
+        return math.nan
+    return 10 * math.log10(signal / error) if error > 0 else math.inf
+
+
 def _std(rms: float, mean: float) -> float:
     """sqrt(E[x^2] - E[x]^2) (population std; floored at 0 against rounding): relative error
     about 1e-7 (rms / std)^2, negligible unless the mean dwarfs the spread."""
@@ -93,6 +108,11 @@ def _empty(x: torch.Tensor) -> QuantStats:
         z, torch.ones(1), z, z, z + float("inf"), z, z, z, z, z, z, 0, z, z, z, z, z, z
     )
 
+
+# Opt-in statistics computed together (one pass each), and every one of them (`compute_stats`).
+SIGNED = ("min", "max", "mean", "std")
+BLOCKWISE = ("block_dynamic_range", "block_range_exceeded")
+OPTIONAL = (*SIGNED, *BLOCKWISE)
 
 # The blockwise dynamic range looks at blocks of BLOCK consecutive elements along the
 # quantizer's axis (the GEMM's reduction axis, after any Hadamard rotation): an MX block, two
@@ -155,8 +175,10 @@ def _clamped(spec: QuantSpec, xg, dec, gdec) -> tuple[torch.Tensor, torch.Tensor
     return hit.float().sum() / groups.clamp(min=1), groups
 
 
-def compute_stats(xg, y, q, xh, dec, gdec, spec: QuantSpec) -> QuantStats:
-    """xg: the grouped (rotated) input; y = xg . enc; q: grid values; xh: dequantized."""
+def compute_stats(xg, y, q, xh, dec, gdec, spec: QuantSpec, wanted=OPTIONAL) -> QuantStats:
+    """xg: the grouped (rotated) input; y = xg . enc; q: grid values; xh: dequantized.
+    `wanted`: the statistic names asked for; of the opt-in groups (`SIGNED`, `BLOCKWISE`) only
+    those with a name in it are computed, the others are NaN. The rest is always computed."""
     if xg.numel() == 0:
         return _empty(xg)
     finite = torch.isfinite(xg)
@@ -168,7 +190,7 @@ def compute_stats(xg, y, q, xh, dec, gdec, spec: QuantSpec) -> QuantStats:
     # ~1e-5 dB) instead of float64 copies: statistics must stay cheap enough for training.
     err = torch.linalg.vector_norm(err_t).double().square()
     sig = torch.linalg.vector_norm(x).double().square()
-    sqnr = 10 * torch.log10(sig / err) if float(err) > 0 else torch.tensor(float("inf"))
+    sqnr = torch.tensor(sqnr_db(float(sig), float(err)))
     amax = a.max()
     min_nz = torch.where(nz, a, torch.full_like(a, float("inf"))).min()
     # A difference of logs: amax / min_nz overflows FP32 when min_nz is subnormal.
@@ -179,8 +201,14 @@ def compute_stats(xg, y, q, xh, dec, gdec, spec: QuantSpec) -> QuantStats:
     n = xg.numel()
     clamped, groups = _clamped(spec, xg, dec, gdec)
     nonzero = nz.sum()
-    vmin, vmax = torch.aminmax(x)
-    block_range, blocks_over, blocks = _block_ranges(a, _row_length(xg, spec), spec.fmt)
+    nan = torch.tensor(float("nan"))
+    vmin, vmax, total = nan, nan, nan
+    if any(s in wanted for s in SIGNED):
+        vmin, vmax = torch.aminmax(x)
+        total = x.sum()
+    block_range, blocks_over, blocks = nan, nan, nan
+    if any(s in wanted for s in BLOCKWISE):
+        block_range, blocks_over, blocks = _block_ranges(a, _row_length(xg, spec), spec.fmt)
     return QuantStats(
         amax=amax,
         scale=scale.detach().reshape(-1) if scale.dim() else scale.reshape(1),
@@ -196,7 +224,7 @@ def compute_stats(xg, y, q, xh, dec, gdec, spec: QuantSpec) -> QuantStats:
         elements=n,
         min=vmin,
         max=vmax,
-        sum=x.sum(),
+        sum=total,
         block_range=block_range.float(),
         blocks_over=blocks_over,
         blocks=blocks,
@@ -275,7 +303,7 @@ def from_moments(m: dict[str, float]) -> dict[str, float]:
         "saturated": m["saturated_n"] / n,
         "underflow": m["underflow_n"] / max(m["nonzero"], 1.0),
         "clamped": m["clamped_n"] / max(m["groups"], 1.0),
-        "sqnr_db": 10 * math.log10(signal / error) if error > 0 else math.inf,
+        "sqnr_db": sqnr_db(signal, error),
         "dynamic_range": math.log2(amax / m["min_nonzero"]) if amax > 0 else 0.0,
         "nonfinite": m["nonfinite_n"] / n,
         "rms": math.sqrt(signal / n),

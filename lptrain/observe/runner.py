@@ -206,7 +206,7 @@ class Monitoring:
                 self.optimizer.moment_stats = {}
                 self.optimizer.record_moments = plan.layers
             try:
-                with stats_window(want, shadows) as stats:
+                with stats_window(want, shadows, plan.stats) as stats:
                     result = step_fn(s, p)
             finally:
                 self._armed = False

@@ -19,7 +19,10 @@ The arithmetic is torch.optim.AdamW's single-tensor path, op for op, in FP32: wi
 the state, never in `state_dict`, computed only when asked.
 
 It is DeepSpeed's client optimizer (distributed/engine.py). Under ZeRO 1-2 its parameters
-are DeepSpeed's flat FP32 partitions and the blocks run over those.
+are DeepSpeed's flat FP32 partitions, each a slice of its parameter group's flat buffer, and
+`block_starts` (set by the engine) says where: the blocks are the whole buffer's, so the codes
+and scales of a partition are those of the same elements on any number of ranks, except a
+block cut by a partition boundary (checkpoint/reshard.py carries them to another rank count).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class CompactAdamW(torch.optim.Optimizer):
         self.seed = int(seed)
         self.record_moments = False
         self.moment_stats: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> (2, 4) float64
+        # parameter -> index of its first element in the flat tensor whose blocks it uses
+        self.block_starts: dict[torch.Tensor, int] = {}
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         for p in self._params():
@@ -83,15 +88,16 @@ class CompactAdamW(torch.optim.Optimizer):
 
     def _update(self, p: torch.Tensor, group: dict, index: int) -> None:
         state = self.state[p]
+        start = self.block_starts.get(p, 0)
         if not state:
             state["step"] = torch.tensor(0.0)
             for name in _MOMENTS:
-                self._store(state, name, torch.zeros(p.numel(), device=p.device))
+                self._store(state, name, torch.zeros(p.numel(), device=p.device), start)
         state["step"] += 1
         t = state["step"].item()
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
         grad = p.grad.reshape(-1).float()
-        m, v = (self._load(state, name) for name in _MOMENTS)
+        m, v = (self._load(state, name, start) for name in _MOMENTS)
         # fp32: the update runs in place on the parameter (a view: never a silent copy)
         w = p.view(-1) if self.master == "fp32" else p.view(-1).float()
         # torch/optim/adamw.py `_single_tensor_adam`, op for op (decoupled weight decay first).
@@ -103,12 +109,12 @@ class CompactAdamW(torch.optim.Optimizer):
         w.addcdiv_(m, denom, value=-step_size)
         if self.master == "bf16-sr":
             p.copy_(self._round_bf16(w, t, index).view_as(p))
-        self._store(state, "exp_avg", m)
-        self._store(state, "exp_avg_sq", v)
+        self._store(state, "exp_avg", m, start)
+        self._store(state, "exp_avg_sq", v, start)
         if self.record_moments:
             # m and v are still the fresh FP32 moments: what the step held before storing
             sums = [
-                st.quantization_sums(x, self._load(state, n))
+                st.quantization_sums(x, self._load(state, n, start))
                 for n, x in zip(_MOMENTS, (m, v), strict=True)
             ]
             self.moment_stats[p] = torch.stack(sums)
@@ -120,15 +126,15 @@ class CompactAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ the stored moments
 
-    def _load(self, state: dict, name: str) -> torch.Tensor:
+    def _load(self, state: dict, name: str, start: int = 0) -> torch.Tensor:
         """The moment as a flat FP32 tensor the step may modify in place."""
         fmt = self.format
         if fmt.dtype is not None:
             return state[name].float() if fmt.dtype != torch.float32 else state[name]
         codec = fmt.m if name == "exp_avg" else fmt.v
-        return st.decode(state[f"{name}_codes"], state[f"{name}_scales"], codec)
+        return st.decode(state[f"{name}_codes"], state[f"{name}_scales"], codec, start=start)
 
-    def _store(self, state: dict, name: str, value: torch.Tensor) -> None:
+    def _store(self, state: dict, name: str, value: torch.Tensor, start: int) -> None:
         fmt = self.format
         if fmt.dtype is not None:
             if fmt.dtype == torch.float32 and name in state:
@@ -136,7 +142,7 @@ class CompactAdamW(torch.optim.Optimizer):
             state[name] = value.to(fmt.dtype)
             return
         codec = fmt.m if name == "exp_avg" else fmt.v
-        state[f"{name}_codes"], state[f"{name}_scales"] = st.encode(value, codec)
+        state[f"{name}_codes"], state[f"{name}_scales"] = st.encode(value, codec, start)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load casts every floating-point state tensor to its parameter's dtype: BF16

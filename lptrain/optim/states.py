@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from lptrain.numerics.rounding import round_to_format
+from lptrain.numerics.stats import sqnr_db
 
 BLOCK = 128  # elements per scale, as bitsandbytes' and torchao's block-wise 8-bit Adam
 
@@ -89,11 +90,20 @@ STATE_FORMATS = {
 }
 
 
-def _blocks(x: torch.Tensor) -> torch.Tensor:
-    """Flat `x` zero-padded to whole blocks, as (n_blocks, BLOCK)."""
+def _blocks(x: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Flat `x` as (n_blocks, BLOCK), zero-padded to whole blocks of the tensor `x` is a slice
+    of from its element `start` on: block boundaries sit at multiples of BLOCK of that tensor,
+    so a slice's blocks are the whole tensor's (its first and last may be partial). A zero
+    changes no block's scale (the largest magnitude, the smallest positive value)."""
     flat = x.reshape(-1)
-    pad = (-flat.numel()) % BLOCK
-    return torch.nn.functional.pad(flat, (0, pad)).view(-1, BLOCK)
+    lead = start % BLOCK
+    pad = (-(lead + flat.numel())) % BLOCK
+    return torch.nn.functional.pad(flat, (lead, pad)).view(-1, BLOCK)
+
+
+def n_blocks(numel: int, start: int = 0) -> int:
+    """Blocks a slice of `numel` elements from `start` touches."""
+    return -(-(start % BLOCK + numel) // BLOCK) if numel else 0
 
 
 def _to_codes(t: torch.Tensor, codec: Codec) -> torch.Tensor:
@@ -106,10 +116,16 @@ def _to_codes(t: torch.Tensor, codec: Codec) -> torch.Tensor:
     return q.to(codec.code_dtype)
 
 
-def _code_values(codes: torch.Tensor, codec: Codec, dtype) -> torch.Tensor:
-    """The codes' values as (n_blocks, BLOCK) in `dtype` (zero-padded)."""
-    c = torch.nn.functional.pad(codes, (0, (-codes.numel()) % BLOCK)).view(-1, BLOCK)
+def _code_values(codes: torch.Tensor, codec: Codec, dtype, start: int) -> torch.Tensor:
+    """The codes' values as (n_blocks, BLOCK) in `dtype` (zero-padded as `_blocks`)."""
+    c = _blocks(codes, start)
     return (c.view(torch.float8_e4m3fn) if codec.element == "fp8_e4m3" else c).to(dtype)
+
+
+def _flat(blocks: torch.Tensor, numel: int, start: int) -> torch.Tensor:
+    """The `numel` elements of `_blocks(x, start)`: x again."""
+    lead = start % BLOCK
+    return blocks.reshape(-1)[lead : lead + numel]
 
 
 def _expansion(b: torch.Tensor, codec: Codec) -> torch.Tensor:
@@ -123,14 +139,16 @@ def _expansion(b: torch.Tensor, codec: Codec) -> torch.Tensor:
     return torch.where((hi > lo) & (lo > 0), k, torch.ones_like(k))
 
 
-def encode(x: torch.Tensor, codec: Codec) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(x: torch.Tensor, codec: Codec, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, scales): flat codes of x's numel and `codec.per_block` FP32 numbers per block.
+    `start`: x is a slice of a larger flat tensor from this element on, and its blocks are that
+    tensor's (`_blocks`): a ZeRO partition is encoded as part of its whole parameter group.
 
     The scale is the block's absmax / qmax ("none", "sqrt") or its max and k ("expand"); an
     all-zero block gets scale 1, so its codes are 0. A NaN or Inf makes its block's scale
     non-finite, so the whole block decodes to NaN (or Inf): non-finite stays non-finite
     (integer codes cannot hold a NaN themselves)."""
-    b = _blocks(x.sqrt() if codec.transform == "sqrt" else x)
+    b = _blocks(x.sqrt() if codec.transform == "sqrt" else x, start)
     amax = b.abs().amax(dim=1).float()
     if codec.transform == "expand":
         hi = torch.where(amax == 0, torch.ones_like(amax), amax)
@@ -140,26 +158,30 @@ def encode(x: torch.Tensor, codec: Codec) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         scales = torch.where(amax == 0, torch.ones_like(amax), amax / codec.qmax)
         t = b / scales.to(b.dtype)[:, None]
-    return _to_codes(t, codec).reshape(-1)[: x.numel()].clone(), scales
+    return _flat(_to_codes(t, codec), x.numel(), start).clone(), scales
 
 
-def stored_values(codes: torch.Tensor, scales: torch.Tensor, codec: Codec, dtype=torch.float32):
+def stored_values(
+    codes: torch.Tensor, scales: torch.Tensor, codec: Codec, dtype=torch.float32, start: int = 0
+):
     """The codes' values times the block scale, flat, in `dtype`: the stored quantity (sqrt(v)
     for "sqrt"; for "expand" the code values / qmax, before the k-th root)."""
-    c = _code_values(codes, codec, dtype)
+    c = _code_values(codes, codec, dtype, start)
     s = scales.to(dtype)
     out = c / codec.qmax if codec.transform == "expand" else c * s[:, None]
-    return out.reshape(-1)[: codes.numel()]
+    return _flat(out, codes.numel(), start)
 
 
-def decode(codes: torch.Tensor, scales: torch.Tensor, codec: Codec, dtype=torch.float32):
-    """The moment in `dtype` from `encode`'s output."""
+def decode(
+    codes: torch.Tensor, scales: torch.Tensor, codec: Codec, dtype=torch.float32, start: int = 0
+):
+    """The moment in `dtype` from `encode`'s output (the same `start`)."""
     if codec.transform == "expand":
-        c = _code_values(codes, codec, dtype) / codec.qmax
+        c = _code_values(codes, codec, dtype, start) / codec.qmax
         s = scales.to(dtype)
         x = s[:, :1] * c.pow(1 / s[:, 1:])
-        return x.reshape(-1)[: codes.numel()]
-    x = stored_values(codes, scales, codec, dtype)
+        return _flat(x, codes.numel(), start)
+    x = stored_values(codes, scales, codec, dtype, start)
     return x * x if codec.transform == "sqrt" else x
 
 
@@ -191,10 +213,7 @@ def quantization_metrics(sums: torch.Tensor) -> tuple[float, float]:
     +inf when nothing was lost; the share of non-zero entries stored as 0 (0 when none is
     non-zero). A non-finite moment gives a non-finite SQNR."""
     signal, error, nonzero, underflow = sums.tolist()
-    sqnr = 10 * math.log10(signal / error) if error > 0 else math.inf
-    if math.isnan(error) or math.isinf(error):
-        sqnr = math.nan
-    return sqnr, underflow / nonzero if nonzero else 0.0
+    return sqnr_db(signal, error), underflow / nonzero if nonzero else 0.0
 
 
 def get_state_format(name: str) -> StateFormat:

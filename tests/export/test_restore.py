@@ -1,6 +1,7 @@
 """export/restore.py: a run trained on the Triton backend is read back on a CPU machine."""
 
 import pytest
+import torch
 
 from lptrain.config import schema
 from lptrain.data import dataset
@@ -44,3 +45,30 @@ def test_other_backends_are_kept(no_interpreter):
         assert restore.portable(_cfg(name)).precision.backend == name
     with pytest.raises(ConfigError, match="precision.backend"):  # TE swaps layers: still refused
         restore.skeleton(_cfg("te"), dataset.load_tokenizer("byte"))
+
+
+def test_bf16_sr_run_evaluates_and_exports_to_its_logged_val_loss(cli, tmp_path, capsys):
+    """optim.master=bf16-sr trains bf16 parameters (no fp32 copy): `lptrain eval` of the run and
+    of its export computes with them as training did, so both give the logged val_loss to the
+    last bit (an fp32 model holding the same bf16 weights was 2e-4 nats off)."""
+    import json
+
+    from tests.helpers import metrics
+    from tests.trainer.test_finetune import in_process
+
+    run = tmp_path / "run"
+    cli("tiny-fp32.yaml", "optim.master=bf16-sr", "deepspeed.dtype=bf16", "optim.states=fp8",
+        "run.max_steps=2", "run.eval_interval=2", "run.eval_batches=2", run_dir=run)  # fmt: skip
+    (logged,) = [row["val_loss"] for row in metrics(run) if "val_loss" in row]
+
+    def eval_loss(path) -> float:
+        code, out, _ = in_process(capsys, "eval", path, "--json", "--blocks", 16)  # 2 x 8 blocks
+        assert code == 0, out
+        return json.loads(out.splitlines()[-1])["loss"]
+
+    assert eval_loss(run) == logged
+    code, out, _ = in_process(capsys, "export", run, "--blocks", 16)
+    assert code == 0 and "holds its weights as trained" in out, out
+    assert eval_loss(run / "export") == logged
+    exported = restore.open_export(run / "export").model
+    assert {p.dtype for p in exported.parameters()} == {torch.bfloat16}

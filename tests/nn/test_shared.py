@@ -113,3 +113,23 @@ def test_an_empty_batch_shares_and_stays_empty():
     y.sum().backward()
     assert y.shape == x.shape and x.grad.shape == x.shape
     assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in block.parameters())
+
+
+def test_nothing_is_kept_after_a_forward_without_gradients():
+    """Under torch.no_grad no layer keeps a copy for backward, so none is shared: three layers
+    reading an input the caller still holds leave the store empty (it used to hold the copy as
+    long as the input lived), and compute what they compute unshared."""
+    layers = torch.nn.ModuleDict({n: torch.nn.Linear(64, 64, bias=False) for n in "qkv"})
+    lpnn.convert(layers, "fp8-current", backend="emulated", log_fn=lambda _: None)
+    store = next(lpnn.quantized_layers(layers))[1].backend.shared_inputs
+    x = torch.randn(4, 64)
+    outs = {}
+    for share in (False, True):
+        for _, layer in lpnn.quantized_layers(layers):
+            layer.backend.share_inputs = share
+        with torch.no_grad():
+            outs[share] = [layers[n](x) for n in "qkv"]
+        assert len(store) == 0
+    assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False], strict=True))
+    y = layers["q"](x.requires_grad_()), layers["k"](x)  # with gradients: shared, kept
+    assert len(store) == 1 and y[0].requires_grad

@@ -146,3 +146,71 @@ def test_moments_merge_and_nonfinite():
     x = torch.tensor([[1.0, -2.0, float("nan"), 4.0]])
     s = _stats(x, QuantSpec("fp8_e4m3"))  # the finite elements, averaged over all four
     assert (s["min"], s["max"], s["mean"]) == (-2.0, 4.0, 3.0 / 4)
+
+
+def test_one_sqnr_formula_for_operands_and_optimizer_moments():
+    """`sqnr_db` is the formula behind the operands' SQNR (per call and merged) and the stored
+    Adam moments' (optim/states.py): +inf when nothing was lost, NaN for a non-finite error."""
+    from lptrain.numerics.stats import from_moments, sqnr_db, to_moments
+    from lptrain.optim.states import quantization_metrics
+
+    assert sqnr_db(100.0, 1.0) == 20.0
+    assert sqnr_db(5.0, 0.0) == math.inf
+    assert math.isnan(sqnr_db(5.0, math.nan)) and math.isnan(sqnr_db(5.0, math.inf))
+    sums = torch.tensor([3.0, 0.01, 10.0, 1.0], dtype=torch.float64)
+    assert quantization_metrics(sums) == (sqnr_db(3.0, 0.01), 0.1)
+    s = _stats(torch.randn(64, generator=torch.Generator().manual_seed(0)), QuantSpec("fp8_e4m3"))
+    m = to_moments(s)
+    assert from_moments(m)["sqnr_db"] == sqnr_db(m["signal"], m["error"])
+    # a NaN error (a NaN in the dequantized values) stays NaN through the merge (was +inf)
+    assert math.isnan(from_moments({**m, "error": math.nan})["sqnr_db"])
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("fp8_e4m3"), MX4])
+def test_opt_in_statistics_are_computed_only_when_listed(spec, monkeypatch):
+    """Of min/max/mean/std and the blockwise range only the listed group is computed (its
+    passes run, the other's do not; unlisted values are NaN); every value that is computed is
+    the one computing everything gives, to the bit."""
+    from lptrain.numerics import stats as st
+
+    calls = []
+    blocks = st._block_ranges
+    monkeypatch.setattr(st, "_block_ranges", lambda *a: calls.append(1) or blocks(*a))
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
+
+    def stats(wanted):
+        return fake_quantize(x, spec, with_stats=True, wanted=wanted)[1]["stats"].as_dict()
+
+    full = stats(st.OPTIONAL)
+    assert len(calls) == 1
+    for wanted, computed in [(("amax", "sqnr_db"), ()), (("std",), st.SIGNED),
+                             (("block_range_exceeded",), st.BLOCKWISE)]:  # fmt: skip
+        calls.clear()
+        got = stats(wanted)
+        assert len(calls) == (computed == st.BLOCKWISE)
+        for key, value in full.items():
+            if key in st.OPTIONAL and key not in computed or key == "blocks" and not calls:
+                assert math.isnan(got[key]), key
+            else:
+                assert got[key] == value, key
+
+
+def test_a_statistics_window_computes_only_the_statistics_it_is_given(monkeypatch):
+    """The monitoring's window (nn/observe.py `stats_window`, which the runner hands the
+    statistics due this step) reaches every quantization of the layer's three GEMMs."""
+    from lptrain.nn import Linear, stats_window
+    from lptrain.numerics import stats as st
+
+    calls = []
+    blocks = st._block_ranges
+    monkeypatch.setattr(st, "_block_ranges", lambda *a: calls.append(1) or blocks(*a))
+    layer = Linear(64, 64, bias=False, recipe="mxfp4", backend="emulated", seed=0)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with stats_window({"l": layer}, wanted=("amax", "sqnr_db", "min")) as out:
+        layer(x).square().mean().backward()
+    assert not calls and out["l"]
+    for d in out["l"].values():
+        assert math.isfinite(d["min"]) and math.isnan(d["block_dynamic_range"])
+    with stats_window({"l": layer}) as out:  # no list: everything, as before
+        layer(x).square().mean().backward()
+    assert calls and all(math.isfinite(d["block_dynamic_range"]) for d in out["l"].values())

@@ -75,6 +75,7 @@ class EmulatedBackend(Backend):
             signs=signs,
             with_mask=want_mask,
             with_stats=call.collect,
+            wanted=call.wanted,
         )
         if not (want_mask or call.collect):
             return out, None
@@ -162,5 +163,6 @@ class EmulatedBackend(Backend):
         if call.collect:
             scaled = torch.ldexp(t.float(), -d.exponent)
             m = d.mantissa.float()
-            call.record(gemm, op, compute_stats(t, scaled, m, d.dequantize(), None, None, spec))
+            stats = compute_stats(t, scaled, m, d.dequantize(), None, None, spec, call.wanted)
+            call.record(gemm, op, stats)
         return d
