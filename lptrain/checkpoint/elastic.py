@@ -27,8 +27,12 @@ What lptrain restores itself, because a universal load skips the module state di
   hold the decoded moments (the universal copy then holds fp32 moments, as that format
   defines). After the load, each new rank's moments are replaced by the codes and scales cut
   from the saved ones (optim/reshard.py): bit for bit, except a block cut by an old or new
-  partition boundary, which is encoded again. ZeRO-3 is refused: it splits every parameter
-  over the ranks and the blocks run across those pieces, so they have no rank-independent form.
+  partition boundary, which is encoded again. Old ranks' states saved before group-aligned
+  blocks (no `reshard.LAYOUT` in their param groups) are read in the blocks they were saved in:
+  decoded so for the converter, re-encoded once in the buffer's blocks before the cut (this is
+  converted rather than refused: the old layout is known exactly, so nothing is lost but one
+  requantization, and the run says so). ZeRO-3 is refused: it splits every parameter over the
+  ranks and the blocks run across those pieces, so they have no rank-independent form.
 
 The data position is the global sample index, so the order continues whatever the new layout;
 `deepspeed.micro_batch`, `grad_accum` and `train_batch_size` may change on such a resume.
@@ -65,10 +69,11 @@ def universal_path(found: Found, ckpt_dir: Path) -> Path:
     return ckpt_dir / "universal" / found.tag
 
 
-def command(found: Found, ckpt_dir: Path) -> str:
-    """The one command that makes the universal copy by hand."""
+def command(found: Found, ckpt_dir: Path, source: Path | None = None) -> str:
+    """The one command that makes the universal copy by hand, from `source` (the checkpoint as
+    the converter reads it; `found` itself unless given)."""
     return (
-        f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {found.path} "
+        f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {source or found.path} "
         f"--output_folder {universal_path(found, ckpt_dir)}"
     )
 
@@ -142,11 +147,20 @@ def _convert(found: Found, out: Path, say, states: str) -> str | None:
     tmp.parent.mkdir(parents=True, exist_ok=True)
     say(f"checkpoint: converting {found.path} to a universal checkpoint (ds_to_universal)")
     source = found.path if states == "fp32" else _decoded_copy(found, out, states)
+    error = None
     try:
-        return _run_converter(found, source, out, tmp)
+        error = _run_converter(found, source, out, tmp)
     finally:
-        if source != found.path:
+        if source != found.path and error is None:  # converted (or raised): not needed
             shutil.rmtree(source, ignore_errors=True)
+    if source == found.path or error is None:
+        return error
+    # The converter cannot read compact moments: the command in the error points at the
+    # decoded copy, kept for it (the next resume makes it again).
+    return (
+        f"{error} (its input is {found.path} with the {states} moments decoded to fp32, which "
+        "the converter reads; kept for this command)"
+    )
 
 
 def _optim_files(found: Found) -> list[Path]:
@@ -156,6 +170,12 @@ def _optim_files(found: Found) -> list[Path]:
 
 def _rank(optim_file: Path) -> int:
     return int(optim_file.name.split("_")[3])  # zero_pp_rank_<r>_mp_rank_00_optim_states.pt
+
+
+def _start(optim_file: Path, part: dict, fmt) -> int:
+    """Where the slice of `part`, from `optim_file`, starts in its group's buffer (ZeRO 1-2
+    slices are equal: the old rank times the slice's length)."""
+    return _rank(optim_file) * part["exp_avg_codes" if fmt.dtype is None else "exp_avg"].numel()
 
 
 def _decoded_copy(found: Found, out: Path, states: str) -> Path:
@@ -171,7 +191,7 @@ def _decoded_copy(found: Found, out: Path, states: str) -> Path:
         saved = safeload.load(f, "checkpoint.resume")
         base = saved["optimizer_state_dict"]["base_optimizer_state"]
         for i, part in base["state"].items():
-            start = _rank(f) * part["exp_avg_codes" if fmt.dtype is None else "exp_avg"].numel()
+            start = reshard.saved_start(base["param_groups"][i], _start(f, part, fmt))
             base["state"][i] = reshard.decoded(part, fmt, start)
         (copy / f.name).unlink()
         torch.save(saved, copy / f.name)
@@ -193,7 +213,7 @@ def _run_converter(found: Found, source: Path, out: Path, tmp: Path) -> str | No
         shutil.rmtree(tmp, ignore_errors=True)
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return f"converting {found.tag} to a universal checkpoint failed ({last}); run: " + (
-            command(found, out.parent.parent)
+            command(found, out.parent.parent, source)
         )
     meta = {"tag": found.tag, "universal_of": found.manifest.get("tag"), "source": _source(found)}
     manifest.write_local(tmp, meta)
@@ -218,20 +238,37 @@ def _module_buffers(found: Found, model: nn.Module) -> dict:
 def _compact_states(engine, found: Found, states: str, say) -> None:
     """Collective: put the saved codes and scales in place of the FP32 moments the universal
     load gave this rank's `CompactAdamW` (module docstring; ZeRO 1-2, `check` refuses ZeRO-3)."""
-    olds = [
-        safeload.load(f, "checkpoint.resume")["optimizer_state_dict"]["base_optimizer_state"]
-        for f in _optim_files(found)
-    ]
     inner, fmt = engine.optimizer.optimizer, get_state_format(states)
+    olds, changed = _group_aligned(found, fmt)
+    if changed is not None:  # every rank read all old files: the same count on each
+        say(reshard.regrouped_note(states, changed))
     redone = 0
     for i, (flat, start, numel) in enumerate(flat_partitions(engine)):
-        state, n = reshard.partition([o["state"][i] for o in olds], fmt, numel, start, len(flat))
+        state, n = reshard.partition([o[i] for o in olds], fmt, numel, start, len(flat))
         inner.state[flat] = state
+        inner.param_groups[i][reshard.LAYOUT] = reshard.GROUP_ALIGNED  # what it now holds
         redone += n
     (redone,) = all_reduce([float(redone)], dist.ReduceOp.SUM)  # over the new ranks
     if fmt.dtype is None:
         say(f"checkpoint: {states} optimizer states carried over bit for bit, except {redone:.0f} "
             "block(s) cut by a partition boundary, encoded again")  # fmt: skip
+
+
+def _group_aligned(found: Found, fmt) -> tuple[list[dict], int | None]:
+    """Every old rank's slice states (per rank, per group), in group-aligned blocks: a state
+    saved before them is re-encoded once (`reshard.regrouped`). Also the blocks that changed
+    in value, or None where none was re-encoded."""
+    olds, changed = [], None
+    for f in _optim_files(found):
+        base = safeload.load(f, "checkpoint.resume")["optimizer_state_dict"]["base_optimizer_state"]
+        parts = {}
+        for i, part in base["state"].items():
+            start = _start(f, part, fmt)
+            saved_at = reshard.saved_start(base["param_groups"][i], start)
+            parts[i], n = reshard.regrouped(part, fmt, saved_at, start)
+            changed = changed if n is None else (changed or 0) + n
+        olds.append(parts)
+    return olds, changed
 
 
 def load(engine, model: nn.Module, found: Found, ckpt_dir: Path, cfg, say) -> Progress:

@@ -27,7 +27,7 @@ from torch import nn
 from lptrain import liblog
 from lptrain.config.schema import TrainConfig
 from lptrain.errors import ConfigError
-from lptrain.optim import CompactAdamW
+from lptrain.optim import CompactAdamW, reshard
 
 # Launchers (torchrun, deepspeed) set these; a bare `lptrain train` sets them itself, or
 # DeepSpeed falls back to MPI discovery and dies on the missing mpi4py.
@@ -318,6 +318,18 @@ def flat_partitions(engine) -> list[tuple[torch.Tensor, int, int]]:
         rank = dist.get_rank(group=zero.real_dp_process_group[i])
         out.append((flat, rank * flat.numel(), sum(p.numel() for p in zero.bit16_groups[i])))
     return out
+
+
+def regrouped_note(engine, cfg: TrainConfig) -> str | None:
+    """Collective, after a checkpoint load: the line for compact states saved before
+    group-aligned blocks that the load re-encoded (`CompactAdamW.regrouped`), its count summed
+    over the ranks; None where no rank re-encoded any."""
+    if not compact_optimizer(cfg):
+        return None
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    changed = inner.regrouped
+    done, changed = all_reduce([float(changed is not None), float(changed or 0)], dist.ReduceOp.SUM)
+    return reshard.regrouped_note(cfg.optim.states, round(changed)) if done else None
 
 
 def resume_optim(engine, cfg: TrainConfig, total_steps: int, old: dict | None) -> None:

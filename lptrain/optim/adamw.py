@@ -22,7 +22,9 @@ It is DeepSpeed's client optimizer (distributed/engine.py). Under ZeRO 1-2 its p
 are DeepSpeed's flat FP32 partitions, each a slice of its parameter group's flat buffer, and
 `block_starts` (set by the engine) says where: the blocks are the whole buffer's, so the codes
 and scales of a partition are those of the same elements on any number of ranks, except a
-block cut by a partition boundary (checkpoint/reshard.py carries them to another rank count).
+block cut by a partition boundary (optim/reshard.py carries them to another rank count). Each
+param group holds `reshard.LAYOUT` to say so in what is saved; a state saved without it (before
+these blocks) is re-encoded once on load where its blocks lie elsewhere (`load_state_dict`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 
 from lptrain.nn.call import derive_seed
 from lptrain.numerics.rounding import round_to_format
+from lptrain.optim import reshard
 from lptrain.optim import states as st
 
 MASTERS = ("fp32", "bf16-sr")
@@ -60,7 +63,10 @@ class CompactAdamW(torch.optim.Optimizer):
         self.moment_stats: dict[torch.Tensor, torch.Tensor] = {}  # parameter -> (2, 4) float64
         # parameter -> index of its first element in the flat tensor whose blocks it uses
         self.block_starts: dict[torch.Tensor, int] = {}
+        # blocks the last load_state_dict re-encoded from an old layout's (None: it kept all)
+        self.regrouped: int | None = None
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults[reshard.LAYOUT] = reshard.GROUP_ALIGNED
         super().__init__(params, defaults)
         for p in self._params():
             want = torch.bfloat16 if master == "bf16-sr" else torch.float32
@@ -146,13 +152,35 @@ class CompactAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load casts every floating-point state tensor to its parameter's dtype: BF16
-        parameters would round the FP32 scales. Put back each saved tensor as saved."""
+        parameters would round the FP32 scales. Put back each saved tensor as saved. Then
+        bring a state saved before group-aligned blocks to them (`_regroup`).
+        `block_starts` must be set first (distributed/engine.py `initialize` does, before any
+        checkpoint load)."""
         super().load_state_dict(state_dict)
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         for saved_id, p in zip(saved_ids, self._params(), strict=True):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor) and key != "step":
                     self.state[p][key] = value.to(p.device, copy=True)
+        self.regrouped = self._regroup()
+
+    def _regroup(self) -> int | None:
+        """Re-encode, once, each loaded state whose saved blocks begin elsewhere than
+        `block_starts` says (`reshard.saved_start`: a multi-rank ZeRO 1-2 state saved before
+        group-aligned blocks, on a slice that does not start at a multiple of BLOCK), and mark
+        every group as group-aligned (torch's load put the saved group keys in place). Returns
+        how many blocks that changed in value, or None where nothing was re-encoded."""
+        changed = None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state.get(p):
+                    continue  # no step taken yet: nothing saved
+                start = self.block_starts.get(p, 0)
+                saved_at = reshard.saved_start(group, start)
+                self.state[p], n = reshard.regrouped(self.state[p], self.format, saved_at, start)
+                changed = changed if n is None else (changed or 0) + n
+            group[reshard.LAYOUT] = reshard.GROUP_ALIGNED
+        return changed
 
     def state_bytes(self) -> int:
         """Bytes of the moments held now (codes, scales), from the tensors."""

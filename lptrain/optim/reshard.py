@@ -9,15 +9,69 @@ need one (the new). Such a block is decoded and encoded again in the new slice. 
 moment that is at most one block per boundary.
 
 A `bf16` moment is a plain cast, element by element: it is cut and joined as it is.
+
+Each saved param group says its blocks are the buffer's (`LAYOUT`). A state saved before that
+(lptrain before commit 507c4ec, 2026-12-07) has no mark: there each slice's blocks began at its
+own first element (start 0), which differs from the buffer's blocks wherever a slice does not
+start at a multiple of BLOCK. `saved_start` tells where a saved slice's blocks begin and
+`regrouped` re-encodes such a slice once, in the buffer's blocks.
 """
 
 from __future__ import annotations
 
 import torch
 
+from lptrain.errors import ConfigError
 from lptrain.optim import states as st
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+# CompactAdamW's param-group key (torch's Optimizer.state_dict saves group keys, and
+# load_state_dict restores them): the saved blocks are the group buffer's (`block_starts`).
+LAYOUT, GROUP_ALIGNED = "block_layout", "group-aligned"
+
+
+def saved_start(group: dict, start: int) -> int:
+    """Where the blocks of a saved slice begin, the slice starting at element `start` of its
+    group's buffer: `start` in a state whose param group `group` says group-aligned blocks; 0
+    in one without the mark (saved before 507c4ec: blocks from each slice's first element)."""
+    layout = group.get(LAYOUT)
+    if layout is None:
+        return 0
+    if layout != GROUP_ALIGNED:
+        raise ConfigError(
+            "checkpoint.resume",
+            f"the optimizer states were saved with {LAYOUT} {layout!r}, which this lptrain does "
+            f"not read (it knows {GROUP_ALIGNED!r}); resume with the lptrain that saved them",
+        )
+    return start
+
+
+def regrouped(part: dict, fmt: st.StateFormat, saved_at: int, start: int):
+    """A slice's state saved with blocks from element `saved_at` (`saved_start`), in the blocks
+    from `start`: each coded moment decoded as saved and encoded once more. Returns (state,
+    blocks whose decoded values changed, over both moments); (the state as it is, None) where
+    both put the block boundaries in the same places (bf16, or the same offset in a block)."""
+    if fmt.dtype is not None or saved_at % st.BLOCK == start % st.BLOCK:
+        return part, None
+    out, changed = dict(part), 0
+    for name in MOMENTS:
+        codec = fmt.m if name == "exp_avg" else fmt.v
+        old = st.decode(part[f"{name}_codes"], part[f"{name}_scales"], codec, start=saved_at)
+        codes, scales = st.encode(old, codec, start)
+        new = st.decode(codes, scales, codec, start=start)
+        same = (new == old) | (new.isnan() & old.isnan())  # NaN stays NaN: not a change
+        changed += int(st.blocks(~same, start).any(dim=1).sum())
+        out[f"{name}_codes"], out[f"{name}_scales"] = codes, scales
+    return out, changed
+
+
+def regrouped_note(states: str, changed: int) -> str:
+    """The line a load says when it re-encoded states saved before group-aligned blocks."""
+    return (
+        f"checkpoint: {states} optimizer states saved with per-slice blocks (lptrain before "
+        f"507c4ec, 2026-12-07): re-encoded in group-aligned blocks; {changed} block(s) changed "
+        "(requantized from their saved values)"
+    )
 
 
 def decoded(part: dict, fmt: st.StateFormat, start: int) -> dict:

@@ -90,7 +90,7 @@ STATE_FORMATS = {
 }
 
 
-def _blocks(x: torch.Tensor, start: int = 0) -> torch.Tensor:
+def blocks(x: torch.Tensor, start: int = 0) -> torch.Tensor:
     """Flat `x` as (n_blocks, BLOCK), zero-padded to whole blocks of the tensor `x` is a slice
     of from its element `start` on: block boundaries sit at multiples of BLOCK of that tensor,
     so a slice's blocks are the whole tensor's (its first and last may be partial). A zero
@@ -117,15 +117,15 @@ def _to_codes(t: torch.Tensor, codec: Codec) -> torch.Tensor:
 
 
 def _code_values(codes: torch.Tensor, codec: Codec, dtype, start: int) -> torch.Tensor:
-    """The codes' values as (n_blocks, BLOCK) in `dtype` (zero-padded as `_blocks`)."""
-    c = _blocks(codes, start)
+    """The codes' values as (n_blocks, BLOCK) in `dtype` (zero-padded as `blocks`)."""
+    c = blocks(codes, start)
     return (c.view(torch.float8_e4m3fn) if codec.element == "fp8_e4m3" else c).to(dtype)
 
 
-def _flat(blocks: torch.Tensor, numel: int, start: int) -> torch.Tensor:
-    """The `numel` elements of `_blocks(x, start)`: x again."""
+def _flat(b: torch.Tensor, numel: int, start: int) -> torch.Tensor:
+    """The `numel` elements of `b = blocks(x, start)`: x again."""
     lead = start % BLOCK
-    return blocks.reshape(-1)[lead : lead + numel]
+    return b.reshape(-1)[lead : lead + numel]
 
 
 def _expansion(b: torch.Tensor, codec: Codec) -> torch.Tensor:
@@ -142,13 +142,13 @@ def _expansion(b: torch.Tensor, codec: Codec) -> torch.Tensor:
 def encode(x: torch.Tensor, codec: Codec, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, scales): flat codes of x's numel and `codec.per_block` FP32 numbers per block.
     `start`: x is a slice of a larger flat tensor from this element on, and its blocks are that
-    tensor's (`_blocks`): a ZeRO partition is encoded as part of its whole parameter group.
+    tensor's (`blocks`): a ZeRO partition is encoded as part of its whole parameter group.
 
     The scale is the block's absmax / qmax ("none", "sqrt") or its max and k ("expand"); an
     all-zero block gets scale 1, so its codes are 0. A NaN or Inf makes its block's scale
     non-finite, so the whole block decodes to NaN (or Inf): non-finite stays non-finite
     (integer codes cannot hold a NaN themselves)."""
-    b = _blocks(x.sqrt() if codec.transform == "sqrt" else x, start)
+    b = blocks(x.sqrt() if codec.transform == "sqrt" else x, start)
     amax = b.abs().amax(dim=1).float()
     if codec.transform == "expand":
         hi = torch.where(amax == 0, torch.ones_like(amax), amax)

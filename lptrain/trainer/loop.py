@@ -198,12 +198,16 @@ def _save(s: Session, p: Progress, monitor: Monitor, say) -> None:
     say(f"checkpoint: {path}")
 
 
-def _load(s: Session, found: store.Found, reset_quantizers: bool = False) -> Progress:
+def _load(s: Session, found: store.Found, say, reset_quantizers: bool = False) -> Progress:
     """Load a checkpoint, its precision-guard fallbacks put in place first (they decide which
     quantizer-state keys the layers have)."""
     if s.monitoring is not None:
         s.monitoring.load_state_dict(store.peek(found).get("monitoring"))
-    return store.load(s.engine, s.model, found, reset_quantizers=reset_quantizers)
+    p = store.load(s.engine, s.model, found, reset_quantizers=reset_quantizers)
+    note = eng.regrouped_note(s.engine, s.cfg)  # compact states saved before 507c4ec
+    if note is not None:
+        say(note)
+    return p
 
 
 def _resume(s: Session, start: Plan, monitor: Monitor, say) -> Progress:
@@ -214,7 +218,7 @@ def _resume(s: Session, start: Plan, monitor: Monitor, say) -> Progress:
         p = elastic.load(s.engine, s.model, start.source, s.ckpt_dir, s.cfg, say)
     else:
         extra = store.peek(start.source)
-        p = _load(s, start.source, start.reset_quantizers)
+        p = _load(s, start.source, say, start.reset_quantizers)
     monitor.restore_event_counts(extra.get("event_counts", {}))
     eng.resume_optim(s.engine, s.cfg, s.total_steps, start.saved_section("optim"))
     if s.cfg.precision.guard.reset:
@@ -247,7 +251,7 @@ def _reload(s: Session, p: Progress, start: Plan | None, monitor: Monitor, say) 
     # Keep the fallbacks the guard made since that checkpoint (and its spike memory): put the
     # checkpoint's recipes in place to load its state, then switch the layers back.
     keep = s.monitoring.state_dict() if s.monitoring is not None else None
-    good = _load(s, found, reset)
+    good = _load(s, found, say, reset)
     if keep is not None:
         s.monitoring.load_state_dict(keep)
     converters.after_step(s.model, s.converters, good.step)  # weights changed: drop derived copies

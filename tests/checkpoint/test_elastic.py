@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lptrain import safeload
 from tests.helpers import free_port, train_losses
 
 REL_TOL = 1e-5
@@ -155,3 +156,72 @@ def test_the_universal_copy_is_written_in_the_resuming_run_never_in_the_source(
     elastic.ensure_universal(Found(other, "step00000002", meta), own, said.append)
     assert converted[-1] == str(other / "step00000002")
     assert f"made from {src.resolve()}/step00000002" in said[-2], said
+
+
+@pytest.mark.parametrize("marked", [False, True], ids=["before-507c4ec", "group-aligned"])
+def test_old_ranks_files_are_read_in_the_blocks_they_were_saved_in(tmp_path, marked):
+    """2 old ranks over a 1000-element buffer, rank 1's slice from 500 = 3 x 128 + 116. Files
+    saved before group-aligned blocks (no mark) are decoded in their own blocks, for the
+    converter and for the cut (re-encoded once, counted); marked ones are kept bit for bit."""
+    from lptrain.checkpoint import elastic
+    from lptrain.checkpoint.store import Found
+    from lptrain.optim import STATE_FORMATS, reshard
+    from lptrain.optim import states as st
+
+    fmt, length = STATE_FORMATS["int8-block"], 500
+    found = Found(tmp_path / "src", "step00000002", {"world_size": 2, "zero_stage": 2})
+    found.path.mkdir(parents=True)
+    x = torch.logspace(-6, -2, 2 * length)
+    parts = []
+    for r in range(2):
+        saved_at = r * length if marked else 0
+        part = {"step": torch.tensor(2.0)}
+        for name, codec in (("exp_avg", fmt.m), ("exp_avg_sq", fmt.v)):
+            codes_scales = st.encode(x[r * length : (r + 1) * length], codec, saved_at)
+            part[f"{name}_codes"], part[f"{name}_scales"] = codes_scales
+        group = {"lr": 1e-3, "params": [0]}
+        if marked:
+            group[reshard.LAYOUT] = reshard.GROUP_ALIGNED
+        base = {"state": {0: part}, "param_groups": [group]}
+        torch.save({"optimizer_state_dict": {"base_optimizer_state": base}},
+                   found.path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")  # fmt: skip
+        parts.append((part, saved_at))
+    olds, changed = elastic._group_aligned(found, fmt)
+    copy = elastic._decoded_copy(found, tmp_path / "own" / "universal" / found.tag, fmt.name)
+    decoded = safeload.load(copy / "zero_pp_rank_1_mp_rank_00_optim_states.pt", "t")
+    (part, saved_at) = parts[1]
+    old = st.decode(part["exp_avg_codes"], part["exp_avg_scales"], fmt.m, start=saved_at)
+    got = decoded["optimizer_state_dict"]["base_optimizer_state"]["state"][0]["exp_avg"]
+    assert torch.equal(got, old)  # what the converter reads: the moment as it was saved
+    want = st.encode(old, fmt.m, length)  # the old decode, in the buffer's blocks
+    assert torch.equal(olds[1][0]["exp_avg_codes"], want[0])
+    assert torch.equal(olds[1][0]["exp_avg_scales"], want[1])
+    for key, value in parts[0][0].items():  # rank 0's slice starts at 0: blocks coincide
+        assert torch.equal(olds[0][0][key], value), key
+    assert (changed is None) == marked and (marked or changed > 0)
+
+
+def test_a_failed_conversion_of_compact_states_names_the_copy_the_converter_can_read(
+    tmp_path, monkeypatch
+):
+    from lptrain.checkpoint import elastic
+    from lptrain.checkpoint.store import Found
+    from lptrain.errors import ConfigError
+
+    def failing(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "Traceback\nKeyError: 'exp_avg'")
+
+    monkeypatch.setattr(elastic.subprocess, "run", failing)
+    found = Found(tmp_path / "src", "step00000002", {"world_size": 2, "zero_stage": 2})
+    found.path.mkdir(parents=True)
+    own = tmp_path / "new" / "checkpoints"
+    with pytest.raises(ConfigError) as fp32:
+        elastic.ensure_universal(found, own, print)
+    assert f"--input_folder {found.path} --output_folder" in str(fp32.value)
+    with pytest.raises(ConfigError) as fp8:
+        elastic.ensure_universal(found, own, print, "fp8")
+    copy = own / "universal" / "step00000002.input"  # not the source: its moments are codes
+    assert f"(KeyError: 'exp_avg'); run: python -m deepspeed.checkpoint.ds_to_universal " \
+        f"--input_folder {copy} --output_folder {own}/universal/step00000002 (its input is " \
+        f"{found.path} with the fp8 moments decoded to fp32" in str(fp8.value)  # fmt: skip
+    assert copy.is_dir()  # kept for that command

@@ -183,3 +183,22 @@ def test_compact_states_hand_deepspeed_a_client_optimizer_and_bf16_sr_no_bf16_mo
     )
     assert engine.deepspeed_config(sr, 1)["bf16"]["enabled"] is False  # no fp32 master copy
     assert engine.manual_nonfinite_check(sr)  # DeepSpeed's fp32 mode checks nothing
+
+
+def test_a_load_that_re_encoded_old_compact_states_says_so_in_one_line():
+    from types import SimpleNamespace
+
+    from lptrain.optim import CompactAdamW
+
+    cfg = parse({"run": {"max_steps": 1}, "optim": {"states": "fp8"}})
+    opt = CompactAdamW([torch.nn.Parameter(torch.zeros(4))], states="fp8")
+    e = SimpleNamespace(optimizer=SimpleNamespace(optimizer=opt))  # a ZeRO 1-2 engine's nesting
+    assert engine.regrouped_note(e, cfg) is None  # nothing loaded, or loaded as saved
+    opt.regrouped = 3  # CompactAdamW.load_state_dict re-encoded (tests/optim/test_reshard.py)
+    assert engine.regrouped_note(e, cfg) == (
+        "checkpoint: fp8 optimizer states saved with per-slice blocks (lptrain before 507c4ec, "
+        "2026-12-07): re-encoded in group-aligned blocks; 3 block(s) changed (requantized from "
+        "their saved values)"
+    )
+    plain = parse({"run": {"max_steps": 1}})
+    assert engine.regrouped_note(e, plain) is None  # torch's AdamW: no compact states
