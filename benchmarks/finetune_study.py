@@ -1,6 +1,6 @@
 """L4Q against QLoRA + post-training quantization, after deployment, at the study's model size.
 
-    python benchmarks/finetune_study.py [--work DIR] [--jobs 2] [--base-steps 400] [--steps 60]
+    python benchmarks/finetune_study.py [--work DIR] [--jobs 2] [--base-steps 400] [--steps 200]
     python benchmarks/finetune_study.py --report      # the tables from cached results only
 
 The L4Q paper's claim (Jeon et al. 2024): training the quantizer with the adapter (L4Q) gives a
@@ -20,8 +20,12 @@ base was stored in. L4Q deploys its own trained 4-bit codes with a step and an o
 inputs (0.625 vs 0.5625 bytes per weight). No other 4-bit PTQ (GPTQ, AWQ) exists here, and no
 3-bit LoRA base, so the 3-bit pair has no QLoRA side.
 
-Each run's result is cached in WORK/results/NAME.json under a hash of its commands, so an
-interrupted study resumes; a run without a result is started again from scratch.
+Each run's result is cached in WORK/results/NAME.json under a hash of its commands (and the
+base's), so an interrupted study resumes; a run without a result is started again from scratch.
+The cache holds one --steps at a time: another --steps re-runs the six fine-tunes, not the base.
+Cost on the 2-core machine shared with three other jobs (BENCHMARKS.md, "L4Q against QLoRA +
+PTQ after deployment", which has the results): the base 25 minutes, the six 200-step
+fine-tunes with --jobs 3 about 7 minutes.
 """
 
 from __future__ import annotations
@@ -132,10 +136,17 @@ def json_line(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def execute(run: Run, work: Path, threads: int) -> dict:
-    """Train and measure one run, or return its cached result."""
+def cached(run: Run, work: Path) -> dict | None:
+    """The saved result of exactly this run (same commands, same base), if there is one."""
     saved = work / "results" / f"{run.name}.json"
     if saved.exists() and (res := json.loads(saved.read_text()))["key"] == run.key:
+        return res
+    return None
+
+
+def execute(run: Run, work: Path, threads: int) -> dict:
+    """Train and measure one run, or return its cached result."""
+    if (res := cached(run, work)) is not None:
         return res
     shutil.rmtree(work / "runs" / run.name, ignore_errors=True)  # an interrupted run: start over
     t0 = time.monotonic()
@@ -156,6 +167,7 @@ def execute(run: Run, work: Path, threads: int) -> dict:
         res["bytes_per_weight"] = statistics.fmean(
             lay["bytes_per_param"] for lay in meta["layers"].values()
         )
+    saved = work / "results" / f"{run.name}.json"
     saved.parent.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(res, indent=1) + "\n")
     return res
@@ -216,7 +228,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=str(REPO / "runs" / "finetune-study"))
     ap.add_argument("--base-steps", type=int, default=400)
-    ap.add_argument("--steps", type=int, default=60, help="fine-tuning steps per run")
+    ap.add_argument(
+        "--steps", type=int, default=200, help="fine-tuning steps per run (the recipes' own: 200)"
+    )
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated")
     ap.add_argument("--jobs", type=int, default=2, help="fine-tunes at a time (one thread each)")
     ap.add_argument("--report", action="store_true", help="tables from cached results only")
@@ -230,8 +244,7 @@ def main() -> int:
     runs = [finetune_run(base, work, r, s, args.steps, cache) for r in (QLORA, L4Q) for s in seeds]
     t0 = time.monotonic()
     if args.report:
-        paths = {r.name: work / "results" / f"{r.name}.json" for r in [base, *runs]}
-        done = {name: json.loads(p.read_text()) for name, p in paths.items() if p.exists()}
+        done = {r.name: res for r in [base, *runs] if (res := cached(r, work)) is not None}
     else:
         done = {"base": execute(base, work, threads=2)}
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
