@@ -22,7 +22,7 @@ inputs (0.625 vs 0.5625 bytes per weight). No other 4-bit PTQ (GPTQ, AWQ) exists
 
 Each run's result is cached in WORK/results/NAME.json under a hash of its commands (and the
 base's), so an interrupted study resumes; a run without a result is started again from scratch.
-The cache holds one --steps at a time: another --steps re-runs the six fine-tunes, not the base.
+Each setting (--steps, --set) has runs and results of its own; all share the one base.
 Cost on the 2-core machine shared with three other jobs (BENCHMARKS.md, "L4Q against QLoRA +
 PTQ after deployment", which has the results): the base 25 minutes, the six 200-step
 fine-tunes with --jobs 3 about 7 minutes.
@@ -70,6 +70,8 @@ class Run:
     train: tuple[str, ...]  # the `lptrain train` arguments
     measure: tuple[tuple[str, ...], ...]  # `lptrain` commands run after training, in order
     after: str = ""  # the key of the run it starts from (the base): a new base redoes it
+    recipe: str = ""  # a fine-tune's recipe and seed (the report's rows)
+    seed: int = 0
 
     @property
     def key(self) -> str:
@@ -92,9 +94,14 @@ def base_run(work: Path, steps: int, cache: str) -> Run:
     return Run("base", train, measure)
 
 
-def finetune_run(base: Run, work: Path, recipe: str, seed: int, steps: int, cache: str) -> Run:
-    """One fine-tune of the base, its export and the export's evaluation."""
-    run_dir = work / "runs" / f"{recipe}-s{seed}"
+def finetune_run(
+    base: Run, work: Path, recipe: str, seed: int, steps: int, cache: str, extra: tuple = ()
+) -> Run:
+    """One fine-tune of the base, its export and the export's evaluation; `extra`: `--set`
+    overrides for both methods, applied last. The name holds the setting, so that results of
+    several --steps and --set share one WORK (and its base)."""
+    name = "-".join((recipe, f"{steps}steps", *(kv.replace("/", "_") for kv in extra), f"s{seed}"))
+    run_dir = work / "runs" / name
     overrides = (
         f"init.from={work / 'runs' / 'base'}",
         *MODEL,
@@ -105,6 +112,7 @@ def finetune_run(base: Run, work: Path, recipe: str, seed: int, steps: int, cach
         f"data.cache_dir={cache}",
         "checkpoint.interval=0",  # the final checkpoint only: what export reads
         "logging.progress=lines",
+        *extra,
     )
     train = (
         "train",
@@ -115,7 +123,7 @@ def finetune_run(base: Run, work: Path, recipe: str, seed: int, steps: int, cach
     )
     export = run_dir / "export"
     measure = (("export", str(run_dir)), ("eval", str(export), "--json"))
-    return Run(f"{recipe}-s{seed}", train, measure, after=base.key)
+    return Run(name, train, measure, after=base.key, recipe=recipe, seed=seed)
 
 
 def lptrain(args: tuple[str, ...], threads: int) -> str:
@@ -233,6 +241,8 @@ def main() -> int:
     )
     ap.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated")
     ap.add_argument("--jobs", type=int, default=2, help="fine-tunes at a time (one thread each)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override of every fine-tune, both methods: optim.lr=1e-3")  # fmt: skip
     ap.add_argument("--report", action="store_true", help="tables from cached results only")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -241,7 +251,12 @@ def main() -> int:
     base = base_run(work, args.base_steps, cache)
     # QLoRA first: its step costs ~2x L4Q's (the int4 base is dequantized in every pass), and
     # the longest runs first keep every job busy until the end.
-    runs = [finetune_run(base, work, r, s, args.steps, cache) for r in (QLORA, L4Q) for s in seeds]
+    bad = [kv for kv in args.set if "=" not in kv]
+    if bad:
+        ap.error(f"--set: KEY=VALUE, got {bad[0]!r}")
+    extra = tuple(args.set)
+    runs = [finetune_run(base, work, r, s, args.steps, cache, extra)
+            for r in (QLORA, L4Q) for s in seeds]  # fmt: skip
     t0 = time.monotonic()
     if args.report:
         done = {r.name: res for r in [base, *runs] if (res := cached(r, work)) is not None}
@@ -255,15 +270,14 @@ def main() -> int:
     results: dict[str, dict[int, dict]] = {}
     for r in runs:
         if r.name in done:
-            recipe, seed = r.name.rsplit("-s", 1)
-            results.setdefault(recipe, {})[int(seed)] = done[r.name]
+            results.setdefault(r.recipe, {})[r.seed] = done[r.name]
     print(f"Machine: {cpu_model()}, {os.cpu_count()} cores; {datetime.date.today().isoformat()}; "
           f"load average {os.getloadavg()[0]:.1f} at the end; this invocation "
           f"{time.monotonic() - t0:.0f} s")  # fmt: skip
     print(f"base: {BASE_RECIPE} with {' '.join(MODEL)}, {args.base_steps} steps on the "
           "embedded stdlib corpus; "
           f"fine-tune {args.steps} steps x 16 x 128 tokens on {FINETUNE_DATA}, ZeRO-2, 1 process, "
-          f"{args.jobs} at a time with one thread each\n")  # fmt: skip
+          f"{args.jobs} at a time with one thread each; --set {list(extra)}\n")  # fmt: skip
     print(report(done.get("base"), results))
     return 0
 

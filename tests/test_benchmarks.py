@@ -55,7 +55,7 @@ def _overrides(args: tuple[str, ...]) -> list[str]:
 def test_finetune_study_pairs_differ_only_in_the_recipe(tmp_path):
     """L4Q and QLoRA at one seed: the same base, seed, steps and validation split, so their
     difference is the method's; each recipe's overrides are valid keys; the eval reads the
-    export; a new base invalidates every cached fine-tune."""
+    export; a new base invalidates every cached fine-tune; --set makes a run of its own."""
     fs = _finetune_study()
     base = fs.base_run(tmp_path, 400, "cache")
     l4q, qlora = (fs.finetune_run(base, tmp_path, r, 1, 150, "cache") for r in (fs.L4Q, fs.QLORA))
@@ -65,8 +65,8 @@ def test_finetune_study_pairs_differ_only_in_the_recipe(tmp_path):
     assert f"init.from={tmp_path / 'runs' / 'base'}" in _overrides(l4q.train)
     assert base.train[3] == str(tmp_path / "runs" / "base")
     assert l4q.measure == (
-        ("export", str(tmp_path / "runs" / "l4q-4bit-s1")),
-        ("eval", str(tmp_path / "runs" / "l4q-4bit-s1" / "export"), "--json"),
+        ("export", str(tmp_path / "runs" / "l4q-4bit-150steps-s1")),
+        ("eval", str(tmp_path / "runs" / "l4q-4bit-150steps-s1" / "export"), "--json"),
     )
     for run in (base, l4q):
         cfg = schema.load(REPO / run.train[1], _overrides(run.train))
@@ -77,6 +77,10 @@ def test_finetune_study_pairs_differ_only_in_the_recipe(tmp_path):
     assert (cfg.run.eval_batches * cfg.deepspeed.micro_batch, cfg.run.eval_interval) == (128, 150)
     other_base = fs.base_run(tmp_path, 500, "cache")
     assert fs.finetune_run(other_base, tmp_path, fs.L4Q, 1, 150, "cache").key != l4q.key
+    # Another setting is another run, beside this one: its overrides come last, so they win.
+    lr = fs.finetune_run(base, tmp_path, fs.L4Q, 1, 150, "cache", ("optim.lr=1e-3",))
+    assert lr.name == "l4q-4bit-150steps-optim.lr=1e-3-s1"
+    assert schema.load(REPO / lr.train[1], _overrides(lr.train)).optim.lr == 1e-3
 
 
 def test_finetune_study_verdict_names_the_claim():
