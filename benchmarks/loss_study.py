@@ -217,7 +217,8 @@ def claims8_runs(seeds: tuple[int, ...], base: str | None = None) -> list[Run]:
         return Run(f"{c.prefix}{name}@lr{lr}", _recipe(name), seed, c.setup, extra, base=c.path)
 
     claims = [run(lb, s) for s in seeds for lb in CLAIMS8_RECIPES]
-    lrs = [run(lb, s, m) for m in LR8_MULTS for s in seeds[:LR8_SEEDS] for lb in LR8_RECIPES]
+    # seed by seed, the highest rate first: where a narrower stable range would show
+    lrs = [run(lb, s, m) for s in seeds[:LR8_SEEDS] for m in LR8_MULTS[::-1] for lb in LR8_RECIPES]
     return claims + lrs
 
 
