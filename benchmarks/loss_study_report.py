@@ -163,13 +163,20 @@ def claims8_table(g: dict[str, dict[int, dict]]) -> str:
         if a not in g or b not in g:
             continue
         d = _paired(g[b], g[a])
-        se = _sd(d) / math.sqrt(len(d))
         lines.append(
             f"| {claim} | {who}: {says} | {a} -> {b} | {', '.join(f'{x:+.4f}' for x in d)} "
-            f"| {_pm(d)} | {statistics.fmean(d) / se:+.1f} | {claim_verdict(d, sign)} "
+            f"| {_pm(d)} | {_in_se(d)} | {claim_verdict(d, sign)} "
             f"| {NANO_CLAIMS.get(claim, '-')} |"
         )
     return "\n".join(lines)
+
+
+def _in_se(d: list[float]) -> str:
+    """The mean in units of its standard error; '-' from one seed (no spread to measure)."""
+    if len(d) < 2:
+        return "-"
+    mean, se = statistics.fmean(d), _sd(d) / math.sqrt(len(d))
+    return f"{mean / se:+.1f}" if se > 0 else "inf"
 
 
 def lr_table(g: dict[str, dict[int, dict]], lrs, names, base_lr: float, ref_label=FP32) -> str:
@@ -285,7 +292,7 @@ def plot8(g: dict[str, dict[int, dict]], ref: str, lr_grid, path: Path) -> None:
            ylabel="validation loss (nats/byte)")  # fmt: skip
     ax.legend(fontsize=8)
     ax = axes[1]
-    shown = [c for c in CLAIMS if c[3] in g and c[4] in g]
+    shown = [c for c in CLAIMS if set(g.get(c[3], ())) & set(g.get(c[4], ()))]  # a seed of both
     for (claim, _, _, a, b, _), color in zip(shown, plt.get_cmap("Dark2")(range(8)), strict=False):
         diffs = []
         for s in sorted(set(g[a]) & set(g[b])):
