@@ -54,6 +54,9 @@ def test_claims8_on_study8_pairs_every_claim_at_every_seed(study):
     assert len({r.key for r in runs}) == len(runs)
     for r in runs[:7]:
         _check_loads(r)
+    # more seeds for the claims (`--seeds 3,4`) add no sweep runs
+    more = study.suite_runs_of(["claims8"], (3, 4), None)
+    assert len(more) == 2 * len(study.CLAIMS8_RECIPES) and "@" not in "".join(r.name for r in more)
 
 
 def test_claims8_on_a_gpu_run_file_keeps_its_model_and_scales_its_lr(study):
