@@ -21,8 +21,10 @@ Results are cached per run in OUT/results/*.json under a hash of the full comman
 interrupted study resumes and `--report` reprints the tables without training.
 Cost, measured on a quiet 2-core machine with `--jobs 2` (BENCHMARKS.md, "Loss study"): a run
 at the study setup takes 20 s (fp32) to 190 s (quartet); every recipe x 3 seeds is 63 minutes of
-one core, 32 minutes of wall time; `--suite claims` adds 18 minutes and `--suite lr` 13. Tokens/s
-are only meaningful on an otherwise idle machine.
+one core, 32 minutes of wall time; `--suite claims` adds 18 minutes and `--suite lr` 13.
+`--suite claims8` (33 runs: 40-120 s for fp32, 4-9 minutes for an FP4 recipe) took 62 minutes
+with `--jobs 2` on a machine shared with three other sessions. Tokens/s are only meaningful on
+an otherwise idle machine.
 """
 
 from __future__ import annotations

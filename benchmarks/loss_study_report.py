@@ -196,7 +196,8 @@ def lr_table(g: dict[str, dict[int, dict]], lrs, names, base_lr: float, ref_labe
             )
             cell = _pm([x for x in f if math.isfinite(x)]) + (f" ({div} diverged)" if div else "")
             if name != ref_label and ref:
-                cell += f"; paired {_pm(_paired(runs, ref))}"
+                pair = _paired(runs, ref)
+                cell += f"; paired {_pm(pair)}" + (f" ({verdict(pair)})" if len(pair) > 1 else "")
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
