@@ -9,7 +9,7 @@ same setup. Prints markdown tables for BENCHMARKS.md and draws the README's plot
     python benchmarks/loss_study.py --suite mainjob  # the setup (tiny, warmup 20)
     python benchmarks/loss_study.py --suite claims8 --jobs 2   # the claims at 8x (STUDY8)
     python benchmarks/loss_study.py --suite claims8 --base recipes/pretrain/gpu-125m-fp8.yaml
-    python benchmarks/loss_study.py --suite all --jobs 2   # everything; 2 runs at a time
+    python benchmarks/loss_study.py --suite all --jobs 2   # every suite but claims8; 2 at a time
 
 Each run is `lptrain train recipes/pretrain/tiny-fp32.yaml` with the overrides of
 `lptrain.testing.study` (STUDY, STUDY8 or CI) plus the recipe and seed (`--base` RECIPE: the
