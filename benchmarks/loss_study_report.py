@@ -125,6 +125,14 @@ def _order(g: dict[str, dict[int, dict]]) -> list[str]:
     return [n for n in names if n in g] + sorted(other)
 
 
+def _ran_claims(g: dict[str, dict[int, dict]]):
+    """(claim row, paired B - A per common seed) for each claim whose two recipes both ran."""
+    for row in CLAIMS:
+        a, b = row[3], row[4]
+        if a in g and b in g:
+            yield row, _paired(g[b], g[a])
+
+
 def claims_table(g: dict[str, dict[int, dict]]) -> str:
     sd0 = _sd(_finals(g[FP32]))
     lines = [
@@ -132,10 +140,7 @@ def claims_table(g: dict[str, dict[int, dict]]) -> str:
         "| in fp32 sds | this setup: B is |",
         "| --- | --- | --- | --- | --- | --- | --- | ---: | --- |",
     ]
-    for claim, who, says, a, b, _ in CLAIMS:
-        if a not in g or b not in g:
-            continue
-        d = _paired(g[b], g[a])
+    for (claim, who, says, a, b, _), d in _ran_claims(g):
         lines.append(
             f"| {claim} | {who} | {says} | {a} -> {b} | {_pm(_finals(g[a]))} "
             f"| {_pm(_finals(g[b]))} | {_pm(d)} | {statistics.fmean(d) / sd0:+.1f} "
@@ -159,10 +164,7 @@ def claims8_table(g: dict[str, dict[int, dict]]) -> str:
         "| verdict | nano study |",
         "| --- | --- | --- | --- | --- | ---: | --- | --- |",
     ]
-    for claim, who, says, a, b, sign in CLAIMS:
-        if a not in g or b not in g:
-            continue
-        d = _paired(g[b], g[a])
+    for (claim, who, says, a, b, sign), d in _ran_claims(g):
         lines.append(
             f"| {claim} | {who}: {says} | {a} -> {b} | {', '.join(f'{x:+.4f}' for x in d)} "
             f"| {_pm(d)} | {_in_se(d)} | {claim_verdict(d, sign)} "
