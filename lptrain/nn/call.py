@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lptrain.numerics import TE_NVFP4_SIGNS, QuantStats, ScalingState, random_signs
+from lptrain.numerics.state import thaw
 from lptrain.numerics.stats import OPTIONAL, merge_stats
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ class CallContext:
         if key not in self.states:
             return None, False
         if gemm == "output" and self.recompute:
-            return self.snapshots[key], False
+            return thaw(self.snapshots[key]), False
         return self.states[key], self.updates(gemm)
 
     def signs_for(self, gemm: str, generator: torch.Generator, device) -> torch.Tensor | None:
