@@ -188,14 +188,14 @@ def _reduce_max(t: torch.Tensor) -> torch.Tensor:
 def _precision(cfg: TrainConfig) -> Converter | None:
     if not is_high_precision(cfg.precision):
         return PrecisionConverter(cfg.precision)
-    if cfg.precision.saved_activations != "none":  # fp8 saved inputs around fp32/bf16 GEMMs
-        return SavedActivationsConverter(cfg.precision.saved_activations)
     if cfg.precision.overrides:  # they change converted layers, and this recipe converts none
         raise ConfigError(
             "precision.overrides",
             f"precision.recipe {cfg.precision.recipe} converts no layer: overrides change the "
             "GEMMs of converted layers (set a low-precision recipe and override the rest)",
         )
+    if cfg.precision.saved_activations != "none":  # fp8 saved inputs around fp32/bf16 GEMMs
+        return SavedActivationsConverter(cfg.precision.saved_activations)
     return None
 
 

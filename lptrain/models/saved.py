@@ -27,6 +27,7 @@ copies are allocated with the real path's shapes and dtypes, without values.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -38,6 +39,7 @@ MODES = ("none", "fp8")
 GROUP = 128  # the widest group: COAT's and DeepSeek-V3's 1 x 128
 
 
+@functools.lru_cache(maxsize=None)  # per op per forward: build (and validate) each spec once
 def group_spec(last_dim: int) -> QuantSpec:
     """The E4M3 spec for tensors whose last dim is `last_dim` (see the module docstring)."""
     block = math.gcd(last_dim, GROUP)

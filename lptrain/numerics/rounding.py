@@ -8,6 +8,8 @@ element drawn from the caller's `torch.Generator`, so runs are reproducible and 
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
 from lptrain.numerics.formats import Format, get_format
@@ -153,6 +155,11 @@ def _round_fp32_bits(
     return r
 
 
+def _f32_bits(v: float) -> int:
+    """The float32 bit pattern of `v` as an int (no tensor per call on the rounding path)."""
+    return struct.unpack("<i", struct.pack("<f", v))[0]
+
+
 def _round_nearest_fp32(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     """RNE of FP32 `x` onto the grid of `fmt` (unbounded above), in six vectorized passes.
 
@@ -167,7 +174,7 @@ def _round_nearest_fp32(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     min_normal (a quarter or more of a scaled FP4/FP6 block): 5x faster on FP4, same bits
     (tests/numerics/test_rounding.py compares it with ml_dtypes and with the reference).
     """
-    min_field = int(torch.tensor(fmt.min_normal, dtype=torch.float32).view(torch.int32))
+    min_field = _f32_bits(fmt.min_normal)
     field = x.view(torch.int32) & 0x7F800000
     u = field.clamp_(min=min_field).sub_(fmt.mbits << 23).view(torch.float32)
     return torch.div(x, u).round_().mul_(u)
