@@ -195,6 +195,8 @@ def test_overrides_without_converted_layers_or_lptrain_gemms_are_refused():
     entry = {"gemm": "output", "recipe": "fp8-current"}
     with pytest.raises(ConfigError, match=r"^precision\.overrides: precision\.recipe fp32 conv"):
         converters.build(_cfg(recipe="fp32", overrides=[entry]))
+    with pytest.raises(ConfigError, match=r"^precision\.overrides: precision\.recipe fp32 conv"):
+        converters.build(_cfg(recipe="fp32", overrides=[entry], saved_activations="fp8"))
     with pytest.raises(ConfigError, match=r"^precision\.overrides: backend 'te' runs Transfor"):
         converters.build(_cfg(recipe="nvfp4", backend="te", overrides=[entry]))
     with pytest.warns(UserWarning, match=r"^precision\.overrides\[0\]\.layers: \['x'\] match no "):
