@@ -36,6 +36,7 @@ from lptrain.numerics.rounding import round_to_format
 from lptrain.numerics.stats import sqnr_db
 
 BLOCK = 128  # elements per scale, as bitsandbytes' and torchao's block-wise 8-bit Adam
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state keys for m and v
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,10 @@ class StateFormat:
         if self.dtype is not None:
             return 2 * torch.finfo(self.dtype).bits / 8
         return sum(1 + 4 * c.per_block / BLOCK for c in (self.m, self.v))
+
+    def codec(self, name: str) -> Codec:
+        """The codec of moment `name` (one of `MOMENTS`)."""
+        return self.m if name == "exp_avg" else self.v
 
 
 STATE_FORMATS = {
