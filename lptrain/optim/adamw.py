@@ -81,15 +81,11 @@ class CompactAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, p, group in self._indexed():
+        pairs = ((group, p) for group in self.param_groups for p in group["params"])
+        for index, (group, p) in enumerate(pairs):  # index: the SR seed's (`_round_bf16`)
             if p.grad is not None:
                 self._update(p, group, index)
         return loss
-
-    def _indexed(self):
-        pairs = ((group, p) for group in self.param_groups for p in group["params"])
-        for i, (group, p) in enumerate(pairs):
-            yield i, p, group
 
     def _update(self, p: torch.Tensor, group: dict, index: int) -> None:
         state = self.state[p]
