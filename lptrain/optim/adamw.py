@@ -39,7 +39,6 @@ from lptrain.optim import reshard
 from lptrain.optim import states as st
 
 MASTERS = ("fp32", "bf16-sr")
-_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 class CompactAdamW(torch.optim.Optimizer):
@@ -82,28 +81,24 @@ class CompactAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for index, p, group in self._indexed():
+        pairs = ((group, p) for group in self.param_groups for p in group["params"])
+        for index, (group, p) in enumerate(pairs):  # index: the SR seed's (`_round_bf16`)
             if p.grad is not None:
                 self._update(p, group, index)
         return loss
-
-    def _indexed(self):
-        pairs = ((group, p) for group in self.param_groups for p in group["params"])
-        for i, (group, p) in enumerate(pairs):
-            yield i, p, group
 
     def _update(self, p: torch.Tensor, group: dict, index: int) -> None:
         state = self.state[p]
         start = self.block_starts.get(p, 0)
         if not state:
             state["step"] = torch.tensor(0.0)
-            for name in _MOMENTS:
+            for name in st.MOMENTS:
                 self._store(state, name, torch.zeros(p.numel(), device=p.device), start)
         state["step"] += 1
         t = state["step"].item()
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
         grad = p.grad.reshape(-1).float()
-        m, v = (self._load(state, name, start) for name in _MOMENTS)
+        m, v = (self._load(state, name, start) for name in st.MOMENTS)
         # fp32: the update runs in place on the parameter (a view: never a silent copy)
         w = p.view(-1) if self.master == "fp32" else p.view(-1).float()
         # torch/optim/adamw.py `_single_tensor_adam`, op for op (decoupled weight decay first).
@@ -121,7 +116,7 @@ class CompactAdamW(torch.optim.Optimizer):
             # m and v are still the fresh FP32 moments: what the step held before storing
             sums = [
                 st.quantization_sums(x, self._load(state, n, start))
-                for n, x in zip(_MOMENTS, (m, v), strict=True)
+                for n, x in zip(st.MOMENTS, (m, v), strict=True)
             ]
             self.moment_stats[p] = torch.stack(sums)
 
@@ -137,7 +132,7 @@ class CompactAdamW(torch.optim.Optimizer):
         fmt = self.format
         if fmt.dtype is not None:
             return state[name].float() if fmt.dtype != torch.float32 else state[name]
-        codec = fmt.m if name == "exp_avg" else fmt.v
+        codec = fmt.codec(name)
         return st.decode(state[f"{name}_codes"], state[f"{name}_scales"], codec, start=start)
 
     def _store(self, state: dict, name: str, value: torch.Tensor, start: int) -> None:
@@ -147,7 +142,7 @@ class CompactAdamW(torch.optim.Optimizer):
                 return  # updated in place by the step
             state[name] = value.to(fmt.dtype)
             return
-        codec = fmt.m if name == "exp_avg" else fmt.v
+        codec = fmt.codec(name)
         state[f"{name}_codes"], state[f"{name}_scales"] = st.encode(value, codec, start)
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -24,7 +24,7 @@ import torch
 from lptrain.errors import ConfigError
 from lptrain.optim import states as st
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
+MOMENTS = st.MOMENTS
 # CompactAdamW's param-group key (torch's Optimizer.state_dict saves group keys, and
 # load_state_dict restores them): the saved blocks are the group buffer's (`block_starts`).
 LAYOUT, GROUP_ALIGNED = "block_layout", "group-aligned"
@@ -55,7 +55,7 @@ def regrouped(part: dict, fmt: st.StateFormat, saved_at: int, start: int):
         return part, None
     out, changed = dict(part), 0
     for name in MOMENTS:
-        codec = fmt.m if name == "exp_avg" else fmt.v
+        codec = fmt.codec(name)
         old = st.decode(part[f"{name}_codes"], part[f"{name}_scales"], codec, start=saved_at)
         codes, scales = st.encode(old, codec, start)
         new = st.decode(codes, scales, codec, start=start)
@@ -94,7 +94,7 @@ def partition(parts: list[dict], fmt: st.StateFormat, numel: int, start: int, le
         if fmt.dtype is not None:
             out[name] = _cut(whole, start, length).to(fmt.dtype)
             continue
-        codec = fmt.m if name == "exp_avg" else fmt.v
+        codec = fmt.codec(name)
         codes, scales = st.encode(_cut(whole, start, length), codec, start)
         keep = _kept_blocks(numel, parts[0][f"{name}_codes"].numel(), start, length)
         per_block = scales.reshape(len(keep), -1)
@@ -116,7 +116,7 @@ def _joined(parts: list[dict], fmt: st.StateFormat, name: str, start: int) -> to
         if fmt.dtype is not None:
             x = part[name].float()
         else:
-            codec = fmt.m if name == "exp_avg" else fmt.v
+            codec = fmt.codec(name)
             x = st.decode(part[f"{name}_codes"], part[f"{name}_scales"], codec, start=start)
         out.append(x)
         start += x.numel()

@@ -36,6 +36,7 @@ from lptrain.numerics.rounding import round_to_format
 from lptrain.numerics.stats import sqnr_db
 
 BLOCK = 128  # elements per scale, as bitsandbytes' and torchao's block-wise 8-bit Adam
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state keys for m and v
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,10 @@ class StateFormat:
         if self.dtype is not None:
             return 2 * torch.finfo(self.dtype).bits / 8
         return sum(1 + 4 * c.per_block / BLOCK for c in (self.m, self.v))
+
+    def codec(self, name: str) -> Codec:
+        """The codec of moment `name` (one of `MOMENTS`)."""
+        return self.m if name == "exp_avg" else self.v
 
 
 STATE_FORMATS = {
@@ -128,11 +133,10 @@ def _flat(b: torch.Tensor, numel: int, start: int) -> torch.Tensor:
     return b.reshape(-1)[lead : lead + numel]
 
 
-def _expansion(b: torch.Tensor, codec: Codec) -> torch.Tensor:
+def _expansion(b: torch.Tensor, hi: torch.Tensor, codec: Codec) -> torch.Tensor:
     """COAT's exponent per block, k = log(qmax / qmin) / log(max / min positive) in FP32: the
-    block's range maps onto the format's normal range. A block of one value (or none) keeps
-    k = 1."""
-    hi = b.amax(dim=1).float()
+    block's range maps onto the format's normal range. `hi`: each block's max as FP32 (its
+    absmax: the values are non-negative). A block of one value (or none) keeps k = 1."""
     lo = torch.where(b > 0, b, torch.full_like(b, float("inf"))).amin(dim=1).float()
     span = math.log(codec.qmax / codec.qmin)
     k = span / torch.log(hi / lo)
@@ -152,7 +156,7 @@ def encode(x: torch.Tensor, codec: Codec, start: int = 0) -> tuple[torch.Tensor,
     amax = b.abs().amax(dim=1).float()
     if codec.transform == "expand":
         hi = torch.where(amax == 0, torch.ones_like(amax), amax)
-        k = _expansion(b, codec)
+        k = _expansion(b, amax, codec)
         t = (b / hi.to(b.dtype)[:, None]).pow(k.to(b.dtype)[:, None]) * codec.qmax
         scales = torch.stack([hi, k], dim=1)
     else:
