@@ -190,7 +190,7 @@ def compute_stats(xg, y, q, xh, dec, gdec, spec: QuantSpec, wanted=OPTIONAL) -> 
     # ~1e-5 dB) instead of float64 copies: statistics must stay cheap enough for training.
     err = torch.linalg.vector_norm(err_t).double().square()
     sig = torch.linalg.vector_norm(x).double().square()
-    sqnr = torch.tensor(sqnr_db(float(sig), float(err)))
+    sqnr = torch.tensor(sqnr_db(*torch.stack((sig, err)).tolist()))  # one host sync for both
     amax = a.max()
     min_nz = torch.where(nz, a, torch.full_like(a, float("inf"))).min()
     # A difference of logs: amax / min_nz overflows FP32 when min_nz is subnormal.

@@ -77,9 +77,9 @@ def panel_key(key: str) -> str:
     elif kind != "quant":
         return key
     layer, _, tail = rest.partition("/")
-    block = block_of(layer)
-    if not tail or block == layer and not any(p.isdigit() for p in layer.split(".")):
+    if not tail or not any(p.isdigit() for p in layer.split(".")):  # outside numbered blocks
         return f"{kind}/{rest}"
+    block = block_of(layer)
     inside = layer[len(block) + 1 :]  # empty for a per-block key (monitor.aggregate: block)
     return f"{kind}.{block}/{inside + '/' if inside else ''}{tail}"
 

@@ -3,6 +3,7 @@ returns. The package's __init__ chooses one; emulated.py, triton.py and te.py im
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -40,13 +41,10 @@ class Backend(ABC):
     # either way, so off only to measure what sharing saves.
     share_inputs: bool = True
 
-    @property
+    @functools.cached_property
     def shared_inputs(self) -> SharedInputs:
         """The model's shared quantized inputs (one store per backend, i.e. per `convert`)."""
-        store = self.__dict__.get("_shared_inputs")
-        if store is None:
-            store = self.__dict__["_shared_inputs"] = SharedInputs()
-        return store
+        return SharedInputs()
 
     @abstractmethod
     def supports(self, recipe: "Recipe") -> str | None:
