@@ -54,6 +54,7 @@ from lptrain.config.inherit import tokenizer_spec
 from lptrain.config.precision import is_high_precision, resolve_overrides, resolve_recipe
 from lptrain.data import dataset
 from lptrain.distributed import kept
+from lptrain.distributed.engine import param_dtype
 from lptrain.errors import ConfigError
 from lptrain.models import converters
 from lptrain.models.decoder import Block, Decoder, build_model, set_saved_activations
@@ -340,7 +341,7 @@ def plan(cfg, world: int, vocab_size: int) -> MemoryPlan:
     d = cfg.deepspeed
     model = build_meta_model(cfg, vocab_size)
     P, L = count_like_deepspeed(model)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[d.dtype]
+    dtype = param_dtype(cfg)  # DeepSpeed's dtype: the parameters' and the activations'
     profile, measured = measured_profile(cfg, dtype)
     tokens = d.micro_batch * cfg.data.block_size
     per_block, outer = activation_bytes(model, d.micro_batch, cfg.data.block_size, dtype, profile)
