@@ -1,6 +1,7 @@
 """Is a change slower? Linear fwd+bwd and trainer tokens/s of two git revisions, same run.
 
     python benchmarks/compare_revisions.py BASE_REV [NEW_REV] [--rounds 3] [--steps 40]
+        [--recipes nvfp4,quartet] [--train fp32,nvfp4]   # --train "": Linear only
 
 NEW_REV defaults to the working tree. Each revision is checked out into a temporary worktree;
 every measurement runs in a child process that imports that revision's lptrain, and the two
@@ -67,9 +68,9 @@ def worktree(rev: str, tmp: Path) -> Path:
     return path
 
 
-def linear_ratios(tree: Path, repeats: int) -> dict[str, float]:
+def linear_ratios(tree: Path, repeats: int, names: list[str]) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    args = [*map(str, SHAPE), str(repeats), ",".join(RECIPES)]
+    args = [*map(str, SHAPE), str(repeats), ",".join(names)]
     proc = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=tree, env=env,
                           capture_output=True, text=True, check=True)  # fmt: skip
     return json.loads(proc.stdout)
@@ -82,23 +83,28 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=8, help="timed fwd+bwd per recipe and child")
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--recipes", default=",".join(RECIPES), help="Linear recipes")
+    ap.add_argument("--train", default=",".join(TRAIN), help="trainer recipes ('': none)")
     args = ap.parse_args()
+    names = [n for n in args.recipes.split(",") if n]
+    train = [n for n in args.train.split(",") if n]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         trees = {args.base: worktree(args.base, tmp)}
         new = args.new or "working tree"
         trees[new] = worktree(args.new, tmp) if args.new else REPO
         lin = {rev: [] for rev in trees}
-        tps = {rev: {name: [] for name in TRAIN} for rev in trees}
+        tps = {rev: {name: [] for name in train} for rev in trees}
         try:
-            run_one("fp32", 6, tmp / "warmup", repo=REPO)  # builds the data cache unmeasured
+            if train:
+                run_one("fp32", 6, tmp / "warmup", repo=REPO)  # builds the data cache unmeasured
             for r in range(args.rounds):
                 # ABBA: each revision goes first in every other round, so a drift of the
                 # machine's speed within a round does not favour one of them.
                 order = list(trees.items())[:: 1 if r % 2 == 0 else -1]
                 for rev, tree in order:
-                    lin[rev].append(linear_ratios(tree, args.repeats))
-                    for name in TRAIN:
+                    lin[rev].append(linear_ratios(tree, args.repeats, names))
+                    for name in train:
                         res = run_one(name, args.steps, tmp / f"{r}-{len(lin[rev])}", repo=tree)
                         tps[rev][name].append(res["tokens_per_s"])
                     print(f"round {r + 1}: {rev} done", file=sys.stderr, flush=True)
@@ -112,13 +118,15 @@ def main() -> int:
           f"{args.rounds} alternating rounds, medians\n")  # fmt: skip
     print(f"| Linear fwd+bwd {SHAPE}, time / nn.Linear | {a} | {b} | {b} / {a} |")
     print("| --- | ---: | ---: | ---: |")
-    for name in RECIPES:
+    for name in names:
         ra = statistics.median(x[name] for x in lin[a])
         rb = statistics.median(x[name] for x in lin[b])
         print(f"| {name} | {ra:.2f}x | {rb:.2f}x | {rb / ra:.2f} |")
+    if not train:
+        return 0
     print(f"\n| trainer, tokens/s ({args.steps} steps) | {a} | {b} | {b} / {a} |")
     print("| --- | ---: | ---: | ---: |")
-    for name in TRAIN:
+    for name in train:
         ta, tb = statistics.median(tps[a][name]), statistics.median(tps[b][name])
         print(f"| tiny-{name} | {ta:.0f} | {tb:.0f} | {tb / ta:.2f} |")
     return 0

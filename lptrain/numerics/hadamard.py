@@ -38,23 +38,43 @@ def hadamard_matrix(
     return h / math.sqrt(n) if normalized else h
 
 
-def _butterfly(x: torch.Tensor, n: int) -> torch.Tensor:
-    # x: (..., n), n >= 2. Stage h views the axis as [n/(2h), 2, h] and writes (a + b, a - b)
-    # straight into the halves of the other of two buffers (torch.stack cost a copy per stage).
-    # Returns a new tensor (never a view of x).
-    shape = x.shape
-    src = x.reshape(-1, n)
-    bufs = [src.new_empty(src.shape), src.new_empty(src.shape) if n > 2 else None]
+def _butterfly(src: torch.Tensor, n: int) -> torch.Tensor:
+    """The butterfly over dim 1 of `src` (A, n, B), into a new contiguous (A, n, B) tensor.
+
+    Stage h views the axis as [n/(2h), 2, h] and writes (a + b, a - b) straight into the
+    halves of the other of two buffers (torch.stack cost a copy per stage). Each add and sub
+    runs over contiguous stretches of h . B elements, so B > 1 (the chunks' axis is not the
+    innermost in memory, `_chunks`) vectorizes where B = 1 walks stretches of 1, 2, 4, ...
+    """
+    a, _, b = src.shape
+    bufs = [src.new_empty((a, n, b)), src.new_empty((a, n, b)) if n > 2 else None]
     h = 1
     while h < n:
-        v = src.reshape(-1, n // (2 * h), 2, h)
+        v = src.reshape(a, n // (2 * h), 2, h, b)
         dst = bufs[0]
-        w = dst.view(-1, n // (2 * h), 2, h)
-        torch.add(v[:, :, 0, :], v[:, :, 1, :], out=w[:, :, 0, :])
-        torch.sub(v[:, :, 0, :], v[:, :, 1, :], out=w[:, :, 1, :])
+        w = dst.view(a, n // (2 * h), 2, h, b)
+        torch.add(v[:, :, 0], v[:, :, 1], out=w[:, :, 0])
+        torch.sub(v[:, :, 0], v[:, :, 1], out=w[:, :, 1])
         src, bufs = dst, [bufs[1], dst]
         h *= 2
-    return src.reshape(shape)
+    return src
+
+
+def _chunks(xt: torch.Tensor, n: int):
+    """`xt` (axis last) as (A, n, B) chunks for `_butterfly`, and the map from the result
+    back to xt's shape.
+
+    An operand whose axis is the outer one in memory (a transposed view: the backward GEMMs'
+    grad_output and input reduce over tokens) keeps its memory order: the chunks are
+    (T/n, n, C) with C contiguous, no copy in and 5-7x faster stages than the (C . T/n, n)
+    copy the axis-last layout needs (BENCHMARKS.md, "Faster emulation"). Every element sees
+    the same adds in the same order either way, so the bits are the same.
+    """
+    if xt.dim() >= 2 and xt.shape[-2] > 1 and xt.transpose(-1, -2).is_contiguous():
+        mem = xt.transpose(-1, -2)  # (..., T, C), contiguous
+        c = xt.shape[-2]
+        return mem.reshape(-1, n, c), lambda y: y.reshape(mem.shape).transpose(-1, -2)
+    return xt.reshape(-1, n, 1), lambda y: y.reshape(xt.shape)
 
 
 def check_divides(shape: tuple[int, ...], dim: int, block_size: int) -> None:
@@ -84,16 +104,18 @@ def hadamard(
     if signs is not None and signs.shape != (block_size,):
         raise ValueError(f"signs must have shape ({block_size},), got {tuple(signs.shape)}")
     xt = x.movedim(dim, -1)
-    chunks = xt.reshape(*xt.shape[:-1], xt.shape[-1] // block_size, block_size)
-    if signs is not None and not inverse:
-        chunks = chunks * signs.to(chunks.dtype)
+    if xt.numel() == 0:  # no chunks
+        return xt.clone().movedim(-1, dim)
     if block_size == 1:  # H_1 = [1]
-        y = chunks.clone()
-    else:
-        y = _butterfly(chunks, block_size).mul_(1.0 / math.sqrt(block_size))
+        y = xt * signs.to(xt.dtype) if signs is not None else xt.clone()
+        return y.movedim(-1, dim)
+    chunks, back = _chunks(xt, block_size)
+    if signs is not None and not inverse:
+        chunks = chunks * signs.to(chunks.dtype)[:, None]
+    y = _butterfly(chunks, block_size).mul_(1.0 / math.sqrt(block_size))
     if signs is not None and inverse:
-        y = y.mul_(signs.to(y.dtype))  # y is a new tensor
-    return y.reshape(xt.shape).movedim(-1, dim)
+        y = y.mul_(signs.to(y.dtype)[:, None])  # y is a new tensor
+    return back(y).movedim(-1, dim)
 
 
 def random_signs(

@@ -138,8 +138,13 @@ def _round_fp32_bits(
     crossing); the sign bit is never reached by finite inputs. R comes from torch.randint over
     [0, 2^k), which is exactly uniform: torch reduces one 32-bit draw modulo the range, and 2^k
     divides 2^32. Elements below min_normal (a different quantum) and NaN take the reference
-    floor + Bernoulli path (implementation A) on that subset only.
+    floor + Bernoulli path (implementation A) on that subset only, `_round_below_normal`.
+
+    The draws follow the logical row-major order, so a transposed `x` (the backward GEMMs'
+    grad_output) is copied to that order first: one copy instead of strided passes that made
+    the call 1.6x slower (BENCHMARKS.md, "Faster emulation").
     """
+    x = x.contiguous()
     k = 23 - fmt.mbits
     b = x.view(torch.int32)
     inc = torch.randint(0, 1 << k, x.shape, generator=generator, device=x.device, dtype=torch.int32)
@@ -149,10 +154,23 @@ def _round_fp32_bits(
         # Flat row-major indices (the reference's draw order), gathered with take and written
         # with index_copy_: 2x cheaper than indexing with one index tensor per dimension.
         idx = small.reshape(-1).nonzero().squeeze(1)
-        xs = torch.take(x, idx)
-        sub = torch.copysign(round_magnitude(xs.abs(), fmt, "stochastic", generator), xs)
-        r.view(-1).index_copy_(0, idx, sub)
+        r.view(-1).index_copy_(0, idx, _round_below_normal(torch.take(x, idx), fmt, generator))
     return r
+
+
+def _round_below_normal(
+    xs: torch.Tensor, fmt: Format, generator: torch.Generator | None
+) -> torch.Tensor:
+    """`round_magnitude(|xs|, fmt, "stochastic")` with the sign of xs, for |xs| < min_normal
+    (or NaN) only: there the binade quantum is the constant 2^(emin - M) (a zero's differs, but
+    0 rounds to 0 with any quantum), so frexp and ldexp drop out. a / u = a . (1 / u) exactly:
+    u is a normal power of two (`_bits_path_ok`), both are the correctly rounded a . 2^(M -
+    emin). Same draws, same bits (tests/numerics/test_rounding.py)."""
+    u = 2.0 ** (fmt.emin - fmt.mbits)
+    t = xs.abs().mul_(1.0 / u)
+    t0 = torch.floor(t)
+    up = uniform_like(t, generator) < t.sub_(t0)
+    return torch.copysign(t0.add_(up).mul_(u), xs)
 
 
 def _f32_bits(v: float) -> int:

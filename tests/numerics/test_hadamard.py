@@ -94,3 +94,38 @@ def test_bad_block_sizes():
         hadamard(torch.zeros(4, 48), 32)
     with pytest.raises(ValueError, match="signs"):
         hadamard(torch.zeros(4, 32), 32, signs=torch.ones(16))
+
+
+def _butterfly_definition(x: torch.Tensor, n: int, signs=None) -> torch.Tensor:
+    """algorithms.md §3.1 written out along the last dim: (x . signs), then for h = 1, 2, ...
+    each pair (a, b) at distance h becomes (a + b, a - b), then x 1/sqrt(n)."""
+    y = x.reshape(-1, n) * (signs if signs is not None else 1.0)
+    h = 1
+    while h < n:
+        v = y.reshape(-1, n // (2 * h), 2, h)
+        y = torch.stack((v[:, :, 0] + v[:, :, 1], v[:, :, 0] - v[:, :, 1]), 2).reshape(-1, n)
+        h *= 2
+    return (y * (1.0 / math.sqrt(n))).reshape(x.shape)
+
+
+@pytest.mark.parametrize("n", [2, 16, 32, 128])
+def test_every_memory_layout_gives_the_definitions_bits(n):
+    """A transposed operand (the chunks' axis outer in memory, as the backward GEMMs hand it
+    over) runs the butterfly in its own memory order; every element must still see the same
+    additions: bits equal to the definition, with signs, inverse, and NaN/Inf/-0 elements."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(256, 96, generator=g)
+    x[3, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0])
+    signs = random_signs(n, g)
+    for view in (x.T, x.T.contiguous(), x.reshape(2, 128, 96).transpose(1, 2)):
+        want = _butterfly_definition(view.contiguous(), n, signs)
+        got = hadamard(view, n, signs=signs)
+        assert got.shape == view.shape
+        assert torch.equal(got.contiguous().view(torch.int32), want.view(torch.int32))
+        back = hadamard(got, n, signs=signs, inverse=True)
+        want_back = (_butterfly_definition(got.contiguous(), n).reshape(-1, n) * signs).reshape(
+            view.shape
+        )
+        assert torch.equal(back.contiguous().view(torch.int32), want_back.view(torch.int32))
+    assert hadamard(torch.empty(0, n), n, signs=signs).shape == (0, n)
+    assert hadamard(torch.empty(n, 0).T, n, dim=1).shape == (0, n)

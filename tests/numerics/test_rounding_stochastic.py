@@ -158,3 +158,39 @@ def test_stochastic_other_dtypes(dtype):
     lo, hi = _neighbours(np.abs(x.double().numpy()).clip(0, 6), "fp4_e2m1")
     m = r.abs().double().numpy()
     assert ((m == lo) | (m == hi)).all()
+
+
+def _sr_definition(x: torch.Tensor, name: str, g: torch.Generator) -> torch.Tensor:
+    """The draws that define stochastic rounding on FP32 (algorithms.md §1.3), written out:
+    one randint per element in row-major order (implementation B, the random bits), then one
+    uniform per element below min_normal or NaN, in row-major order, for the reference
+    floor + Bernoulli (implementation A, with the frexp quantum); saturated."""
+    from lptrain.numerics.rounding import round_magnitude
+
+    fmt = get_format(name)
+    x = x.contiguous()
+    k = 23 - fmt.mbits
+    inc = torch.randint(0, 1 << k, x.shape, generator=g, dtype=torch.int32)
+    r = (x.view(torch.int32) + inc) & ~((1 << k) - 1)
+    r = r.view(torch.float32).reshape(-1).clone()
+    small = (~(x.abs() >= fmt.min_normal)).reshape(-1)
+    xs = x.reshape(-1)[small]
+    r[small] = torch.copysign(round_magnitude(xs.abs(), fmt, "stochastic", g), xs)
+    return r.reshape(x.shape).clamp(-fmt.max_finite, fmt.max_finite)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_fast_path_draws_and_bits_are_the_definition(name):
+    """The fast path (contiguous copy, constant quantum below min_normal) against the written-
+    out definition: the same bits, NaN payloads included, and the generator left in the same
+    state, on a transposed view too (its draws follow the logical order) and an empty tensor."""
+    from .test_rounding import _adversarial
+
+    fmt = get_format(name)
+    x = torch.cat([_adversarial(name), torch.randn(4000, generator=_gen(5)) * fmt.max_finite])
+    xt = x[: x.numel() // 8 * 8].reshape(8, -1).T
+    for t in (x, xt, torch.empty(0, 3)):
+        g1, g2 = _gen(11), _gen(11)
+        got = round_to_format(t, name, rounding="stochastic", generator=g1)
+        assert_bits_equal(got, _sr_definition(t, name, g2))
+        assert torch.equal(g1.get_state(), g2.get_state())
