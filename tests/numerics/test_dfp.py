@@ -197,13 +197,16 @@ def test_overflow_recompute_gives_the_exact_chunk_sums():
         dfp_matmul(a, b, overflow="saturate")
 
 
-def test_batched_chunks_and_the_overflow_bound_keep_the_definition(monkeypatch):
-    """Chunk groups smaller than the chunk count, K not a multiple of the chunk, and both sides
-    of the Cauchy-Schwarz bound that lets a chunk skip the overflow check: two full-scale
-    products sum to 2^31 - 131070 (proven safe, and it is), three overflow (not provable)."""
+# 40: all 5 rows, 2 chunks per batched GEMM; 16: blocks of 4 rows and 1 row, 1 chunk each.
+@pytest.mark.parametrize("block", [2 * 5 * 4, 16])
+def test_batched_chunks_and_the_overflow_bound_keep_the_definition(monkeypatch, block):
+    """Row blocks and chunk groups smaller than the operand, K not a multiple of the chunk, and
+    both sides of the Cauchy-Schwarz bound that lets a chunk skip the overflow check: two
+    full-scale products sum to 2^31 - 131070 (proven safe, and it is), three overflow (not
+    provable)."""
     import lptrain.numerics.dfp as dfp
 
-    monkeypatch.setattr(dfp, "_GROUP_ELEMENTS", 2 * 5 * 4)  # 2 chunks per batched GEMM
+    monkeypatch.setattr(dfp, "_BLOCK_ELEMENTS", block)
     g = _g(3)
     ma = torch.randint(-300, 301, (5, 13), generator=g, dtype=torch.int16)
     mb = torch.randint(-300, 301, (4, 13), generator=g, dtype=torch.int16)
@@ -212,7 +215,10 @@ def test_batched_chunks_and_the_overflow_bound_keep_the_definition(monkeypatch):
     a = DFPTensor(ma, torch.tensor(-20, dtype=torch.int32))
     b = DFPTensor(mb, torch.tensor(-3, dtype=torch.int32))
     fa = ma.double().reshape(5, 1, 13)
-    safe = dfp._no_overflow_possible(fa[:, :, 4:6], mb.double().reshape(4, 1, 13)[:, :, 4:6])
+    norms = dfp._chunk_norms
+    safe = dfp._no_overflow_possible(
+        norms(fa[:, :, 4:6]), norms(mb.double().reshape(4, 1, 13)[:, :, 4:6])
+    )
     assert safe == [True]
     for chunk in (2, 3, 5):
         for mode in ("wrap", "recompute"):
@@ -225,7 +231,7 @@ def test_batched_chunks_and_the_overflow_bound_keep_the_definition(monkeypatch):
     # chunk 3 holds three full-scale products in row 0 x row 1: 3 . 32767^2 overflows
     ma[0, 3] = mb[1, 3] = 32767
     unsafe = dfp._no_overflow_possible(
-        ma.double()[:, 3:6].reshape(5, 1, 3), mb.double()[:, 3:6].reshape(4, 1, 3)
+        norms(ma.double()[:, 3:6].reshape(5, 1, 3)), norms(mb.double()[:, 3:6].reshape(4, 1, 3))
     )
     assert unsafe == [False]
     res = dfp_matmul(a, b, chunk=3, overflow="wrap")
