@@ -183,13 +183,14 @@ def _sr_definition(x: torch.Tensor, name: str, g: torch.Generator) -> torch.Tens
 def test_fast_path_draws_and_bits_are_the_definition(name):
     """The fast path (contiguous copy, constant quantum below min_normal) against the written-
     out definition: the same bits, NaN payloads included, and the generator left in the same
-    state, on a transposed view too (its draws follow the logical order) and an empty tensor."""
+    state, on transposed views too (their draws follow the logical order) and an empty tensor."""
     from .test_rounding import _adversarial
 
     fmt = get_format(name)
     x = torch.cat([_adversarial(name), torch.randn(4000, generator=_gen(5)) * fmt.max_finite])
     xt = x[: x.numel() // 8 * 8].reshape(8, -1).T
-    for t in (x, xt, torch.empty(0, 3)):
+    blocks = xt.reshape(xt.shape[0], 4, 2)  # a grouped view of a transposed operand
+    for t in (x, xt, blocks, torch.empty(0, 3)):
         g1, g2 = _gen(11), _gen(11)
         got = round_to_format(t, name, rounding="stochastic", generator=g1)
         assert_bits_equal(got, _sr_definition(t, name, g2))
