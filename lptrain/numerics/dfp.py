@@ -95,10 +95,10 @@ def _wrap_int32(s: torch.Tensor) -> torch.Tensor:
 
 OVERFLOWS = ("wrap", "recompute")
 
-# float64 chunk sums held at once (512 KiB, so that the checks, the FP32 conversion and the
+# float64 chunk sums held at once (2 MiB, so that the checks, the FP32 conversion and the
 # accumulation after each batched GEMM read them from cache: 2.3x faster at 2048 x 1024 x 1024
 # than groups of 64 MiB, BENCHMARKS.md "Faster emulation").
-_BLOCK_ELEMENTS = 2**16
+_BLOCK_ELEMENTS = 2**18
 
 
 def dfp_matmul(
