@@ -66,9 +66,9 @@ def _chunks(xt: torch.Tensor, n: int):
 
     An operand whose axis is the outer one in memory (a transposed view: the backward GEMMs'
     grad_output and input reduce over tokens) keeps its memory order: the chunks are
-    (T/n, n, C) with C contiguous, no copy in and 5-7x faster stages than the (C . T/n, n)
-    copy the axis-last layout needs (BENCHMARKS.md, "Faster emulation"). Every element sees
-    the same adds in the same order either way, so the bits are the same.
+    (T/n, n, C) with C contiguous, no copy in and 3-6.5x faster stages than the (C . T/n, n)
+    copy the axis-last layout needs (BENCHMARKS.md, "Faster emulation, second pass"). Every
+    element sees the same adds in the same order either way, so the bits are the same.
     """
     if xt.dim() >= 2 and xt.shape[-2] > 1 and xt.transpose(-1, -2).is_contiguous():
         mem = xt.transpose(-1, -2)  # (..., T, C), contiguous

@@ -142,7 +142,7 @@ def _round_fp32_bits(
 
     The draws follow the logical row-major order, so a transposed `x` (the backward GEMMs'
     grad_output) is copied to that order first: one copy instead of strided passes that made
-    the call 1.6x slower (BENCHMARKS.md, "Faster emulation").
+    the call 1.6x slower (BENCHMARKS.md, "Faster emulation, second pass").
     """
     x = _row_major(x)
     k = 23 - fmt.mbits
@@ -174,7 +174,7 @@ def _round_below_normal(
     (or NaN) only: there the binade quantum is the constant 2^(emin - M) (a zero's differs, but
     0 rounds to 0 with any quantum), so frexp and ldexp drop out. a / u = a . (1 / u) exactly:
     u is a normal power of two (`_bits_path_ok`), both are the correctly rounded a . 2^(M -
-    emin). Same draws, same bits (tests/numerics/test_rounding.py)."""
+    emin). Same draws, same bits (tests/numerics/test_rounding_stochastic.py)."""
     u = 2.0 ** (fmt.emin - fmt.mbits)
     t = xs.abs().mul_(1.0 / u)
     t0 = torch.floor(t)
