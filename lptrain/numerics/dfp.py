@@ -197,11 +197,16 @@ def _no_overflow_possible(na: torch.Tensor, nb: torch.Tensor) -> list[bool]:
 def _int32_overflows(s: torch.Tensor, overflow: str) -> int:
     """How many exact chunk sums in `s` fall outside INT32; with 'wrap', wrap them in place.
 
-    One cheap pass (aminmax) in the common case; overflow is rarer and pays for the count."""
-    lo, hi = torch.aminmax(s)
-    if lo >= -(2**31) and hi < 2**31:
+    One cheap pass (aminmax) in the common case; overflow is rarer and pays for the count, on
+    the side(s) the extremes show it on."""
+    lo, hi = (float(v) for v in torch.aminmax(s))
+    outside = 0
+    if hi >= 2**31:
+        outside += int(torch.count_nonzero(s >= 2**31))
+    if lo < -(2**31):
+        outside += int(torch.count_nonzero(s < -(2**31)))
+    if outside == 0:
         return 0
-    outside = int(torch.count_nonzero(s >= 2**31)) + int(torch.count_nonzero(s < -(2**31)))
     if overflow == "wrap":
         s.copy_(_wrap_int32(s))
     return outside
