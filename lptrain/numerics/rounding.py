@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import torch
 
 from lptrain.numerics.formats import Format, get_format
@@ -153,10 +154,21 @@ def _round_fp32_bits(
     # Flat row-major indices (the reference's draw order), gathered with take and written
     # with index_copy_: 2x cheaper than indexing with one index tensor per dimension. (No
     # `small.any()` first: some element is below min_normal in nearly every scaled tensor.)
-    idx = small.reshape(-1).nonzero().squeeze(1)
+    idx = _flat_nonzero(small.reshape(-1))
     if idx.numel():
         r.view(-1).index_copy_(0, idx, _round_below_normal(torch.take(x, idx), fmt, generator))
     return r
+
+
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the True elements of a contiguous 1-D bool tensor, ascending (int64).
+
+    On a CPU numpy's flatnonzero gives the same indices 7x faster than torch's nonzero (2M
+    elements, one thread: 1.2 against 8.7 ms; with two threads torch's took 13-20 ms), and
+    `torch.from_numpy` shares its buffer."""
+    if mask.device.type != "cpu":
+        return mask.nonzero().squeeze(1)
+    return torch.from_numpy(np.flatnonzero(mask.numpy()))
 
 
 def _row_major(x: torch.Tensor) -> torch.Tensor:
