@@ -96,7 +96,7 @@ def _wrap_int32(s: torch.Tensor) -> torch.Tensor:
 OVERFLOWS = ("wrap", "recompute")
 
 # float64 chunk sums held at once (2 MiB, so that the checks, the FP32 conversion and the
-# accumulation after each batched GEMM read them from cache: 1.4-2x faster at 2048 x 1024 x
+# accumulation after each batched GEMM read them from cache: about 2x faster at 2048 x 1024 x
 # 1024 than groups of 64 MiB, one thread; BENCHMARKS.md "Faster emulation, second pass").
 _BLOCK_ELEMENTS = 2**18
 
