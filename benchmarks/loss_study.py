@@ -110,10 +110,11 @@ STUDY_LR = 3e-3  # optim.lr in STUDY
 LRS = (1.5e-3, STUDY_LR, 6e-3, 1.2e-2, 2.4e-2)
 LR_RECIPES = ("fp32", "fp8-delayed", "nvfp4")
 LR_SEEDS = (0, 1)  # two seeds per point: a divergence shows in either
-# The CI test's recipes, plus controls: the INT32 wrap-around the issue found, and two recipes
-# whose gradients are much noisier than FP8's, to show where the test's bounds sit between.
-CI_RECIPES = ("fp32", "bf16", "int16-dfp", "fp8-delayed", "fp8-current", "int16-dfp-wrap",
-              "fp8-delayed-init-one", "mxfp6", "nvfp4")  # fmt: skip
+# The CI test's recipes (nvfp4: the FP4 recipe it must tell from FP8), plus controls: the INT32
+# wrap-around the issue found, and recipes whose gradients are noisier than FP8's, to show
+# where the test's bounds sit between.
+CI_RECIPES = ("fp32", "bf16", "int16-dfp", "fp8-delayed", "fp8-current", "nvfp4",
+              "int16-dfp-wrap", "fp8-delayed-init-one", "mxfp6", "mxfp4")  # fmt: skip
 # The issue's own measurement: recipes/pretrain/tiny-fp32.yaml with only the recipe and the
 # seed changed (tiny model, 300 steps, warmup 20), with the two suspects the issue names as
 # variants, and the same with warmup 100.
