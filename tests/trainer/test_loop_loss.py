@@ -16,18 +16,20 @@ CI test's setup"); the bounds below are in units of that fp32 seed sd (FP32_SD):
 | --- | ---: | ---: | ---: |
 | int16-dfp | +0.00 sd | -0.002, +0.001 sd | abs <= 0.06 sd |
 | bf16 | +0.08 sd | -0.12, +0.16 sd | abs <= 0.19 sd |
-| fp8-delayed | +0.12 sd | -0.22, +0.12 sd | abs <= 0.26 sd |
-| fp8-current | +0.08 sd | -0.13, +0.20 sd | abs <= 0.26 sd |
+| fp8-delayed | +0.12 sd | -0.22, +0.12 sd | abs <= 0.27 sd |
+| fp8-current | +0.08 sd | -0.13, +0.20 sd | abs <= 0.27 sd |
 | nvfp4 | +0.57 sd | +0.38, +1.09 sd | >= 0.32 sd |
 
-The margin: each upper bound is at least the largest abs gap over five seeds (not just seed
-0's) plus 15%, and nvfp4's floor at most its smallest gap less 15%, so a change of CPU or BLAS
-that moves last bits, and with them which seed's trajectory the run follows, stays inside;
-INT16's bound is 30x its largest gap because its error (1e-4 relative) is too small to move the
-trajectory at all. nvfp4's floor lies above both FP8 bounds: an FP8 recipe that drifted to
-FP4-level error fails, and so does an FP4 recipe that stopped costing anything (a quantizer
-that no longer quantizes). A real regression costs far more: INT32 wrap-around instead of
-overflow handling (the bug behind the issue's INT16 gap) costs 12-63 sd.
+The margin: each upper bound is at least the largest abs gap over five seeds (not just seed 0's)
+plus 15%, and nvfp4's floor at most its smallest gap less 15%, so a change of CPU or BLAS that
+moves last bits, and with them which seed's trajectory the run follows, stays inside. The bounds
+also hold at seed 0 under ATen's avx2 and default kernels (BENCHMARKS.md, "The loss test across
+instruction sets": fp8-current reaches +0.23 sd under default, hence 0.27 rather than 0.26;
+nvfp4 stays at +0.45 sd or more). INT16's bound is 30x its largest gap because its error (1e-4
+relative) is too small to move the trajectory at all. nvfp4's floor lies above both FP8 bounds:
+an FP8 recipe that drifted to FP4-level error fails, and so does an FP4 recipe that stopped
+costing anything (a quantizer that no longer quantizes). A real regression costs far more: INT32
+wrap-around instead of overflow handling (the bug behind the issue's INT16 gap) costs 12-63 sd.
 
 The first CI setup (8 x 64 tokens at lr 3e-3) could not rank FP4: there a small numerical
 difference sent a run onto another trajectory, so FP8's paired gaps spread as wide as FP4's
@@ -46,7 +48,7 @@ SEED = 0
 # machine of BENCHMARKS.md, and the sd over seeds 0-4 (mean 2.6563).
 FP32_SEED0, FP32_SD = 2.6626, 0.0103
 # |recipe - fp32| at seed 0 is at most this, in units of FP32_SD (see the module docstring).
-BOUNDS = {"int16-dfp": 0.06, "bf16": 0.19, "fp8-delayed": 0.26, "fp8-current": 0.26}
+BOUNDS = {"int16-dfp": 0.06, "bf16": 0.19, "fp8-delayed": 0.27, "fp8-current": 0.27}
 # recipe - fp32 at seed 0 is at least this, in units of FP32_SD: above every FP8 bound.
 FLOORS = {"nvfp4": 0.32}
 
