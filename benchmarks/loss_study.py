@@ -7,6 +7,7 @@ same setup. Prints markdown tables for BENCHMARKS.md and draws the README's plot
     python benchmarks/loss_study.py --suite lr       # learning-rate sweep, fp32/FP8/FP4
     python benchmarks/loss_study.py --suite ci       # the CI test's setup, 5 seeds: its bounds
     python benchmarks/loss_study.py --suite mainjob  # the issue's setup (tiny, warmup 20)
+    python benchmarks/loss_study.py --suite ci --set data.block_size=256   # a candidate setup
     python benchmarks/loss_study.py --suite claims8 --jobs 2   # the claims at 8x (STUDY8)
     python benchmarks/loss_study.py --suite claims8 --base recipes/pretrain/gpu-125m-fp8.yaml
     python benchmarks/loss_study.py --suite all --jobs 2   # every suite but claims8; 2 at a time
@@ -40,7 +41,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ from machine import cpu_model
 
 from lptrain import recipes
 from lptrain.config.schema import load
+from lptrain.errors import ConfigError
 from lptrain.testing.study import (
     BASE_RECIPE,
     CI,
@@ -110,10 +112,11 @@ STUDY_LR = 3e-3  # optim.lr in STUDY
 LRS = (1.5e-3, STUDY_LR, 6e-3, 1.2e-2, 2.4e-2)
 LR_RECIPES = ("fp32", "fp8-delayed", "nvfp4")
 LR_SEEDS = (0, 1)  # two seeds per point: a divergence shows in either
-# The CI test's recipes, plus controls: the INT32 wrap-around the issue found, and two recipes
-# whose gradients are much noisier than FP8's, to show where the test's bounds sit between.
-CI_RECIPES = ("fp32", "bf16", "int16-dfp", "fp8-delayed", "fp8-current", "int16-dfp-wrap",
-              "fp8-delayed-init-one", "mxfp6", "nvfp4")  # fmt: skip
+# The CI test's recipes (nvfp4: the FP4 recipe it must tell from FP8), plus controls: the INT32
+# wrap-around the issue found, and recipes whose gradients are noisier than FP8's, to show
+# where the test's bounds sit between.
+CI_RECIPES = ("fp32", "bf16", "int16-dfp", "fp8-delayed", "fp8-current", "nvfp4",
+              "int16-dfp-wrap", "fp8-delayed-init-one", "mxfp6", "mxfp4")  # fmt: skip
 # The issue's own measurement: recipes/pretrain/tiny-fp32.yaml with only the recipe and the
 # seed changed (tiny model, 300 steps, warmup 20), with the two suspects the issue names as
 # variants, and the same with warmup 100.
@@ -265,6 +268,12 @@ def suite_runs_of(
     return runs
 
 
+def with_sets(runs: list[Run], sets: list[str]) -> list[Run]:
+    """`runs` with the `--set` overrides `sets` after each run's own: a candidate setup (e.g. the
+    CI test's at another block size or learning rate), each run paired as in its suite."""
+    return [replace(r, extra=(*r.extra, *sets)) for r in runs]
+
+
 def execute(run: Run, out: Path, cache_dir: str | None) -> dict:
     """Train one run in a child process (or reuse its cached result) and summarize it."""
     saved = out / "results" / f"{run.name}.json"
@@ -320,6 +329,10 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "runs" / "loss-study"))
     ap.add_argument("--cache-dir", default=None, help="data.cache_dir for every run")
     ap.add_argument("--base", default=None, help="claims8 only: a run file instead of STUDY8")
+    ap.add_argument(
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+        help="an override after each run's own (repeatable): a candidate setup",
+    )  # fmt: skip
     ap.add_argument("--plot", default=None, help="default docs/loss_study[_8x].png")
     ap.add_argument("--report", action="store_true", help="tables from cached results only")
     args = ap.parse_args()
@@ -336,9 +349,15 @@ def main() -> int:
         ap.error(f"--base: only the claims8 suite takes a run file (got --suite {args.suite})")
     if args.base is not None and not (REPO / args.base).is_file():
         ap.error(f"--base: no such run file {args.base}")
+    try:
+        load(REPO / (args.base or BASE_RECIPE), args.sets)
+    except ConfigError as e:
+        ap.error(str(e))  # names the key (or "--set" for a malformed one)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
-    runs = suite_runs_of(suites, seeds, only, args.base)
+    runs = with_sets(suite_runs_of(suites, seeds, only, args.base), args.sets)
     out = Path(args.out)
+    if args.sets:  # a candidate's runs have the suite's names: its results go apart
+        out /= "set-" + hashlib.sha256(json.dumps(args.sets).encode()).hexdigest()[:8]
     t0 = time.monotonic()
     if args.report:
         results = [

@@ -120,3 +120,21 @@ def test_claims8_table_pairs_by_seed(report):
     assert hadamard[7] == "-0.0045 ± 0.0187 |"  # the nano study's
     assert fp8[3:5] == ["+0.0100, -0.0100, +0.0030", "0.0010 ± 0.0101"]
     assert fp8[6] == "unresolved"
+
+
+def test_set_overrides_every_run_after_its_own(study):
+    runs = study.suite_runs_of(["ci"], (0,), ["fp32", "nvfp4"])
+    cand = study.with_sets(runs, ["data.block_size=64", "optim.lr=3e-3"])  # the first CI setup
+    assert [r.name for r in cand] == [r.name for r in runs]  # still paired as in the suite
+    for r in cand:
+        cfg = load(REPO / r.base, r.overrides())
+        assert (cfg.data.block_size, cfg.optim.lr) == (64, 3e-3)  # the candidate's, not CI's
+    assert {r.key for r in cand}.isdisjoint(r.key for r in runs)
+
+
+def test_a_bad_set_is_refused_naming_the_key(study, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["loss_study.py", "--suite", "ci", "--set", "optim.lr=fast"])
+    with pytest.raises(SystemExit) as e:
+        study.main()
+    assert e.value.code == 2
+    assert "optim.lr" in capsys.readouterr().err
