@@ -28,6 +28,8 @@ import torch
 from bench_train import run_one
 from machine import cpu_model
 
+from lptrain import recipes
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (2048, 1024, 1024)  # tokens, in, out
 RECIPES = ["fp8-delayed", "fp8-current", "fp8-rowwise", "fp8-block", "mxfp8", "mxfp4",
@@ -39,7 +41,7 @@ import json, statistics, sys, time, copy, torch
 from torch import nn
 import lptrain
 t, k, n, repeats = map(int, sys.argv[1:5])
-names = sys.argv[5].split(",")
+names = [n for n in sys.argv[5].split(",") if n]
 torch.manual_seed(0)
 base = nn.Sequential(nn.Linear(k, n))
 x = torch.randn(t, k, requires_grad=True)
@@ -88,6 +90,12 @@ def main() -> int:
     args = ap.parse_args()
     names = [n for n in args.recipes.split(",") if n]
     train = [n for n in args.train.split(",") if n]
+    unknown = [n for n in names if n not in recipes.names()]
+    if unknown:
+        ap.error(f"--recipes: unknown recipe(s) {unknown} (known: {', '.join(recipes.names())})")
+    missing = [n for n in train if not (REPO / f"recipes/pretrain/tiny-{n}.yaml").is_file()]
+    if missing:
+        ap.error(f"--train: no recipes/pretrain/tiny-<name>.yaml for {missing}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         trees = {args.base: worktree(args.base, tmp)}

@@ -1,6 +1,7 @@
 """benchmarks/gpu.sh, the first thing run on a lent GPU: on a machine without one it stops at
 once with one line, exit 2, and writes no tables; an unknown argument is refused the same way.
-benchmarks/finetune_study.py: the commands it pairs and the verdict it draws (no training)."""
+benchmarks/finetune_study.py: the commands it pairs and the verdict it draws (no training).
+benchmarks/compare_revisions.py: a recipe it cannot run is refused before any checkout."""
 
 from __future__ import annotations
 
@@ -35,6 +36,20 @@ def test_gpu_sh_refuses_an_unknown_argument():
     assert (proc.returncode, proc.stderr) == (
         2, "error: unknown argument '--quik' (usage: benchmarks/gpu.sh [--quick])\n"
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args,says",
+    [
+        (["--recipes", "nvfp5"], "--recipes: unknown recipe(s) ['nvfp5']"),
+        (["--recipes", "nvfp4", "--train", "fp9"], "--train: no recipes/pretrain/tiny-<name>.yaml"),
+    ],
+)
+def test_compare_revisions_refuses_an_unknown_recipe(args, says):
+    script = REPO / "benchmarks" / "compare_revisions.py"
+    proc = subprocess.run([sys.executable, str(script), "HEAD", *args],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 2 and says in proc.stderr.splitlines()[-1], proc.stderr
 
 
 def _finetune_study():
